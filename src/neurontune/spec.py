@@ -1,0 +1,213 @@
+"""NeuronSpec: which output rows (and optionally input columns) of which linear modules are trainable.
+
+A *neuron* is one output row ``W[i, :]`` of a linear layer. A spec maps full module names
+(``model.layers.3.mlp.up_proj``) to a :class:`ModuleSelection` and records where the selection came
+from (scorer, budget, base model, seed), so a selection is reproducible and comparable later.
+Saved as plain JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from neurontune.errors import SpecError
+from neurontune.io import read_json, write_json
+
+SPEC_FORMAT = "neurontune.neuron_spec/1"
+
+
+def _clean_indices(
+    name: str, what: str, idx: Iterable[int] | torch.Tensor | None, size: int | None
+) -> list[int] | None:
+    if idx is None:
+        return None
+    if isinstance(idx, torch.Tensor):
+        if idx.is_floating_point() or idx.is_complex():
+            raise SpecError(f"{name}: {what} indices must be integers, got a {idx.dtype} tensor")
+        idx = idx.flatten().tolist()
+    out: list[int] = []
+    for i in idx:
+        if isinstance(i, bool) or not isinstance(i, int):
+            try:
+                if int(i) != i:
+                    raise ValueError
+                i = int(i)
+            except (TypeError, ValueError):
+                raise SpecError(f"{name}: {what} index {i!r} is not an integer") from None
+        out.append(i)
+    if not out:
+        raise SpecError(f"{name}: empty {what} selection; drop the module from the spec instead")
+    dups = sorted(i for i, c in Counter(out).items() if c > 1)
+    if dups:
+        raise SpecError(f"{name}: duplicated {what} indices {dups[:10]}")
+    bad = [i for i in out if i < 0 or (size is not None and i >= size)]
+    if bad:
+        bound = f"[0, {size})" if size is not None else ">= 0"
+        raise SpecError(f"{name}: {what} index {bad[0]} out of range {bound}")
+    return sorted(out)
+
+
+@dataclass
+class ModuleSelection:
+    """Selected rows/columns of one linear module.
+
+    ``rows=None`` means every output row; ``cols=None`` means every input column. ``shape`` is the
+    module's ``(out_features, in_features)`` and is used to range-check indices.
+    """
+
+    rows: list[int] | None
+    cols: list[int] | None = None
+    shape: tuple[int, int] | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.shape is not None:
+            if len(self.shape) != 2 or any(int(s) <= 0 for s in self.shape):
+                raise SpecError(f"{self.name}: shape must be (out_features, in_features), got {self.shape}")
+            self.shape = (int(self.shape[0]), int(self.shape[1]))
+        out_f, in_f = self.shape if self.shape is not None else (None, None)
+        self.rows = _clean_indices(self.name, "row", self.rows, out_f)
+        self.cols = _clean_indices(self.name, "column", self.cols, in_f)
+        if self.rows is None and self.cols is None and self.shape is None:
+            raise SpecError(f"{self.name}: selecting every row and column needs the module shape")
+
+    def delta_shape(self) -> tuple[int, int]:
+        if self.shape is None and (self.rows is None or self.cols is None):
+            raise SpecError(f"{self.name}: shape unknown; validate the spec against a model first")
+        k = len(self.rows) if self.rows is not None else self.shape[0]
+        c = len(self.cols) if self.cols is not None else self.shape[1]
+        return k, c
+
+    def num_params(self) -> int:
+        k, c = self.delta_shape()
+        return k * c
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "cols": self.cols, "shape": list(self.shape) if self.shape else None}
+
+
+@dataclass
+class NeuronSpec:
+    """Module name -> selected rows (and optional columns), plus provenance.
+
+    Example::
+
+        spec = NeuronSpec({"model.layers.0.mlp.up_proj": [3, 17, 42]})
+        spec.save("neurons.json")
+    """
+
+    modules: dict[str, ModuleSelection] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        mods: dict[str, ModuleSelection] = {}
+        for name, sel in dict(self.modules).items():
+            if not isinstance(name, str) or not name:
+                raise SpecError(f"module names must be non-empty strings, got {name!r}")
+            if isinstance(sel, ModuleSelection):
+                sel.name = name
+            elif isinstance(sel, Mapping):
+                unknown = set(sel) - {"rows", "cols", "shape"}
+                if unknown:
+                    raise SpecError(f"{name}: unknown keys {sorted(unknown)} (expected rows, cols, shape)")
+                shape = sel.get("shape")
+                sel = ModuleSelection(sel.get("rows"), sel.get("cols"), tuple(shape) if shape else None, name)
+            else:  # a plain list/tensor of row indices
+                sel = ModuleSelection(sel, None, None, name)
+            mods[name] = sel
+        self.modules = mods
+        self.provenance = dict(self.provenance)
+        self.provenance.setdefault("created", _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+
+    # ---- queries -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __iter__(self):
+        return iter(self.modules.items())
+
+    def num_rows(self) -> int:
+        return sum(len(s.rows) if s.rows is not None else s.delta_shape()[0] for s in self.modules.values())
+
+    def num_params(self) -> int:
+        return sum(s.num_params() for s in self.modules.values())
+
+    def validate(self, model: torch.nn.Module) -> NeuronSpec:
+        """Check every module exists in ``model``, is tunable, and every index is in range.
+
+        Fills in missing shapes. Returns ``self`` for chaining. Raises :class:`SpecError`.
+        """
+        from neurontune.targets import linear_shape  # local import: targets imports nothing from here
+
+        named = dict(model.named_modules())
+        for name, sel in self.modules.items():
+            if name not in named:
+                close = [n for n in named if n.endswith(name.split(".")[-1])][:3]
+                hint = f"; modules with the same suffix: {close}" if close else ""
+                raise SpecError(f"spec names module {name!r}, which the model does not have{hint}")
+            shape = linear_shape(named[name])
+            if shape is None:
+                raise SpecError(
+                    f"spec names {name!r}, a {type(named[name]).__name__}, which is not a linear layer"
+                )
+            if sel.shape is not None and tuple(sel.shape) != shape:
+                raise SpecError(
+                    f"{name}: spec was made for shape {tuple(sel.shape)} but the model's module has shape {shape}"
+                )
+            self.modules[name] = ModuleSelection(sel.rows, sel.cols, shape, name)
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        """Rows selected per module type (the last name component) and per layer index."""
+        by_type: Counter[str] = Counter()
+        by_layer: Counter[str] = Counter()
+        for name, sel in self.modules.items():
+            k = len(sel.rows) if sel.rows is not None else sel.delta_shape()[0]
+            by_type[name.split(".")[-1]] += k
+            layer = next((p for p in name.split(".") if p.isdigit()), "-")
+            by_layer[layer] += k
+        return {
+            "modules": len(self.modules),
+            "rows": sum(by_type.values()),
+            "params": self.num_params(),
+            "rows_by_type": dict(by_type),
+            "rows_by_layer": dict(
+                sorted(
+                    by_layer.items(),
+                    key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0),
+                )
+            ),
+        }
+
+    # ---- (de)serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SPEC_FORMAT,
+            "provenance": self.provenance,
+            "modules": {n: s.to_dict() for n, s in self.modules.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "spec") -> NeuronSpec:
+        if not isinstance(d, Mapping) or "modules" not in d:
+            raise SpecError(f"{source}: not a NeuronSpec (no 'modules' key)")
+        fmt = d.get("format", SPEC_FORMAT)
+        if fmt != SPEC_FORMAT:
+            raise SpecError(f"{source}: unsupported spec format {fmt!r} (expected {SPEC_FORMAT!r})")
+        if not isinstance(d["modules"], Mapping):
+            raise SpecError(f"{source}: 'modules' must be a mapping of module name -> selection")
+        return cls(dict(d["modules"]), dict(d.get("provenance", {})))
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NeuronSpec:
+        return cls.from_dict(read_json(path, "neuron spec"), source=str(path))

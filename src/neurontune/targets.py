@@ -1,0 +1,93 @@
+"""Choosing which linear modules of a model are eligible, PEFT-style.
+
+``target_modules`` may be
+- ``"all-linear"``: every ``nn.Linear`` / GPT-2 ``Conv1D`` except the output head (``lm_head`` or
+  whatever ``get_output_embeddings()`` returns);
+- a list of names: a module matches if its full name equals an entry or ends with ``"." + entry``
+  (``["q_proj", "v_proj"]``);
+- any other string: a regular expression that must match the full module name
+  (``r".*layers\\.(0|1)\\..*_proj"``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from neurontune.errors import TargetError
+
+ALL_LINEAR = "all-linear"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(out_features, in_features)`` of a tunable linear layer, or ``None`` if it is not one."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):  # GPT-2 style: weight is (in, out)
+        return module.weight.shape[1], module.weight.shape[0]
+    return None
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    names = {"lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None:
+        names |= {n for n, m in model.named_modules() if m is head}
+    return names
+
+
+def _matches(name: str, patterns: str | Sequence[str]) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def find_target_modules(
+    model: nn.Module,
+    target_modules: str | Sequence[str] = ALL_LINEAR,
+    exclude_modules: str | Sequence[str] | None = None,
+) -> list[str]:
+    """Full names of the linear modules selected by ``target_modules`` minus ``exclude_modules``.
+
+    Raises :class:`TargetError` if nothing matches, or if an explicit name matches no module at all.
+    """
+    if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise TargetError(f"target_modules regex {target_modules!r} is invalid: {e}") from None
+    heads = _output_head_names(model)
+    linear = [(n, m) for n, m in model.named_modules() if linear_shape(m) is not None]
+    if target_modules == ALL_LINEAR:
+        chosen = [n for n, _ in linear if n.split(".")[-1] not in heads and n not in heads]
+    else:
+        if not isinstance(target_modules, str):
+            target_modules = list(target_modules)
+            suffixes = sorted({n.split(".")[-1] for n, _ in linear})
+            for t in target_modules:
+                if not any(_matches(n, [t]) for n, _ in linear):
+                    raise TargetError(
+                        f"target module {t!r} matches no linear layer of {type(model).__name__}; "
+                        f"available: {suffixes}"
+                    )
+        chosen = [n for n, _ in linear if _matches(n, target_modules)]
+    if exclude_modules:
+        chosen = [n for n in chosen if not _matches(n, exclude_modules)]
+    if not chosen:
+        suffixes = sorted({n.split(".")[-1] for n, _ in linear})
+        raise TargetError(
+            f"target_modules={target_modules!r} selected no linear layer; available: {suffixes}"
+        )
+    return chosen
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(out_features, in_features)`` (a transposed view for Conv1D)."""
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    return module.weight
