@@ -152,6 +152,8 @@ class NeuronSpec:
                 close = [n for n in named if n.endswith(name.split(".")[-1])][:3]
                 hint = f"; modules with the same suffix: {close}" if close else ""
                 raise SpecError(f"spec names module {name!r}, which the model does not have{hint}")
+            if hasattr(named[name], "base_layer") and hasattr(named[name], "delta"):
+                raise SpecError(f"{name} is already wrapped by neurontune; unload the first adapter")
             shape = linear_shape(named[name])
             if shape is None:
                 raise SpecError(

@@ -58,8 +58,6 @@ class RowTuneModel(nn.Module):
         dtype = self.rowtune_config.torch_delta_dtype
         for name, sel in spec.modules.items():
             base_layer = model.get_submodule(name)
-            if isinstance(base_layer, RowSparseLinear):
-                raise SpecError(f"{name} is already wrapped by neurontune; unload the first adapter")
             layer = RowSparseLinear(base_layer, sel.rows, sel.cols, dtype, self.rowtune_config.impl)
             _set_submodule(model, name, layer)
 
