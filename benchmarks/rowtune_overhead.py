@@ -5,9 +5,9 @@
 
 One script run measures every method side by side. Each (model, method) runs in a fresh
 subprocess so that peak memory is that method's own: on CPU torch keeps no allocator statistics,
-so a sampling thread records the process RSS every 2 ms during the timed steps and we report the
-peak minus the RSS just before wrapping the model (adapter + gradients + optimizer state +
-activations). The order of methods is rotated between repeats. The same synthetic batch
+so a sampling thread (neurontune.bench.PeakRSS) records the process RSS every 2 ms during the timed
+steps and we report the peak minus the RSS just before wrapping the model (adapter + gradients +
+optimizer state + activations). The order of methods is rotated between repeats. The same synthetic batch
 (seeded random token ids, all positions labelled) is used for every method.
 
 Writes results/rowtune_overhead.json and results/rowtune_overhead.md.
@@ -22,7 +22,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,39 +29,18 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ["rowtune-fused", "rowtune-index_add", "lora", "full"]
 
 
-class PeakRSS:
-    """Samples this process's resident set size in a background thread."""
-
-    def __init__(self, interval: float = 0.002):
-        import psutil
-
-        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
-
-    def __enter__(self):
-        self.peak = self.proc.memory_info().rss
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
-def worker(model_name: str, method: str, rank: int, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def worker(
+    model_name: str, method: str, rank: int, batch: int, seq: int, steps: int, warmup: int, min_seconds: float
+) -> dict:
     import psutil
     import torch
 
     from neurontune import get_rowtune_model
+    from neurontune.bench import PeakRSS
     from neurontune.models import load_model
     from neurontune.rowtune import RowTuneConfig
-    from neurontune.selection import score_model, select_rows
+    from neurontune.scoring import score_model
+    from neurontune.selection import select
     from neurontune.targets import find_target_modules
 
     torch.manual_seed(0)
@@ -75,7 +53,7 @@ def worker(model_name: str, method: str, rank: int, batch: int, seq: int, steps:
     rss0 = psutil.Process().memory_info().rss
 
     if method.startswith("rowtune"):
-        spec = select_rows(model, score_model(model, "magnitude"), match_lora_rank=rank)
+        spec = select(model, score_model(model, "magnitude"), match_lora_rank=rank)
         model = get_rowtune_model(model, spec, RowTuneConfig(impl=method.split("-", 1)[1]))
     elif method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -103,7 +81,7 @@ def worker(model_name: str, method: str, rank: int, batch: int, seq: int, steps:
         step()
     times = []
     with PeakRSS() as mem:
-        for _ in range(steps):
+        while len(times) < steps or sum(times) < min_seconds:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
@@ -170,7 +148,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "model": model_name,
                     "method": method,
                     "trainable_params": rs[0]["trainable_params"],
-                    "step_ms": 1000 * statistics.median(r["step_s_median"] for r in rs),
+                    # best repeat: a repeat disturbed by other load on the machine only ever runs slower
+                    "step_ms": 1000 * min(r["step_s_median"] for r in rs),
                     "peak_mib": statistics.median(r["peak_rss_delta_mib"] for r in rs),
                     "state_mib": rs[0]["grad_and_optimizer_state_mib"],
                 }
@@ -184,8 +163,9 @@ def to_markdown(summary: list[dict], meta: dict) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}; "
-        f"{meta['threads']} threads; batch {meta['batch']} x {meta['seq']} tokens; median of {meta['repeats']} "
-        f"repeats x {meta['steps']} timed steps after {meta['warmup']} warm-up steps; budget = LoRA rank {meta['rank']} "
+        f"{meta['threads']} threads; batch {meta['batch']} x {meta['seq']} tokens; step time = median step of the best of "
+        f"{meta['repeats']} repeats (each >= {meta['steps']} timed steps and >= {meta['min_seconds']} s, after {meta['warmup']} "
+        "warm-up steps), peak memory = median over repeats; budget = LoRA rank {meta['rank']} "
         "on all linear layers (row methods: magnitude-selected rows, k = round(r(in+out)/in) per module).",
         "",
         "Peak memory = peak RSS during the timed steps minus RSS after loading the model (adapter, gradients, "
@@ -213,11 +193,18 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--min-seconds", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.rank, args.batch, args.seq, args.steps, args.warmup)))
+        print(
+            json.dumps(
+                worker(
+                    *args.worker, args.rank, args.batch, args.seq, args.steps, args.warmup, args.min_seconds
+                )
+            )
+        )
         return
     import peft
     import torch

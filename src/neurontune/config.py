@@ -12,66 +12,115 @@ from typing import Any
 from neurontune.errors import NeurontuneError
 
 
-@dataclass
-class FinetuneConfig:
-    """`neurontune finetune`: select neurons, train only those rows, evaluate, save the adapter."""
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
-    model: str = field(
-        default="smollm2-135m",
-        metadata={"help": "model: smollm2-135m (bundled), tiny-llama, tiny-gpt2, a local dir or Hub id"},
+
+@dataclass
+class SelectConfig:
+    """`neurontune select`: score every target row on calibration data and write a NeuronSpec."""
+
+    model: str = _opt(
+        "smollm2-135m", "model: smollm2-135m (bundled), tiny-llama, tiny-gpt2, a local dir or Hub id"
     )
-    dtype: str = field(
-        default="float32", metadata={"help": "dtype of the frozen base (float32, bfloat16, float16)"}
+    dtype: str = _opt("float32", "dtype of the frozen base (float32, bfloat16, float16)")
+    task: str = _opt("rotten_tomatoes", "built-in task: rotten_tomatoes or imdb")
+    seed: int = _opt(0, "seed for data order, random scores, tie-breaking")
+    max_length: int = _opt(128, "max tokens per example (the prompt is truncated first)")
+    scorer: str = _opt(
+        "magnitude", "scorer: magnitude, taylor, fisher, zo-taylor, wanda, activation, neft, random"
     )
-    task: str = field(default="rotten_tomatoes", metadata={"help": "built-in task: rotten_tomatoes or imdb"})
-    train_examples: int = field(
-        default=2000, metadata={"help": "training examples drawn from the task's train split"}
+    scorer_options: str = _opt(
+        "", "scorer options as k=v,k=v (p=2 | mode=frequency | probe_steps=50,probe_lr=1e-4 | samples=8)"
     )
-    eval_examples: int = field(default=200, metadata={"help": "test examples used for accuracy"})
-    scorer: str = field(default="magnitude", metadata={"help": "row scorer: magnitude or random"})
-    target_modules: str = field(
-        default="all-linear",
-        metadata={"help": "'all-linear', comma-separated suffixes (q_proj,v_proj) or a regex"},
+    target_modules: str = _opt(
+        "all-linear", "'all-linear', comma-separated suffixes (q_proj,v_proj) or a regex"
     )
-    rows_per_module: int | None = field(default=None, metadata={"help": "budget: top-k rows per module"})
-    match_lora_rank: int | None = field(
-        default=8, metadata={"help": "budget: as many trainable params as LoRA rank r"}
+    exclude_modules: str | None = _opt(None, "comma-separated suffixes or a regex to leave out")
+    budget: str = _opt(
+        "lora:8", "rows:K per module | ratio:P of all rows | lora:R (as many params as LoRA rank R)"
     )
-    impl: str = field(default="fused", metadata={"help": "row-delta formulation: fused or index_add"})
-    steps: int = field(default=40, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"help": "micro-batch size"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay (acts on the deltas only)"}
-    )
-    max_length: int = field(
-        default=128, metadata={"help": "max tokens per example (prompt is truncated first)"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed for data order, random scores and init"})
-    output_dir: str = field(
-        default="runs/finetune", metadata={"help": "where the spec, adapter and metrics go"}
-    )
-    save_merged: bool = field(
-        default=False, metadata={"help": "also write a merged plain transformers model"}
-    )
+    per_layer: bool = _opt(False, "with ratio: P of each module instead of a global top-P")
+    order: str = _opt("highest", "keep the highest or lowest scores")
+    min_per_module: int = _opt(0, "at least this many rows in every module")
+    calib_examples: int = _opt(64, "calibration examples (from the train split) for data-driven scorers")
+    calib_batch_size: int = _opt(8, "calibration batch size")
+    output: str = _opt("neuron_spec.json", "where to write the spec (select only)")
 
     def __post_init__(self) -> None:
-        if (self.rows_per_module is None) == (self.match_lora_rank is None):
-            raise NeurontuneError(
-                "set exactly one budget: rows_per_module=K or match_lora_rank=R (the other =none)"
-            )
-        for name in ("train_examples", "eval_examples", "steps", "batch_size", "grad_accum", "max_length"):
+        self.budget_kwargs()  # validate early
+        for name in ("calib_examples", "calib_batch_size", "max_length"):
+            if getattr(self, name) <= 0:
+                raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.order not in ("highest", "lowest"):
+            raise NeurontuneError(f"order must be 'highest' or 'lowest', got {self.order!r}")
+
+    def budget_kwargs(self) -> dict[str, Any]:
+        kind, _, value = self.budget.partition(":")
+        kinds = {
+            "rows": ("rows_per_module", int),
+            "ratio": ("ratio", float),
+            "lora": ("match_lora_rank", int),
+        }
+        if kind not in kinds or not value:
+            raise NeurontuneError(f"budget {self.budget!r}: expected rows:K, ratio:P or lora:R")
+        key, typ = kinds[kind]
+        try:
+            return {key: typ(value)}
+        except ValueError:
+            raise NeurontuneError(f"budget {self.budget!r}: {value!r} is not a {typ.__name__}") from None
+
+    def scorer_kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for item in filter(None, (s.strip() for s in self.scorer_options.split(","))):
+            key, eq, raw = item.partition("=")
+            if not eq:
+                raise NeurontuneError(f"scorer_options item {item!r}: expected key=value")
+            for typ in (int, float):
+                try:
+                    out[key.strip()] = typ(raw)
+                    break
+                except ValueError:
+                    continue
+            else:
+                out[key.strip()] = {"true": True, "false": False}.get(raw.lower(), raw)
+        return out
+
+    @staticmethod
+    def _modules(t: str | None) -> str | list[str] | None:
+        if t is None or t == "all-linear" or any(ch in t for ch in "*()[]\\|^$+?"):
+            return t
+        return [s.strip() for s in t.split(",") if s.strip()]
+
+    def target_modules_value(self) -> str | list[str]:
+        return self._modules(self.target_modules)
+
+    def exclude_modules_value(self) -> str | list[str] | None:
+        return self._modules(self.exclude_modules)
+
+
+@dataclass
+class FinetuneConfig(SelectConfig):
+    """`neurontune finetune`: select neurons, train only those rows, evaluate, save the adapter."""
+
+    train_examples: int = _opt(2000, "training examples drawn from the task's train split")
+    eval_examples: int = _opt(200, "test examples used for accuracy")
+    impl: str = _opt("fused", "row-delta formulation: fused or index_add")
+    steps: int = _opt(40, "optimizer steps")
+    batch_size: int = _opt(8, "micro-batch size")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(3e-4, "AdamW learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (acts on the deltas only)")
+    output_dir: str = _opt("runs/finetune", "where the spec, adapter and metrics go")
+    save_merged: bool = _opt(False, "also write a merged plain transformers model")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("train_examples", "eval_examples", "steps", "batch_size", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise NeurontuneError(f"lr must be positive, got {self.lr}")
-
-    def target_modules_value(self) -> str | list[str]:
-        t = self.target_modules
-        if t == "all-linear" or any(ch in t for ch in "*()[]\\|^$+?"):
-            return t
-        return [s.strip() for s in t.split(",") if s.strip()]
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> type:

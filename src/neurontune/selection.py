@@ -1,20 +1,23 @@
-"""Scoring rows and turning scores into a :class:`NeuronSpec` under a parameter budget.
-
-A *scorer* is a small callable ``scorer(weight, *, generator) -> Tensor[out_features]`` that takes the
-``(out, in)`` weight of one linear module and returns one score per output row; higher = more
-worth training. The scorers here need no forward or backward pass. (Gradient/activation-based and
-NeFT scorers build on the same contract.)
+"""Turning row scores into a :class:`NeuronSpec` under a budget, and comparing selections.
 
 Budgets (exactly one):
 
-- ``rows_per_module=k``: the top-k rows of every target module;
+- ``rows_per_module=k``: the top-k rows of every scored module;
+- ``ratio=p``: a fraction of all rows, either globally (``per_layer=False``, the default: each
+  module's scores are divided by their mean so modules with different scales compete fairly, then
+  the top ``round(p * total_rows)`` are taken) or per module (``per_layer=True``: ``round(p * out)``
+  rows of each);
 - ``match_lora_rank=r``: per module ``k = round(r * (in + out) / in)`` rows, so the trainable count
-  equals LoRA rank ``r`` on the same modules to within one row per module.
+  equals LoRA rank ``r`` on the same modules to within one row per module (both counts are recorded).
+
+``order="highest"`` (default) keeps the highest scores, ``"lowest"`` the lowest. ``min_per_module``
+guarantees each module that many rows. Ties are broken by a seeded random permutation, so the
+result is deterministic for a given seed and unbiased towards low row indices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -22,30 +25,7 @@ from torch import nn
 
 from neurontune.errors import NeurontuneError
 from neurontune.spec import NeuronSpec
-from neurontune.targets import find_target_modules, get_weight, linear_shape
-
-Scorer = Callable[..., torch.Tensor]
-SCORERS: dict[str, Scorer] = {}
-
-
-def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
-    def deco(fn: Scorer) -> Scorer:
-        SCORERS[name] = fn
-        return fn
-
-    return deco
-
-
-@register_scorer("magnitude")
-def magnitude(weight: torch.Tensor, *, p: int = 1, **_: Any) -> torch.Tensor:
-    """``I_j = sum_k |W_jk|^p``. Needs no data. Cost: one pass over the weights."""
-    return weight.detach().float().abs().pow(p).sum(dim=1)
-
-
-@register_scorer("random")
-def random_scores(weight: torch.Tensor, *, generator: torch.Generator, **_: Any) -> torch.Tensor:
-    """Uniform random scores (a seeded baseline). Needs no data."""
-    return torch.rand(weight.shape[0], generator=generator)
+from neurontune.targets import linear_shape
 
 
 def lora_params(shape: tuple[int, int], rank: int) -> int:
@@ -59,62 +39,153 @@ def rows_for_lora_rank(shape: tuple[int, int], rank: int) -> int:
     return max(1, min(out_f, round(rank * (in_f + out_f) / in_f)))
 
 
-def score_model(
-    model: nn.Module,
-    scorer: str | Scorer,
-    target_modules: str | Sequence[str] = "all-linear",
-    seed: int = 0,
-    exclude_modules: str | Sequence[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """One score per output row of every target module (weight-only scorers)."""
-    if isinstance(scorer, str):
-        if scorer not in SCORERS:
-            raise NeurontuneError(f"unknown scorer {scorer!r}; available: {sorted(SCORERS)}")
-        scorer = SCORERS[scorer]
-    gen = torch.Generator().manual_seed(seed)
-    scores = {}
-    for name in find_target_modules(model, target_modules, exclude_modules):
-        w = get_weight(model.get_submodule(name))
-        s = scorer(w, generator=gen)
-        if s.shape != (w.shape[0],):
-            raise NeurontuneError(
-                f"scorer returned shape {tuple(s.shape)} for {name}; expected ({w.shape[0]},)"
-            )
-        scores[name] = s
-    return scores
+def _ranked(scores: torch.Tensor, order: str, gen: torch.Generator) -> torch.Tensor:
+    """Row indices best first; ties in seeded random order."""
+    s = scores.float() if order == "highest" else -scores.float()
+    perm = torch.randperm(len(s), generator=gen)
+    return perm[torch.sort(s[perm], descending=True, stable=True).indices]
 
 
-def select_rows(
+def select(
     model: nn.Module,
     scores: dict[str, torch.Tensor],
     rows_per_module: int | None = None,
+    ratio: float | None = None,
     match_lora_rank: int | None = None,
+    per_layer: bool = False,
+    order: str = "highest",
+    min_per_module: int = 0,
+    seed: int = 0,
     provenance: dict[str, Any] | None = None,
+    verbose: bool = False,
 ) -> NeuronSpec:
-    """Top rows of each module under one budget; ties broken by row index (stable sort)."""
-    if (rows_per_module is None) == (match_lora_rank is None):
-        raise NeurontuneError("give exactly one budget: rows_per_module or match_lora_rank")
-    modules: dict[str, dict[str, Any]] = {}
-    lora_total = 0
-    for name, s in scores.items():
-        shape = linear_shape(model.get_submodule(name))
-        if rows_per_module is not None:
-            if not 0 < rows_per_module <= shape[0]:
-                raise NeurontuneError(
-                    f"rows_per_module={rows_per_module} does not fit {name} with {shape[0]} rows"
-                )
-            k = rows_per_module
-        else:
-            if match_lora_rank <= 0:
-                raise NeurontuneError(f"match_lora_rank must be positive, got {match_lora_rank}")
-            k = rows_for_lora_rank(shape, match_lora_rank)
-            lora_total += lora_params(shape, match_lora_rank)
-        order = torch.sort(s.float(), descending=True, stable=True).indices
-        modules[name] = {"rows": order[:k].tolist(), "cols": None, "shape": list(shape)}
-    budget = {"rows_per_module": rows_per_module} if rows_per_module else {"match_lora_rank": match_lora_rank}
-    prov = {"budget": budget, **(provenance or {})}
-    spec = NeuronSpec(modules, prov)
-    if match_lora_rank is not None:
-        spec.provenance["lora_params"] = lora_total
+    """Pick rows from ``scores`` (module name -> one score per output row) under one budget."""
+    given = [b for b in (rows_per_module, ratio, match_lora_rank) if b is not None]
+    if len(given) != 1:
+        raise NeurontuneError("give exactly one budget: rows_per_module, ratio or match_lora_rank")
+    if order not in ("highest", "lowest"):
+        raise NeurontuneError(f"order must be 'highest' or 'lowest', got {order!r}")
+    if not scores:
+        raise NeurontuneError("no scores to select from")
+    if ratio is not None and not 0.0 < ratio <= 1.0:
+        raise NeurontuneError(f"ratio must be in (0, 1], got {ratio}")
+    if match_lora_rank is not None and match_lora_rank <= 0:
+        raise NeurontuneError(f"match_lora_rank must be positive, got {match_lora_rank}")
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {n: linear_shape(model.get_submodule(n)) for n in scores}
+    for n, s in scores.items():
+        if shapes[n] is None or s.shape != (shapes[n][0],):
+            raise NeurontuneError(
+                f"scores for {n} have shape {tuple(s.shape)}; expected ({shapes[n] and shapes[n][0]},)"
+            )
+        if min_per_module > shapes[n][0]:
+            raise NeurontuneError(
+                f"min_per_module={min_per_module} does not fit {n} with {shapes[n][0]} rows"
+            )
+    ranked = {n: _ranked(s, order, gen) for n, s in scores.items()}
+
+    counts: dict[str, int] = {}
+    if rows_per_module is not None:
+        for n, (out_f, _) in shapes.items():
+            if not 0 < rows_per_module <= out_f:
+                raise NeurontuneError(f"rows_per_module={rows_per_module} does not fit {n} with {out_f} rows")
+            counts[n] = rows_per_module
+    elif match_lora_rank is not None:
+        counts = {n: rows_for_lora_rank(sh, match_lora_rank) for n, sh in shapes.items()}
+    elif per_layer:
+        counts = {n: max(1, round(ratio * sh[0])) for n, sh in shapes.items()}
+    else:
+        counts = _global_counts(scores, ranked, shapes, ratio, order, min_per_module)
+    counts = {n: max(k, min_per_module) for n, k in counts.items()}
+
+    modules = {
+        n: {"rows": sorted(ranked[n][:k].tolist()), "cols": None, "shape": list(shapes[n])}
+        for n, k in counts.items()
+        if k > 0
+    }
+    budget = {
+        "rows_per_module": rows_per_module,
+        "ratio": ratio,
+        "match_lora_rank": match_lora_rank,
+        "per_layer": per_layer,
+        "order": order,
+        "min_per_module": min_per_module,
+        "seed": seed,
+    }
+    spec = NeuronSpec(
+        modules, {"budget": {k: v for k, v in budget.items() if v is not None}, **(provenance or {})}
+    )
     spec.provenance["params"] = spec.num_params()
+    if match_lora_rank is not None:
+        spec.provenance["lora_params"] = sum(lora_params(sh, match_lora_rank) for sh in shapes.values())
+        if verbose:
+            print(
+                f"budget: {spec.num_params():,} row params vs {spec.provenance['lora_params']:,} "
+                f"for LoRA r={match_lora_rank} on the same {len(shapes)} modules"
+            )
     return spec
+
+
+def _global_counts(scores, ranked, shapes, ratio, order, min_per_module) -> dict[str, int]:
+    """Global top-p over mean-normalised scores, after giving each module its minimum."""
+    total = sum(sh[0] for sh in shapes.values())
+    n_select = max(1, round(ratio * total))
+    counts = {n: min_per_module for n in scores}
+    remaining = n_select - sum(counts.values())
+    if remaining > 0:
+        pool_scores, pool_names = [], []
+        for n, s in scores.items():
+            s = s.float()
+            mean = s.abs().mean()
+            norm = s / mean if mean > 0 else s
+            norm = norm if order == "highest" else -norm
+            rest = ranked[n][min_per_module:]  # best-first order, so taking a prefix per module is consistent
+            pool_scores.append(norm[rest])
+            pool_names += [n] * len(rest)
+        pool = torch.cat(pool_scores)
+        # stable sort keeps each module's tie order from `ranked`
+        top = torch.sort(pool, descending=True, stable=True).indices[:remaining]
+        for i in top.tolist():
+            counts[pool_names[i]] += 1
+    return counts
+
+
+# ---- comparing selections ---------------------------------------------------------------------------
+def _row_sets(spec: NeuronSpec) -> dict[str, set[int]]:
+    return {
+        n: set(s.rows if s.rows is not None else range(s.delta_shape()[0])) for n, s in spec.modules.items()
+    }
+
+
+def overlap(a: NeuronSpec, b: NeuronSpec) -> dict[str, Any]:
+    """Jaccard |A∩B|/|A∪B| and overlap coefficient |A∩B|/min(|A|,|B|) of selected (module, row) pairs.
+
+    Returns ``{"jaccard", "overlap", "intersection", "size_a", "size_b", "per_module": {...},
+    "per_layer": {...}}``; a module selected in only one spec counts with an empty set in the other.
+    """
+
+    def stats(sa: set, sb: set) -> dict[str, float]:
+        inter, union = len(sa & sb), len(sa | sb)
+        return {
+            "jaccard": inter / union if union else 1.0,
+            "overlap": inter / min(len(sa), len(sb)) if sa and sb else 0.0,
+            "intersection": inter,
+            "size_a": len(sa),
+            "size_b": len(sb),
+        }
+
+    ra, rb = _row_sets(a), _row_sets(b)
+    per_module = {n: stats(ra.get(n, set()), rb.get(n, set())) for n in sorted(set(ra) | set(rb))}
+    layer_sets: dict[str, tuple[set, set]] = defaultdict(lambda: (set(), set()))
+    all_a = {(n, r) for n, rows in ra.items() for r in rows}
+    all_b = {(n, r) for n, rows in rb.items() for r in rows}
+    for n in per_module:
+        layer = next((p for p in n.split(".") if p.isdigit()), "-")
+        layer_sets[layer][0].update((n, r) for r in ra.get(n, ()))
+        layer_sets[layer][1].update((n, r) for r in rb.get(n, ()))
+    key = lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)  # noqa: E731
+    return {
+        **stats(all_a, all_b),
+        "per_module": per_module,
+        "per_layer": {k: stats(*v) for k, v in sorted(layer_sets.items(), key=key)},
+    }

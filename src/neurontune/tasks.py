@@ -81,3 +81,13 @@ def sentiment_accuracy(
         pick = logits[torch.arange(len(chunk)), last][:, word_ids]
         correct += (pick.argmax(-1) == torch.tensor([int(r["label"]) for r in chunk])).sum().item()
     return correct / max(1, len(rows))
+
+
+def fixed_batches(
+    examples: Sequence[Example], tok: PreTrainedTokenizerBase, batch_size: int, max_length: int
+) -> list[dict[str, torch.Tensor]]:
+    """The examples in order, as a finite list of batches (calibration data for scorers)."""
+    encoded = [encode(e, tok, max_length) for e in examples]
+    return [
+        collate(encoded[i : i + batch_size], tok.pad_token_id) for i in range(0, len(encoded), batch_size)
+    ]

@@ -1,0 +1,75 @@
+"""End-to-end CLI on a tiny model: seconds, checks the files produced and the printed counts."""
+
+import json
+
+import pytest
+import torch
+
+from neurontune import RowTuneModel
+from neurontune.cli import main
+from neurontune.models import tiny_model
+from neurontune.spec import NeuronSpec
+
+
+def test_finetune_tiny_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "finetune",
+            "--model",
+            "tiny-llama",
+            "--output-dir",
+            str(out),
+            "steps=3",
+            "train_examples=32",
+            "eval_examples=16",
+            "batch_size=4",
+            "save_merged=true",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    spec = NeuronSpec.load(out / "neuron_spec.json")
+    assert f"trainable params: {spec.num_params():,} ||" in printed
+    assert (
+        f"budget: {spec.num_params():,} row params vs {spec.provenance['lora_params']:,} for LoRA r=8"
+        in printed
+    )
+    assert spec.provenance["scorer"] == "magnitude" and spec.provenance["budget"]["match_lora_rank"] == 8
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["steps"] == 3 and cfg["model"] == "tiny-llama"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trainable_params"] == spec.num_params()
+    assert len(metrics["train_log"]) == 3 and all(r["loss"] > 0 for r in metrics["train_log"])
+    assert 0.0 <= metrics["accuracy_after"] <= 1.0
+    # the adapter reloads onto a fresh base and equals the merged export
+    adapted = RowTuneModel.from_pretrained(tiny_model("tiny-llama"), out / "adapter")
+    merged = type(adapted.base_model).from_pretrained(out / "merged")
+    ids = torch.randint(0, 250, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["stepz=3"], "unknown config key 'stepz'; did you mean 'steps'?"),
+        (["steps=three"], "steps='three': expected int"),
+        (["steps=0"], "steps must be positive"),
+        (["budget=rows"], "budget 'rows': expected rows:K, ratio:P or lora:R"),
+        (["budget=ratio:abc"], "'abc' is not a float"),
+        (["scorer=nope"], "unknown scorer 'nope'"),
+        (["task=mnist"], "unknown movie-review source 'mnist'"),
+        (["target_modules=qkv"], "'qkv' matches no linear layer"),
+        (["budget=rows:500"], "rows_per_module=500 does not fit"),
+        (["scorer_options=p"], "expected key=value"),
+        (["scorer=activation", "scorer_options=mode=loud"], "activation mode must be"),
+        (["model=/nonexistent/dir"], "could not load model"),
+    ],
+)
+def test_finetune_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
+    rc = main(["finetune", "--model", "tiny-llama", "--output-dir", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("neurontune: error: ") and message in err
+    assert "Traceback" not in err
