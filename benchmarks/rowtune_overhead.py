@@ -165,7 +165,7 @@ def to_markdown(summary: list[dict], meta: dict) -> str:
         f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}; "
         f"{meta['threads']} threads; batch {meta['batch']} x {meta['seq']} tokens; step time = median step of the best of "
         f"{meta['repeats']} repeats (each >= {meta['steps']} timed steps and >= {meta['min_seconds']} s, after {meta['warmup']} "
-        "warm-up steps), peak memory = median over repeats; budget = LoRA rank {meta['rank']} "
+        f"warm-up steps), peak memory = median over repeats; budget = LoRA rank {meta['rank']} "
         "on all linear layers (row methods: magnitude-selected rows, k = round(r(in+out)/in) per module).",
         "",
         "Peak memory = peak RSS during the timed steps minus RSS after loading the model (adapter, gradients, "
@@ -196,7 +196,15 @@ def main() -> None:
     p.add_argument("--min-seconds", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--render", action="store_true", help="only rebuild the markdown table from the saved JSON"
+    )
     args = p.parse_args()
+    if args.render:
+        saved = json.loads((args.out / "rowtune_overhead.json").read_text())
+        saved["meta"].setdefault("min_seconds", args.min_seconds)
+        (args.out / "rowtune_overhead.md").write_text(to_markdown(saved["summary"], saved["meta"]))
+        return
     if args.worker:
         print(
             json.dumps(
@@ -224,6 +232,7 @@ def main() -> None:
         "seq": args.seq,
         "steps": args.steps,
         "warmup": args.warmup,
+        "min_seconds": args.min_seconds,
         "repeats": args.repeats,
         "rank": args.rank,
         "date": time.strftime("%Y-%m-%d"),

@@ -73,3 +73,35 @@ def test_finetune_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
     assert rc == 2
     assert err.startswith("neurontune: error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_select_command_writes_spec(tmp_path, capsys):
+    out = tmp_path / "spec.json"
+    rc = main(
+        [
+            "select",
+            "--model",
+            "tiny-gpt2",
+            "--scorer",
+            "taylor",
+            "--budget",
+            "ratio:0.1",
+            "--output",
+            str(out),
+            "calib_examples=8",
+            "min_per_module=1",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    spec = NeuronSpec.load(out)
+    assert spec.provenance["scorer"] == "taylor" and spec.provenance["budget"]["ratio"] == 0.1
+    assert spec.provenance["calib_examples"] == 8 and spec.provenance["config"]["model"] == "tiny-gpt2"
+    assert all(len(s.rows) >= 1 for s in spec.modules.values()) and len(spec.modules) == 8
+    assert f"selected {spec.num_rows():,} rows ({spec.num_params():,} params)" in printed
+    from safetensors.torch import load_file
+
+    scores = load_file(tmp_path / "spec.scores.safetensors")
+    assert set(scores) == set(spec.modules)
+    for name, sel in spec.modules.items():  # the selected rows are the top-scored ones
+        assert scores[name][sel.rows].min() >= scores[name].median()

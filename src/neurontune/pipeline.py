@@ -12,7 +12,7 @@ import torch
 from neurontune import __version__
 from neurontune.config import FinetuneConfig, SelectConfig
 from neurontune.data import load_movie_reviews
-from neurontune.io import write_json
+from neurontune.io import write_json, write_safetensors
 from neurontune.models import load_model
 from neurontune.scoring import score_model
 from neurontune.selection import select
@@ -20,8 +20,13 @@ from neurontune.spec import NeuronSpec
 from neurontune.tasks import batches, fixed_batches, sentiment_accuracy, sentiment_examples
 
 
-def select_neurons(cfg: SelectConfig, model: torch.nn.Module, tok: Any, train_rows: list[dict]) -> NeuronSpec:
-    """Score the target rows of ``model`` on ``cfg.calib_examples`` training examples and apply the budget."""
+def select_neurons(
+    cfg: SelectConfig, model: torch.nn.Module, tok: Any, train_rows: list[dict]
+) -> tuple[NeuronSpec, dict[str, torch.Tensor]]:
+    """Score the target rows of ``model`` on ``cfg.calib_examples`` training examples and apply the budget.
+
+    Returns the spec and the raw scores (module name -> one score per row).
+    """
     calib = fixed_batches(
         sentiment_examples(train_rows[: cfg.calib_examples]), tok, cfg.calib_batch_size, cfg.max_length
     )
@@ -59,9 +64,18 @@ def select_neurons(cfg: SelectConfig, model: torch.nn.Module, tok: Any, train_ro
     s = spec.summary()
     print(
         f"selected {s['rows']:,} rows ({s['params']:,} params) in {s['modules']} modules with {cfg.scorer} "
-        f"({seconds:.1f}s); rows by type: {s['rows_by_type']}"
+        f"({seconds:.1f}s)\n  rows by module type: {s['rows_by_type']}\n  rows by layer: {s['rows_by_layer']}"
     )
-    return spec
+    return spec, scores
+
+
+def save_selection(spec: NeuronSpec, scores: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``path`` gets the spec (JSON); ``<stem>.scores.safetensors`` beside it the raw scores."""
+    path = Path(path)
+    spec.save(path)
+    write_safetensors(
+        path.with_suffix(".scores.safetensors"), scores, {"scorer": str(spec.provenance.get("scorer"))}
+    )
 
 
 def _load(cfg: SelectConfig) -> tuple[torch.nn.Module, Any, Any]:
@@ -75,9 +89,9 @@ def _load(cfg: SelectConfig) -> tuple[torch.nn.Module, Any, Any]:
 def run_select(cfg: SelectConfig) -> NeuronSpec:
     torch.manual_seed(cfg.seed)
     model, tok, data = _load(cfg)
-    spec = select_neurons(cfg, model, tok, data["train"].to_list())
+    spec, scores = select_neurons(cfg, model, tok, data["train"].to_list())
     spec.provenance["config"] = dataclasses.asdict(cfg)
-    spec.save(cfg.output)
+    save_selection(spec, scores, cfg.output)
     print(f"wrote {cfg.output}")
     return spec
 
@@ -94,8 +108,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     test_rows = data["test"].select(range(min(cfg.eval_examples, len(data["test"])))).to_list()
     print(f"{len(train_rows)} train / {len(test_rows)} eval examples")
 
-    spec = select_neurons(cfg, model, tok, train_rows)
-    spec.save(out / "neuron_spec.json")
+    spec, scores = select_neurons(cfg, model, tok, train_rows)
+    save_selection(spec, scores, out / "neuron_spec.json")
     acc_before = sentiment_accuracy(model, tok, test_rows)
     model = get_rowtune_model(
         model, spec, RowTuneConfig(target_modules=cfg.target_modules_value(), impl=cfg.impl)
