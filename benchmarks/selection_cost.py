@@ -6,7 +6,8 @@
 Every scorer scores all linear layers of the model on the same fixed calibration set (the first
 ``--calib`` training examples, batches of 8, <= 128 tokens) and selects rows at the budget of LoRA
 rank 8. Each scorer runs in a fresh subprocess; time is wall-clock for scoring, peak memory is the
-peak RSS during scoring minus the RSS before it (neurontune.bench.PeakRSS).
+peak RSS during scoring minus the RSS before it, after every weight has been read once so that the
+memory-mapped checkpoint is resident in the baseline (neurontune.bench.PeakRSS).
 
 The reference is NeFT as in the paper: a probe fine-tune of *all* parameters (here one pass over
 ``--reference-examples`` examples), rows ranked by 1 - cos(before, after). Agreement is reported as
@@ -64,6 +65,9 @@ def worker(args, name: str) -> dict:
     calib = fixed_batches(sentiment_examples(rows), tok, 8, 128)
     if name == "neft-full":
         options["probe_steps"] = min(args.reference_steps, len(calib)) if args.reference_steps else len(calib)
+    with torch.no_grad():  # page in the (memory-mapped) weights so the baseline includes them
+        for prm in model.parameters():
+            prm.sum()
     with PeakRSS() as mem:
         base = mem.rss()
         t0 = time.perf_counter()
