@@ -20,10 +20,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from neurontune.bench import run_worker
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["rowtune-fused", "rowtune-index_add", "lora", "full"]
@@ -121,12 +122,11 @@ def run_all(args) -> dict:
                     str(args.steps),
                     "--warmup",
                     str(args.warmup),
+                    "--min-seconds",
+                    str(args.min_seconds),
                 ]
                 print(f"[{model_name} rep {rep}] {method} ...", flush=True)
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if out.returncode != 0:
-                    sys.exit(f"worker failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+                r = run_worker(cmd)
                 r["repeat"] = rep
                 rows.append(r)
                 print(

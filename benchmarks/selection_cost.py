@@ -23,10 +23,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from neurontune.bench import run_worker
 
 RESULTS = Path(__file__).parent / "results"
 # name -> (scorer, options, calibration examples); "neft-full" is the reference
@@ -146,10 +147,7 @@ def main() -> None:
             str(args.out),
         ]
         print(f"{name} ...", flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.exit(f"worker failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = run_worker(cmd)
         rows.append(r)
         print(f"    {r['seconds']:.1f}s, peak +{r['peak_rss_delta_mib']:.0f} MiB", flush=True)
     ref = NeuronSpec.load(rows[0]["spec"])

@@ -38,3 +38,15 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.rss())
+
+
+def run_worker(cmd: list[str]) -> dict:
+    """Run a benchmark worker subprocess; its last stdout line is a JSON object. Exits on failure."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        sys.exit(f"worker failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
