@@ -68,7 +68,8 @@ class SelectConfig:
         try:
             return {key: typ(value)}
         except ValueError:
-            raise NeurontuneError(f"budget {self.budget!r}: {value!r} is not a {typ.__name__}") from None
+            what = "an integer" if typ is int else "a number"
+            raise NeurontuneError(f"budget {self.budget!r}: {value!r} is not {what}") from None
 
     def scorer_kwargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
