@@ -455,10 +455,4 @@ def score_model(
     return scores
 
 
-def describe_cost(name: str) -> str:
-    """One line on what a built-in scorer needs (for --help and reports)."""
-    fn = get_scorer(name)
-    return (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-
-
 __all__ = ["SCORERS", "LayerStats", "get_scorer", "register", "score_model", "scorer"]

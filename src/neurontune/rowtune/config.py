@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -35,7 +35,6 @@ class RowTuneConfig:
     exclude_modules: str | Sequence[str] | None = None
     delta_dtype: str = "float32"
     impl: str = "fused"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.delta_dtype not in _DTYPES:
