@@ -41,7 +41,8 @@ Bring your own with :func:`scorer`::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -277,13 +278,24 @@ def _collect_activations(model, modules, stats, batches, needs, progress) -> Non
             h.remove()
 
 
-def _collect_grads(model, modules, stats, batches, needs, per_sample, progress) -> None:
-    """Gradients of the target weights only; one accumulator per statistic, never per-sample copies."""
+@contextlib.contextmanager
+def _train_only(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Make only ``params`` require grad; afterwards restore every flag and drop the gradients."""
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
-    for mod in modules.values():
-        mod.weight.requires_grad_(True)
+    for p in params:
+        p.requires_grad_(True)
     try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+            p.grad = None
+
+
+def _collect_grads(model, modules, stats, batches, needs, per_sample, progress) -> None:
+    """Gradients of the target weights only; one accumulator per statistic, never per-sample copies."""
+    with _train_only(model, [mod.weight for mod in modules.values()]):
         micro = []
         for b in batches:
             if per_sample:
@@ -303,10 +315,6 @@ def _collect_grads(model, modules, stats, batches, needs, per_sample, progress) 
                     st.grad_sq += g.pow(2)
                 st.n_grad += 1
                 mod.weight.grad = None
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
-            p.grad = None
 
 
 def _zo_noise(shape: torch.Size, seed: int, module_index: int) -> torch.Tensor:
@@ -351,28 +359,22 @@ def _collect_probe(model, modules, stats, batches, steps, lr, probe_params, prog
         n for n, p in params.items() if probe_params == "all" or any(p is m.weight for m in modules.values())
     ]
     snapshot = {n: params[n].detach().clone() for n in train_names}
-    saved = {n: p.requires_grad for n, p in params.items()}
-    model.requires_grad_(False)
-    for n in train_names:
-        params[n].requires_grad_(True)
-    opt = torch.optim.AdamW([params[n] for n in train_names], lr=lr, weight_decay=0.0)
     was_training = model.training
-    model.train()
-    try:
-        for step in tqdm(range(steps), desc="neft probe", disable=not progress):
-            _loss(model, batches[step % len(batches)]).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        for name, mod in modules.items():
-            stats[name].weight_after = _weight_fp32(mod).clone()
-    finally:
-        with torch.no_grad():
-            for n in train_names:
-                params[n].copy_(snapshot[n])
-        for n, p in params.items():
-            p.requires_grad_(saved[n])
-            p.grad = None
-        model.train(was_training)
+    with _train_only(model, [params[n] for n in train_names]):
+        opt = torch.optim.AdamW([params[n] for n in train_names], lr=lr, weight_decay=0.0)
+        model.train()
+        try:
+            for step in tqdm(range(steps), desc="neft probe", disable=not progress):
+                _loss(model, batches[step % len(batches)]).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for name, mod in modules.items():
+                stats[name].weight_after = _weight_fp32(mod).clone()
+        finally:
+            with torch.no_grad():
+                for n in train_names:
+                    params[n].copy_(snapshot[n])
+            model.train(was_training)
 
 
 def score_model(
