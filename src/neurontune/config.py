@@ -47,9 +47,11 @@ class SelectConfig:
     calib_batch_size: int = _opt(8, "calibration batch size")
     output: str = _opt("neuron_spec.json", "where to write the spec (select only)")
 
+    _positive: typing.ClassVar[tuple[str, ...]] = ("calib_examples", "calib_batch_size", "max_length")
+
     def __post_init__(self) -> None:
         self.budget_kwargs()  # validate early
-        for name in ("calib_examples", "calib_batch_size", "max_length"):
+        for name in self._positive:
             if getattr(self, name) <= 0:
                 raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
         if self.order not in ("highest", "lowest"):
@@ -115,11 +117,17 @@ class FinetuneConfig(SelectConfig):
     output_dir: str = _opt("runs/finetune", "where the spec, adapter and metrics go")
     save_merged: bool = _opt(False, "also write a merged plain transformers model")
 
+    _positive = (
+        *SelectConfig._positive,
+        "train_examples",
+        "eval_examples",
+        "steps",
+        "batch_size",
+        "grad_accum",
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("train_examples", "eval_examples", "steps", "batch_size", "grad_accum"):
-            if getattr(self, name) <= 0:
-                raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise NeurontuneError(f"lr must be positive, got {self.lr}")
 
