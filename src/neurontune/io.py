@@ -18,6 +18,11 @@ from safetensors.torch import load_file, save_file
 from neurontune.errors import NeurontuneError
 
 
+def cache_dir() -> Path:
+    """Where converted models and extracted datasets live: ``$NEURONTUNE_CACHE`` or ``~/.cache/neurontune``."""
+    return Path(os.environ.get("NEURONTUNE_CACHE", Path.home() / ".cache" / "neurontune"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` in one step.

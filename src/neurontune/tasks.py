@@ -1,86 +1,348 @@
-"""Turning examples into causal-LM training batches with loss on completion tokens only.
+"""Tasks: examples as ``prompt -> completion`` pairs, how to batch them, and how to judge the output.
 
-Sentiment classification is cast as ``prompt -> " positive" / " negative"``; padding and prompt
-tokens are labelled ``-100`` so they never contribute to the loss.
+Every task is cast as causal LM: the loss is on completion tokens only (prompt and padding are
+labelled ``-100``). A :class:`Task` also says how it is evaluated (``kind``):
+
+- ``classification``: the completion is one of ``label_words``; accuracy compares the next-token
+  logits of the label words' first tokens after the prompt.
+- ``exact_match``: greedy generation, the first number in the output against the target.
+- ``generation``: greedy generation, BLEU / chrF (sacrebleu), ROUGE-L and exact match.
+- ``text``: plain language modelling; perplexity.
+
+Built-in tasks come from the embedded data (:mod:`neurontune.data`); any JSON/JSONL/CSV file in one
+of the shapes of :data:`FORMATS` works too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from neurontune.data import LABEL_WORDS
+from neurontune.data import LABEL_WORDS, load_bigbench, load_movie_reviews, load_records, split
+from neurontune.errors import NeurontuneError
 
 IGNORE_INDEX = -100
-
-
-def sentiment_prompt(text: str, max_chars: int = 600) -> str:
-    return f"Review: {text[:max_chars]}\nSentiment:"
+KINDS = ("classification", "exact_match", "generation", "text")
 
 
 @dataclass
 class Example:
     prompt: str
     completion: str
+    label: int | None = None  # index into Task.label_words for classification
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    train: list[Example]
+    eval: list[Example]
+    label_words: tuple[str, ...] = ()
+    max_new_tokens: int = 64
+    stop: str | None = None  # generation is cut at the first occurrence (besides EOS)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise NeurontuneError(f"task kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.train:
+            raise NeurontuneError(f"task {self.name}: no training examples")
+        if not self.eval:
+            raise NeurontuneError(f"task {self.name}: no evaluation examples")
+
+    def head(self, n_train: int | None = None, n_eval: int | None = None) -> Task:
+        """The same task with at most ``n_train`` / ``n_eval`` examples (the first ones of each split)."""
+        return Task(
+            self.name, self.kind, self.train[:n_train], self.eval[:n_eval], self.label_words,
+            self.max_new_tokens, self.stop, self.info,
+        )  # fmt: skip
+
+
+# ---- built-in tasks --------------------------------------------------------------------------------
+def sentiment_prompt(text: str, max_chars: int = 600) -> str:
+    return f"Review: {text[:max_chars]}\nSentiment:"
 
 
 def sentiment_examples(rows: Sequence[dict]) -> list[Example]:
-    return [Example(sentiment_prompt(r["text"]), " " + LABEL_WORDS[int(r["label"])]) for r in rows]
+    return [
+        Example(sentiment_prompt(r["text"]), " " + LABEL_WORDS[int(r["label"])], int(r["label"]))
+        for r in rows
+    ]
 
 
+def _movie_task(source: str, seed: int) -> Task:
+    d = load_movie_reviews(source, seed=seed)
+    return Task(
+        source,
+        "classification",
+        sentiment_examples(d["train"].to_list()),
+        sentiment_examples(d["test"].to_list()),
+        LABEL_WORDS,
+    )
+
+
+def _multiemo(seed: int) -> Task:
+    words = ("negative", "neutral", "positive", "ambivalent")
+    rows = []
+    for ex in load_bigbench("multiemo/all_text_en")["examples"]:
+        word = max(ex["target_scores"], key=ex["target_scores"].get)
+        rows.append(Example(f"Opinion: {ex['input'][:600]}\nSentiment:", " " + word, words.index(word)))
+    train, test = split(rows, 0.1, seed)
+    return Task("multiemo", "classification", train, test, words)
+
+
+def _e2e_nlg(seed: int) -> Task:
+    rows = [
+        Example(f"Restaurant attributes: {ex['input']}\nDescription:", " " + ex["target"])
+        for ex in load_bigbench("gem/e2e_nlg")["examples"]
+    ]
+    train, test = split(rows, 0.1, seed)
+    return Task("e2e_nlg", "generation", train, test, max_new_tokens=48, stop="\n")
+
+
+def _arithmetic(seed: int) -> Task:
+    rows = []
+    for d in (1, 2):
+        for op in ("addition", "subtraction"):
+            for ex in load_bigbench(f"arithmetic/{d}_digit_{op}")["examples"]:
+                rows.append(Example(f"Q: {ex['input']}\nA:", " " + ex["target"]))
+    train, test = split(rows, 0.1, seed)
+    return Task("arithmetic", "exact_match", train, test, max_new_tokens=6, stop="\n")
+
+
+BUILTIN_TASKS: dict[str, Callable[[int], Task]] = {
+    "rotten_tomatoes": lambda seed: _movie_task("rotten_tomatoes", seed),
+    "imdb": lambda seed: _movie_task("imdb", seed),
+    "multiemo": _multiemo,
+    "e2e_nlg": _e2e_nlg,
+    "arithmetic": _arithmetic,
+}
+
+
+def general_text(n: int = 32, max_chars: int = 2000) -> list[str]:
+    """Held-out news articles (BIG-bench gem/xsum inputs) for measuring forgetting as perplexity."""
+    return [ex["input"][:max_chars] for ex in load_bigbench("gem/xsum")["examples"][-n:]]
+
+
+# ---- tasks from files ------------------------------------------------------------------------------
+# name -> (required fields, optional fields); detected from the first record, in this order.
+FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "chat": (("messages",), ()),
+    "alpaca": (("instruction", "output"), ("input",)),
+    "prompt_completion": (("prompt", "completion"), ()),
+    "classification": (("text", "label"), ()),
+    "text": (("text",), ()),
+}
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
+
+
+def detect_format(record: dict[str, Any], where: str) -> str:
+    for name, (required, _) in FORMATS.items():
+        if all(k in record for k in required):
+            return name
+    shapes = "; ".join(f"{n}: {', '.join(r)}" for n, (r, _) in FORMATS.items())
+    raise NeurontuneError(
+        f"{where}: unrecognised record with fields {sorted(record)}; expected one of: {shapes}"
+    )
+
+
+def _chat_example(msgs: Any, tok: PreTrainedTokenizerBase | None, where: str) -> Example:
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise NeurontuneError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for m in msgs:
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise NeurontuneError(f"{where}: every message needs string 'role' and 'content' fields")
+    if msgs[-1]["role"] != "assistant":
+        raise NeurontuneError(f"{where}: the last message must be the assistant's (it is the completion)")
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise NeurontuneError(f"{where}: chat data needs a tokenizer with a chat template")
+    prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    if not full.startswith(prompt):
+        raise NeurontuneError(f"{where}: the chat template does not render the prompt as a prefix")
+    # loss on the last assistant turn (earlier turns are context), template's end-of-turn included
+    return Example(prompt, full[len(prompt) :].rstrip("\n"))
+
+
+def _str_field(rec: dict[str, Any], key: str, where: str, required: bool = True) -> str:
+    v = rec.get(key)
+    if v is None or (isinstance(v, str) and not v.strip() and required):
+        if required:
+            raise NeurontuneError(f"{where}: missing or empty field {key!r}")
+        return ""
+    if not isinstance(v, str | int | float):
+        raise NeurontuneError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+    return str(v)
+
+
+def records_to_task(
+    name: str,
+    records: Sequence[tuple[str, dict[str, Any]]],
+    eval_records: Sequence[tuple[str, dict[str, Any]]] | None,
+    tok: PreTrainedTokenizerBase | None,
+    *,
+    seed: int = 0,
+    eval_fraction: float = 0.1,
+    label_words: Sequence[str] | None = None,
+    template: str = "{text}\nLabel:",
+) -> Task:
+    """Turn ``(where, record)`` pairs into a :class:`Task`; the format is detected from the first record."""
+    fmt = detect_format(records[0][1], records[0][0])
+    required, _ = FORMATS[fmt]
+    words = tuple(label_words or ())
+    if fmt == "classification" and not words:
+        words = tuple(
+            sorted({str(r["label"]).strip() for _, r in [*records, *(eval_records or [])] if "label" in r})
+        )
+        if any(w.lstrip("-").isdigit() for w in words):
+            raise NeurontuneError(
+                f"{name}: integer labels {list(words)} need a verbaliser: label_words=negative,positive"
+            )
+
+    def convert(where: str, rec: dict[str, Any]) -> Example:
+        for k in required:
+            if k not in rec:
+                raise NeurontuneError(f"{where}: missing field {k!r} (the file's format is {fmt!r})")
+        if fmt == "chat":
+            return _chat_example(rec["messages"], tok, where)
+        if fmt == "alpaca":
+            inp = _str_field(rec, "input", where, required=False)
+            prompt = ALPACA_PROMPT.format(
+                ctx=", paired with an input that provides further context" if inp else "",
+                instruction=_str_field(rec, "instruction", where),
+                input=f"### Input:\n{inp}\n\n" if inp else "",
+            )
+            return Example(prompt, _str_field(rec, "output", where))
+        if fmt == "prompt_completion":
+            return Example(_str_field(rec, "prompt", where), _str_field(rec, "completion", where))
+        text = _str_field(rec, "text", where)
+        if fmt == "text":
+            return Example("", text)
+        raw = str(rec["label"]).strip()
+        if raw.lstrip("-").isdigit() and label_words:
+            idx = int(raw)
+            if not 0 <= idx < len(words):
+                raise NeurontuneError(f"{where}: label {idx} out of range for label_words {list(words)}")
+        elif raw in words:
+            idx = words.index(raw)
+        else:
+            raise NeurontuneError(f"{where}: label {raw!r} is not one of {list(words)}")
+        try:
+            prompt = template.format(text=text)
+        except (KeyError, IndexError) as e:
+            raise NeurontuneError(f"template {template!r} may only use the field {{text}} ({e})") from None
+        return Example(prompt, " " + words[idx], idx)
+
+    examples = [convert(w, r) for w, r in records]
+    if eval_records is not None:
+        if detect_format(eval_records[0][1], eval_records[0][0]) != fmt:
+            raise NeurontuneError(f"{name}: the eval file's format differs from the training file's ({fmt})")
+        train, test = examples, [convert(w, r) for w, r in eval_records]
+    else:
+        if len(examples) < 2:
+            raise NeurontuneError(f"{name}: need at least 2 records to hold some out for evaluation")
+        train, test = split(examples, eval_fraction, seed)
+    kind = {"classification": "classification", "text": "text"}.get(fmt, "generation")
+    return Task(name, kind, train, test, words, info={"format": fmt})
+
+
+def load_task(
+    name_or_path: str,
+    tok: PreTrainedTokenizerBase | None = None,
+    *,
+    seed: int = 0,
+    eval_file: str | None = None,
+    eval_fraction: float = 0.1,
+    label_words: Sequence[str] | None = None,
+    template: str = "{text}\nLabel:",
+) -> Task:
+    """A built-in task by name (:data:`BUILTIN_TASKS`) or a task from a data file."""
+    if name_or_path in BUILTIN_TASKS:
+        if eval_file:
+            raise NeurontuneError("eval_file is for data files; built-in tasks have their own test split")
+        return BUILTIN_TASKS[name_or_path](seed)
+    if not Path(name_or_path).suffix:
+        raise NeurontuneError(
+            f"unknown task {name_or_path!r}: use one of {sorted(BUILTIN_TASKS)} or a .json/.jsonl/.csv file"
+        )
+    records = load_records(name_or_path)
+    eval_records = load_records(eval_file) if eval_file else None
+    return records_to_task(
+        os.path.basename(name_or_path), records, eval_records, tok, seed=seed,
+        eval_fraction=eval_fraction, label_words=label_words, template=template,
+    )  # fmt: skip
+
+
+# ---- encoding and batching -------------------------------------------------------------------------
 def encode(ex: Example, tok: PreTrainedTokenizerBase, max_length: int) -> tuple[list[int], list[int]]:
-    p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+    """Token ids and labels; the prompt is cut from the left (keeping its end, the cue), never the answer."""
+    p = tok(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
     c = tok(ex.completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    p = p[: max(0, max_length - len(c))]  # truncate the prompt, never the answer
+    c = c[:max_length]
+    p = p[len(p) - max(0, max_length - len(c)) :] if len(p) + len(c) > max_length else p
     return p + c, [IGNORE_INDEX] * len(p) + c
 
 
-def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; padding gets attention 0 and label -100."""
+def collate(
+    encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, left: bool = False
+) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence (right by default); padding gets attention 0 and label -100."""
     n = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), n), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), n), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(encoded), n), dtype=torch.long)
     for i, (x, y) in enumerate(encoded):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
+        sl = slice(n - len(x), n) if left else slice(0, len(x))
+        ids[i, sl] = torch.tensor(x)
+        labels[i, sl] = torch.tensor(y)
+        mask[i, sl] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(
-    examples: Sequence[Example], tok: PreTrainedTokenizerBase, batch_size: int, max_length: int, seed: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches (a fresh permutation each epoch, seeded)."""
-    encoded = [encode(e, tok, max_length) for e in examples]
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        for start in range(0, len(encoded) - batch_size + 1, batch_size):
-            if start == 0:
-                perm = torch.randperm(len(encoded), generator=g).tolist()
-            yield collate([encoded[j] for j in perm[start : start + batch_size]], tok.pad_token_id)
+class StepBatches:
+    """Training micro-batches as a pure function of ``(seed, index)``: a fresh seeded permutation per
+    epoch, incomplete last batch dropped. Resuming at step ``s`` needs no replay of the data stream.
+    """
 
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        tok: PreTrainedTokenizerBase,
+        batch_size: int,
+        max_length: int,
+        seed: int,
+    ) -> None:
+        if not examples:
+            raise NeurontuneError("no training examples")
+        self.encoded = [encode(e, tok, max_length) for e in examples]
+        self.batch_size = min(batch_size, len(self.encoded))
+        self.per_epoch = len(self.encoded) // self.batch_size
+        self.seed, self.pad_id = seed, tok.pad_token_id
+        self._perm: tuple[int, list[int]] | None = None
 
-@torch.no_grad()
-def sentiment_accuracy(
-    model, tok: PreTrainedTokenizerBase, rows: Sequence[dict], batch_size: int = 16
-) -> float:
-    """Accuracy from comparing the next-token logits of the two label words after the prompt."""
-    word_ids = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS]
-    model.eval()
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        enc = [tok(sentiment_prompt(r["text"]), add_special_tokens=False)["input_ids"][-256:] for r in chunk]
-        batch = collate([(e, e) for e in enc], tok.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        last = batch["attention_mask"].sum(1) - 1
-        pick = logits[torch.arange(len(chunk)), last][:, word_ids]
-        correct += (pick.argmax(-1) == torch.tensor([int(r["label"]) for r in chunk])).sum().item()
-    return correct / max(1, len(rows))
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, pos = divmod(index, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.encoded), generator=g).tolist())
+        idx = self._perm[1][pos * self.batch_size : (pos + 1) * self.batch_size]
+        return collate([self.encoded[j] for j in idx], self.pad_id)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        i = 0
+        while True:
+            yield self[i]
+            i += 1
 
 
 def fixed_batches(

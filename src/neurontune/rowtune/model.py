@@ -69,6 +69,14 @@ class RowTuneModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model, with the row layers injected in place (as PEFT's method).
+
+        Hand this to tools that want a ``PreTrainedModel`` (TRL's ``SFTTrainer``, lm-eval's ``HFLM``):
+        it shares the trainable deltas with this wrapper, so ``save_pretrained`` here sees their updates.
+        """
+        return self.base_model
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
 

@@ -1,0 +1,209 @@
+"""Evaluation: accuracy, exact match, BLEU/chrF/ROUGE-L, perplexity and forgetting.
+
+All functions take any causal LM with the transformers calling convention: a plain model, a
+:class:`~neurontune.rowtune.RowTuneModel` or a PEFT model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from neurontune.tasks import IGNORE_INDEX, Example, Task, collate, encode
+
+_NUMBER = re.compile(r"[-+]?\d+")
+
+
+def _prompt_ids(tok: PreTrainedTokenizerBase, prompt: str, max_length: int) -> list[int]:
+    ids = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return ids[-max_length:] or [tok.eos_token_id]
+
+
+def label_token_ids(tok: PreTrainedTokenizerBase, label_words: Sequence[str]) -> list[int] | None:
+    """First token of each ``" word"``, or None if two words share it (then whole words are scored)."""
+    ids = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in label_words]
+    return ids if len(set(ids)) == len(ids) else None
+
+
+@torch.no_grad()
+def _label_logprobs(
+    model: Any, tok: PreTrainedTokenizerBase, prompts: list[list[int]], label_words: Sequence[str]
+) -> torch.Tensor:
+    """Sum of log-probabilities of each label word's tokens after each prompt: ``[n_prompts, n_labels]``."""
+    words = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in label_words]
+    pairs = [(p + w, [IGNORE_INDEX] * len(p) + w) for p in prompts for w in words]
+    b = collate(pairs, tok.pad_token_id)
+    device = next(model.parameters()).device
+    logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+    labels = b["labels"][:, 1:].to(device)
+    lp = torch.log_softmax(logits[:, :-1].float(), -1)
+    tok_lp = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != IGNORE_INDEX)
+    return tok_lp.sum(-1).view(len(prompts), len(words)).cpu()
+
+
+@torch.no_grad()
+def classification_accuracy(
+    model: Any,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    label_words: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 16,
+) -> float:
+    """Accuracy of the most likely label word after each prompt.
+
+    One forward per batch compares the next-token logits of the words' first tokens; when two words
+    share a first token (e.g. a byte-level tokenizer), the full words' log-likelihoods are compared.
+    """
+    word_ids = label_token_ids(tok, label_words)
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for start in tqdm(range(0, len(examples), batch_size), desc="eval", leave=False):
+        chunk = examples[start : start + batch_size]
+        enc = [_prompt_ids(tok, e.prompt, max_length) for e in chunk]
+        if word_ids is None:
+            scores = _label_logprobs(model, tok, enc, label_words)
+        else:
+            batch = collate([(e, e) for e in enc], tok.pad_token_id)
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
+            last = batch["attention_mask"].sum(1) - 1
+            scores = logits[torch.arange(len(chunk)), last.to(device)][:, word_ids].cpu()
+        correct += (scores.argmax(-1) == torch.tensor([e.label for e in chunk])).sum().item()
+    return correct / max(1, len(examples))
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    stop: str | None = None,
+    max_length: int = 256,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy completions (left-padded batches), cut at ``stop`` if given."""
+    model.eval()
+    device = next(model.parameters()).device
+    outs: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
+        enc = [_prompt_ids(tok, p, max_length) for p in prompts[start : start + batch_size]]
+        batch = collate([(e, e) for e in enc], tok.pad_token_id, left=True)
+        seq = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        for row in seq[:, batch["input_ids"].shape[1] :]:
+            text = tok.decode(row, skip_special_tokens=True)
+            outs.append(text.split(stop)[0] if stop else text)
+    return outs
+
+
+def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu), mean ROUGE-L F1 (rouge-score) and exact match, in percent."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    preds = [p.strip() for p in predictions]
+    refs = [r.strip() for r in references]
+    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rl = [rouge.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)]
+    return {
+        "bleu": sacrebleu.corpus_bleu(preds, [refs]).score,
+        "chrf": sacrebleu.corpus_chrf(preds, [refs]).score,
+        "rougeL": 100 * sum(rl) / max(1, len(rl)),
+        "exact_match": 100 * sum(p == r for p, r in zip(preds, refs, strict=True)) / max(1, len(refs)),
+    }
+
+
+def number_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Percent of outputs whose first integer equals the reference's."""
+    hits = 0
+    for p, r in zip(predictions, references, strict=True):
+        m = _NUMBER.search(p)
+        hits += bool(m) and m.group() == r.strip()
+    return 100 * hits / max(1, len(references))
+
+
+@torch.no_grad()
+def perplexity(
+    model: Any,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> float:
+    """exp(mean NLL per completion token); for plain text (empty prompts) every token counts."""
+    model.eval()
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        enc = [encode(e, tok, max_length) for e in examples[start : start + batch_size]]
+        b = collate(enc, tok.pad_token_id)
+        logits = model(
+            input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
+        ).logits
+        labels = b["labels"][:, 1:].to(device)
+        nll += torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return math.exp(nll / max(1, count))
+
+
+def evaluate(
+    model: Any,
+    tok: PreTrainedTokenizerBase,
+    task: Task,
+    *,
+    max_length: int = 256,
+    batch_size: int = 16,
+    general_text: Sequence[str] = (),
+    samples: int = 3,
+) -> dict[str, Any]:
+    """Task metrics on ``task.eval`` (plus ``forgetting_ppl`` on ``general_text`` if given)."""
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"eval_examples": len(task.eval)}
+    if task.kind == "classification":
+        out["accuracy"] = classification_accuracy(
+            model, tok, task.eval, task.label_words, max_length, batch_size
+        )
+    elif task.kind == "text":
+        out["perplexity"] = perplexity(model, tok, task.eval, max_length, batch_size)
+    else:
+        preds = generate(
+            model, tok, [e.prompt for e in task.eval], task.max_new_tokens, task.stop, max_length, batch_size
+        )
+        refs = [e.completion for e in task.eval]
+        if task.kind == "exact_match":
+            out["exact_match"] = number_exact_match(preds, refs)
+        else:
+            out.update(generation_metrics(preds, refs))
+        out["samples"] = [
+            {"prompt": e.prompt, "prediction": p, "reference": e.completion}
+            for e, p in zip(task.eval[:samples], preds[:samples], strict=True)
+        ]
+    if general_text:
+        out["forgetting_ppl"] = perplexity(model, tok, [Example("", t) for t in general_text], max_length)
+    out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def primary_metric(task: Task) -> str:
+    return {"classification": "accuracy", "exact_match": "exact_match", "text": "perplexity"}.get(
+        task.kind, "rougeL"
+    )
