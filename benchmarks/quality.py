@@ -1,0 +1,194 @@
+"""Quality of each method at the same trainable-parameter budget and the same steps, side by side.
+
+    python benchmarks/quality.py                                   # bundled SmolLM2-135M (about an hour on 2 cores)
+    python benchmarks/quality.py --model tiny-llama --steps 3 --eval-examples 8 --out /tmp/q   # smoke run
+    python benchmarks/quality.py --render                          # rebuild the table from the JSON
+
+Every run is ``neurontune finetune`` in a fresh subprocess with the same data, steps, batch size,
+evaluation and seed list; only the method (and its usual learning rate) changes:
+
+- ``none``: zero-shot; ``full``: every parameter; ``lora``: PEFT LoRA r=8 on all linears;
+- ``rows-*``: row-sparse tuning with rows chosen by NeFT (8-step probe of the target linears), taylor,
+  magnitude or random, at the budget of LoRA r=8 (same trainable-parameter count, per module).
+
+Metrics: accuracy (Rotten Tomatoes) or ROUGE-L / BLEU / chrF (E2E NLG), perplexity on 32 held-out
+news articles (forgetting; the base model's is the ``none`` row), training time, peak RSS of the
+process through loading, selection and training, and the size of what is saved. Writes
+results/quality.json and results/quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+# name -> finetune overrides; learning rates are the usual ones per family (not tuned here)
+METHODS: dict[str, list[str]] = {
+    "none": ["method=none"],
+    "full": ["method=full", "lr=3e-5"],
+    "lora": ["method=lora", "lr=3e-4"],
+    "rows-neft": ["method=rows", "scorer=neft", "scorer_options=probe_steps=8,probe_lr=1e-4", "lr=3e-4"],
+    "rows-taylor": ["method=rows", "scorer=taylor", "lr=3e-4"],
+    "rows-magnitude": ["method=rows", "scorer=magnitude", "lr=3e-4"],
+    "rows-random": ["method=rows", "scorer=random", "lr=3e-4"],
+}
+TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL"}
+
+
+def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict:
+    out = args.runs / task / f"{method}-s{seed}"
+    cmd = [
+        sys.executable, "-m", "neurontune.cli", "finetune",
+        f"model={args.model}", f"task={task}", f"seed={seed}", f"steps={args.steps}",
+        f"batch_size={args.batch_size}", f"train_examples={args.train_examples}",
+        f"eval_examples={args.eval_examples}", f"forgetting_examples={args.forgetting_examples}",
+        "budget=lora:8", "lora_r=8", "eval_before=false", "save_steps=0", f"output_dir={out}", "overwrite=true",
+        *METHODS[method],
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
+    if res.returncode != 0:
+        sys.exit(f"run failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    m = json.loads((out / "metrics.json").read_text())
+    m["wall_seconds"] = time.perf_counter() - t0
+    m["seed"], m["name"] = seed, method
+    m["command"] = "neurontune " + " ".join(cmd[3:])
+    return m
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    rows = []
+    for task, metric in TASKS.items():
+        for name in METHODS:
+            rs = [r for r in runs if r["task"] == task and r["name"] == name]
+            if not rs:
+                continue
+            vals = [r["after"][metric] for r in rs]
+            row = {
+                "task": task,
+                "method": name,
+                "metric": metric,
+                "seeds": [r["seed"] for r in rs],
+                "mean": statistics.fmean(vals),
+                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "values": vals,
+                "forgetting_ppl": statistics.fmean(r["after"]["forgetting_ppl"] for r in rs),
+                "trainable_params": rs[0]["trainable_params"],
+                "train_seconds": statistics.fmean(r["train_seconds"] for r in rs),
+                "peak_rss_mib": statistics.fmean(r["peak_memory_mib"] for r in rs),
+                "saved_bytes": rs[0]["saved_bytes"],
+            }
+            if metric == "rougeL":
+                row["bleu"] = statistics.fmean(r["after"]["bleu"] for r in rs)
+                row["chrf"] = statistics.fmean(r["after"]["chrf"] for r in rs)
+            rows.append(row)
+    return rows
+
+
+def _size(n: int) -> str:
+    return "-" if not n else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
+def render(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        "# Quality at the same budget: zero-shot, full FT, LoRA r=8, row-sparse (4 selections)",
+        "",
+        f"`{result['command']}` on {result['machine']}. Model `{s['model']}`, {s['steps']} steps x batch "
+        f"{s['batch_size']} from the first {s['train_examples']} training examples, eval on "
+        f"{s['eval_examples']} held-out examples, forgetting = perplexity on {s['forgetting_examples']} "
+        f"held-out news articles (BIG-bench gem/xsum). Seeds {s['seeds']} (data order, selection ties, "
+        "random scores); mean ± sample std over seeds. Learning rates are each family's usual "
+        "(full 3e-5, LoRA and rows 3e-4), not tuned.",
+        "",
+        "| task | method | trainable params | score | BLEU / chrF | forgetting ppl | train s | peak RSS | saved |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["summary"]:
+        score = (
+            f"{r['metric']} {r['mean']:.3f} ± {r['std']:.3f}"
+            if r["metric"] == "accuracy"
+            else (f"{r['metric']} {r['mean']:.1f} ± {r['std']:.1f}")
+        )
+        gen = f"{r['bleu']:.1f} / {r['chrf']:.1f}" if "bleu" in r else "-"
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['trainable_params']:,} | {score} | {gen} | "
+            f"{r['forgetting_ppl']:.2f} | {r['train_seconds']:.0f} | {r['peak_rss_mib']:.0f} MiB | "
+            f"{_size(r['saved_bytes'])} |"
+        )
+    lines += [
+        "",
+        "Per-seed values are in quality.json (`summary[].values`, and every run's full metrics in `runs`).",
+        "Peak RSS is the whole process through loading, selection and training (`ru_maxrss`), so it",
+        "includes the model and the scorer's own pass; see rowtune_overhead.md for training-step memory alone.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2", help="seeds for rotten_tomatoes")
+    p.add_argument("--gen-seeds", default="0", help="seeds for e2e_nlg (generation eval is slower)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--train-examples", type=int, default=2000)
+    p.add_argument("--eval-examples", type=int, default=200)
+    p.add_argument("--forgetting-examples", type=int, default=32)
+    p.add_argument("--runs", type=Path, default=Path("runs/bench-quality"))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--render", action="store_true", help="only rebuild quality.md from quality.json")
+    args = p.parse_args()
+    if args.render:
+        result = json.loads((args.out / "quality.json").read_text())
+        (args.out / "quality.md").write_text(render(result))
+        return
+    runs = []
+    for task in args.tasks.split(","):
+        seeds = args.seeds if task == "rotten_tomatoes" else args.gen_seeds
+        for seed in (int(s) for s in seeds.split(",")):
+            for method in args.methods.split(","):
+                m = run_one(args, task, method, seed)
+                print(
+                    f"{task} {method} seed {seed}: {TASKS[task]} {m['after'][TASKS[task]]:.3f} "
+                    f"forgetting {m['after']['forgetting_ppl']:.2f} train {m['train_seconds']:.0f}s "
+                    f"wall {m['wall_seconds']:.0f}s",
+                    flush=True,
+                )
+                runs.append(m)
+    result = {
+        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "settings": {
+            "model": args.model,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "train_examples": args.train_examples,
+            "eval_examples": args.eval_examples,
+            "forgetting_examples": args.forgetting_examples,
+            "seeds": args.seeds,
+            "gen_seeds": args.gen_seeds,
+        },
+        "summary": summarize(runs),
+        "runs": runs,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "quality.md").write_text(render(result))
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
