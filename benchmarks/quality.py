@@ -53,6 +53,38 @@ def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict
         "budget=lora:8", "lora_r=8", "eval_before=false", "save_steps=0", f"output_dir={out}", "overwrite=true",
         *METHODS[method],
     ]  # fmt: skip
+    if args.reuse and (out / "metrics.json").is_file() and _same_run(out, cmd):
+        m = json.loads((out / "metrics.json").read_text())
+        m["wall_seconds"] = None
+    else:
+        m = _run(cmd, out)
+    m["seed"], m["name"] = seed, method
+    m["command"] = "neurontune " + " ".join(cmd[3:])
+    return m
+
+
+def _same_run(out: Path, cmd: list[str]) -> bool:
+    """Whether ``out`` holds a finished run made with the same overrides (for --reuse)."""
+    saved = json.loads((out / "config.json").read_text())
+    for item in cmd[4:]:
+        key, _, value = item.partition("=")
+        if (
+            key not in ("output_dir", "overwrite")
+            and str(saved.get(key)).lower() != value.lower()
+            and not _num_eq(saved.get(key), value)
+        ):
+            return False
+    return True
+
+
+def _num_eq(a: object, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _run(cmd: list[str], out: Path) -> dict:
     t0 = time.perf_counter()
     res = subprocess.run(
         cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"}
@@ -61,8 +93,6 @@ def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict
         sys.exit(f"run failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
     m["wall_seconds"] = time.perf_counter() - t0
-    m["seed"], m["name"] = seed, method
-    m["command"] = "neurontune " + " ".join(cmd[3:])
     return m
 
 
@@ -149,6 +179,9 @@ def main() -> None:
     p.add_argument("--forgetting-examples", type=int, default=32)
     p.add_argument("--runs", type=Path, default=Path("runs/bench-quality"))
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--reuse", action="store_true", help="keep finished runs in --runs made with the same settings"
+    )
     p.add_argument("--render", action="store_true", help="only rebuild quality.md from quality.json")
     args = p.parse_args()
     if args.render:
@@ -164,7 +197,7 @@ def main() -> None:
                 print(
                     f"{task} {method} seed {seed}: {TASKS[task]} {m['after'][TASKS[task]]:.3f} "
                     f"forgetting {m['after']['forgetting_ppl']:.2f} train {m['train_seconds']:.0f}s "
-                    f"wall {m['wall_seconds']:.0f}s",
+                    f"wall {m['wall_seconds'] or 0:.0f}s",
                     flush=True,
                 )
                 runs.append(m)

@@ -117,3 +117,79 @@ def test_select_command_writes_spec(tmp_path, capsys):
     assert set(scores) == set(spec.modules)
     for name, sel in spec.modules.items():  # the selected rows are the top-scored ones
         assert scores[name][sel.rows].min() >= scores[name].median()
+
+
+def _finetune(out, *extra):
+    base = ["finetune", "model=tiny-llama", "steps=2", "train_examples=16", "eval_examples=8",
+            "forgetting_examples=2", "batch_size=4", f"output_dir={out}"]  # fmt: skip
+    return main([*base, *extra])
+
+
+@pytest.mark.parametrize(
+    ("method", "trainable", "saved"),
+    [("lora", 8192, "adapter/adapter_model.safetensors"), ("full", 35168, "model/model.safetensors"),
+     ("none", 0, None)],
+)  # fmt: skip
+def test_baseline_methods_end_to_end(tmp_path, capsys, method, trainable, saved):
+    out = tmp_path / method
+    assert _finetune(out, f"method={method}") == 0
+    printed = capsys.readouterr().out
+    assert f"trainable params: {trainable:,} ||" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method and metrics["trainable_params"] == trainable
+    assert (out / saved).is_file() if saved else not (out / "adapter").exists()
+    assert not (out / "neuron_spec.json").exists()
+
+
+def test_eval_and_merge_commands_agree_with_the_run(tmp_path, capsys):
+    for method in ("rows", "lora"):
+        out = tmp_path / method
+        assert _finetune(out, f"method={method}", "lr=1e-2") == 0
+        after = json.loads((out / "metrics.json").read_text())["after"]
+        ev = tmp_path / f"{method}-eval.json"
+        args = ["eval_examples=8", "forgetting_examples=2", f"output={ev}"]
+        assert main(["eval", "--adapter", str(out / "adapter"), *args]) == 0
+        got = json.loads(ev.read_text())
+        assert got["adapter_kind"] == method and got["accuracy"] == after["accuracy"]
+        assert got["forgetting_ppl"] == pytest.approx(after["forgetting_ppl"], rel=1e-5)
+        merged = tmp_path / f"{method}-merged"
+        assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(merged)]) == 0
+        assert main(["eval", "--model", str(merged), *args]) == 0
+        assert json.loads(ev.read_text())["forgetting_ppl"] == pytest.approx(
+            after["forgetting_ppl"], rel=1e-4
+        )
+    assert main(["eval", "--adapter", str(tmp_path / "nope")]) == 2
+    assert "adapter config not found" in capsys.readouterr().err
+
+
+def test_yaml_config_with_overrides(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: tiny-llama\nsteps: 5\nlr: 1e-3\nscorer: random\nbudget: rows:2\neval_before: no\n")
+    out = tmp_path / "run"
+    args = ["finetune", "--config", str(cfg), "train_examples=16", "eval_examples=4", "forgetting_examples=0"]
+    assert main([*args, f"output_dir={out}", "--steps", "3"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["steps"] == 3 and saved["lr"] == 1e-3 and saved["scorer"] == "random"
+    assert saved["eval_before"] is False and saved["budget"] == "rows:2"
+    cfg.write_text("model: tiny-llama\nlearning_rate: 0.1\n")
+    assert main([*args, f"output_dir={tmp_path / 'r2'}"]) == 2
+    assert f"unknown config key 'learning_rate' in {cfg}" in capsys.readouterr().err
+    cfg.write_text("- steps\n")
+    assert main([*args, f"output_dir={tmp_path / 'r2'}"]) == 2
+    assert "expected a mapping of key: value" in capsys.readouterr().err
+    cfg.write_text("steps: many\n")
+    assert main([*args, f"output_dir={tmp_path / 'r2'}"]) == 2
+    assert "steps='many': expected int" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+
+
+def test_generation_file_task_reports_bleu_chrf_rouge(tmp_path):
+    data = tmp_path / "gen.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Say {w}:", "completion": f" {w}"}) + "\n" for w in "abcdefgh")
+    )
+    out = tmp_path / "gen"
+    assert _finetune(out, f"task={data}", f"eval_file={data}", "eval_examples=4") == 0
+    after = json.loads((out / "metrics.json").read_text())["after"]
+    assert {"bleu", "chrf", "rougeL", "exact_match", "forgetting_ppl"} <= set(after)
+    assert len(after["samples"]) == 3 and "prediction:" in (out / "report.md").read_text()

@@ -267,7 +267,7 @@ def _save_outputs(cfg: FinetuneConfig, model: torch.nn.Module, tok: Any, out: Pa
     if cfg.method == "lora":
         model.peft_config["default"].base_model_name_or_path = cfg.model  # what load_adapted reloads
         with atomic_dir(out / "adapter") as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, save_embedding_layers=False)  # only linears are adapted; no Hub lookup
     else:
         model.save_pretrained(out / "adapter")
     if cfg.save_merged:

@@ -1,0 +1,149 @@
+"""The training loop: accumulation, checkpoint contents, resume after a real kill, and run-dir safety."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neurontune import get_rowtune_model
+from neurontune.cli import main
+from neurontune.models import tiny_model
+from neurontune.scoring import score_model
+from neurontune.selection import select
+from neurontune.tasks import Example, StepBatches, collate, encode
+from neurontune.train import TrainArgs, list_checkpoints, train
+
+
+def rows_model(seed=0):
+    model = tiny_model("tiny-llama", seed=seed)
+    return get_rowtune_model(model, select(model, score_model(model, "magnitude"), rows_per_module=3))
+
+
+def deltas(model):
+    return {n: layer.delta.detach().clone() for n, layer in model.rowtune_layers().items()}
+
+
+class ListBatches:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+def test_grad_accum_equals_one_big_batch_token_weighted(tokenizer):
+    # micro-batches with different numbers of completion tokens: the step must weight every token equally
+    exs = [Example("ab", " c"), Example("abcd", " efghij"), Example("x", " yz"), Example("q", " rstuvw")]
+    enc = [encode(e, tokenizer, 32) for e in exs]
+    micro = [collate(enc[:2], tokenizer.pad_token_id), collate(enc[2:], tokenizer.pad_token_id)]
+    whole = collate(enc, tokenizer.pad_token_id)
+    a, b = rows_model(), rows_model()
+    train(a, ListBatches(micro), TrainArgs(steps=1, lr=1e-2, grad_accum=2), progress=False)
+    train(b, ListBatches([whole]), TrainArgs(steps=1, lr=1e-2, grad_accum=1), progress=False)
+    da, db = deltas(a), deltas(b)
+    assert any(d.abs().sum() > 0 for d in da.values())
+    for n in da:
+        torch.testing.assert_close(da[n], db[n], rtol=0, atol=1e-6)
+
+
+def test_checkpoint_holds_only_trainable_state(tmp_path, tokenizer):
+    model = rows_model()
+    data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
+    log = train(model, data, TrainArgs(steps=4, save_steps=2, save_total_limit=1), tmp_path, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000004"]  # older one pruned
+    assert (tmp_path / "train_log.csv").read_text().count("\n") == 5 and len(log) == 4
+    tensors = load_file(tmp_path / "checkpoints" / "step-000004" / "state.safetensors")
+    layers = model.rowtune_layers()
+    for name, layer in layers.items():
+        assert tensors[f"param.base_model.{name}.delta"].equal(layer.delta.detach())
+    n_params = sum(layer.delta.numel() for layer in layers.values())
+    moments = [t for k, t in tensors.items() if k.endswith(("exp_avg", "exp_avg_sq"))]
+    assert sum(t.numel() for t in moments) == 2 * n_params  # AdamW state for the selected rows only
+    assert max(t.numel() for k, t in tensors.items() if k != "rng.cpu") < 64 * 32  # nothing full-size
+
+
+def _cmd(out, method):
+    extra = ["lora_dropout=0.2"] if method == "lora" else []
+    return [
+        "finetune", "model=tiny-llama", f"method={method}", "steps=60", "train_examples=48",
+        "batch_size=4", "grad_accum=2", "eval_examples=4", "forgetting_examples=0", "eval_before=false",
+        "save_steps=3", "lr=3e-3", "lr_scheduler=cosine", "warmup_steps=5", f"output_dir={out}", *extra,
+    ]  # fmt: skip
+
+
+def _adapter(out):
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["rows", "lora"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, method):
+    """SIGKILL a run mid-training, resume it: the final adapter equals an uninterrupted run's, bit for bit.
+
+    LoRA runs with dropout, so this also checks that the RNG state travels with the checkpoint.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TQDM_DISABLE": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neurontune.cli", *_cmd(killed, method)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        done = list_checkpoints(killed)
+        if done and int(done[-1].name.split("-")[1]) >= 6:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    reached = int(list_checkpoints(killed)[-1].name.split("-")[1])
+    assert 6 <= reached < 60 and not (killed / "metrics.json").exists()
+
+    assert main([*_cmd(killed, method), "--resume"]) == 0
+    full = tmp_path / "full"
+    assert main(_cmd(full, method)) == 0
+    a, b = _adapter(killed), _adapter(full)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = (killed / "train_log.csv").read_text().splitlines()
+    assert len(log) == 61 and log[-1].startswith("60,")
+
+
+def test_run_dir_is_never_clobbered(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["finetune", "model=tiny-llama", "steps=2", "train_examples=16", "eval_examples=4",
+            "forgetting_examples=0", f"output_dir={out}"]  # fmt: skip
+    assert main(base) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    assert main(base) == 2
+    assert "already holds a run; pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert main([*base, "--resume", "lr=1e-3"]) == 2
+    assert "cannot resume" in (err := capsys.readouterr().err) and "lr: 0.0003 -> 0.001" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    assert main([*base, "--overwrite", f"task={bad}"]) == 2
+    assert "bad.jsonl:2: malformed JSON line" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # three refused commands, not a byte changed
+
+    assert main([*base, "--resume"]) == 0  # a finished run resumes to the same result
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before[
+        out / "adapter" / "adapter_model.safetensors"
+    ]
+
+
+def test_gradient_checkpointing_trains_the_same(tokenizer):
+    data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(8)], tokenizer, 4, 16, seed=0)
+    a, b = rows_model(), rows_model()
+    train(a, data, TrainArgs(steps=2, lr=1e-2), progress=False)
+    train(b, data, TrainArgs(steps=2, lr=1e-2, gradient_checkpointing=True), progress=False)
+    for n, d in deltas(a).items():
+        torch.testing.assert_close(d, deltas(b)[n], rtol=0, atol=1e-6)
