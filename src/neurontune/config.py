@@ -17,13 +17,9 @@ def _opt(default: Any, help: str) -> Any:
 
 
 @dataclass
-class SelectConfig:
-    """`neurontune select`: score every target row on calibration data and write a NeuronSpec."""
+class DataConfig:
+    """Which task, and how its data is split and tokenised (shared by every command that reads data)."""
 
-    model: str = _opt(
-        "smollm2-135m", "model: smollm2-135m (bundled), tiny-llama, tiny-gpt2, a local dir or Hub id"
-    )
-    dtype: str = _opt("float32", "dtype of the frozen base (float32, bfloat16, float16)")
     task: str = _opt(
         "rotten_tomatoes",
         "built-in task (rotten_tomatoes, imdb, multiemo, e2e_nlg, arithmetic) or a .json/.jsonl/.csv file",
@@ -34,8 +30,28 @@ class SelectConfig:
     eval_fraction: float = _opt(0.1, "fraction of a data file held out for evaluation without eval_file")
     label_words: str | None = _opt(None, "classification files: comma-separated words for labels 0,1,...")
     template: str = _opt("{text}\nLabel:", "classification files: prompt template around {text}")
-    seed: int = _opt(0, "seed for data order, random scores, tie-breaking")
-    max_length: int = _opt(128, "max tokens per example (the prompt is truncated first)")
+    seed: int = _opt(0, "seed for the data split and order, random scores, tie-breaking")
+    max_length: int = _opt(128, "max tokens per example (a long prompt is cut from the left)")
+
+    _positive: typing.ClassVar[tuple[str, ...]] = ("max_length",)
+
+    def __post_init__(self) -> None:
+        for name in self._positive:
+            if getattr(self, name) <= 0:
+                raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def label_words_value(self) -> list[str] | None:
+        return [w.strip() for w in self.label_words.split(",") if w.strip()] if self.label_words else None
+
+
+@dataclass
+class SelectConfig(DataConfig):
+    """`neurontune select`: score every target row on calibration data and write a NeuronSpec."""
+
+    model: str = _opt(
+        "smollm2-135m", "model: smollm2-135m (bundled), tiny-llama, tiny-gpt2, a local dir or Hub id"
+    )
+    dtype: str = _opt("float32", "dtype of the frozen base (float32, bfloat16, float16)")
     scorer: str = _opt(
         "magnitude", "scorer: magnitude, taylor, fisher, zo-taylor, wanda, activation, neft, random"
     )
@@ -56,18 +72,13 @@ class SelectConfig:
     calib_batch_size: int = _opt(8, "calibration batch size")
     output: str = _opt("neuron_spec.json", "where to write the spec (select only)")
 
-    _positive: typing.ClassVar[tuple[str, ...]] = ("calib_examples", "calib_batch_size", "max_length")
+    _positive = (*DataConfig._positive, "calib_examples", "calib_batch_size")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.budget_kwargs()  # validate early
-        for name in self._positive:
-            if getattr(self, name) <= 0:
-                raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
         if self.order not in ("highest", "lowest"):
             raise NeurontuneError(f"order must be 'highest' or 'lowest', got {self.order!r}")
-
-    def label_words_value(self) -> list[str] | None:
-        return [w.strip() for w in self.label_words.split(",") if w.strip()] if self.label_words else None
 
     def budget_kwargs(self) -> dict[str, Any]:
         kind, _, value = self.budget.partition(":")
@@ -199,25 +210,18 @@ class FinetuneConfig(SelectConfig):
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(DataConfig):
     """`neurontune eval`: evaluate a base model, an adapter (row-sparse or PEFT) or a merged model."""
 
     adapter: str | None = _opt(None, "adapter directory (neurontune rows or PEFT LoRA)")
     model: str | None = _opt(None, "base or merged model (default: the adapter's base, else smollm2-135m)")
     dtype: str = _opt("float32", "dtype of the model")
-    task: str = _opt("rotten_tomatoes", "built-in task or a data file (see finetune)")
-    eval_file: str | None = _opt(None, "evaluation data file")
-    eval_fraction: float = _opt(0.1, "fraction of a data file held out for evaluation without eval_file")
-    label_words: str | None = _opt(None, "classification files: comma-separated words for labels 0,1,...")
-    template: str = _opt("{text}\nLabel:", "classification files: prompt template around {text}")
-    seed: int = _opt(0, "seed of the train/test split")
     eval_examples: int = _opt(200, "evaluation examples")
     eval_batch_size: int = _opt(16, "evaluation batch size")
-    max_length: int = _opt(128, "max tokens per example")
     forgetting_examples: int = _opt(32, "held-out news articles for perplexity; 0 to skip")
     output: str | None = _opt(None, "write the metrics to this JSON file")
 
-    label_words_value = SelectConfig.label_words_value
+    _positive = (*DataConfig._positive, "eval_examples", "eval_batch_size")
 
 
 @dataclass

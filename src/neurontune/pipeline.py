@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from neurontune import __version__
-from neurontune.config import EvalConfig, FinetuneConfig, MergeConfig, SelectConfig
+from neurontune.config import DataConfig, EvalConfig, FinetuneConfig, MergeConfig, SelectConfig
 from neurontune.errors import NeurontuneError
 from neurontune.evaluation import evaluate, primary_metric
 from neurontune.io import atomic_dir, atomic_path, read_json, write_json, write_safetensors
@@ -37,7 +37,7 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def task_from_config(cfg: SelectConfig | EvalConfig, tok: Any) -> Task:
+def task_from_config(cfg: DataConfig, tok: Any) -> Task:
     return load_task(
         cfg.task, tok, seed=cfg.seed, eval_file=cfg.eval_file, eval_fraction=cfg.eval_fraction,
         label_words=cfg.label_words_value(), template=cfg.template,
