@@ -41,3 +41,20 @@ def test_bundled_smollm2_loads_and_generates():
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0])
+
+
+@pytest.mark.integration
+def test_bundled_smollm2_finetune_and_eval_end_to_end(tmp_path):
+    """The main job on the real model, briefly: metrics are sane and the adapter evaluates the same."""
+    import json
+
+    from neurontune.cli import main
+
+    out = tmp_path / "run"
+    args = ["eval_examples=32", "forgetting_examples=4"]
+    assert main(["finetune", f"output_dir={out}", "steps=4", "train_examples=64", *args]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.6 < m["before"]["accuracy"] <= 1 and 10 < m["before"]["forgetting_ppl"] < 100
+    assert m["trainable_params"] == 2_442_240  # LoRA r=8 on every linear of SmolLM2-135M
+    assert main(["eval", "--adapter", str(out / "adapter"), *args, f"output={tmp_path / 'e.json'}"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == m["after"]["accuracy"]

@@ -147,3 +147,15 @@ def test_gradient_checkpointing_trains_the_same(tokenizer):
     train(b, data, TrainArgs(steps=2, lr=1e-2, gradient_checkpointing=True), progress=False)
     for n, d in deltas(a).items():
         torch.testing.assert_close(d, deltas(b)[n], rtol=0, atol=1e-6)
+
+
+def test_bf16_autocast_trains_fp32_deltas_close_to_fp32(tokenizer):
+    data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(8)], tokenizer, 4, 16, seed=0)
+    a, b = rows_model(), rows_model()
+    train(a, data, TrainArgs(steps=2, lr=1e-2, precision="fp32"), progress=False)
+    train(b, data, TrainArgs(steps=2, lr=1e-2, precision="bf16"), progress=False)  # CPU autocast
+    for n, d in deltas(b).items():
+        assert d.dtype == torch.float32 and d.abs().sum() > 0
+        # Adam's first steps move each entry by about lr, so the sign pattern must mostly agree
+        agree = (torch.sign(d) == torch.sign(deltas(a)[n])).float().mean()
+        assert agree > 0.8, (n, agree)

@@ -162,6 +162,18 @@ def write_log_csv(path: Path, log: list[dict[str, float]]) -> None:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
+def _accelerator(mixed: str) -> Any:
+    """An ``Accelerator``; its process-wide state is reset when an earlier run in this process used
+    another precision (accelerate refuses to change it otherwise; the HF Trainer resets it the same way).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
+        AcceleratorState._reset_state()  # keeps PartialState: the process/distributed setup stays
+    return Accelerator(mixed_precision=mixed)
+
+
 # ---- the loop --------------------------------------------------------------------------------------
 def train(
     model: torch.nn.Module,
@@ -176,7 +188,6 @@ def train(
     With ``output_dir``, checkpoints go to ``output_dir/checkpoints`` every ``save_steps`` steps and
     ``train_log.csv`` is kept up to date; ``resume`` continues from the newest checkpoint there.
     """
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -184,7 +195,7 @@ def train(
         raise NeurontuneError("the model has no trainable parameters")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    accelerator = Accelerator(mixed_precision=mixed_precision(args.precision))
+    accelerator = _accelerator(mixed_precision(args.precision))
     optimizer = torch.optim.AdamW(named.values(), lr=args.lr, weight_decay=args.weight_decay)
     try:
         scheduler = get_scheduler(
