@@ -23,10 +23,10 @@ from neurontune.errors import NeurontuneError
 from neurontune.evaluation import evaluate, primary_metric
 from neurontune.io import atomic_dir, atomic_path, read_json, write_json, write_safetensors
 from neurontune.models import DEFAULT_MODEL, load_model, resolve_dtype
-from neurontune.scoring import score_model
+from neurontune.scoring import get_scorer, score_model
 from neurontune.selection import select
 from neurontune.spec import NeuronSpec
-from neurontune.targets import find_target_modules
+from neurontune.targets import find_target_modules, linear_shape
 from neurontune.tasks import StepBatches, Task, fixed_batches, general_text, load_task
 from neurontune.train import TrainArgs, list_checkpoints, train
 
@@ -116,6 +116,15 @@ def select_neurons(
         f"({seconds:.1f}s)\n  rows by module type: {s['rows_by_type']}\n  rows by layer: {s['rows_by_layer']}"
     )
     return spec, scores
+
+
+def check_selection(cfg: SelectConfig, model: torch.nn.Module) -> None:
+    """Fail on a bad scorer, scorer option, target or budget now, before minutes of evaluation or scoring."""
+    get_scorer(cfg.scorer, **cfg.scorer_kwargs())
+    names = find_target_modules(model, cfg.target_modules_value(), cfg.exclude_modules_value())
+    zeros = {n: torch.zeros(linear_shape(model.get_submodule(n))[0]) for n in names}
+    select(model, zeros, per_layer=cfg.per_layer, order=cfg.order, min_per_module=cfg.min_per_module,
+           **cfg.budget_kwargs())  # fmt: skip
 
 
 def save_selection(spec: NeuronSpec, scores: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -293,6 +302,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)  # data problems surface here, before anything is written
     task = task.head(cfg.train_examples, cfg.eval_examples)
+    if cfg.method in ("rows", "neft") and not (cfg.resume and (out / "neuron_spec.json").is_file()):
+        check_selection(cfg, model)
     forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
     if cfg.overwrite and not cfg.resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
