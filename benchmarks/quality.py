@@ -24,10 +24,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from neurontune.bench import finetune_run
 
 RESULTS = Path(__file__).parent / "results"
 # name -> finetune overrides; learning rates are the usual ones per family (not tuned here)
@@ -44,55 +44,14 @@ TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL"}
 
 
 def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict:
-    out = args.runs / task / f"{method}-s{seed}"
-    cmd = [
-        sys.executable, "-m", "neurontune.cli", "finetune",
+    overrides = [
         f"model={args.model}", f"task={task}", f"seed={seed}", f"steps={args.steps}",
         f"batch_size={args.batch_size}", f"train_examples={args.train_examples}",
         f"eval_examples={args.eval_examples}", f"forgetting_examples={args.forgetting_examples}",
-        "budget=lora:8", "lora_r=8", "eval_before=false", "save_steps=0", f"output_dir={out}", "overwrite=true",
-        *METHODS[method],
+        "budget=lora:8", "lora_r=8", "eval_before=false", "save_steps=0", *METHODS[method],
     ]  # fmt: skip
-    if args.reuse and (out / "metrics.json").is_file() and _same_run(out, cmd):
-        m = json.loads((out / "metrics.json").read_text())
-        m["wall_seconds"] = None
-    else:
-        m = _run(cmd, out)
+    m = finetune_run(overrides, args.runs / task / f"{method}-s{seed}", reuse=args.reuse)
     m["seed"], m["name"] = seed, method
-    m["command"] = "neurontune " + " ".join(cmd[3:])
-    return m
-
-
-def _same_run(out: Path, cmd: list[str]) -> bool:
-    """Whether ``out`` holds a finished run made with the same overrides (for --reuse)."""
-    saved = json.loads((out / "config.json").read_text())
-    for item in cmd[4:]:
-        key, _, value = item.partition("=")
-        if (
-            key not in ("output_dir", "overwrite")
-            and str(saved.get(key)).lower() != value.lower()
-            and not _num_eq(saved.get(key), value)
-        ):
-            return False
-    return True
-
-
-def _num_eq(a: object, b: str) -> bool:
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return False
-
-
-def _run(cmd: list[str], out: Path) -> dict:
-    t0 = time.perf_counter()
-    res = subprocess.run(
-        cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"}
-    )
-    if res.returncode != 0:
-        sys.exit(f"run failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
-    m = json.loads((out / "metrics.json").read_text())
-    m["wall_seconds"] = time.perf_counter() - t0
     return m
 
 

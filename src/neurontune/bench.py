@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 
 class PeakRSS:
@@ -50,3 +51,55 @@ def run_worker(cmd: list[str]) -> dict:
     if out.returncode != 0:
         sys.exit(f"worker failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def finetune_run(overrides: list[str], out: Path, reuse: bool = False) -> dict:
+    """``neurontune finetune <overrides> output_dir=<out>`` in a fresh subprocess; returns its metrics
+    (plus ``wall_seconds``, None when reused). With ``reuse``, a finished run in ``out`` made with the
+    same overrides is read instead of run again. Exits with the run's stderr if it fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "neurontune.cli",
+        "finetune",
+        *overrides,
+        f"output_dir={out}",
+        "overwrite=true",
+    ]
+    if reuse and (out / "metrics.json").is_file() and _same_run(out, overrides):
+        m = json.loads((out / "metrics.json").read_text())
+        m["wall_seconds"] = None
+    else:
+        t0 = time.perf_counter()
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        if res.returncode != 0:
+            sys.exit(f"run failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
+        m = json.loads((out / "metrics.json").read_text())
+        m["wall_seconds"] = time.perf_counter() - t0
+    m["command"] = "neurontune finetune " + " ".join([*overrides, f"output_dir={out}"])
+    return m
+
+
+def _same_run(out: Path, overrides: list[str]) -> bool:
+    """Whether ``out/config.json`` agrees with every ``key=value`` override."""
+    import json
+
+    saved = json.loads((out / "config.json").read_text())
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if str(saved.get(key)).lower() != value.lower() and not _num_eq(saved.get(key), value):
+            return False
+    return True
+
+
+def _num_eq(a: object, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False

@@ -125,7 +125,7 @@ class SelectConfig(DataConfig):
         return self._modules(self.exclude_modules)
 
 
-METHODS = ("rows", "neft", "lora", "full", "none")
+METHODS = ("rows", "neft", "lora", "full", "none", "gates")
 
 
 @dataclass
@@ -134,11 +134,24 @@ class FinetuneConfig(SelectConfig):
 
     method: str = _opt(
         "rows",
-        "rows (row-sparse, rows chosen by --scorer), neft (rows with scorer neft), lora (PEFT), full, none",
+        "rows (row-sparse, rows chosen by --scorer), neft (rows with scorer neft), lora (PEFT), full, none, "
+        "gates (stochastic gates that prune; writes output_dir/pruned)",
     )
     lora_r: int | None = _opt(None, "LoRA rank (default: R of a lora:R budget, else 8)")
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: 2 * lora_r)")
     lora_dropout: float = _opt(0.0, "LoRA dropout")
+    gate_sparsity: float = _opt(0.3, "gates: target fraction of MLP channels (and heads) to remove")
+    gate_lambda: float = _opt(50.0, "gates: weight of the sparsity penalty")
+    gate_lr: float | None = _opt(
+        None, "gates: learning rate of the gates (default: lr; low-rank terms use lr)"
+    )
+    gate_sigma: float = _opt(0.5, "gates: noise std in training and width of the open-probability surrogate")
+    gate_penalty: str = _opt("ranked", "gates: ranked (shut the lowest gates) or mean (FineGates' formula)")
+    gate_granularity: str = _opt(
+        "structured", "gates: structured (MLP channels/heads, real speed-up) or linear"
+    )
+    prune_heads: bool = _opt(False, "gates: also gate and remove attention heads")
+    gate_low_rank: int = _opt(0, "gates: rank of a trainable low-rank term inside the gates (0: none)")
     train_examples: int = _opt(2000, "training examples (the first ones of the task's train split)")
     eval_examples: int = _opt(200, "evaluation examples (the first ones of the task's test split)")
     forgetting_examples: int = _opt(32, "held-out news articles for perplexity (forgetting); 0 to skip")
@@ -188,6 +201,8 @@ class FinetuneConfig(SelectConfig):
             raise NeurontuneError(f"unknown method {self.method!r}; choose one of {METHODS}{hint}")
         if self.method == "neft":
             self.scorer = "neft"
+        if self.method == "gates":
+            self.gate_config()  # validates the gate options
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise NeurontuneError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         from transformers import SchedulerType
@@ -200,6 +215,15 @@ class FinetuneConfig(SelectConfig):
         for name in ("warmup_steps", "save_steps", "forgetting_examples"):
             if getattr(self, name) < 0:
                 raise NeurontuneError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def gate_config(self) -> Any:
+        from neurontune.gates import GateConfig
+
+        return GateConfig(
+            granularity=self.gate_granularity, target_sparsity=self.gate_sparsity, lam=self.gate_lambda,
+            sigma=self.gate_sigma, penalty=self.gate_penalty, prune_heads=self.prune_heads,
+            low_rank=self.gate_low_rank, target_modules=self.target_modules_value(), lr=self.gate_lr,
+        )  # fmt: skip
 
     def lora_rank(self) -> int:
         if self.lora_r is not None:

@@ -8,6 +8,7 @@ are comparable: ``rows`` (row-sparse, rows from any scorer; ``neft`` is rows wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import resource
 import shutil
 import sys
@@ -258,6 +259,10 @@ def _trainable_model(
         return get_rowtune_model(model, spec, rt), spec
     if cfg.method == "lora":
         return _lora(cfg, model), None
+    if cfg.method == "gates":
+        from neurontune.gates import GatedModel
+
+        return GatedModel(model, cfg.gate_config()), None
     if cfg.method == "full":
         model.requires_grad_(True)
         return model, None
@@ -265,9 +270,49 @@ def _trainable_model(
     return model, None
 
 
+def _prune(
+    cfg: FinetuneConfig, gated: torch.nn.Module, tok: Any, out: Path
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Gates: save the trained gates, make the export shape uniform, remove what is shut, write
+    ``output_dir/pruned`` (a plain transformers model) and report the parameters removed."""
+    from neurontune.gates import count_prunable, export_pruned, fold_linear_gates
+
+    gated.eval()
+    info: dict[str, Any] = {"achieved_sparsity": gated.sparsity()}
+    gates = {k: v.contiguous() for k, v in gated.state_dict_gates().items()}
+    write_safetensors(out / "gates.safetensors", gates, {"config": json.dumps(gated.config_dict())})
+    total_before = count_parameters(gated.base_model)[1] - sum(v.numel() for v in gates.values())
+    if cfg.gate_granularity == "structured":
+        prunable_before = count_prunable(gated.base_model)
+        achieved = info["achieved_sparsity"]["sparsity_mlp"]
+        if abs(achieved - cfg.gate_sparsity) > 0.05:
+            print(
+                f"warning: the gates shut {achieved:.1%} of the MLP channels, not {cfg.gate_sparsity:.0%}; "
+                f"the export removes the {cfg.gate_sparsity:.0%} with the lowest gates (train longer, or "
+                "raise lr or gate_lambda, to let the gates choose)"
+            )
+        info["shape"] = gated.finalize(cfg.gate_sparsity)
+        plain = export_pruned(gated, out / "pruned", tok)
+        info["prunable_params"] = [prunable_before, count_prunable(plain)]
+        info["removed_fraction_of_prunable"] = 1 - info["prunable_params"][1] / prunable_before
+    else:  # linear gates: folded, same shapes (shut rows/columns become zeros)
+        plain = fold_linear_gates(gated)
+        with atomic_dir(out / "pruned") as tmp:
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    info["total_params"] = [total_before, count_parameters(plain)[1]]
+    print(
+        f"pruned: {info['total_params'][0]:,} -> {info['total_params'][1]:,} parameters "
+        f"({1 - info['total_params'][1] / info['total_params'][0]:.1%} removed); wrote {out / 'pruned'}/"
+    )
+    return plain, info
+
+
 def _save_outputs(cfg: FinetuneConfig, model: torch.nn.Module, tok: Any, out: Path) -> Path | None:
     if cfg.method == "none":
         return None
+    if cfg.method == "gates":
+        return out / "pruned"
     if cfg.method == "full":
         with atomic_dir(out / "model") as tmp:
             model.save_pretrained(tmp)
@@ -330,6 +375,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         log = train(model, data, args, out, resume=cfg.resume)
     peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
     after = run_eval(model) if cfg.method != "none" else before
+    gates = None
+    if cfg.method == "gates":
+        gates = {"gated": after}  # the gated model in eval mode, before the export's uniform widths
+        model, info = _prune(cfg, model, tok, out)
+        gates.update(info)
+        after = run_eval(model)
     saved = _save_outputs(cfg, model, tok, out)
     metric = primary_metric(task)
     train_seconds = sum(r["seconds"] for r in log)
@@ -345,6 +396,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "trainable_params": trainable,
         "total_params": total,
         "rows": spec.num_rows() if spec is not None else None,
+        "gates": gates,
         "lora_r": cfg.lora_rank() if cfg.method == "lora" else None,
         "steps": len(log),
         "first_loss": log[0]["loss"] if log else None,
@@ -379,6 +431,13 @@ def write_report(path: Path, cfg: FinetuneConfig, m: dict[str, Any]) -> None:
         ("peak memory", f"{m['peak_memory_mib']:.0f} MiB ({m['peak_memory_kind']})"),
         ("saved", f"{m['saved']} ({m['saved_bytes']:,} bytes)" if m["saved"] else "-"),
     ]
+    if g := m.get("gates"):
+        before, after = g["total_params"]
+        rows += [
+            ("parameters after pruning", f"{before:,} -> {after:,} ({1 - after / before:.1%} removed)"),
+            ("gate sparsity at the end of training", ", ".join(f"{k} {v:.3f}" for k, v in g["achieved_sparsity"].items())),
+            (f"{m['primary_metric']} of the gated model", f"{g['gated'][m['primary_metric']]:.4g} (after: the pruned export)"),
+        ]  # fmt: skip
     lines = [f"# neurontune run: {cfg.output_dir}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     keys = [k for k in m["after"] if isinstance(m["after"][k], int | float)]

@@ -191,12 +191,19 @@ def train(
     from transformers import get_scheduler
 
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # models with a sparsity penalty (GatedModel) add it once per step and report their sparsity
+    regularization = getattr(model, "regularization", None)
+    sparsity = getattr(model, "sparsity", None)
     if not named:
         raise NeurontuneError("the model has no trainable parameters")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     accelerator = _accelerator(mixed_precision(args.precision))
-    optimizer = torch.optim.AdamW(named.values(), lr=args.lr, weight_decay=args.weight_decay)
+    # a model may ask for its own parameter groups (GatedModel: gates at their own lr, no weight decay)
+    groups = (
+        model.param_groups(args.lr) if hasattr(model, "param_groups") else [{"params": list(named.values())}]
+    )
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     try:
         scheduler = get_scheduler(
             args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps
@@ -216,14 +223,18 @@ def train(
         t0 = time.perf_counter()
         micro = [data[step * args.grad_accum + j] for j in range(args.grad_accum)]
         n_tokens = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro))
-        total = 0.0
+        total, reg = 0.0, 0.0
         for j, b in enumerate(micro):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
-            sync = accelerator.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext()
-            with sync:
+            last = j == len(micro) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 loss = token_loss(model, b, n_tokens)
+                total += loss.item()
+                if last and regularization is not None:
+                    penalty = regularization()
+                    reg = penalty.item()
+                    loss = loss + penalty
                 accelerator.backward(loss)
-            total += loss.item()
         grad_norm = (
             accelerator.clip_grad_norm_(list(named.values()), args.max_grad_norm).item()
             if args.max_grad_norm > 0
@@ -234,6 +245,10 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
+        if regularization is not None:
+            row["penalty"] = reg
+        if sparsity is not None:
+            row.update(sparsity())
         log.append({**row, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1

@@ -1,0 +1,439 @@
+"""Stochastic gates that adapt and prune at once (FineGates), with a physical pruning export.
+
+Gaussian stochastic gates (Yamada et al. 2020): ``g = clamp(z + eps, 0, 1)``, ``z = tanh(a) + 0.5``,
+``eps ~ N(0, sigma^2)`` in training and no noise at eval; ``P(g > 0) = Phi(z / sigma)`` is a
+differentiable L0 surrogate. Gates start exactly open (``z = 1``), so training starts from the base model.
+
+Two sparsity-target penalties (``GateConfig.penalty``), averaged over gate groups (one group per layer
+and kind):
+
+- ``"ranked"`` (default): ``lambda * sum(P(g > 0) over the round(target * n) gates of lowest z) / n``.
+  It pushes the gates the task values least shut and leaves the rest to the task loss, so the
+  achieved (eval) sparsity converges to the target.
+- ``"mean"`` (FineGates' formula): ``lambda * |mean(P(g > 0)) - (1 - target)|``. It constrains the
+  *expected* number of open gates only; on our tiny-model tests every gate then drifts to ``z = 0``
+  together (``P = 0.5`` each, the constraint met, nothing shut at eval), which is why it is not the
+  default. Use it to reproduce the paper.
+
+Granularities (``GateConfig.granularity``):
+
+- ``"structured"`` (what a real speed-up needs, Llama-family models): one gate per MLP intermediate
+  channel (gate/up rows and down columns together; the gate scales the input of ``down_proj``) and,
+  with ``prune_heads``, one per attention head (q rows + o columns; grouped KV heads are respected
+  by keeping the same number of query heads in every KV group). :func:`export_pruned` removes the
+  closed channels/heads, folds the open gate values into ``down_proj`` / ``o_proj`` and writes a
+  model that plain ``transformers`` loads: every layer keeps the same number of channels and heads
+  (the per-layer penalty makes the layers agree; :meth:`GatedModel.finalize` picks exactly that many
+  per layer), so the standard config with a smaller ``intermediate_size`` / ``num_attention_heads``
+  and an explicit ``head_dim`` describes it.
+- ``"linear"`` (the paper's): a row and a column gate on every target linear,
+  ``W' = diag(g_r) (W0 + s B A) diag(g_c)``. Export folds the gates into the weights (dense zeros: no
+  speed-up, as row gates on q/k/v do not respect head structure).
+
+``low_rank=r`` adds a trainable ``s·B A`` term (``B``: out×r zero-initialised, ``A``: r×in) inside the
+gates of every target linear; export folds it into the weights. The base weights stay frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neurontune.errors import NeurontuneError
+from neurontune.targets import find_target_modules
+
+GATES_FORMAT = "neurontune.gates/1"
+
+
+@dataclass
+class GateConfig:
+    granularity: str = "structured"  # structured | linear
+    target_sparsity: float = 0.3
+    lam: float = 50.0  # penalty weight (lambda)
+    sigma: float = 0.5  # training noise and surrogate width (0.1 leaves P(g > 0) flat at z = 1: no gradient)
+    init: float = 1.0  # initial gate value z; 1.0 = exactly open
+    penalty: str = "ranked"  # ranked | mean
+    lr: float | None = None  # learning rate of the gates (default: the run's); low-rank terms use the run's
+    prune_heads: bool = False
+    low_rank: int = 0
+    low_rank_alpha: float | None = None  # scale s = alpha / r (default alpha = 2r, as LoRA)
+    target_modules: str | list[str] = "all-linear"  # for low_rank and the linear granularity
+
+    def __post_init__(self) -> None:
+        if self.granularity not in ("structured", "linear"):
+            raise NeurontuneError(
+                f"gate granularity must be 'structured' or 'linear', got {self.granularity!r}"
+            )
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise NeurontuneError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        if self.penalty not in ("ranked", "mean"):
+            raise NeurontuneError(f"gate penalty must be 'ranked' or 'mean', got {self.penalty!r}")
+        if not 0.0 < self.init < 1.5:
+            raise NeurontuneError(f"gate init must be in (0, 1.5), got {self.init}")
+        if self.lr is not None and self.lr <= 0:
+            raise NeurontuneError(f"gate lr must be positive, got {self.lr}")
+        if self.sigma <= 0 or self.lam < 0 or self.low_rank < 0:
+            raise NeurontuneError("gate sigma must be > 0, lambda >= 0 and low_rank >= 0")
+
+
+class GaussianGate(nn.Module):
+    """``n`` Gaussian stochastic gates; after :meth:`fix` some are forced shut (``keep`` mask)."""
+
+    def __init__(self, n: int, sigma: float = 0.5, init: float = 1.0) -> None:
+        super().__init__()
+        a = math.atanh(init - 0.5)
+        if init >= 1.0:
+            a += 1e-3  # so that tanh(a) + 0.5 is >= 1 in float32 and eval gates are exactly 1
+        self.a = nn.Parameter(torch.full((n,), a))
+        self.sigma = sigma
+        self.register_buffer("keep", torch.ones(n, dtype=torch.bool))
+
+    def mu(self) -> torch.Tensor:
+        return torch.tanh(self.a)
+
+    def forward(self) -> torch.Tensor:
+        z = self.mu() + 0.5
+        if self.training:
+            z = z + self.sigma * torch.randn_like(z)
+        return z.clamp(0.0, 1.0) * self.keep
+
+    def open_prob(self) -> torch.Tensor:
+        return 0.5 * (1 + torch.erf((self.mu() + 0.5) / (self.sigma * math.sqrt(2))))
+
+    def eval_values(self) -> torch.Tensor:
+        """The deterministic gate values (what eval mode multiplies by)."""
+        return ((self.mu() + 0.5).clamp(0.0, 1.0) * self.keep).detach()
+
+
+class LowRank(nn.Module):
+    """``W0 x + s B A x`` around a frozen linear (``B`` starts at zero, so the output is unchanged)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float | None) -> None:
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.empty(r, base.in_features))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scale = (alpha if alpha is not None else 2 * r) / r
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.B @ self.A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * ((x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype))
+
+
+class InputGated(nn.Module):
+    """Scales the input features of ``inner`` by a gate, expanded ``block`` times (head_dim for heads)."""
+
+    def __init__(self, inner: nn.Module, gate: GaussianGate, block: int = 1) -> None:
+        super().__init__()
+        self.inner, self.gate, self.block = inner, gate, block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate()
+        if self.block > 1:
+            g = g.repeat_interleave(self.block)
+        return self.inner(x * g.to(x.dtype))
+
+
+class RowColGated(nn.Module):
+    """The paper's gates on one linear: ``y = g_r * inner(g_c * x)``."""
+
+    def __init__(self, inner: nn.Module, rows: GaussianGate, cols: GaussianGate) -> None:
+        super().__init__()
+        self.inner, self.rows, self.cols = inner, rows, cols
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * self.cols().to(x.dtype)) * self.rows().to(x.dtype)
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    """The frozen nn.Linear inside a (possibly low-rank-wrapped) module."""
+    return module.base if isinstance(module, LowRank) else module
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(layer, "mlp") and hasattr(layer, "self_attn") for layer in layers):
+        raise NeurontuneError(
+            f"structured gates need a Llama-style decoder (model.layers[i].mlp / .self_attn); "
+            f"got {type(model).__name__}. Use granularity='linear' for other architectures."
+        )
+    for layer in layers:
+        if not all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            raise NeurontuneError(
+                f"structured gates need gate/up/down projections; {type(layer.mlp).__name__} has none"
+            )
+    return list(layers)
+
+
+class GatedModel(nn.Module):
+    """A frozen model with stochastic gates (and optional low-rank terms) as its only trainable state."""
+
+    def __init__(self, model: nn.Module, config: GateConfig | None = None) -> None:
+        super().__init__()
+        self.base_model, self.gate_config = model, config or GateConfig()
+        cfg = self.gate_config
+        model.requires_grad_(False)
+        self.groups: dict[str, GaussianGate] = {}
+        if cfg.low_rank:
+            for name in find_target_modules(model, cfg.target_modules):
+                self._replace(name, LowRank(model.get_submodule(name), cfg.low_rank, cfg.low_rank_alpha))
+        if cfg.granularity == "structured":
+            mc = model.config
+            self.head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+            for i, layer in enumerate(_layers(model)):
+                down = layer.mlp.down_proj
+                gate = self._gate(f"layer{i}.mlp", _linear(down).in_features)
+                layer.mlp.down_proj = InputGated(down, gate)
+                if cfg.prune_heads:
+                    o = layer.self_attn.o_proj
+                    gate = self._gate(f"layer{i}.heads", _linear(o).in_features // self.head_dim)
+                    layer.self_attn.o_proj = InputGated(o, gate, self.head_dim)
+        else:
+            for name in find_target_modules(model, cfg.target_modules):
+                inner = model.get_submodule(name)
+                lin = _linear(inner)
+                rows = self._gate(f"{name}.rows", lin.out_features)
+                cols = self._gate(f"{name}.cols", lin.in_features)
+                self._replace(name, RowColGated(inner, rows, cols))
+        self.gates = nn.ModuleDict({k.replace(".", "/"): g for k, g in self.groups.items()})
+
+    def _gate(self, key: str, n: int) -> GaussianGate:
+        g = GaussianGate(n, self.gate_config.sigma, self.gate_config.init)
+        self.groups[key] = g
+        return g
+
+    def _replace(self, name: str, new: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, new)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return (
+            sum(p.numel() for p in self.parameters() if p.requires_grad),
+            sum(p.numel() for p in self.parameters()),
+        )
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Gates at ``gate_config.lr`` without weight decay (decay would pull every gate to z = 0.5);
+        the low-rank terms at ``lr`` with the run's weight decay."""
+        gates = [g.a for g in self.groups.values()]
+        ids = {id(p) for p in gates}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": gates, "lr": self.gate_config.lr or lr, "weight_decay": 0.0}]
+        return groups + ([{"params": rest}] if rest else [])
+
+    # ---- sparsity ------------------------------------------------------------------------------
+    def regularization(self) -> torch.Tensor:
+        """The sparsity-target penalty (see the module docstring), averaged over gate groups."""
+        cfg = self.gate_config
+        terms = []
+        for g in self.groups.values():
+            p = g.open_prob()
+            if cfg.penalty == "mean":
+                terms.append((p.mean() - (1.0 - cfg.target_sparsity)).abs())
+            else:
+                lowest = g.mu().detach().argsort()[: round(cfg.target_sparsity * p.numel())]
+                terms.append(p[lowest].sum() / p.numel())
+        return cfg.lam * torch.stack(terms).mean()
+
+    def sparsity(self) -> dict[str, float]:
+        """Fraction of gates closed at eval (deterministic), overall and per kind."""
+        closed = {k: int((g.eval_values() == 0).sum()) for k, g in self.groups.items()}
+        total = {k: g.a.numel() for k, g in self.groups.items()}
+        out = {"gate_sparsity": sum(closed.values()) / max(1, sum(total.values()))}
+        for kind in ("mlp", "heads", "rows", "cols"):
+            keys = [k for k in closed if k.endswith(kind)]
+            if keys:
+                out[f"sparsity_{kind}"] = sum(closed[k] for k in keys) / sum(total[k] for k in keys)
+        return out
+
+    def iter_structured(self) -> Iterator[tuple[int, nn.Module, GaussianGate, GaussianGate | None]]:
+        for i, layer in enumerate(_layers(self.base_model)):
+            heads = layer.self_attn.o_proj.gate if isinstance(layer.self_attn.o_proj, InputGated) else None
+            yield i, layer, layer.mlp.down_proj.gate, heads
+
+    @torch.no_grad()
+    def finalize(self, target_sparsity: float | None = None) -> dict[str, int]:
+        """Make every layer keep the same number of channels (and heads per KV group) so the export
+        is a standard config: the ``k`` largest gate values per layer stay, the rest are shut.
+
+        ``k`` is ``round((1 - s) * n)`` with ``s`` the achieved eval sparsity averaged over layers
+        (or ``target_sparsity`` if given). After this, eval outputs equal the pruned export's.
+        """
+        if self.gate_config.granularity != "structured":
+            raise NeurontuneError("finalize/export_pruned need granularity='structured'")
+        mc = self.base_model.config
+        kv = mc.num_key_value_heads
+        layers = list(self.iter_structured())
+
+        def shut(gates: list[GaussianGate]) -> float:  # achieved eval sparsity, averaged over layers
+            return sum((g.eval_values() == 0).float().mean().item() for g in gates) / len(gates)
+
+        mlps = [mlp for _, _, mlp, _ in layers]
+        s = target_sparsity if target_sparsity is not None else shut(mlps)
+        mlp_keep = max(1, round((1 - s) * mlps[0].a.numel()))
+        head_keep = None
+        heads = [h for _, _, _, h in layers if h is not None]
+        if heads:
+            per_group = heads[0].a.numel() // kv
+            s = target_sparsity if target_sparsity is not None else shut(heads)
+            want = max(1, round((1 - s) * per_group))
+            # LlamaConfig insists on hidden_size % num_attention_heads == 0: take the nearest count that fits
+            fits = [h for h in range(1, per_group + 1) if mc.hidden_size % (h * kv) == 0]
+            head_keep = min(fits, key=lambda h: (abs(h - want), -h))
+        for _, _, mlp, heads in self.iter_structured():
+            _keep_top(mlp, mlp_keep, groups=1)
+            if heads is not None:
+                _keep_top(heads, head_keep * kv, groups=kv)
+        return {
+            "intermediate_size": mlp_keep,
+            "heads_per_kv_group": head_keep or mc.num_attention_heads // kv,
+        }
+
+    def state_dict_gates(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"format": GATES_FORMAT, **asdict(self.gate_config)}
+
+
+def _keep_top(gate: GaussianGate, k: int, groups: int) -> None:
+    """Keep the ``k`` gates of largest ``z`` (unclamped, so fully open or shut gates still rank),
+    ``k / groups`` within each of ``groups`` equal blocks."""
+    v = gate.mu().view(groups, -1)
+    per = k // groups
+    idx = v.topk(per, dim=1).indices
+    keep = torch.zeros_like(v, dtype=torch.bool).scatter_(1, idx, True)
+    gate.keep.copy_(keep.flatten())
+
+
+def _sliced(
+    lin: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None, col_scale: torch.Tensor | None
+) -> nn.Linear:
+    w = lin.weight.detach()
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    if col_scale is not None:
+        w = w * col_scale.to(w.dtype)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if lin.bias is not None:
+        new.bias.data.copy_(lin.bias.detach()[rows] if rows is not None else lin.bias.detach())
+    return new
+
+
+def _fold_low_rank(module: nn.Module) -> nn.Linear:
+    if not isinstance(module, LowRank):
+        return module
+    lin = module.base
+    merged = nn.Linear(
+        lin.in_features,
+        lin.out_features,
+        bias=lin.bias is not None,
+        device=lin.weight.device,
+        dtype=lin.weight.dtype,
+    )
+    merged.weight.data.copy_(lin.weight.detach() + module.delta_weight().detach().to(lin.weight.dtype))
+    if lin.bias is not None:
+        merged.bias.data.copy_(lin.bias.detach())
+    return merged
+
+
+@torch.no_grad()
+def export_pruned(
+    gated: GatedModel, output_dir: str | Path | None = None, tokenizer: Any = None
+) -> nn.Module:
+    """Remove shut channels/heads, fold gate values and low-rank terms into the weights, and return
+    (and with ``output_dir``, save) a plain transformers model. Call :meth:`GatedModel.finalize` first.
+    """
+    from neurontune.io import atomic_dir
+
+    model = gated.base_model
+    mc = model.config
+    kv = mc.num_key_value_heads
+    head_dim = gated.head_dim
+    widths, heads_kept = set(), set()
+    for _, layer, mlp_gate, head_gate in gated.iter_structured():
+        mlp = layer.mlp
+        g = mlp_gate.eval_values()
+        keep = mlp_gate.keep.nonzero().flatten()  # finalize's choice (a kept gate may be 0: scaled away)
+        widths.add(keep.numel())
+        mlp.gate_proj = _sliced(_fold_low_rank(mlp.gate_proj), keep, None, None)
+        mlp.up_proj = _sliced(_fold_low_rank(mlp.up_proj), keep, None, None)
+        mlp.down_proj = _sliced(_fold_low_rank(mlp.down_proj.inner), None, keep, g[keep])
+        attn = layer.self_attn
+        for p in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, p, _fold_low_rank(getattr(attn, p)))
+        if head_gate is not None:
+            hg = head_gate.eval_values()
+            kept_heads = head_gate.keep.nonzero().flatten()
+            heads_kept.add(kept_heads.numel())
+            cols = (kept_heads[:, None] * head_dim + torch.arange(head_dim, device=hg.device)).flatten()
+            attn.q_proj = _sliced(attn.q_proj, cols, None, None)
+            attn.o_proj = _sliced(
+                _fold_low_rank(attn.o_proj.inner), None, cols, hg[kept_heads].repeat_interleave(head_dim)
+            )
+            attn.num_key_value_groups = kept_heads.numel() // kv
+        else:
+            attn.o_proj = _fold_low_rank(attn.o_proj)
+    if len(widths) != 1 or len(heads_kept) > 1:
+        raise NeurontuneError(
+            f"layers differ in kept channels {sorted(widths)} / heads {sorted(heads_kept)}; call finalize() first"
+        )
+    mc.intermediate_size = widths.pop()
+    mc.head_dim = head_dim
+    if heads_kept:
+        mc.num_attention_heads = heads_kept.pop()
+    if output_dir is not None:
+        with atomic_dir(output_dir) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    return model
+
+
+@torch.no_grad()
+def fold_linear_gates(gated: GatedModel) -> nn.Module:
+    """Linear granularity: ``W' = diag(g_r) (W0 + s B A) diag(g_c)``, ``b' = g_r * b`` folded into plain
+    linears (same shapes, closed rows/columns become zeros). Returns the plain model."""
+    model = gated.base_model
+    for name, m in list(model.named_modules()):
+        if isinstance(m, RowColGated):
+            lin = _fold_low_rank(m.inner)
+            r, c = m.rows.eval_values().to(lin.weight.dtype), m.cols.eval_values().to(lin.weight.dtype)
+            lin.weight.data.copy_(lin.weight.detach() * r[:, None] * c[None, :])
+            if lin.bias is not None:
+                lin.bias.data.copy_(lin.bias.detach() * r)
+            gated._replace(name, lin)
+    return model
+
+
+def count_prunable(model: nn.Module) -> int:
+    """Parameters of the attention and MLP linears (what structured pruning can remove)."""
+    total = 0
+    for layer in _layers(model):
+        for m in (*layer.mlp.children(), *layer.self_attn.children()):
+            if isinstance(m, nn.Linear):
+                total += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+    return total

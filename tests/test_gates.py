@@ -1,0 +1,164 @@
+"""Stochastic gates: all-open is the base model, the pruned export equals the gated model, it loads
+without neurontune, and the penalty moves sparsity toward its target."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neurontune.gates import GateConfig, GatedModel, count_prunable, export_pruned, fold_linear_gates
+from neurontune.models import tiny_model
+from neurontune.tasks import Example, StepBatches
+from neurontune.train import TrainArgs, train
+
+IDS = torch.randint(0, 250, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def randomize(gated, seed=1):
+    """Gates spread over closed / partly open / open, low-rank terms non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gated.groups.values():
+            gate.a.copy_(torch.randn(gate.a.shape, generator=g))
+        for name, p in gated.named_parameters():
+            if name.endswith(".B"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [GateConfig(), GateConfig(prune_heads=True, low_rank=2), GateConfig(granularity="linear", low_rank=3)],
+    ids=["mlp", "mlp+heads+lowrank", "linear+lowrank"],
+)
+def test_all_open_gates_reproduce_the_base_model(cfg):
+    base = logits(tiny_model("tiny-llama"))
+    gated = GatedModel(tiny_model("tiny-llama"), cfg).eval()
+    assert torch.equal(logits(gated), base)
+    trainable = {n.rsplit(".", 1)[-1] for n, p in gated.named_parameters() if p.requires_grad}
+    assert trainable == ({"a", "A", "B"} if cfg.low_rank else {"a"})
+
+
+def test_pruned_export_equals_the_gated_model_and_is_smaller(tmp_path):
+    gated = GatedModel(tiny_model("tiny-llama"), GateConfig(prune_heads=True, low_rank=2)).eval()
+    randomize(gated)
+    shape = gated.finalize()
+    expected = logits(gated)
+    before = count_prunable(tiny_model("tiny-llama"))
+    pruned = export_pruned(gated, tmp_path / "pruned")
+    torch.testing.assert_close(logits(pruned), expected, rtol=0, atol=1e-5)  # tolerance: fp32 re-association
+    cfg = pruned.config
+    assert cfg.intermediate_size == shape["intermediate_size"] < 64
+    assert cfg.num_attention_heads == 2 * shape["heads_per_kv_group"] and cfg.head_dim == 8
+    hidden, layers, heads = 32, 2, cfg.num_attention_heads
+    mlp = 3 * hidden * cfg.intermediate_size
+    attn = 2 * hidden * heads * 8 + 2 * hidden * 16  # q, o + k, v (KV heads are kept)
+    assert count_prunable(pruned) == layers * (mlp + attn) < before
+
+
+def test_exported_model_loads_in_a_fresh_interpreter_without_neurontune(tmp_path):
+    gated = GatedModel(tiny_model("tiny-llama"), GateConfig(prune_heads=True)).eval()
+    randomize(gated, seed=3)
+    gated.finalize()
+    expected = logits(gated)
+    export_pruned(gated, tmp_path / "pruned")
+    code = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        "ids = torch.tensor(json.loads(sys.argv[2]))\n"
+        "with torch.no_grad(): out = m(input_ids=ids).logits\n"
+        "assert not any(k.startswith('neurontune') for k in sys.modules)\n"
+        "print(json.dumps(out.tolist()))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "pruned"), json.dumps(IDS.tolist())],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    got = torch.tensor(json.loads(res.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_finalize_keeps_the_same_heads_in_every_kv_group():
+    gated = GatedModel(tiny_model("tiny-llama"), GateConfig(prune_heads=True)).eval()
+    with torch.no_grad():
+        for _, _, _, heads in gated.iter_structured():
+            heads.a.copy_(torch.tensor([2.0, 1.5, -2.0, -1.0]))  # group 0 open, group 1 shut
+    assert gated.finalize()["heads_per_kv_group"] == 1  # 50 % shut -> 1 of 2 per group
+    for _, _, _, heads in gated.iter_structured():
+        assert heads.keep.tolist() == [True, False, False, True]  # the best head of each group
+
+
+def test_linear_gates_fold_into_plain_linears():
+    gated = GatedModel(tiny_model("tiny-llama"), GateConfig(granularity="linear", low_rank=2)).eval()
+    randomize(gated, seed=5)
+    expected = logits(gated)
+    plain = fold_linear_gates(gated)
+    assert all(type(m).__name__ != "RowColGated" for m in plain.modules())
+    torch.testing.assert_close(logits(plain), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [0.0, 50.0])
+def test_penalty_moves_sparsity_toward_the_target(tokenizer, lam):
+    gated = GatedModel(tiny_model("tiny-llama"), GateConfig(target_sparsity=0.3, lam=lam))
+    data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
+    log = train(gated, data, TrainArgs(steps=100, lr=0.01, max_grad_norm=0), progress=False)
+    gated.eval()
+    achieved = gated.sparsity()["gate_sparsity"]
+    assert log[0]["gate_sparsity"] == 0.0 and "penalty" in log[0]
+    if lam:
+        assert 0.25 <= achieved <= 0.35, achieved
+        assert log[-1]["penalty"] < 0.5 * log[0]["penalty"]
+    else:
+        assert achieved < 0.05, achieved  # without the penalty the task loss alone shuts (almost) nothing
+
+
+def test_finetune_gates_writes_a_smaller_model_that_transformers_loads(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from neurontune.cli import main
+
+    out = tmp_path / "run"
+    rc = main([
+        "finetune", "model=tiny-llama", "task=rotten_tomatoes", "method=gates", "prune_heads=true",
+        "gate_sparsity=0.5", "steps=30", "lr=0.05", "train_examples=32", "eval_examples=8",
+        "forgetting_examples=0", "eval_before=false", f"output_dir={out}",
+    ])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    g = m["gates"]
+    assert g["achieved_sparsity"]["sparsity_mlp"] > 0.3 and g["shape"]["intermediate_size"] < 64
+    before, after = g["total_params"]
+    assert after < before and f"pruned: {before:,} -> {after:,} parameters" in printed
+    assert m["saved"] == str(out / "pruned") and (out / "gates.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out / "pruned")
+    assert sum(p.numel() for p in model.parameters()) == after
+    assert model.config.intermediate_size == g["shape"]["intermediate_size"]
+    assert "parameters after pruning" in (out / "report.md").read_text()
+
+
+def test_gates_and_low_rank_train_in_two_groups_and_resume_exactly(tmp_path, tokenizer):
+    def run(out, steps, resume=False):
+        torch.manual_seed(0)
+        gated = GatedModel(tiny_model("tiny-llama"), GateConfig(low_rank=2, lr=0.05, target_sparsity=0.3))
+        data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
+        args = TrainArgs(steps=steps, lr=1e-3, weight_decay=0.1, save_steps=3)
+        train(gated, data, args, out, resume=resume, progress=False)
+        return gated
+
+    full = run(tmp_path / "full", 6)
+    groups = full.param_groups(1e-3)
+    assert [g.get("lr") for g in groups] == [0.05, None] and groups[0]["weight_decay"] == 0.0
+    run(tmp_path / "cut", 3)  # stops after the step-3 checkpoint, as a killed run would
+    resumed = run(tmp_path / "cut", 6, resume=True)
+    a, b = full.state_dict_gates(), resumed.state_dict_gates()
+    assert a.keys() == b.keys() and any(k.endswith(".B") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
