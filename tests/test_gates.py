@@ -51,6 +51,7 @@ def test_pruned_export_equals_the_gated_model_and_is_smaller(tmp_path):
     shape = gated.finalize()
     expected = logits(gated)
     before = count_prunable(tiny_model("tiny-llama"))
+    assert count_prunable(gated) == before  # the frozen linears inside the gate and low-rank wrappers
     pruned = export_pruned(gated, tmp_path / "pruned")
     torch.testing.assert_close(logits(pruned), expected, rtol=0, atol=1e-5)  # tolerance: fp32 re-association
     cfg = pruned.config

@@ -145,7 +145,8 @@ class FinetuneConfig(SelectConfig):
     gate_lr: float | None = _opt(
         None, "gates: learning rate of the gates (default: lr; low-rank terms use lr)"
     )
-    gate_sigma: float = _opt(0.5, "gates: noise std in training and width of the open-probability surrogate")
+    gate_sigma: float = _opt(0.1, "gates: noise std in training")
+    gate_tau: float = _opt(0.5, "gates: width of the open-probability surrogate in the ranked penalty")
     gate_penalty: str = _opt("ranked", "gates: ranked (shut the lowest gates) or mean (FineGates' formula)")
     gate_granularity: str = _opt(
         "structured", "gates: structured (MLP channels/heads, real speed-up) or linear"
@@ -221,7 +222,7 @@ class FinetuneConfig(SelectConfig):
 
         return GateConfig(
             granularity=self.gate_granularity, target_sparsity=self.gate_sparsity, lam=self.gate_lambda,
-            sigma=self.gate_sigma, penalty=self.gate_penalty, prune_heads=self.prune_heads,
+            sigma=self.gate_sigma, tau=self.gate_tau, penalty=self.gate_penalty, prune_heads=self.prune_heads,
             low_rank=self.gate_low_rank, target_modules=self.target_modules_value(), lr=self.gate_lr,
         )  # fmt: skip
 
