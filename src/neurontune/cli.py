@@ -7,6 +7,7 @@ import sys
 
 from neurontune import __version__
 from neurontune.config import (
+    AnalyzeConfig,
     EvalConfig,
     FinetuneConfig,
     MergeConfig,
@@ -16,7 +17,13 @@ from neurontune.config import (
 )
 from neurontune.errors import NeurontuneError
 
-COMMANDS = {"select": SelectConfig, "finetune": FinetuneConfig, "eval": EvalConfig, "merge": MergeConfig}
+COMMANDS = {
+    "select": SelectConfig,
+    "finetune": FinetuneConfig,
+    "eval": EvalConfig,
+    "merge": MergeConfig,
+    "analyze": AnalyzeConfig,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     ns.overrides = [*ns.overrides, *extra]
     try:
-        from neurontune import pipeline
+        from neurontune import analysis, pipeline
 
         cfg = config_from_args(COMMANDS[ns.command], ns, ns.overrides, ns.config_file)
         job = {
@@ -50,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             "finetune": pipeline.finetune,
             "eval": pipeline.run_eval,
             "merge": pipeline.run_merge,
+            "analyze": analysis.analyze,
         }[ns.command]
         job(cfg)
     except NeurontuneError as e:

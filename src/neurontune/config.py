@@ -137,6 +137,10 @@ class FinetuneConfig(SelectConfig):
         "rows (row-sparse, rows chosen by --scorer), neft (rows with scorer neft), lora (PEFT), full, none, "
         "gates (stochastic gates that prune; writes output_dir/pruned)",
     )
+    spec: str | None = _opt(
+        None,
+        "rows/neft: train the rows of this NeuronSpec (spec file, adapter or run dir) instead of scoring",
+    )
     lora_r: int | None = _opt(None, "LoRA rank (default: R of a lora:R budget, else 8)")
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: 2 * lora_r)")
     lora_dropout: float = _opt(0.0, "LoRA dropout")
@@ -247,6 +251,46 @@ class EvalConfig(DataConfig):
     output: str | None = _opt(None, "write the metrics to this JSON file")
 
     _positive = (*DataConfig._positive, "eval_examples", "eval_batch_size")
+
+
+@dataclass
+class AnalyzeConfig:
+    """`neurontune analyze`: an HTML report of where selected neurons sit, how they overlap and move."""
+
+    specs: str = _opt("", "comma-separated NeuronSpecs: spec files, neurontune adapters or run directories")
+    labels: str | None = _opt(None, "comma-separated labels for --specs (default: their file/dir names)")
+    runs: str | None = _opt(None, "comma-separated run directories: loss curves, results table, row dynamics")
+    full_ft: str | None = _opt(
+        None, "a fully fine-tuned model: were its most-changed rows the selected ones?"
+    )
+    model: str | None = _opt(None, "base model for dynamics and --full-ft (default: the first spec's base)")
+    output: str = _opt("runs/analysis", "directory for report.html and the PNG figures")
+
+    def __post_init__(self) -> None:
+        if not self.specs and not self.runs:
+            raise NeurontuneError("analyze needs --specs and/or --runs")
+        if self.labels is not None and len(self.labels.split(",")) != len(self.spec_paths()):
+            raise NeurontuneError(
+                f"--labels has {len(self.labels.split(','))} names for {len(self.spec_paths())} specs"
+            )
+
+    def spec_paths(self) -> list[str]:
+        return [p.strip() for p in self.specs.split(",") if p.strip()]
+
+    def run_paths(self) -> list[str]:
+        return [p.strip() for p in (self.runs or "").split(",") if p.strip()]
+
+    def spec_labels(self) -> list[str]:
+        if self.labels is not None:
+            return [x.strip() for x in self.labels.split(",")]
+        return [_label(p) for p in self.spec_paths()]
+
+
+def _label(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    return p.parent.name if p.name in ("neuron_spec.json", "adapter") else p.stem if p.is_file() else p.name
 
 
 @dataclass

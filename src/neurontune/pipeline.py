@@ -251,6 +251,13 @@ def _trainable_model(
         if cfg.resume and spec_path.is_file():
             spec = NeuronSpec.load(spec_path)
             print(f"using the selection of the run being resumed ({spec.num_rows():,} rows)")
+        elif cfg.spec:
+            from neurontune.analysis import load_spec
+
+            spec = load_spec(cfg.spec).validate(model)
+            spec.provenance["transferred_from"] = cfg.spec
+            spec.save(spec_path)
+            print(f"training the {spec.num_rows():,} rows of {cfg.spec}")
         else:
             spec, scores = select_neurons(cfg, model, tok, task)
             spec.provenance["config"] = dataclasses.asdict(cfg)
@@ -340,14 +347,18 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """The main job. Writes to ``cfg.output_dir``: ``config.json``, ``neuron_spec.json`` (rows),
     ``checkpoints/``, ``train_log.csv``, ``adapter/`` (rows, lora) or ``model/`` (full), optionally
-    ``merged/``, ``metrics.json`` and ``report.md``.
+    ``merged/``, ``metrics.json``, ``report.md`` and ``report.html``.
     """
     out = Path(cfg.output_dir)
     _check_output_dir(cfg, out)
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)  # data problems surface here, before anything is written
     task = task.head(cfg.train_examples, cfg.eval_examples)
-    if cfg.method in ("rows", "neft") and not (cfg.resume and (out / "neuron_spec.json").is_file()):
+    if (
+        cfg.method in ("rows", "neft")
+        and not cfg.spec
+        and not (cfg.resume and (out / "neuron_spec.json").is_file())
+    ):
         check_selection(cfg, model)
     forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
     if cfg.overwrite and not cfg.resume:
@@ -396,6 +407,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "trainable_params": trainable,
         "total_params": total,
         "rows": spec.num_rows() if spec is not None else None,
+        "spec": cfg.spec if cfg.method in ("rows", "neft") else None,
         "gates": gates,
         "lora_r": cfg.lora_rank() if cfg.method == "lora" else None,
         "steps": len(log),
@@ -412,6 +424,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     }
     write_json(out / "metrics.json", metrics)
     write_report(out / "report.md", cfg, metrics)
+    from neurontune.analysis import run_report
+
+    run_report(out, metrics, spec)
     summary = (
         f"{metric} {before[metric]:.3f} -> {after[metric]:.3f}" if before else f"{metric} {after[metric]:.3f}"
     )

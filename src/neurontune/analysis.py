@@ -1,0 +1,544 @@
+"""Neuron analysis: where selected rows sit, how specs overlap, how rows move during training, and
+whether a full fine-tune moves the rows a selection picked; plus a self-contained HTML report.
+
+Everything here reads only JSON and safetensors: NeuronSpecs (a spec file, an adapter directory, or
+a run directory holding ``neuron_spec.json``), run directories (``train_log.csv``, ``metrics.json``,
+``checkpoints/step-N/state.safetensors``) and plain transformers models.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neurontune.errors import NeurontuneError
+from neurontune.io import atomic_path, read_json, read_safetensors
+from neurontune.selection import overlap
+from neurontune.spec import NeuronSpec
+from neurontune.targets import get_weight
+
+MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+def load_spec(path: str | Path) -> NeuronSpec:
+    """A NeuronSpec from a spec JSON file, a neurontune adapter directory or a run directory."""
+    p = Path(path)
+    if p.is_file():
+        return NeuronSpec.load(p)
+    if (p / "neuron_spec.json").is_file():
+        return NeuronSpec.load(p / "neuron_spec.json")
+    if (p / "adapter_config.json").is_file():
+        from neurontune.rowtune.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_spec
+
+        cfg = read_json(p / ADAPTER_CONFIG, "adapter config")
+        return adapter_spec(cfg, read_safetensors(p / ADAPTER_WEIGHTS, "adapter weights"), p)
+    raise NeurontuneError(f"{p}: not a NeuronSpec file, a neurontune adapter or a run directory with one")
+
+
+def _layer_and_type(name: str) -> tuple[int | None, str]:
+    layer = next((int(p) for p in name.split(".") if p.isdigit()), None)
+    return layer, name.split(".")[-1]
+
+
+# ---- where the neurons are ---------------------------------------------------------------------------
+def neuron_map(spec: NeuronSpec) -> dict[str, Any]:
+    """Fraction of rows selected per (layer, module type): ``{"layers", "types", "fraction"[l][t]}``
+    (None where the spec has no such module) and the row counts ``rows[l][t]``."""
+    cells: dict[tuple[int, str], tuple[int, int]] = {}
+    for name, sel in spec.modules.items():
+        layer, kind = _layer_and_type(name)
+        if layer is None:
+            continue
+        if sel.shape is None:
+            raise NeurontuneError(
+                f"{name}: the spec has no module shapes; validate it against the model first"
+            )
+        k = len(sel.rows) if sel.rows is not None else sel.shape[0]
+        got = cells.get((layer, kind), (0, 0))
+        cells[(layer, kind)] = (got[0] + k, got[1] + sel.shape[0])
+    layers = sorted({lt[0] for lt in cells})
+    kinds = sorted(
+        {lt[1] for lt in cells}, key=lambda t: (MODULE_ORDER.index(t) if t in MODULE_ORDER else 99, t)
+    )
+    frac = [[cells[(i, t)][0] / cells[(i, t)][1] if (i, t) in cells else None for t in kinds] for i in layers]
+    rows = [[cells[(i, t)][0] if (i, t) in cells else 0 for t in kinds] for i in layers]
+    return {"layers": layers, "types": kinds, "fraction": frac, "rows": rows}
+
+
+def overlap_matrix(specs: Sequence[NeuronSpec]) -> list[list[float]]:
+    """Jaccard similarity of the selected (module, row) pairs for every pair of specs."""
+    n = len(specs)
+    m = [[1.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            m[i][j] = m[j][i] = overlap(specs[i], specs[j])["jaccard"]
+    return m
+
+
+# ---- how rows move -------------------------------------------------------------------------------
+def row_change(base: torch.Tensor, new: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per row: cosine between the base row and the new row, and the norm of the difference."""
+    base, new = base.float(), new.float()
+    return {
+        "cosine": torch.nn.functional.cosine_similarity(base, new, dim=1, eps=1e-12),
+        "delta_norm": (new - base).norm(dim=1),
+    }
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    from neurontune.train import list_checkpoints
+
+    return list_checkpoints(run_dir)
+
+
+def rows_dynamics(model: nn.Module, run_dir: str | Path) -> list[dict[str, Any]]:
+    """Over the checkpoints of a row-sparse run: the mean cosine of the selected rows to the base rows
+    and the mean norm of their deltas, per step (overall and per module type). ``model`` is the base."""
+    run_dir = Path(run_dir)
+    spec = load_spec(run_dir)
+    ckpts = _checkpoints(run_dir)
+    if not ckpts:
+        raise NeurontuneError(f"{run_dir}: no checkpoints to follow (train with save_steps > 0)")
+    out = []
+    for ck in ckpts:
+        tensors = read_safetensors(ck / "state.safetensors", "checkpoint tensors")
+        per_type: dict[str, list[torch.Tensor]] = {}
+        norms: dict[str, list[torch.Tensor]] = {}
+        for name, sel in spec.modules.items():
+            key = f"param.base_model.{name}.delta"
+            if key not in tensors:
+                raise NeurontuneError(f"{ck}: no delta for {name}; is this the run that made the spec?")
+            w = get_weight(model.get_submodule(name)).detach()
+            if type(model.get_submodule(name)).__name__ == "Conv1D":
+                w = w.t()
+            rows = torch.as_tensor(sel.rows) if sel.rows is not None else torch.arange(w.shape[0])
+            cols = torch.as_tensor(sel.cols) if sel.cols is not None else torch.arange(w.shape[1])
+            base_rows = w[rows].float()
+            new_rows = base_rows.clone()
+            new_rows[:, cols] += tensors[key].float()
+            ch = row_change(base_rows, new_rows)
+            kind = _layer_and_type(name)[1]
+            per_type.setdefault(kind, []).append(ch["cosine"])
+            norms.setdefault(kind, []).append(ch["delta_norm"])
+        cos_all = torch.cat([c for cs in per_type.values() for c in cs])
+        norm_all = torch.cat([c for cs in norms.values() for c in cs])
+        out.append(
+            {
+                "step": int(ck.name.split("-")[1]),
+                "cosine": cos_all.mean().item(),
+                "delta_norm": norm_all.mean().item(),
+                "cosine_by_type": {k: torch.cat(v).mean().item() for k, v in per_type.items()},
+                "delta_norm_by_type": {k: torch.cat(v).mean().item() for k, v in norms.items()},
+            }
+        )
+    return out
+
+
+def full_ft_recall(base: nn.Module, tuned: nn.Module, spec: NeuronSpec) -> dict[str, Any]:
+    """How many of the rows a full fine-tune changed most were in ``spec``: per module, take as many
+    of the most-changed rows (lowest cosine to the base row) as the spec selected, and count the
+    overlap. Random selection would give ``k / n`` per module; that expectation is reported too."""
+    hit = total = 0
+    expected = 0.0
+    by_type: dict[str, list[int]] = {}
+    for name, sel in spec.modules.items():
+        wb = get_weight(base.get_submodule(name)).detach()
+        wt = get_weight(tuned.get_submodule(name)).detach()
+        if wb.shape != wt.shape:
+            raise NeurontuneError(f"{name}: shapes differ between the base and the tuned model")
+        if type(base.get_submodule(name)).__name__ == "Conv1D":
+            wb, wt = wb.t(), wt.t()
+        rows = set(sel.rows) if sel.rows is not None else set(range(wb.shape[0]))
+        k = len(rows)
+        change = 1 - row_change(wb, wt)["cosine"]
+        top = set(torch.topk(change, k).indices.tolist())
+        h = len(top & rows)
+        hit, total = hit + h, total + k
+        expected += k * k / wb.shape[0]
+        t = by_type.setdefault(_layer_and_type(name)[1], [0, 0])
+        t[0], t[1] = t[0] + h, t[1] + k
+    return {
+        "recall": hit / total if total else 0.0,
+        "random_expectation": expected / total if total else 0.0,
+        "by_type": {k: v[0] / v[1] for k, v in by_type.items()},
+        "rows": total,
+    }
+
+
+def read_train_log(run_dir: str | Path) -> list[dict[str, float]]:
+    path = Path(run_dir) / "train_log.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+# ---- figures -------------------------------------------------------------------------------------
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _figure().close(fig)
+    return buf.getvalue()
+
+
+def plot_neuron_map(nmap: dict[str, Any], title: str) -> bytes:
+    plt = _figure()
+    data = [[math.nan if v is None else v for v in row] for row in nmap["fraction"]]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(nmap["types"]), 1.5 + 0.22 * len(nmap["layers"])))
+    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xticks(range(len(nmap["types"])), nmap["types"], rotation=45, ha="right")
+    ax.set_yticks(range(len(nmap["layers"])), [str(x) for x in nmap["layers"]])
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="fraction of rows selected")
+    return _png(fig)
+
+
+def plot_scores(scores: dict[str, torch.Tensor], title: str) -> bytes:
+    """Histogram of per-row scores, pooled per module type (log scale on x when all are positive)."""
+    plt = _figure()
+    by_type: dict[str, list[torch.Tensor]] = {}
+    for name, s in scores.items():
+        by_type.setdefault(_layer_and_type(name)[1], []).append(s.float().flatten())
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for kind, vals in sorted(by_type.items()):
+        v = torch.cat(vals)
+        v = v[torch.isfinite(v)]
+        if bool((v > 0).all()):
+            v = v.log10()
+        ax.hist(v.numpy(), bins=60, histtype="step", label=kind)
+    ax.set_xlabel("log10 score" if all(bool((torch.cat(v) > 0).all()) for v in by_type.values()) else "score")
+    ax.set_ylabel("rows")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_matrix(matrix: list[list[float]], labels: list[str], title: str) -> bytes:
+    plt = _figure()
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * n, 1.5 + 0.8 * n))
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma")
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    for i in range(n):
+        for j in range(n):
+            ax.text(
+                j,
+                i,
+                f"{matrix[i][j]:.2f}",
+                ha="center",
+                va="center",
+                color="w" if matrix[i][j] < 0.6 else "k",
+            )
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="Jaccard")
+    return _png(fig)
+
+
+def plot_lines(
+    series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str
+) -> bytes:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, marker="." if len(x) < 30 else None, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+# ---- HTML ----------------------------------------------------------------------------------------
+class Report:
+    """A self-contained HTML page: sections of text, tables and PNG figures (embedded as data URIs
+    and, with ``png_dir``, also written as files)."""
+
+    def __init__(self, title: str, png_dir: str | Path | None = None) -> None:
+        self.title, self.parts, self.sections = title, [], []
+        self.png_dir = Path(png_dir) if png_dir is not None else None
+        self.pngs: list[Path] = []
+
+    def section(self, title: str, text: str = "") -> None:
+        self.sections.append(title)
+        self.parts.append(f'<h2 id="s{len(self.sections)}">{html.escape(title)}</h2>')
+        if text:
+            self.parts.append(f"<p>{html.escape(text)}</p>")
+
+    def text(self, text: str) -> None:
+        self.parts.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        def cell(v: Any) -> str:
+            return html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
+
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+        self.parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def figure(self, png: bytes, name: str, caption: str = "") -> None:
+        if self.png_dir is not None:
+            self.png_dir.mkdir(parents=True, exist_ok=True)
+            path = self.png_dir / f"{name}.png"
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(png)
+            self.pngs.append(path)
+        data = base64.b64encode(png).decode()
+        self.parts.append(
+            f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+
+    def html(self) -> str:
+        toc = "".join(
+            f'<li><a href="#s{i + 1}">{html.escape(t)}</a></li>' for i, t in enumerate(self.sections)
+        )
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>{html.escape(self.title)}</h1><ul class='toc'>{toc}</ul>{''.join(self.parts)}</body></html>"
+        )
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.html(), encoding="utf-8")
+        return path
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    "th{background:#f3f3f3}img{max-width:100%}figcaption{font-size:90%;color:#555}"
+)
+
+
+def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1100, height: int = 3000) -> Path:
+    """Render an HTML file to a PNG with headless Chromium (``/usr/bin/chromium``, Debian's package)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        raise NeurontuneError("chromium not found; install Debian's 'chromium' package to render reports")
+    png_path = Path(png_path).resolve()
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [
+            exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", f"--window-size={width},{height}", "--hide-scrollbars",
+            f"--screenshot={png_path}", Path(html_path).resolve().as_uri(),
+        ]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    if res.returncode != 0 or not png_path.is_file():
+        raise NeurontuneError(f"chromium could not render {html_path}: {res.stderr[-500:]}")
+    return png_path
+
+
+# ---- reports -------------------------------------------------------------------------------------
+def _metric_value(m: dict[str, Any], which: str = "after") -> float | None:
+    vals = m.get(which) or {}
+    return vals.get(m.get("primary_metric", ""))
+
+
+def _neurons_from(m: dict[str, Any]) -> str:
+    if m.get("spec"):
+        return f"spec {_run_label(Path(m['spec']))}"
+    return m["scorer"] or "-" if m["method"] in ("rows", "neft") else "-"
+
+
+def _run_label(p: Path) -> str:
+    return p.parent.name if p.name in ("neuron_spec.json", "adapter", "pruned") else p.name
+
+
+def add_run_sections(report: Report, runs: Sequence[Path], model: nn.Module | None) -> None:
+    """Loss curves, a results table (the transfer table when runs share a task), and row dynamics."""
+    metrics = {r: read_json(r / "metrics.json", "run metrics") for r in runs}
+    report.section(
+        "Runs",
+        "One row per run; 'neurons from' is the scorer that chose the rows, or the spec they were taken from.",
+    )
+    report.table(
+        ["run", "task", "method", "neurons from", "trainable params", "metric", "before", "after", "forgetting ppl"],
+        [
+            [
+                _run_label(r), m["task"], m["method"], _neurons_from(m), f"{m['trainable_params']:,}",
+                m["primary_metric"], _metric_value(m, "before") if m.get("before") else "-", _metric_value(m),
+                (m.get("after") or {}).get("forgetting_ppl", "-"),
+            ]
+            for r, m in metrics.items()
+        ],
+    )  # fmt: skip
+    logs = {_run_label(r): read_train_log(r) for r in runs}
+    series = {k: ([x["step"] for x in v], [x["loss"] for x in v]) for k, v in logs.items() if v}
+    if series:
+        report.section("Training loss")
+        report.figure(
+            plot_lines(series, "step", "loss (mean over completion tokens)", "training loss"), "loss"
+        )
+    dyn = {}
+    if model is not None:
+        for r in runs:
+            if metrics[r]["method"] in ("rows", "neft") and _checkpoints(r):
+                dyn[_run_label(r)] = rows_dynamics(model, r)
+    if dyn:
+        report.section(
+            "Neuron dynamics",
+            "Mean over the selected rows of the cosine between the tuned row and the base row, and of the norm of "
+            "the row's change, at every checkpoint.",
+        )
+        report.figure(
+            plot_lines({k: ([d["step"] for d in v], [d["cosine"] for d in v]) for k, v in dyn.items()},
+                       "step", "mean cosine to base row", "selected rows: cosine to the base"),
+            "dynamics_cosine",
+        )  # fmt: skip
+        report.figure(
+            plot_lines({k: ([d["step"] for d in v], [d["delta_norm"] for d in v]) for k, v in dyn.items()},
+                       "step", "mean ||row change||", "selected rows: size of the change"),
+            "dynamics_norm",
+        )  # fmt: skip
+        last = {k: v[-1] for k, v in dyn.items()}
+        kinds = sorted({t for d in last.values() for t in d["cosine_by_type"]})
+        report.table(
+            ["run", "step", *[f"cos {t}" for t in kinds]],
+            [[k, d["step"], *[d["cosine_by_type"].get(t, "-") for t in kinds]] for k, d in last.items()],
+        )
+
+
+def analyze(cfg: Any) -> Path:
+    """`neurontune analyze`: write ``cfg.output``/report.html (+ PNGs) and return its path."""
+    from neurontune.models import load_model
+
+    out = Path(cfg.output)
+    report = Report("neurontune neuron analysis", out)
+    specs = [load_spec(p) for p in cfg.spec_paths()]
+    labels = cfg.spec_labels()
+    runs = [Path(r) for r in cfg.run_paths()]
+    for r in runs:
+        if not (r / "metrics.json").is_file():
+            raise NeurontuneError(f"{r}: not a finished neurontune run (no metrics.json)")
+    base_name = cfg.model or next(
+        (s.provenance.get("base_model") for s in specs if s.provenance.get("base_model")), None
+    )
+    need_model = (
+        cfg.full_ft is not None
+        or any(_checkpoints(r) for r in runs)
+        or any(s.modules and next(iter(s.modules.values())).shape is None for s in specs)
+    )
+    model = load_model(base_name)[0] if need_model else None
+    if model is not None:
+        specs = [s.validate(model) for s in specs]
+    if specs:
+        report.section(
+            "Where the neurons are", "Fraction of each module's rows selected, per layer and module type."
+        )
+        for label, spec in zip(labels, specs, strict=True):
+            s = spec.summary()
+            report.text(f"{label}: {s['rows']:,} rows, {s['params']:,} parameters in {s['modules']} modules; "
+                        f"by type {s['rows_by_type']}")  # fmt: skip
+            report.figure(plot_neuron_map(neuron_map(spec), f"selected rows: {label}"), f"map_{_slug(label)}")
+        scored = [(label, p) for label, p in zip(labels, cfg.spec_paths(), strict=True) if _scores_file(p)]
+        if scored:
+            report.section(
+                "Score distributions", "Per-row scores the selection ranked, pooled per module type."
+            )
+            for label, p in scored:
+                scores = read_safetensors(_scores_file(p), "scores")
+                report.figure(plot_scores(scores, f"scores: {label}"), f"scores_{_slug(label)}")
+    if len(specs) > 1:
+        m = overlap_matrix(specs)
+        report.section(
+            "Overlap between selections",
+            "Jaccard similarity |A∩B| / |A∪B| of the selected (module, row) pairs.",
+        )
+        report.figure(plot_matrix(m, labels, "overlap of selected rows"), "overlap")
+        report.table(["", *labels], [[a, *row] for a, row in zip(labels, m, strict=True)])
+    if cfg.full_ft is not None and specs:
+        tuned = load_model(cfg.full_ft)[0]
+        report.section(
+            "Did full fine-tuning move the selected rows?",
+            f"Per module, the k rows that full fine-tuning ({cfg.full_ft}) changed most (lowest cosine to the base "
+            "row), with k the number a spec selected there: the fraction that the spec had selected, and what a "
+            "random selection of the same size would get on average.",
+        )
+        rec = [(label, full_ft_recall(model, tuned, s)) for label, s in zip(labels, specs, strict=True)]
+        report.table(
+            ["spec", "rows", "recall", "random"],
+            [[k, r["rows"], r["recall"], r["random_expectation"]] for k, r in rec],
+        )
+    if runs:
+        add_run_sections(report, runs, model)
+    path = report.write(out / "report.html")
+    print(f"wrote {path} and {len(report.pngs)} figures")
+    return path
+
+
+def _scores_file(spec_path: str) -> Path | None:
+    p = Path(spec_path)
+    candidates = [p.with_suffix(".scores.safetensors"), p / "neuron_spec.scores.safetensors"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in s)[:40]
+
+
+def run_report(out: Path, metrics: dict[str, Any], spec: NeuronSpec | None) -> Path:
+    """The HTML twin of a finetune run's report.md: results, loss curve and (rows) the neuron map."""
+    report = Report(f"neurontune run: {out}", None)
+    m = metrics
+    report.section("Result")
+    keys = [k for k, v in (m["after"] or {}).items() if isinstance(v, int | float)]
+    report.table(
+        ["metric", "before", "after"],
+        [[k, (m["before"] or {}).get(k, "-"), m["after"][k]] for k in keys],
+    )
+    report.table(
+        ["", ""],
+        [
+            ["method", m["method"] + (f" ({m['scorer']})" if m.get("scorer") else "")],
+            ["model", m["model"]], ["task", m["task"]],
+            ["trainable params", f"{m['trainable_params']:,} of {m['total_params']:,}"],
+            ["steps", m["steps"]], ["train seconds", m["train_seconds"]],
+            ["peak memory MiB", m["peak_memory_mib"]], ["saved", m["saved"] or "-"],
+        ],
+    )  # fmt: skip
+    log = read_train_log(out)
+    if log:
+        report.section("Training")
+        report.figure(plot_lines({"loss": ([x["step"] for x in log], [x["loss"] for x in log])},
+                                 "step", "loss", "training loss"), "loss")  # fmt: skip
+        if "gate_sparsity" in log[0]:
+            report.figure(plot_lines({"gate sparsity": ([x["step"] for x in log], [x["gate_sparsity"] for x in log])},
+                                     "step", "fraction of gates shut", "achieved sparsity"), "sparsity")  # fmt: skip
+    if spec is not None and all(sel.shape is not None for sel in spec.modules.values()):
+        report.section("Neuron map", "Fraction of each module's rows trained, per layer and module type.")
+        report.figure(plot_neuron_map(neuron_map(spec), "selected rows"), "map")
+    samples = (m["after"] or {}).get("samples", [])
+    if samples:
+        report.section("Samples")
+        report.table(["prompt (end)", "prediction", "reference"],
+                     [[s["prompt"][-80:], s["prediction"], s["reference"]] for s in samples])  # fmt: skip
+    return report.write(out / "report.html")
