@@ -116,6 +116,8 @@ def render(result: dict) -> str:
             f"{r['forgetting_ppl']:.2f} | {r['train_seconds']:.0f} | {r['peak_rss_mib']:.0f} MiB | "
             f"{_size(r['saved_bytes'])} | {len(r['values'])} |"
         )
+    if result.get("note"):
+        lines += ["", result["note"]]
     lines += [
         "",
         "Per-seed values are in quality.json (`summary[].values`, and every run's full metrics in `runs`).",

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from neurontune.errors import NeurontuneError
-from neurontune.targets import find_target_modules
+from neurontune.targets import ModelWrapper, find_target_modules, set_submodule
 
 GATES_FORMAT = "neurontune.gates/1"
 
@@ -179,7 +179,7 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-class GatedModel(nn.Module):
+class GatedModel(ModelWrapper):
     """A frozen model with stochastic gates (and optional low-rank terms) as its only trainable state."""
 
     def __init__(self, model: nn.Module, config: GateConfig | None = None) -> None:
@@ -217,16 +217,7 @@ class GatedModel(nn.Module):
         return g
 
     def _replace(self, name: str, new: nn.Module) -> None:
-        parent, _, child = name.rpartition(".")
-        setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, new)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+        set_submodule(self.base_model, name, new)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)

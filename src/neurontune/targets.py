@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,3 +92,21 @@ def get_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, Conv1D):
         return module.weight.t()
     return module.weight
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule ``name`` (dotted path) of ``root`` with ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+class ModelWrapper(nn.Module):
+    """A module around ``self.base_model`` that passes unknown attributes through to it (as PeftModel)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)

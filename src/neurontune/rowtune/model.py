@@ -24,16 +24,11 @@ from neurontune.io import atomic_dir, read_json, read_safetensors, write_json, w
 from neurontune.rowtune.config import RowTuneConfig
 from neurontune.rowtune.layer import RowSparseLinear
 from neurontune.spec import NeuronSpec
+from neurontune.targets import ModelWrapper, set_submodule
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FORMAT = "neurontune.rowtune/1"
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def _model_id(model: nn.Module) -> str | None:
@@ -41,7 +36,7 @@ def _model_id(model: nn.Module) -> str | None:
     return getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
 
 
-class RowTuneModel(nn.Module):
+class RowTuneModel(ModelWrapper):
     """A model whose selected linear rows carry trainable fp32 deltas; everything else is frozen.
 
     Attribute access falls through to the wrapped model, so ``generate``, ``config`` and friends work.
@@ -59,15 +54,7 @@ class RowTuneModel(nn.Module):
         for name, sel in spec.modules.items():
             base_layer = model.get_submodule(name)
             layer = RowSparseLinear(base_layer, sel.rows, sel.cols, dtype, self.rowtune_config.impl)
-            _set_submodule(model, name, layer)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+            set_submodule(model, name, layer)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model, with the row layers injected in place (as PEFT's method).
@@ -131,7 +118,7 @@ class RowTuneModel(nn.Module):
             else:
                 layer.unmerge()
             layer._merged_block = None
-            _set_submodule(self.base_model, name, layer.base_layer)
+            set_submodule(self.base_model, name, layer.base_layer)
         return self.base_model
 
     def merge_and_unload(self) -> nn.Module:
