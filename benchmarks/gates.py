@@ -1,7 +1,7 @@
 """Stochastic gates on the embedded default: quality against removed parameters, before and after
 recovery, and the measured CPU speed of every pruned export next to the original, in one run.
 
-    python benchmarks/gates.py                   # SmolLM2-135M (about an hour on 2 cores)
+    python benchmarks/gates.py --gen-sparsities ''   # SmolLM2-135M, Rotten Tomatoes (about 40 minutes on 2 cores)
     python benchmarks/gates.py --model tiny-llama --gate-steps 3 --recover-steps 2 \\
         --eval-examples 8 --forgetting-examples 2 --speed-repeats 2 --out /tmp/g     # smoke run
     python benchmarks/gates.py --render          # rebuild the table from the JSON
@@ -13,7 +13,8 @@ evaluation as benchmarks/quality.py:
 - ``rows (unpruned)``: row-sparse tuning of the full model (magnitude rows, budget of LoRA r=8),
   ``--recover-steps`` steps: the quality to hold;
 - ``gates S``: method gates, target sparsity S of the MLP channels and of the query heads (every
-  KV group keeps the same number), ``--gate-steps`` steps, gates at lr 0.05; the export is a plain
+  KV group keeps the same number), ``--gate-steps`` steps, gates at lr 0.05, penalty weight
+  ``--gate-lambda`` (1000: with 50, 60 steps shut only 9 % of the channels); the export is a plain
   transformers model with a smaller ``intermediate_size`` / ``num_attention_heads``;
 - ``gates S + rows``: that export fine-tuned row-sparse (recovery), ``--recover-steps`` steps;
 - ``gates S + low-rank``: gates and a rank-8 low-rank term trained together (the joint variant).
@@ -60,7 +61,8 @@ def rows(args: argparse.Namespace, model: str) -> list[str]:
 def gates(args: argparse.Namespace, sparsity: float, low_rank: int = 0) -> list[str]:
     return [
         f"model={args.model}", "method=gates", f"gate_sparsity={sparsity}", "prune_heads=true",
-        f"gate_low_rank={low_rank}", "gate_lr=0.05", "lr=3e-4", f"steps={args.gate_steps}",
+        f"gate_low_rank={low_rank}", "gate_lr=0.05", f"gate_lambda={args.gate_lambda}", "lr=3e-4",
+        f"steps={args.gate_steps}",
     ]  # fmt: skip
 
 
@@ -151,7 +153,7 @@ def render(result: dict) -> str:
         f"`{result['command']}` on {result['machine']}. Model `{s['model']}`, batch {s['batch_size']} "
         f"from the first {s['train_examples']} training examples, seed {s['seed']}, eval on "
         f"{s['eval_examples']} held-out examples, forgetting = perplexity on {s['forgetting_examples']} "
-        f"news articles. Gates: {s['gate_steps']} steps (gate lr 0.05, ranked penalty, lambda 50, sigma "
+        f"news articles. Gates: {s['gate_steps']} steps (gate lr 0.05, ranked penalty, lambda {s['gate_lambda']:g}, sigma "
         f"0.1, tau 0.5), MLP channels and query heads. Recovery and the unpruned reference: row-sparse, magnitude "
         f"rows at the LoRA r=8 budget, {s['recover_steps']} steps, lr 3e-4. One seed: differences of a "
         "few points on 200 examples are within noise (see quality.md for the seed spread).",
@@ -197,7 +199,8 @@ def main() -> None:
     p.add_argument("--sparsities", default="0.2,0.3,0.4")
     p.add_argument("--gen-sparsities", default="0.3", help="sparsities run on e2e_nlg ('' to skip the task)")
     p.add_argument("--joint", type=float, default=0.3, help="sparsity of the gates + low-rank run (-1: none)")
-    p.add_argument("--gate-steps", type=int, default=60)
+    p.add_argument("--gate-steps", type=int, default=100)
+    p.add_argument("--gate-lambda", type=float, default=1000.0)
     p.add_argument("--recover-steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--train-examples", type=int, default=2000)
