@@ -145,7 +145,7 @@ class FinetuneConfig(SelectConfig):
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: 2 * lora_r)")
     lora_dropout: float = _opt(0.0, "LoRA dropout")
     gate_sparsity: float = _opt(0.3, "gates: target fraction of MLP channels (and heads) to remove")
-    gate_lambda: float = _opt(50.0, "gates: weight of the sparsity penalty")
+    gate_lambda: float = _opt(1000.0, "gates: weight of the sparsity penalty")
     gate_lr: float | None = _opt(
         None, "gates: learning rate of the gates (default: lr; low-rank terms use lr)"
     )
