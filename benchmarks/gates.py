@@ -21,7 +21,8 @@ evaluation as benchmarks/quality.py:
 
 Speed: each export and the original, fp32, loaded in this one process and timed in turn with all
 CPU threads: prefill latency (batch 1 x 128 tokens), batched forward throughput (8 x 128 tokens) and
-greedy decoding throughput (batch 1, 32 new tokens), median of ``--speed-repeats``.
+greedy decoding throughput (batch 1, 32 new tokens), median of ``--speed-repeats`` rounds, each
+round timing every model in turn (timing one model after another moved results by 30 % here).
 """
 
 from __future__ import annotations
@@ -101,47 +102,53 @@ def runs_for_task(args: argparse.Namespace, task: str, sparsities: list[float]) 
 
 
 # ---- speed ----------------------------------------------------------------------------------------
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
-def speed(model_name: str, repeats: int) -> dict:
+def speeds(models: dict[str, str], repeats: int) -> list[dict]:
+    """Time every model in turn, round after round (so drifts in CPU speed hit all of them alike):
+    prefill 1 x 128, forward 8 x 128, greedy decoding of 32 tokens; medians over ``repeats`` rounds."""
     from neurontune.models import load_model
 
-    model, _ = load_model(model_name, dtype=torch.float32)
-    model.eval()
-    vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
+    loaded = {label: load_model(name, dtype=torch.float32)[0].eval() for label, name in models.items()}
+    vocab = next(iter(loaded.values())).config.vocab_size
     one = torch.randint(0, vocab, (1, 128), generator=g)
     batch = torch.randint(0, vocab, (8, 128), generator=g)
     prompt = torch.randint(0, vocab, (1, 32), generator=g)
     new = 32
 
-    def decode() -> None:
-        model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
-            do_sample=False, pad_token_id=0,
-        )  # fmt: skip
+    def jobs(m):
+        return {
+            "prefill": lambda: m(input_ids=one),
+            "batched": lambda: m(input_ids=batch),
+            "decode": lambda: m.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                do_sample=False, pad_token_id=0,
+            ),
+        }  # fmt: skip
 
-    prefill = _median_seconds(lambda: model(input_ids=one), repeats)
-    batched = _median_seconds(lambda: model(input_ids=batch), repeats)
-    dec = _median_seconds(decode, repeats)
-    return {
-        "model": model_name,
-        "params": sum(p.numel() for p in model.parameters()),
-        "intermediate_size": model.config.intermediate_size,
-        "num_attention_heads": model.config.num_attention_heads,
-        "prefill_ms": 1000 * prefill,
-        "batch_tokens_per_s": batch.numel() / batched,
-        "decode_tokens_per_s": new / dec,
-    }
+    times = {label: {k: [] for k in ("prefill", "batched", "decode")} for label in loaded}
+    for r in range(repeats + 1):  # round 0 is a warm-up
+        for label, m in loaded.items():
+            for k, fn in jobs(m).items():
+                t = _seconds(fn)
+                if r:
+                    times[label][k].append(t)
+    out = []
+    for label, m in loaded.items():
+        med = {k: statistics.median(v) for k, v in times[label].items()}
+        out.append({
+            "label": label, "model": models[label], "params": sum(p.numel() for p in m.parameters()),
+            "intermediate_size": m.config.intermediate_size, "num_attention_heads": m.config.num_attention_heads,
+            "prefill_ms": 1000 * med["prefill"], "batch_tokens_per_s": batch.numel() / med["batched"],
+            "decode_tokens_per_s": new / med["decode"],
+        })  # fmt: skip
+    return out
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -176,7 +183,8 @@ def render(result: dict) -> str:
     base = result["speed"][0]
     lines += [
         "",
-        f"CPU speed ({result['threads']} threads, fp32, median of {s['speed_repeats']}):",
+        f"CPU speed ({result['threads']} threads, fp32, median of {s['speed_repeats']} rounds; every round times "
+        "each model in turn):",
         "",
         "| model | params | intermediate / heads | prefill 1x128 ms | batched 8x128 tok/s | decode tok/s "
         "| speed-up prefill / batched / decode |",
@@ -228,18 +236,18 @@ def main() -> None:
         g = m.get("gates") or (pruned.get(m["model"]) or {}).get("gates")
         m["removed_fraction_of_prunable"] = g["removed_fraction_of_prunable"] if g else None
         m["model_params"] = g["total_params"][1] if g else m["total_params"] - m["trainable_params"]
-    speeds = [{"label": "original", **speed(args.model, args.speed_repeats)}]
-    for m in runs:
-        if m["method"] == "gates" and m["task"] == "rotten_tomatoes":
-            speeds.append({"label": m["name"], **speed(m["saved"], args.speed_repeats)})
-            print(f"speed {speeds[-1]}", flush=True)
+    models = {"original": args.model}
+    models.update(
+        {m["name"]: m["saved"] for m in runs if m["method"] == "gates" and m["task"] == "rotten_tomatoes"}
+    )
+    speed = speeds(models, args.speed_repeats)
     result = {
         "command": "python benchmarks/gates.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "threads": torch.get_num_threads(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runs": runs,
-        "speed": speeds,
+        "speed": speed,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gates.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -186,3 +186,15 @@ def test_failed_save_keeps_previous_adapter(saved_adapter, fresh_model, monkeypa
         model.save_pretrained(saved_adapter)
     assert {p.name: p.read_bytes() for p in saved_adapter.iterdir()} == before
     assert [p.name for p in saved_adapter.parent.iterdir()] == ["ad"]  # no temp dirs left behind
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    import stat
+
+    from neurontune.io import atomic_path
+
+    with atomic_path(tmp_path / "a.txt") as tmp:
+        tmp.write_text("x")
+    (tmp_path / "b.txt").write_text("x")
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.txt") == mode(tmp_path / "b.txt")
