@@ -180,6 +180,8 @@ def render(result: dict) -> str:
             f"{fmt(g['gated'][metric]) if g else '-'} | {m['after']['forgetting_ppl']:.2f} | "
             f"{m['train_seconds']:.0f} |"
         )
+    if result.get("note"):
+        lines += ["", result["note"]]
     base = result["speed"][0]
     lines += [
         "",
