@@ -219,14 +219,13 @@ def plot_scores(scores: dict[str, torch.Tensor], title: str) -> bytes:
     by_type: dict[str, list[torch.Tensor]] = {}
     for name, s in scores.items():
         by_type.setdefault(_layer_and_type(name)[1], []).append(s.float().flatten())
+    pooled = {kind: torch.cat(vals) for kind, vals in sorted(by_type.items())}
+    pooled = {kind: v[torch.isfinite(v)] for kind, v in pooled.items()}
+    log = all(bool((v > 0).all()) for v in pooled.values())  # one axis for every module type
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    for kind, vals in sorted(by_type.items()):
-        v = torch.cat(vals)
-        v = v[torch.isfinite(v)]
-        if bool((v > 0).all()):
-            v = v.log10()
-        ax.hist(v.numpy(), bins=60, histtype="step", label=kind)
-    ax.set_xlabel("log10 score" if all(bool((torch.cat(v) > 0).all()) for v in by_type.values()) else "score")
+    for kind, v in pooled.items():
+        ax.hist((v.log10() if log else v).numpy(), bins=60, histtype="step", label=kind)
+    ax.set_xlabel("log10 score" if log else "score")
     ax.set_ylabel("rows")
     ax.set_title(title)
     ax.legend(fontsize=7)
