@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from neurontune.bench import finetune_run
+from neurontune.bench import add_run_args, finetune_run, render_only
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL"}
@@ -212,22 +212,12 @@ def main() -> None:
     p.add_argument("--gate-steps", type=int, default=100)
     p.add_argument("--gate-lambda", type=float, default=1000.0)
     p.add_argument("--recover-steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--train-examples", type=int, default=2000)
-    p.add_argument("--eval-examples", type=int, default=200)
-    p.add_argument("--forgetting-examples", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speed-repeats", type=int, default=10)
-    p.add_argument("--runs", type=Path, default=Path("runs/bench-gates"))
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument(
-        "--reuse", action="store_true", help="keep finished runs in --runs made with the same settings"
-    )
-    p.add_argument("--render", action="store_true", help="only rebuild gates.md from gates.json")
+    add_run_args(p, "runs/bench-gates", RESULTS, "gates")
     args = p.parse_args()
     if args.render:
-        result = json.loads((args.out / "gates.json").read_text())
-        (args.out / "gates.md").write_text(render(result))
+        render_only(args.out, "gates", render)
         return
     args.joint = None if args.joint < 0 else args.joint
     runs = runs_for_task(args, "rotten_tomatoes", [float(s) for s in args.sparsities.split(",")])

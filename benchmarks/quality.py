@@ -27,7 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from neurontune.bench import finetune_run
+from neurontune.bench import add_run_args, finetune_run, render_only
 
 RESULTS = Path(__file__).parent / "results"
 # name -> finetune overrides; learning rates are the usual ones per family (not tuned here)
@@ -140,20 +140,10 @@ def main() -> None:
         help="methods run with the first seed only (none has no randomness; full is the slow reference)",
     )
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--train-examples", type=int, default=2000)
-    p.add_argument("--eval-examples", type=int, default=200)
-    p.add_argument("--forgetting-examples", type=int, default=32)
-    p.add_argument("--runs", type=Path, default=Path("runs/bench-quality"))
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument(
-        "--reuse", action="store_true", help="keep finished runs in --runs made with the same settings"
-    )
-    p.add_argument("--render", action="store_true", help="only rebuild quality.md from quality.json")
+    add_run_args(p, "runs/bench-quality", RESULTS, "quality")
     args = p.parse_args()
     if args.render:
-        result = json.loads((args.out / "quality.json").read_text())
-        (args.out / "quality.md").write_text(render(result))
+        render_only(args.out, "quality", render)
         return
     runs = []
     for task in args.tasks.split(","):

@@ -103,3 +103,25 @@ def _num_eq(a: object, b: str) -> bool:
         return float(a) == float(b)
     except (TypeError, ValueError):
         return False
+
+
+def add_run_args(p, runs: str, out: Path, name: str) -> None:
+    """The options every finetune-running benchmark shares (data sizes, run and result folders,
+    --reuse, --render of ``<name>.md`` from ``<name>.json``)."""
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--train-examples", type=int, default=2000)
+    p.add_argument("--eval-examples", type=int, default=200)
+    p.add_argument("--forgetting-examples", type=int, default=32)
+    p.add_argument("--runs", type=Path, default=Path(runs))
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument(
+        "--reuse", action="store_true", help="keep finished runs in --runs made with the same settings"
+    )
+    p.add_argument("--render", action="store_true", help=f"only rebuild {name}.md from {name}.json")
+
+
+def render_only(out: Path, name: str, render) -> None:
+    """Rebuild ``out/<name>.md`` from ``out/<name>.json`` with ``render``."""
+    import json
+
+    (out / f"{name}.md").write_text(render(json.loads((out / f"{name}.json").read_text())))
