@@ -65,6 +65,17 @@ def test_full_ft_recall_finds_the_rows_that_moved():
     assert miss["recall"] == 0.0 and miss["by_type"] == {"q_proj": 0.0, "up_proj": 0.0}
 
 
+def test_full_ft_recall_reads_gpt2_conv1d_rows_as_rows():
+    from neurontune.targets import get_weight
+
+    name = "transformer.h.0.mlp.c_fc"  # Conv1D: weight stored (in, out)
+    base, tuned = tiny_model("tiny-gpt2"), tiny_model("tiny-gpt2")
+    with torch.no_grad():
+        get_weight(tuned.get_submodule(name))[[3, 7]] *= -1.0
+    shape = list(get_weight(base.get_submodule(name)).shape)
+    assert full_ft_recall(base, tuned, NeuronSpec({name: {"rows": [3, 7], "shape": shape}}))["recall"] == 1.0
+
+
 def _finetune(out, *extra):
     args = [
         "finetune", "model=tiny-llama", "steps=6", "save_steps=2", "save_total_limit=10", "train_examples=32",

@@ -118,9 +118,7 @@ def rows_dynamics(model: nn.Module, run_dir: str | Path) -> list[dict[str, Any]]
             key = f"param.base_model.{name}.delta"
             if key not in tensors:
                 raise NeurontuneError(f"{ck}: no delta for {name}; is this the run that made the spec?")
-            w = get_weight(model.get_submodule(name)).detach()
-            if type(model.get_submodule(name)).__name__ == "Conv1D":
-                w = w.t()
+            w = get_weight(model.get_submodule(name)).detach()  # (out, in), Conv1D included
             rows = torch.as_tensor(sel.rows) if sel.rows is not None else torch.arange(w.shape[0])
             cols = torch.as_tensor(sel.cols) if sel.cols is not None else torch.arange(w.shape[1])
             base_rows = w[rows].float()
@@ -156,8 +154,6 @@ def full_ft_recall(base: nn.Module, tuned: nn.Module, spec: NeuronSpec) -> dict[
         wt = get_weight(tuned.get_submodule(name)).detach()
         if wb.shape != wt.shape:
             raise NeurontuneError(f"{name}: shapes differ between the base and the tuned model")
-        if type(base.get_submodule(name)).__name__ == "Conv1D":
-            wb, wt = wb.t(), wt.t()
         rows = set(sel.rows) if sel.rows is not None else set(range(wb.shape[0]))
         k = len(rows)
         change = 1 - row_change(wb, wt)["cosine"]
