@@ -28,7 +28,6 @@ round timing every model in turn (timing one model after another moved results b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from neurontune.bench import add_run_args, finetune_run, render_only
+from neurontune.bench import add_run_args, finetune_run, render_only, write_results
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL"}
@@ -241,10 +240,7 @@ def main() -> None:
         "runs": runs,
         "speed": speed,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gates.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "gates.md").write_text(render(result))
-    print(render(result))
+    write_results(args.out, "gates", result, render)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ results/quality.json and results/quality.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 from pathlib import Path
 
-from neurontune.bench import add_run_args, finetune_run, render_only
+from neurontune.bench import add_run_args, finetune_run, render_only, write_results
 
 RESULTS = Path(__file__).parent / "results"
 # name -> finetune overrides; learning rates are the usual ones per family (not tuned here)
@@ -177,10 +176,7 @@ def main() -> None:
         "summary": summarize(runs),
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "quality.md").write_text(render(result))
-    print(render(result))
+    write_results(args.out, "quality", result, render)
 
 
 if __name__ == "__main__":

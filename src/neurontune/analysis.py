@@ -25,6 +25,7 @@ from neurontune.io import atomic_path, read_json, read_safetensors
 from neurontune.selection import overlap
 from neurontune.spec import NeuronSpec
 from neurontune.targets import get_weight
+from neurontune.train import list_checkpoints
 
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -95,18 +96,12 @@ def row_change(base: torch.Tensor, new: torch.Tensor) -> dict[str, torch.Tensor]
     }
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    from neurontune.train import list_checkpoints
-
-    return list_checkpoints(run_dir)
-
-
 def rows_dynamics(model: nn.Module, run_dir: str | Path) -> list[dict[str, Any]]:
     """Over the checkpoints of a row-sparse run: the mean cosine of the selected rows to the base rows
     and the mean norm of their deltas, per step (overall and per module type). ``model`` is the base."""
     run_dir = Path(run_dir)
     spec = load_spec(run_dir)
-    ckpts = _checkpoints(run_dir)
+    ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise NeurontuneError(f"{run_dir}: no checkpoints to follow (train with save_steps > 0)")
     out = []
@@ -396,7 +391,7 @@ def add_run_sections(report: Report, runs: Sequence[Path], model: nn.Module | No
     dyn = {}
     if model is not None:
         for r in runs:
-            if metrics[r]["method"] in ("rows", "neft") and _checkpoints(r):
+            if metrics[r]["method"] in ("rows", "neft") and list_checkpoints(r):
                 dyn[_run_label(r)] = rows_dynamics(model, r)
     if dyn:
         report.section(
@@ -439,7 +434,7 @@ def analyze(cfg: Any) -> Path:
     )
     need_model = (
         cfg.full_ft is not None
-        or any(_checkpoints(r) for r in runs)
+        or any(list_checkpoints(r) for r in runs)
         or any(s.modules and next(iter(s.modules.values())).shape is None for s in specs)
     )
     model = load_model(base_name)[0] if need_model else None

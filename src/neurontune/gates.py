@@ -324,6 +324,17 @@ def _keep_top(gate: GaussianGate, k: int, groups: int) -> None:
     gate.keep.copy_(keep.flatten())
 
 
+def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain nn.Linear holding copies of ``weight`` (out x in) and ``bias``."""
+    new = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
 def _sliced(
     lin: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None, col_scale: torch.Tensor | None
 ) -> nn.Linear:
@@ -334,28 +345,16 @@ def _sliced(
         w = w[:, cols]
     if col_scale is not None:
         w = w * col_scale.to(w.dtype)
-    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
-    new.weight.data.copy_(w)
-    if lin.bias is not None:
-        new.bias.data.copy_(lin.bias.detach()[rows] if rows is not None else lin.bias.detach())
-    return new
+    b = lin.bias.detach() if lin.bias is not None else None
+    return _new_linear(w, b[rows] if b is not None and rows is not None else b)
 
 
 def _fold_low_rank(module: nn.Module) -> nn.Linear:
     if not isinstance(module, LowRank):
         return module
     lin = module.base
-    merged = nn.Linear(
-        lin.in_features,
-        lin.out_features,
-        bias=lin.bias is not None,
-        device=lin.weight.device,
-        dtype=lin.weight.dtype,
-    )
-    merged.weight.data.copy_(lin.weight.detach() + module.delta_weight().detach().to(lin.weight.dtype))
-    if lin.bias is not None:
-        merged.bias.data.copy_(lin.bias.detach())
-    return merged
+    w = lin.weight.detach() + module.delta_weight().detach().to(lin.weight.dtype)
+    return _new_linear(w, lin.bias.detach() if lin.bias is not None else None)
 
 
 @torch.no_grad()
@@ -365,8 +364,6 @@ def export_pruned(
     """Remove shut channels/heads, fold gate values and low-rank terms into the weights, and return
     (and with ``output_dir``, save) a plain transformers model. Call :meth:`GatedModel.finalize` first.
     """
-    from neurontune.io import atomic_dir
-
     model = gated.base_model
     mc = model.config
     kv = mc.num_key_value_heads
@@ -404,10 +401,9 @@ def export_pruned(
     if heads_kept:
         mc.num_attention_heads = heads_kept.pop()
     if output_dir is not None:
-        with atomic_dir(output_dir) as tmp:
-            model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+        from neurontune.io import save_pretrained_atomic
+
+        save_pretrained_atomic(output_dir, model, tokenizer)
     return model
 
 

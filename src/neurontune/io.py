@@ -45,6 +45,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def save_pretrained_atomic(path: str | os.PathLike, model: Any, tokenizer: Any = None) -> Path:
+    """``model.save_pretrained`` (and the tokenizer's) into ``path`` in one atomic step."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` (an existing one is swapped out last)."""

