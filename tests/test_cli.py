@@ -77,6 +77,9 @@ def test_finetune_tiny_end_to_end(tmp_path, capsys):
         (["scorer_options=p"], "expected key=value"),
         (["scorer=activation", "scorer_options=mode=loud"], "activation mode must be"),
         (["model=/nonexistent/dir"], "could not load model"),
+        (["method=rows", "spec=/nope/spec.json"], "/nope/spec.json: not a NeuronSpec file"),
+        (["method=gates", "gate_sparsity=1.5"], "(gate_sparsity on the command line) must be in [0, 1)"),
+        (["method=gates", "model=tiny-gpt2"], "structured gates need a Llama-style decoder"),
     ],
 )
 def test_finetune_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
@@ -85,6 +88,7 @@ def test_finetune_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
     assert rc == 2
     assert err.startswith("neurontune: error: ") and message in err
     assert "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing written for a run that never started
 
 
 def test_select_command_writes_spec(tmp_path, capsys):

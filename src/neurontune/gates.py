@@ -77,7 +77,9 @@ class GateConfig:
                 f"gate granularity must be 'structured' or 'linear', got {self.granularity!r}"
             )
         if not 0.0 <= self.target_sparsity < 1.0:
-            raise NeurontuneError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
+            raise NeurontuneError(
+                f"target_sparsity (gate_sparsity on the command line) must be in [0, 1), got {self.target_sparsity}"
+            )
         if self.penalty not in ("ranked", "mean"):
             raise NeurontuneError(f"gate penalty must be 'ranked' or 'mean', got {self.penalty!r}")
         if not 0.0 < self.init < 1.5:
@@ -164,6 +166,11 @@ class RowColGated(nn.Module):
 def _linear(module: nn.Module) -> nn.Linear:
     """The frozen nn.Linear inside a (possibly low-rank-wrapped) module."""
     return module.base if isinstance(module, LowRank) else module
+
+
+def check_structured(model: nn.Module) -> None:
+    """Raise a clear error unless ``model`` has the Llama-style layout structured gates need."""
+    _layers(model)
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:

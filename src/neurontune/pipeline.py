@@ -248,8 +248,25 @@ def _check_output_dir(cfg: FinetuneConfig, out: Path) -> None:
             )
 
 
+def _check_method(cfg: FinetuneConfig, model: torch.nn.Module, out: Path) -> NeuronSpec | None:
+    """Check what the method needs of the model before the run writes anything; returns the
+    validated ``spec=`` selection when one is given."""
+    if cfg.method == "gates" and cfg.gate_granularity == "structured":
+        from neurontune.gates import check_structured
+
+        check_structured(model)
+    if cfg.method not in ("rows", "neft") or (cfg.resume and (out / "neuron_spec.json").is_file()):
+        return None
+    if cfg.spec:
+        from neurontune.analysis import load_spec
+
+        return load_spec(cfg.spec).validate(model)
+    check_selection(cfg, model)
+    return None
+
+
 def _trainable_model(
-    cfg: FinetuneConfig, model: torch.nn.Module, tok: Any, task: Task, out: Path
+    cfg: FinetuneConfig, model: torch.nn.Module, tok: Any, task: Task, out: Path, given: NeuronSpec | None
 ) -> tuple[torch.nn.Module, NeuronSpec | None]:
     if cfg.method in ("rows", "neft"):
         from neurontune.rowtune import RowTuneConfig, get_rowtune_model
@@ -258,10 +275,8 @@ def _trainable_model(
         if cfg.resume and spec_path.is_file():
             spec = NeuronSpec.load(spec_path)
             print(f"using the selection of the run being resumed ({spec.num_rows():,} rows)")
-        elif cfg.spec:
-            from neurontune.analysis import load_spec
-
-            spec = load_spec(cfg.spec).validate(model)
+        elif given is not None:
+            spec = given
             spec.provenance["transferred_from"] = cfg.spec
             spec.save(spec_path)
             print(f"training the {spec.num_rows():,} rows of {cfg.spec}")
@@ -353,12 +368,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)  # data problems surface here, before anything is written
     task = task.head(cfg.train_examples, cfg.eval_examples)
-    if (
-        cfg.method in ("rows", "neft")
-        and not cfg.spec
-        and not (cfg.resume and (out / "neuron_spec.json").is_file())
-    ):
-        check_selection(cfg, model)
+    given = _check_method(cfg, model, out)  # bad method input fails here, before anything is written
     forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
     if cfg.overwrite and not cfg.resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -370,7 +380,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
 
     before = run_eval(model) if cfg.eval_before or cfg.method == "none" else None
-    model, spec = _trainable_model(cfg, model, tok, task, out)
+    model, spec = _trainable_model(cfg, model, tok, task, out, given)
     trainable, total = count_parameters(model)
     print(describe_parameters(model))
     log: list[dict[str, float]] = []
