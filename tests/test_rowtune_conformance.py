@@ -1,5 +1,5 @@
 """Conformance matrix for row-sparse tuning (PEFT test_custom_models style):
-tiny Llama (nn.Linear, GQA) and tiny GPT-2 (Conv1D) x rows / rows+cols / fused / index_add."""
+tiny Llama (nn.Linear, GQA) and tiny GPT-2 (Conv1D) x rows / rows+cols / contiguous rows x every impl."""
 
 import copy
 
@@ -13,12 +13,13 @@ from neurontune.targets import get_weight
 from .conftest import make_batch
 from .helpers import random_spec
 
-CONFIGS = {
-    "rows-fused": dict(k=3, cols=None, impl="fused"),
-    "rows-index_add": dict(k=3, cols=None, impl="index_add"),
-    "rows+cols-fused": dict(k=4, cols=5, impl="fused"),
-    "rows+cols-index_add": dict(k=4, cols=5, impl="index_add"),
+IMPLS = ["auto", "merged", "fused", "index_add"]
+SHAPES = {
+    "rows": dict(k=3, cols=None),
+    "rows+cols": dict(k=4, cols=5),
+    "contiguous": dict(k=4, cols=None, contiguous=True),  # rows 2..5: slices instead of gathers
 }
+CONFIGS = {f"{s}-{i}": dict(**SHAPES[s], impl=i) for s in SHAPES for i in IMPLS}
 # fp32 outputs of merged vs unmerged models agree to float rounding of one extra add.
 ATOL = 1e-5
 
@@ -27,7 +28,7 @@ ATOL = 1e-5
 def setup(request, model_kind, fresh_model):
     c = CONFIGS[request.param]
     base = fresh_model(model_kind)
-    spec = random_spec(base, k=c["k"], cols=c["cols"])
+    spec = random_spec(base, k=c["k"], cols=c["cols"], contiguous=c.get("contiguous", False))
     return base, spec, RowTuneConfig(impl=c["impl"])
 
 
@@ -197,7 +198,7 @@ def test_half_base_fp32_delta_finite(model_kind, fresh_model, dtype):
     )
 
 
-@pytest.mark.parametrize("impl", ["fused", "index_add"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_all_rows_matches_full_finetune_first_step(model_kind, fresh_model, impl):
     """Selecting every row of every linear gives the same first step as full fine-tuning of those linears."""
     full = fresh_model(model_kind)
@@ -233,15 +234,16 @@ def test_all_rows_matches_full_finetune_first_step(model_kind, fresh_model, impl
         )
 
 
-def test_fused_and_index_add_agree(model_kind, fresh_model):
+def test_impls_agree(model_kind, fresh_model):
     results = []
-    for impl in ("fused", "index_add"):
+    for impl in IMPLS:
         base = fresh_model(model_kind)
         model = get_rowtune_model(base, random_spec(base, k=5, cols=6), RowTuneConfig(impl=impl))
         _train(model, steps=3)
         results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-    for n in results[0]:
-        torch.testing.assert_close(results[0][n], results[1][n], rtol=1e-4, atol=1e-6)
+    for other in results[1:]:
+        for n in results[0]:
+            torch.testing.assert_close(other[n], results[0][n], rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_checkpointing_compatible(fresh_model):

@@ -162,7 +162,7 @@ class FinetuneConfig(SelectConfig):
     forgetting_examples: int = _opt(32, "held-out news articles for perplexity (forgetting); 0 to skip")
     eval_before: bool = _opt(True, "also evaluate the base model before training")
     eval_batch_size: int = _opt(16, "evaluation batch size")
-    impl: str = _opt("fused", "row-delta formulation: fused or index_add")
+    impl: str = _opt("auto", "row-delta formulation: auto (fastest for the device), merged, fused, index_add")
     steps: int = _opt(40, "optimizer steps")
     batch_size: int = _opt(8, "micro-batch size")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from neurontune.errors import NeurontuneError
+from neurontune.rowtune.layer import IMPLS
 
 _DTYPES = {
     "float32": torch.float32,
@@ -28,19 +29,20 @@ class RowTuneConfig:
         exclude_modules: names/regex removed from ``target_modules``.
         delta_dtype: dtype of the trainable deltas. Keep ``"float32"`` (the default) even for a
             bf16/fp16 base: updates to small deltas underflow in half precision.
-        impl: ``"fused"`` (custom autograd, default) or ``"index_add"`` (plain autograd).
+        impl: ``"auto"`` (default: the fastest formulation measured for the device), ``"merged"``,
+            ``"fused"`` or ``"index_add"``; see :mod:`neurontune.rowtune.layer`.
     """
 
     target_modules: str | Sequence[str] = "all-linear"
     exclude_modules: str | Sequence[str] | None = None
     delta_dtype: str = "float32"
-    impl: str = "fused"
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.delta_dtype not in _DTYPES:
             raise NeurontuneError(f"delta_dtype must be one of {sorted(_DTYPES)}, got {self.delta_dtype!r}")
-        if self.impl not in ("fused", "index_add"):
-            raise NeurontuneError(f"impl must be 'fused' or 'index_add', got {self.impl!r}")
+        if self.impl not in IMPLS:
+            raise NeurontuneError(f"impl must be one of {', '.join(IMPLS)}; got {self.impl!r}")
         if not isinstance(self.target_modules, str):
             self.target_modules = list(self.target_modules)
         if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):

@@ -2,7 +2,7 @@ r"""Row-sparse linear layer: only selected output rows (optionally only selected
 
 SPruFT-style parameterisation (Li & Bhaskara, arXiv 2502.11439), initialised at zero::
 
-    y = W x + b                      frozen base (any dtype, never copied)
+    y = W x + b                      frozen base (any dtype, never copied in place)
     y[..., rows] += D x[..., cols]   D: (k, c) fp32 trainable delta, k = |rows|, c = |cols|
 
     merge:  W[rows, cols] += D       (the original block is kept, so unmerge is exact)
@@ -10,15 +10,38 @@ SPruFT-style parameterisation (Li & Bhaskara, arXiv 2502.11439), initialised at 
 Gradients and optimizer state exist only for the k x c entries of D; the frozen weight has
 ``requires_grad=False`` and gets no gradient, so weight decay cannot touch unselected rows.
 
-Two formulations of the same math (``impl``):
+**Precision.** Every matmul runs in the *compute dtype*: the autocast dtype when autocast is on for
+the input's device (``torch.autocast("cuda"|"cpu", dtype=torch.bfloat16)``, what accelerate's
+``mixed_precision="bf16"`` uses), else the input's dtype. The master delta and its gradient stay in
+``delta_dtype`` (fp32); no activation or weight is ever cast *up* to fp32. Backward keeps only the
+input in the compute dtype (just its selected columns in column mode) plus references to the frozen
+weight and the delta: a half-precision copy of the weight is recomputed in backward, never stored.
 
-- ``"fused"`` (default): a custom autograd function that adds ``D x`` into the base output in place and
-  in backward computes only ``dD = dy[..., rows]^T x[..., cols]`` and ``dx = dy W + scatter(dy[..., rows] D)``.
-  It saves only ``x[..., cols]`` for backward and never allocates a second output-sized tensor.
-- ``"index_add"``: plain autograd, ``y.index_add(-1, rows, x @ D^T)``; needed when the base weight
-  itself is trainable and kept as a reference implementation.
+**Formulations** (``impl``), all the same math:
 
-``benchmarks/rowtune_overhead.py`` measures both against PEFT LoRA and full fine-tuning.
+- ``"merged"``: one GEMM per call with the effective weight ``W' = W; W'[rows, cols] += D``, built in
+  the compute dtype for the call and rebuilt in backward (never stored). Backward:
+  ``dx = dy W'`` (one GEMM) and ``dD = dy[..., rows]^T x[..., cols]`` (a k-row GEMM). Costs one
+  weight-sized copy per call; under fp32-weights + autocast that copy is the cast autocast makes anyway.
+  In half precision the delta's effect is rounded into ``W'`` as it will be in the merged model.
+- ``"fused"``: the base GEMM plus a k-row delta GEMM added into the output rows in place (``narrow``
+  when the rows are a contiguous range, ``index_add_`` otherwise); backward ``dx = dy W +
+  scatter(dy[..., rows] D)``. No weight-sized temporary in pure bf16/fp32.
+- ``"index_add"``: plain autograd (``y.index_add(-1, rows, x D^T)``); the reference, and the only one
+  that works when the base weight itself is trainable.
+- ``"auto"`` (default): the rule below; ``index_add`` whenever the base is trainable.
+
+**The auto rule, and the measurements behind it** (``benchmarks/gpu_step.py``; results in
+``benchmarks/results/gpu_step.md``):
+
+- CUDA -> ``merged``. Measured on an H100 80GB (torch 2.11) with a prototype of these two
+  formulations, in issue #10: merged 0.60x PEFT LoRA's step on the Llama-3.2-1B shape (4x1024) and
+  0.69x on Llama-3-8B (2x1024); the delta-GEMM formulation (= ``fused`` in the compute dtype)
+  0.69x / 0.67x. Not yet re-measured with this module on a GPU: ``gpu_step.py`` is the script for it.
+- CPU -> ``merged`` when the weight has to be cast to the compute dtype anyway (fp32 weights under
+  bf16 autocast: the effective weight *is* that cast), else ``fused`` (an fp32 or pure-bf16 model,
+  where ``merged`` would add a weight-sized copy per call). SmolLM2-135M shape, 2 cores, rank-16
+  budget: fp32 merged 1.11x vs fused 0.97x LoRA's step; bf16 autocast merged 0.76x vs fused 0.87x.
 """
 
 from __future__ import annotations
@@ -31,41 +54,149 @@ from torch import nn
 
 from neurontune.targets import get_weight, linear_shape
 
-Impl = Literal["fused", "index_add"]
+Impl = Literal["auto", "merged", "fused", "index_add"]
+IMPLS: tuple[str, ...] = ("auto", "merged", "fused", "index_add")
+
+Span = tuple[int, int] | None  # (start, stop) when the indices are a contiguous range, else None
 
 
-class _RowDeltaLinear(torch.autograd.Function):
-    """``F.linear(x, W, b)`` plus ``D x[..., cols]`` added into output rows ``rows``; W and b frozen."""
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls of a call with input ``x`` run in: autocast's if enabled, else ``x``'s."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _span(idx: torch.Tensor | None) -> Span:
+    """``(start, stop)`` if ``idx`` is ``start, start+1, ..., stop-1``, else ``None``."""
+    if idx is None or idx.numel() == 0:
+        return None
+    start = int(idx[0])
+    if torch.equal(idx.cpu(), torch.arange(start, start + idx.numel())):
+        return start, start + idx.numel()
+    return None
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor | None, span: Span) -> torch.Tensor:
+    """``t[..., idx]``: a view when ``idx`` is a contiguous range."""
+    if idx is None:
+        return t
+    if span is not None:
+        return t.narrow(-1, span[0], span[1] - span[0])
+    return t.index_select(-1, idx)
+
+
+def _add_into(t: torch.Tensor, idx: torch.Tensor | None, span: Span, value: torch.Tensor) -> None:
+    """``t[..., idx] += value`` in place."""
+    if idx is None:
+        t.add_(value)
+    elif span is not None:
+        t.narrow(-1, span[0], span[1] - span[0]).add_(value)
+    else:
+        t.index_add_(-1, idx, value)
+
+
+def get_block(w: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """``w[rows][:, cols]`` (a copy unless both are ``None``)."""
+    block = w if rows is None else w.index_select(0, rows)
+    return block if cols is None else block.index_select(1, cols)
+
+
+def put_block(
+    w: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, value: torch.Tensor
+) -> None:
+    """``w[rows][:, cols] = value`` in place."""
+    value = value.to(w.dtype)
+    if rows is None and cols is None:
+        w.copy_(value)
+    elif cols is None:
+        w.index_copy_(0, rows, value)
+    elif rows is None:
+        w.index_copy_(1, cols, value)
+    else:
+        w[rows[:, None], cols[None, :]] = value
+
+
+def effective_weight(
+    weight: torch.Tensor,
+    delta: torch.Tensor,
+    rows: torch.Tensor | None,
+    cols: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A new tensor ``W`` in ``dtype`` with ``W[rows, cols] = (weight[rows, cols] + delta)``, the sum in
+    ``delta``'s dtype and rounded once."""
+    w = weight.to(dtype, copy=True)
+    put_block(w, rows, cols, get_block(weight, rows, cols).to(delta.dtype) + delta)
+    return w
+
+
+class _FusedRowLinear(torch.autograd.Function):
+    """``F.linear(x, W, b)`` with ``D x[..., cols]`` added into output rows ``rows``; W and b frozen."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, rows, cols):
-        y = F.linear(x, weight, bias)
-        xs = x if cols is None else x.index_select(-1, cols)
-        d = F.linear(xs.to(delta.dtype), delta).to(y.dtype)
-        if rows is None:
-            y += d
-        else:
-            y.index_add_(-1, rows, d)
+    def forward(ctx, x, weight, bias, delta, rows, cols, row_span, col_span):
+        cd = compute_dtype(x)
+        xc = x.to(cd)
+        y = F.linear(xc, weight.to(cd), None if bias is None else bias.to(cd))
+        xs = _take(xc, cols, col_span)
+        _add_into(y, rows, row_span, F.linear(xs, delta.to(cd)))
         ctx.save_for_backward(xs, weight, delta, rows, cols)
-        ctx.x_dtype = x.dtype
+        ctx.meta = (cd, x.dtype, row_span, col_span)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         xs, weight, delta, rows, cols = ctx.saved_tensors
-        gys = gy if rows is None else gy.index_select(-1, rows)
+        cd, x_dtype, row_span, col_span = ctx.meta
+        gy = gy.to(cd)
+        gys = _take(gy, rows, row_span)
         gx = gdelta = None
         if ctx.needs_input_grad[0]:
-            gx = (gy.to(weight.dtype) @ weight).to(ctx.x_dtype)
-            gd = (gys.to(delta.dtype) @ delta).to(ctx.x_dtype)
-            if cols is None:
-                gx += gd
-            else:
-                gx.index_add_(-1, cols, gd)
+            gx = gy @ weight.to(cd)
+            _add_into(gx, cols, col_span, gys @ delta.to(cd))
+            gx = gx.to(x_dtype)
         if ctx.needs_input_grad[3]:
-            k, c = delta.shape
-            gdelta = gys.reshape(-1, k).to(delta.dtype).t() @ xs.reshape(-1, c).to(delta.dtype)
-        return gx, None, None, gdelta, None, None
+            gdelta = _delta_grad(gys, xs, delta)
+        return gx, None, None, gdelta, None, None, None, None
+
+
+class _MergedRowLinear(torch.autograd.Function):
+    """``F.linear(x, W', b)`` with the effective weight ``W'`` (delta folded in) rebuilt in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, rows, cols, row_span, col_span):
+        cd = compute_dtype(x)
+        xc = x.to(cd)
+        y = F.linear(
+            xc, effective_weight(weight, delta, rows, cols, cd), None if bias is None else bias.to(cd)
+        )
+        ctx.save_for_backward(_take(xc, cols, col_span), weight, delta, rows, cols)
+        ctx.meta = (cd, x.dtype, row_span, col_span)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xs, weight, delta, rows, cols = ctx.saved_tensors
+        cd, x_dtype, row_span, _ = ctx.meta
+        gy = gy.to(cd)
+        gx = gdelta = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy @ effective_weight(weight, delta, rows, cols, cd)).to(x_dtype)
+        if ctx.needs_input_grad[3]:
+            gdelta = _delta_grad(_take(gy, rows, row_span), xs, delta)
+        return gx, None, None, gdelta, None, None, None, None
+
+
+def _delta_grad(gys: torch.Tensor, xs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``dD = dy[..., rows]^T x[..., cols]`` over all leading dims, in the compute dtype, returned in
+    the delta's dtype."""
+    k, c = delta.shape
+    return (gys.reshape(-1, k).t() @ xs.reshape(-1, c)).to(delta.dtype)
+
+
+_FUNCTIONS = {"fused": _FusedRowLinear, "merged": _MergedRowLinear}
 
 
 class RowSparseLinear(nn.Module):
@@ -76,7 +207,7 @@ class RowSparseLinear(nn.Module):
         rows: output-row indices (``None``: all rows).
         cols: input-column indices (``None``: all columns).
         delta_dtype: dtype of the trainable delta; fp32 by default whatever the base dtype.
-        impl: ``"fused"`` or ``"index_add"`` (see module docstring).
+        impl: ``"auto"``, ``"merged"``, ``"fused"`` or ``"index_add"`` (see module docstring).
     """
 
     def __init__(
@@ -85,14 +216,14 @@ class RowSparseLinear(nn.Module):
         rows: list[int] | torch.Tensor | None,
         cols: list[int] | torch.Tensor | None = None,
         delta_dtype: torch.dtype = torch.float32,
-        impl: Impl = "fused",
+        impl: Impl = "auto",
     ) -> None:
         super().__init__()
         shape = linear_shape(base_layer)
         if shape is None:
             raise TypeError(f"RowSparseLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
-        if impl not in ("fused", "index_add"):
-            raise ValueError(f"impl must be 'fused' or 'index_add', got {impl!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -106,6 +237,8 @@ class RowSparseLinear(nn.Module):
         self.register_buffer(
             "cols", None if cols is None else torch.as_tensor(cols, dtype=torch.long, device=device)
         )
+        # contiguous index ranges become slices (views) instead of gathers/scatters
+        self.row_span, self.col_span = _span(self.rows), _span(self.cols)
         k = self.out_features if rows is None else len(self.rows)
         c = self.in_features if cols is None else len(self.cols)
         self.delta = nn.Parameter(torch.zeros(k, c, dtype=delta_dtype, device=device))
@@ -139,44 +272,48 @@ class RowSparseLinear(nn.Module):
         k, c = self.delta.shape
         return f"rows={k}/{self.out_features}, cols={c}/{self.in_features}, impl={self.impl}"
 
+    def resolved_impl(self, x: torch.Tensor) -> str:
+        """The formulation a forward with input ``x`` uses, ``auto`` resolved (the rule is in the module
+        docstring); depends on the autocast state, so ask inside the same autocast context."""
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return "index_add"
+        if self.impl != "auto":
+            return self.impl
+        if x.device.type == "cuda" or weight.dtype != compute_dtype(x):
+            return "merged"
+        return "fused"
+
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
-        weight = get_weight(self.base_layer)
-        bias = self.base_layer.bias
-        base_trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
-        if self.impl == "fused" and not base_trainable:
-            return _RowDeltaLinear.apply(x, weight, bias, self.delta, self.rows, self.cols)
-        y = self.base_layer(x)
-        xs = x if self.cols is None else x.index_select(-1, self.cols)
-        d = F.linear(xs.to(self.delta.dtype), self.delta).to(y.dtype)
-        return y + d if self.rows is None else y.index_add(-1, self.rows, d)
+        impl = self.resolved_impl(x)
+        if impl == "index_add":
+            y = self.base_layer(x)
+            xs = x if self.cols is None else x.index_select(-1, self.cols)
+            d = F.linear(xs.to(compute_dtype(x)), self.delta.to(compute_dtype(x))).to(y.dtype)
+            return y + d if self.rows is None else y.index_add(-1, self.rows, d)
+        return _FUNCTIONS[impl].apply(
+            x,
+            get_weight(self.base_layer),
+            self.base_layer.bias,
+            self.delta,
+            self.rows,
+            self.cols,
+            self.row_span,
+            self.col_span,
+        )
 
     # ---- merge / unmerge -----------------------------------------------------------------------
-    def _get_block(self, w: torch.Tensor) -> torch.Tensor:
-        block = w if self.rows is None else w.index_select(0, self.rows)
-        return block if self.cols is None else block.index_select(1, self.cols)
-
-    def _put_block(self, w: torch.Tensor, value: torch.Tensor) -> None:
-        value = value.to(w.dtype)
-        if self.rows is None and self.cols is None:
-            w.copy_(value)
-        elif self.cols is None:
-            w.index_copy_(0, self.rows, value)
-        elif self.rows is None:
-            w.index_copy_(1, self.cols, value)
-        else:
-            w[self.rows[:, None], self.cols[None, :]] = value
-
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the delta into the base weight (``W[rows, cols] += D``); keeps the original block."""
         if self.merged:
             return
         w = get_weight(self.base_layer)
-        block = self._get_block(w).clone()
-        self._put_block(w, block.to(self.delta.dtype) + self.delta)
+        block = get_block(w, self.rows, self.cols).clone()
+        put_block(w, self.rows, self.cols, block.to(self.delta.dtype) + self.delta)
         self._merged_block = block
 
     @torch.no_grad()
@@ -184,7 +321,7 @@ class RowSparseLinear(nn.Module):
         """Restore the exact original weights (the saved block, not a lossy subtraction)."""
         if not self.merged:
             return
-        self._put_block(get_weight(self.base_layer), self._merged_block)
+        put_block(get_weight(self.base_layer), self.rows, self.cols, self._merged_block)
         self._merged_block = None
 
     @torch.no_grad()
