@@ -91,7 +91,7 @@ def test_dynamics_follow_the_checkpoints_to_the_saved_adapter(tmp_path):
     assert [d["step"] for d in dyn] == [2, 4, 6]
     assert dyn[0]["cosine"] > dyn[-1]["cosine"] and dyn[0]["delta_norm"] < dyn[-1]["delta_norm"]
     # the last checkpoint holds the saved adapter's deltas: its mean row-change norm, computed directly
-    deltas = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    deltas = load_file(tmp_path / "run" / "adapter" / "neurontune_adapter.safetensors")
     norms = torch.cat([t.norm(dim=1) for k, t in deltas.items() if k.endswith(".delta")])
     assert dyn[-1]["delta_norm"] == pytest.approx(norms.mean().item(), rel=1e-5)
 

@@ -132,12 +132,12 @@ def test_missing_adapter(tmp_path, fresh_model):
     with pytest.raises(AdapterError, match="adapter directory not found"):
         RowTuneModel.from_pretrained(fresh_model("tiny-llama"), tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(AdapterError, match="adapter config not found"):
+    with pytest.raises(AdapterError, match="no neurontune_adapter.json; not a neurontune row adapter"):
         RowTuneModel.from_pretrained(fresh_model("tiny-llama"), tmp_path / "empty")
 
 
 def test_corrupted_adapter_weights(saved_adapter, fresh_model):
-    f = saved_adapter / "adapter_model.safetensors"
+    f = saved_adapter / "neurontune_adapter.safetensors"
     f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
     with pytest.raises(AdapterError, match="corrupted or not a safetensors file"):
         RowTuneModel.from_pretrained(fresh_model("tiny-llama"), saved_adapter)
@@ -147,7 +147,7 @@ def test_corrupted_adapter_weights(saved_adapter, fresh_model):
 
 
 def test_corrupted_adapter_config(saved_adapter, fresh_model):
-    c = saved_adapter / "adapter_config.json"
+    c = saved_adapter / "neurontune_adapter.json"
     c.write_text(c.read_text()[:50])
     with pytest.raises(AdapterError, match="not valid JSON"):
         RowTuneModel.from_pretrained(fresh_model("tiny-llama"), saved_adapter)
@@ -159,7 +159,7 @@ def test_corrupted_adapter_config(saved_adapter, fresh_model):
 def test_adapter_tensor_tampering(saved_adapter, fresh_model):
     from safetensors.torch import load_file, save_file
 
-    f = saved_adapter / "adapter_model.safetensors"
+    f = saved_adapter / "neurontune_adapter.safetensors"
     t = load_file(f)
     name = next(k for k in t if k.endswith(".rows"))
     t[name] = t[name].float()
@@ -169,7 +169,7 @@ def test_adapter_tensor_tampering(saved_adapter, fresh_model):
     t[name] = t[name].int()
     del t[name.replace(".rows", ".delta")]
     save_file(t, f)
-    with pytest.raises(AdapterError, match="missing from adapter_model.safetensors"):
+    with pytest.raises(AdapterError, match="missing from neurontune_adapter.safetensors"):
         RowTuneModel.from_pretrained(fresh_model("tiny-llama"), saved_adapter)
 
 

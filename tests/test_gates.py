@@ -109,7 +109,8 @@ def test_linear_gates_fold_into_plain_linears():
 def test_penalty_moves_sparsity_toward_the_target(tokenizer, lam):
     gated = GatedModel(tiny_model("tiny-llama"), GateConfig(target_sparsity=0.3, lam=lam))
     data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
-    log = train(gated, data, TrainArgs(steps=100, lr=0.01, max_grad_norm=0), progress=False)
+    args = TrainArgs(steps=100, lr=0.01, max_grad_norm=0)
+    log = train(gated, data, args, progress=False, **gated.training_hooks(args.lr))
     gated.eval()
     achieved = gated.sparsity()["gate_sparsity"]
     assert log[0]["gate_sparsity"] == 0.0 and "penalty" in log[0]
@@ -151,7 +152,7 @@ def test_gates_and_low_rank_train_in_two_groups_and_resume_exactly(tmp_path, tok
         gated = GatedModel(tiny_model("tiny-llama"), GateConfig(low_rank=2, lr=0.05, target_sparsity=0.3))
         data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
         args = TrainArgs(steps=steps, lr=1e-3, weight_decay=0.1, save_steps=3)
-        train(gated, data, args, out, resume=resume, progress=False)
+        train(gated, data, args, out, resume=resume, progress=False, **gated.training_hooks(args.lr))
         return gated
 
     full = run(tmp_path / "full", 6)

@@ -154,7 +154,7 @@ def test_adapter_file_is_compact(setup, tmp_path):
     base, spec, cfg = setup
     model = get_rowtune_model(base, spec, cfg)
     model.save_pretrained(tmp_path / "a")
-    path = tmp_path / "a" / "adapter_model.safetensors"
+    path = tmp_path / "a" / "neurontune_adapter.safetensors"
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     n_idx = sum(len(s.rows or []) + len(s.cols or []) for s in spec.modules.values())
     # fp32 deltas + int32 indices, nothing else: file = 8-byte length + JSON header + payload

@@ -38,11 +38,11 @@ def load_spec(path: str | Path) -> NeuronSpec:
         return NeuronSpec.load(p)
     if (p / "neuron_spec.json").is_file():
         return NeuronSpec.load(p / "neuron_spec.json")
-    if (p / "adapter_config.json").is_file():
-        from neurontune.rowtune.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_spec
+    from neurontune.rowtune.model import adapter_spec, is_row_adapter, read_adapter
 
-        cfg = read_json(p / ADAPTER_CONFIG, "adapter config")
-        return adapter_spec(cfg, read_safetensors(p / ADAPTER_WEIGHTS, "adapter weights"), p)
+    if p.is_dir() and is_row_adapter(p):
+        cfg, tensors = read_adapter(p)
+        return adapter_spec(cfg, tensors, p)
     raise NeurontuneError(f"{p}: not a NeuronSpec file, a neurontune adapter or a run directory with one")
 
 
@@ -356,7 +356,7 @@ def _metric_value(m: dict[str, Any], which: str = "after") -> float | None:
 def _neurons_from(m: dict[str, Any]) -> str:
     if m.get("spec"):
         return f"spec {_run_label(Path(m['spec']))}"
-    return m["scorer"] or "-" if m["method"] in ("rows", "neft") else "-"
+    return m.get("scorer") or "-"
 
 
 def _run_label(p: Path) -> str:

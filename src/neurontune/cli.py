@@ -31,7 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"neurontune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, cls in COMMANDS.items():
-        sp = sub.add_parser(name, help=cls.__doc__.splitlines()[0], description=cls.__doc__.splitlines()[0])
+        epilog = None
+        if cls is FinetuneConfig:
+            from neurontune.methods import registry
+
+            epilog = "methods:\n" + "\n".join(f"  {n:<8} {m.help}" for n, m in registry().items())
+        sp = sub.add_parser(
+            name, help=cls.__doc__.splitlines()[0], description=cls.__doc__.splitlines()[0], epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
         sp.add_argument(
             "--config", dest="config_file", metavar="YAML", help="YAML file of key: value settings"
         )

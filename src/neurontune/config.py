@@ -6,14 +6,28 @@ import argparse
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from neurontune.errors import NeurontuneError
+from neurontune.fields import opt as _opt
+from neurontune.methods import get_method, method_names, option_classes
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _custom_scorer(name: str) -> bool:
+    from neurontune.scoring import SCORERS
+
+    return name in SCORERS
+
+
+def _scheduler_names() -> tuple[str, ...]:
+    from transformers import SchedulerType
+
+    # reduce_lr_on_plateau needs a metric each step, which the training loop does not give it
+    return tuple(t.value for t in SchedulerType if t.value != "reduce_lr_on_plateau")
+
+
+_SCHEDULERS = _scheduler_names()
 
 
 @dataclass
@@ -39,9 +53,19 @@ class DataConfig:
         for name in self._positive:
             if getattr(self, name) <= 0:
                 raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices and not (f.name == "scorer" and _custom_scorer(value)):
+                close = difflib.get_close_matches(str(value), choices, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise NeurontuneError(f"{f.name}={value!r} is not one of: {', '.join(choices)}{hint}")
 
     def label_words_value(self) -> list[str] | None:
         return [w.strip() for w in self.label_words.split(",") if w.strip()] if self.label_words else None
+
+
+SEL = "selection (rows, neft)"
 
 
 @dataclass
@@ -53,23 +77,30 @@ class SelectConfig(DataConfig):
     )
     dtype: str = _opt("float32", "dtype of the frozen base (float32, bfloat16, float16)")
     scorer: str = _opt(
-        "magnitude", "scorer: magnitude, taylor, fisher, zo-taylor, wanda, activation, neft, random"
-    )
+        "magnitude", "how rows are scored (or a custom scorer registered from Python)",
+        ("magnitude", "taylor", "fisher", "zo-taylor", "wanda", "activation", "neft", "random"), SEL,
+    )  # fmt: skip
     scorer_options: str = _opt(
-        "", "scorer options as k=v,k=v (p=2 | mode=frequency | probe_steps=50,probe_lr=1e-4 | samples=8)"
+        "",
+        "scorer options as k=v,k=v (p=2 | mode=frequency | probe_steps=50,probe_lr=1e-4 | samples=8)",
+        group=SEL,
     )
     target_modules: str = _opt(
         "all-linear", "'all-linear', comma-separated suffixes (q_proj,v_proj) or a regex"
     )
     exclude_modules: str | None = _opt(None, "comma-separated suffixes or a regex to leave out")
     budget: str = _opt(
-        "lora:8", "rows:K per module | ratio:P of all rows | lora:R (as many params as LoRA rank R)"
+        "lora:8",
+        "rows:K per module | ratio:P of all rows | lora:R (as many params as LoRA rank R)",
+        group=SEL,
     )
-    per_layer: bool = _opt(False, "with ratio: P of each module instead of a global top-P")
-    order: str = _opt("highest", "keep the highest or lowest scores")
-    min_per_module: int = _opt(0, "at least this many rows in every module")
-    calib_examples: int = _opt(64, "calibration examples (from the train split) for data-driven scorers")
-    calib_batch_size: int = _opt(8, "calibration batch size")
+    per_layer: bool = _opt(False, "with ratio: P of each module instead of a global top-P", group=SEL)
+    order: str = _opt("highest", "keep the highest or lowest scores", ("highest", "lowest"), SEL)
+    min_per_module: int = _opt(0, "at least this many rows in every module", group=SEL)
+    calib_examples: int = _opt(
+        64, "calibration examples (from the train split) for data-driven scorers", group=SEL
+    )
+    calib_batch_size: int = _opt(8, "calibration batch size", group=SEL)
     output: str = _opt("neuron_spec.json", "where to write the spec (select only)")
 
     _positive = (*DataConfig._positive, "calib_examples", "calib_batch_size")
@@ -77,8 +108,6 @@ class SelectConfig(DataConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.budget_kwargs()  # validate early
-        if self.order not in ("highest", "lowest"):
-            raise NeurontuneError(f"order must be 'highest' or 'lowest', got {self.order!r}")
 
     def budget_kwargs(self) -> dict[str, Any]:
         kind, _, value = self.budget.partition(":")
@@ -125,53 +154,27 @@ class SelectConfig(DataConfig):
         return self._modules(self.exclude_modules)
 
 
-METHODS = ("rows", "neft", "lora", "full", "none", "gates")
-
-
 @dataclass
-class FinetuneConfig(SelectConfig):
+class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method options listed in method order
     """`neurontune finetune`: load, select neurons, train only those rows (or a baseline), evaluate, save."""
 
-    method: str = _opt(
-        "rows",
-        "rows (row-sparse, rows chosen by --scorer), neft (rows with scorer neft), lora (PEFT), full, none, "
-        "gates (stochastic gates that prune; writes output_dir/pruned)",
-    )
-    spec: str | None = _opt(
-        None,
-        "rows/neft: train the rows of this NeuronSpec (spec file, adapter or run dir) instead of scoring",
-    )
-    lora_r: int | None = _opt(None, "LoRA rank (default: R of a lora:R budget, else 8)")
-    lora_alpha: float | None = _opt(None, "LoRA alpha (default: 2 * lora_r)")
-    lora_dropout: float = _opt(0.0, "LoRA dropout")
-    gate_sparsity: float = _opt(0.3, "gates: target fraction of MLP channels (and heads) to remove")
-    gate_lambda: float = _opt(1000.0, "gates: weight of the sparsity penalty")
-    gate_lr: float | None = _opt(
-        None, "gates: learning rate of the gates (default: lr; low-rank terms use lr)"
-    )
-    gate_sigma: float = _opt(0.1, "gates: noise std in training")
-    gate_tau: float = _opt(0.5, "gates: width of the open-probability surrogate in the ranked penalty")
-    gate_penalty: str = _opt("ranked", "gates: ranked (shut the lowest gates) or mean (FineGates' formula)")
-    gate_granularity: str = _opt(
-        "structured", "gates: structured (MLP channels/heads, real speed-up) or linear"
-    )
-    prune_heads: bool = _opt(False, "gates: also gate and remove attention heads")
-    gate_low_rank: int = _opt(0, "gates: rank of a trainable low-rank term inside the gates (0: none)")
+    method: str = _opt("rows", "fine-tuning method (neurontune.methods)", method_names())
     train_examples: int = _opt(2000, "training examples (the first ones of the task's train split)")
     eval_examples: int = _opt(200, "evaluation examples (the first ones of the task's test split)")
     forgetting_examples: int = _opt(32, "held-out news articles for perplexity (forgetting); 0 to skip")
     eval_before: bool = _opt(True, "also evaluate the base model before training")
     eval_batch_size: int = _opt(16, "evaluation batch size")
-    impl: str = _opt("auto", "row-delta formulation: auto (fastest for the device), merged, fused, index_add")
     steps: int = _opt(40, "optimizer steps")
     batch_size: int = _opt(8, "micro-batch size")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(3e-4, "AdamW learning rate")
     weight_decay: float = _opt(0.0, "AdamW weight decay (acts on trainable parameters only)")
-    lr_scheduler: str = _opt("constant", "constant, linear, cosine, ... (transformers.get_scheduler)")
+    lr_scheduler: str = _opt("constant", "learning-rate schedule (transformers.get_scheduler)", _SCHEDULERS)
     warmup_steps: int = _opt(0, "learning-rate warm-up steps")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables")
-    precision: str = _opt("auto", "auto (bf16 on a GPU that supports it, else fp32), fp32, bf16, fp16")
+    precision: str = _opt(
+        "auto", "auto: bf16 autocast on a GPU that supports it, else fp32", ("auto", "fp32", "bf16", "fp16")
+    )
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     save_steps: int = _opt(20, "checkpoint every N steps (for --resume); 0: only at the end")
     save_total_limit: int = _opt(2, "checkpoints kept")
@@ -200,42 +203,10 @@ class FinetuneConfig(SelectConfig):
         super().__post_init__()
         if self.lr <= 0:
             raise NeurontuneError(f"lr must be positive, got {self.lr}")
-        if self.method not in METHODS:
-            close = difflib.get_close_matches(self.method, METHODS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise NeurontuneError(f"unknown method {self.method!r}; choose one of {METHODS}{hint}")
-        if self.method == "neft":
-            self.scorer = "neft"
-        if self.method == "gates":
-            self.gate_config()  # validates the gate options
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise NeurontuneError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        from transformers import SchedulerType
-
-        try:
-            SchedulerType(self.lr_scheduler)
-        except ValueError:
-            names = ", ".join(t.value for t in SchedulerType)
-            raise NeurontuneError(f"lr_scheduler {self.lr_scheduler!r} is not one of: {names}") from None
+        get_method(self.method).check_config(self)
         for name in ("warmup_steps", "save_steps", "forgetting_examples"):
             if getattr(self, name) < 0:
                 raise NeurontuneError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-    def gate_config(self) -> Any:
-        from neurontune.gates import GateConfig
-
-        return GateConfig(
-            granularity=self.gate_granularity, target_sparsity=self.gate_sparsity, lam=self.gate_lambda,
-            sigma=self.gate_sigma, tau=self.gate_tau, penalty=self.gate_penalty, prune_heads=self.prune_heads,
-            low_rank=self.gate_low_rank, target_modules=self.target_modules_value(), lr=self.gate_lr,
-        )  # fmt: skip
-
-    def lora_rank(self) -> int:
-        if self.lora_r is not None:
-            if self.lora_r <= 0:
-                raise NeurontuneError(f"lora_r must be positive, got {self.lora_r}")
-            return self.lora_r
-        return self.budget_kwargs().get("match_lora_rank", 8)
 
 
 @dataclass
@@ -334,18 +305,28 @@ def _parse_value(name: str, raw: str, typ: type, optional: bool = False) -> Any:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    for f in dataclasses.fields(cls):
+    """One ``--flag`` per field, listed under the field's group (``--help`` sections per method), with
+    its choices and its default shown once."""
+    groups: dict[str | None, Any] = {}
+    fields = dataclasses.fields(cls)
+    order = list(dict.fromkeys([None, SEL, *(f.metadata.get("group") for f in fields)]))
+    for f in sorted(fields, key=lambda f: order.index(f.metadata.get("group"))):
+        group = f.metadata.get("group")
+        if group not in groups:
+            groups[group] = parser if group is None else parser.add_argument_group(f"{group} options")
         typ = _field_type(cls, f)
+        choices = f.metadata.get("choices")
         kw: dict[str, Any] = (
             {"action": argparse.BooleanOptionalAction}
             if typ is bool
-            else {"metavar": typ.__name__.upper(), "type": str}
+            else {"metavar": "{" + ",".join(choices) + "}" if choices else typ.__name__.upper(), "type": str}
         )
-        parser.add_argument(
+        default = "" if f.default is None else f" (default: {f.default})"
+        groups[group].add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            help=f"{f.metadata.get('help', '')} (default: {f.default})",
+            help=f.metadata.get("help", "") + default,
             **kw,
         )
 

@@ -246,6 +246,15 @@ class GatedModel(ModelWrapper):
         groups = [{"params": gates, "lr": self.gate_config.lr or lr, "weight_decay": 0.0}]
         return groups + ([{"params": rest}] if rest else [])
 
+    def training_hooks(self, lr: float) -> dict[str, Any]:
+        """What :func:`neurontune.train.train` needs beyond the model: the two optimizer groups, the
+        penalty and the per-step sparsity (``train(gated, data, args, **gated.training_hooks(args.lr))``)."""
+        return {
+            "param_groups": self.param_groups(lr),
+            "regularization": self.regularization,
+            "step_stats": self.sparsity,
+        }
+
     # ---- sparsity ------------------------------------------------------------------------------
     def regularization(self) -> torch.Tensor:
         """The sparsity-target penalty (see the module docstring), averaged over gate groups."""

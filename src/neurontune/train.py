@@ -25,6 +25,7 @@ import io
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,27 +183,26 @@ def train(
     output_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    param_groups: list[dict[str, Any]] | None = None,
+    regularization: Callable[[], torch.Tensor] | None = None,
+    step_stats: Callable[[], dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Run ``args.steps`` optimizer steps over the trainable parameters; returns one log row per step.
 
     With ``output_dir``, checkpoints go to ``output_dir/checkpoints`` every ``save_steps`` steps and
     ``train_log.csv`` is kept up to date; ``resume`` continues from the newest checkpoint there.
+    ``param_groups`` (default: every trainable parameter at ``args.lr``) are AdamW's groups;
+    ``regularization()`` is added to the loss once per step; ``step_stats()`` adds numbers to each log row.
     """
     from transformers import get_scheduler
 
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    # models with a sparsity penalty (GatedModel) add it once per step and report their sparsity
-    regularization = getattr(model, "regularization", None)
-    sparsity = getattr(model, "sparsity", None)
     if not named:
         raise NeurontuneError("the model has no trainable parameters")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     accelerator = _accelerator(mixed_precision(args.precision))
-    # a model may ask for its own parameter groups (GatedModel: gates at their own lr, no weight decay)
-    groups = (
-        model.param_groups(args.lr) if hasattr(model, "param_groups") else [{"params": list(named.values())}]
-    )
+    groups = param_groups if param_groups is not None else [{"params": list(named.values())}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     try:
         scheduler = get_scheduler(
@@ -247,8 +247,8 @@ def train(
         row = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
         if regularization is not None:
             row["penalty"] = reg
-        if sparsity is not None:
-            row.update(sparsity())
+        if step_stats is not None:
+            row.update(step_stats())
         log.append({**row, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1

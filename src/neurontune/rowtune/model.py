@@ -2,7 +2,7 @@
 
 model = get_rowtune_model(base, spec)       # base parameters frozen, zero deltas
 ...train...                                  # only `*.delta` parameters have requires_grad
-model.save_pretrained("adapter/")            # adapter_config.json + adapter_model.safetensors
+model.save_pretrained("adapter/")            # neurontune_adapter.json + neurontune_adapter.safetensors
 model = RowTuneModel.from_pretrained(base, "adapter/")
 plain = model.merge_and_unload()             # a plain transformers model again
 """
@@ -26,9 +26,41 @@ from neurontune.rowtune.layer import RowSparseLinear
 from neurontune.spec import NeuronSpec
 from neurontune.targets import ModelWrapper, set_submodule
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Our own file names: PEFT's names would make PEFT and transformers' `load_adapter` take the directory
+# for a PEFT adapter and fail on a missing `peft_type`. A PEFT LoRA copy: `neurontune export --to peft-lora`.
+ADAPTER_CONFIG = "neurontune_adapter.json"
+ADAPTER_WEIGHTS = "neurontune_adapter.safetensors"
+LEGACY_FILES = ("adapter_config.json", "adapter_model.safetensors")  # neurontune <= 0.1 used PEFT's names
 ADAPTER_FORMAT = "neurontune.rowtune/1"
+ADAPTER_README = """# neurontune row adapter
+
+Trained rows (fp32 deltas) and their indices, for the base model named in `neurontune_adapter.json`.
+This is not a PEFT adapter: load it with `neurontune.RowTuneModel.from_pretrained(base, this_dir)`,
+evaluate it with `neurontune eval --adapter this_dir`, merge it with `neurontune merge`, or turn it
+into an exactly equivalent PEFT LoRA adapter (for PEFT, vLLM, TGI, llama.cpp) with
+
+    neurontune export --adapter this_dir --to peft-lora --output OUT
+"""
+
+
+def adapter_files(adapter_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """The (config, weights) files of a row adapter: ours, or the PEFT-named ones of older versions."""
+    d = Path(adapter_dir)
+    if not (d / ADAPTER_CONFIG).is_file() and (d / LEGACY_FILES[0]).is_file():
+        return d / LEGACY_FILES[0], d / LEGACY_FILES[1]
+    return d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
+
+
+def is_row_adapter(adapter_dir: str | os.PathLike) -> bool:
+    """Whether ``adapter_dir`` holds a neurontune row adapter (either file naming)."""
+    cfg_file, _ = adapter_files(adapter_dir)
+    if not cfg_file.is_file():
+        return False
+    try:
+        cfg = read_json(cfg_file, "adapter config")
+    except NeurontuneError:
+        return cfg_file.name == ADAPTER_CONFIG  # ours but broken: read_adapter says what is wrong
+    return isinstance(cfg, dict) and cfg.get("format") == ADAPTER_FORMAT
 
 
 def _model_id(model: nn.Module) -> str | None:
@@ -141,7 +173,8 @@ class RowTuneModel(ModelWrapper):
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, **extra_config: Any) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (deltas and indices only), atomically."""
+        """Write ``neurontune_adapter.json`` + ``neurontune_adapter.safetensors`` (deltas and indices only)
+        and a README saying what they are, atomically."""
         save_directory = Path(save_directory)
         layers = self.rowtune_layers()
         cfg = {
@@ -164,6 +197,7 @@ class RowTuneModel(ModelWrapper):
         with atomic_dir(save_directory) as tmp:
             write_safetensors(tmp / ADAPTER_WEIGHTS, self.adapter_state_dict(), {"format": ADAPTER_FORMAT})
             write_json(tmp / ADAPTER_CONFIG, cfg)
+            (tmp / "README.md").write_text(ADAPTER_README, encoding="utf-8")
         return save_directory
 
     @classmethod
@@ -206,9 +240,12 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter directory not found: {adapter_dir}")
+    cfg_file, weights_file = adapter_files(adapter_dir)
+    if not cfg_file.is_file():
+        raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a neurontune row adapter")
     try:
-        cfg = read_json(adapter_dir / ADAPTER_CONFIG, "adapter config")
-        tensors = read_safetensors(adapter_dir / ADAPTER_WEIGHTS, "adapter weights")
+        cfg = read_json(cfg_file, "adapter config")
+        tensors = read_safetensors(weights_file, "adapter weights")
     except NeurontuneError as e:
         raise AdapterError(str(e)) from None
     if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
@@ -218,11 +255,9 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[s
             if isinstance(cfg, dict) and "peft_type" in cfg
             else ""
         )
-        raise AdapterError(
-            f"{adapter_dir / ADAPTER_CONFIG}: not a neurontune row adapter (format={got!r}){hint}"
-        )
+        raise AdapterError(f"{cfg_file}: not a neurontune row adapter (format={got!r}){hint}")
     if not isinstance(cfg.get("modules"), dict) or not cfg["modules"]:
-        raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: no 'modules' listed")
+        raise AdapterError(f"{cfg_file}: no 'modules' listed")
     return cfg, tensors
 
 

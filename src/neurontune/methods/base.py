@@ -1,0 +1,108 @@
+"""What a fine-tuning method is to ``neurontune finetune``: one small class per method.
+
+The pipeline runs every method the same way (load, check, evaluate, build, train, finish, save,
+report); a method only says what is its own::
+
+    @register
+    class MyMethod(Method):
+        name = "mine"
+        help = "one line for --help"
+        options = MyOptions          # optional dataclass: its fields become finetune options
+        def build(self, model, tok, task, out): ...   # freeze / wrap the model, return it
+        def save(self, model, tok, out): ...          # write the output, return its path
+
+Everything else has a default that fits a method training the parameters ``build`` left trainable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class Method:
+    """One way of fine-tuning. ``cfg`` is the run's :class:`~neurontune.config.FinetuneConfig`."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+    options: ClassVar[type | None] = None  # a dataclass of this method's own options
+    selects_rows: ClassVar[bool] = False  # uses the scorer / budget options to choose rows
+    trains: ClassVar[bool] = True  # False: evaluation only
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    # ---- before the run writes anything ------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Validate this method's options (and refuse options of other methods that it would ignore)."""
+
+    def check(self, model: nn.Module, out: Path) -> None:
+        """Check what the method needs of ``model`` (a bad spec, an unsupported layout) before the run
+        writes anything or spends minutes evaluating."""
+
+    # ---- training ----------------------------------------------------------------------------------
+    def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
+        """The model to train, with only the method's parameters trainable."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups; ``None``: all trainable parameters in one group at ``lr``."""
+        return None
+
+    def regularization(self, model: nn.Module) -> Callable[[], torch.Tensor] | None:
+        """A penalty added to the loss once per optimizer step, if the method has one."""
+        return None
+
+    def step_stats(self, model: nn.Module) -> Callable[[], dict[str, float]] | None:
+        """Extra numbers logged with every step (e.g. gate sparsity)."""
+        return None
+
+    # ---- after training ----------------------------------------------------------------------------
+    def finish(
+        self, model: nn.Module, tok: Any, out: Path, evaluate: Callable[[nn.Module], dict[str, Any]],
+        after: dict[str, Any] | None,
+    ) -> tuple[nn.Module, dict[str, Any] | None]:  # fmt: skip
+        """Turn the trained model into the one that is saved and reported (gates: the pruned export);
+        returns it and its metrics (``after`` unchanged by default)."""
+        return model, after
+
+    def save(self, model: nn.Module, tok: Any, out: Path) -> Path | None:
+        """Write the run's model output under ``out`` and return its path (``None``: nothing to save)."""
+        return None
+
+    def metrics(self) -> dict[str, Any]:
+        """Method-specific entries for ``metrics.json``."""
+        return {}
+
+    # ---- loading saved outputs ---------------------------------------------------------------------
+    @classmethod
+    def can_load(cls, path: Path, adapter_config: dict[str, Any] | None) -> bool:
+        """Whether ``path`` (an output of this method) is loaded by :meth:`load`."""
+        return False
+
+    @classmethod
+    def load(
+        cls, path: Path, model_name: str | None, dtype: str, is_trainable: bool
+    ) -> tuple[nn.Module, Any]:
+        """``(model, tokenizer)`` for an output of this method."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``method=<cls.name>``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Method]]:
+    return dict(_REGISTRY)

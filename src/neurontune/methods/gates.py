@@ -1,0 +1,124 @@
+"""``method=gates``: stochastic gates that adapt and prune at once; saves the pruned model
+(``output_dir/pruned``, a plain transformers model). The gates themselves: :mod:`neurontune.gates`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neurontune.fields import opt
+from neurontune.methods.base import Method, register
+
+G = "gates"
+
+
+@dataclass
+class GateOptions:
+    gate_sparsity: float = opt(0.3, "target fraction of MLP channels (and heads) to remove", group=G)
+    gate_lambda: float = opt(1000.0, "weight of the sparsity penalty", group=G)
+    gate_lr: float | None = opt(
+        None, "learning rate of the gates (default: lr; low-rank terms use lr)", group=G
+    )
+    gate_sigma: float = opt(0.1, "noise std in training", group=G)
+    gate_tau: float = opt(0.5, "width of the open-probability surrogate in the ranked penalty", group=G)
+    gate_penalty: str = opt("ranked", "ranked (shut the lowest gates) or mean (FineGates' formula)",
+                            ("ranked", "mean"), G)  # fmt: skip
+    gate_granularity: str = opt("structured", "structured (MLP channels/heads, real speed-up) or linear",
+                                ("structured", "linear"), G)  # fmt: skip
+    prune_heads: bool = opt(False, "also gate and remove attention heads", group=G)
+    gate_low_rank: int = opt(0, "rank of a trainable low-rank term inside the gates (0: none)", group=G)
+
+
+def gate_config(cfg: Any) -> Any:
+    from neurontune.gates import GateConfig
+
+    return GateConfig(
+        granularity=cfg.gate_granularity, target_sparsity=cfg.gate_sparsity, lam=cfg.gate_lambda,
+        sigma=cfg.gate_sigma, tau=cfg.gate_tau, penalty=cfg.gate_penalty, prune_heads=cfg.prune_heads,
+        low_rank=cfg.gate_low_rank, target_modules=cfg.target_modules_value(), lr=cfg.gate_lr,
+    )  # fmt: skip
+
+
+@register
+class Gates(Method):
+    name = "gates"
+    help = "stochastic gates that adapt and prune at once; writes output_dir/pruned"
+    options = GateOptions
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.info: dict[str, Any] | None = None
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        gate_config(cfg)  # validates the gate options
+
+    def check(self, model: nn.Module, out: Path) -> None:
+        if self.cfg.gate_granularity == "structured":
+            from neurontune.gates import check_structured
+
+            check_structured(model)
+
+    def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
+        from neurontune.gates import GatedModel
+
+        return GatedModel(model, gate_config(self.cfg))
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        return model.training_hooks(lr)["param_groups"]  # gates at their own lr, no weight decay
+
+    def regularization(self, model: nn.Module) -> Callable[[], torch.Tensor]:
+        return model.training_hooks(self.cfg.lr)["regularization"]
+
+    def step_stats(self, model: nn.Module) -> Callable[[], dict[str, float]]:
+        return model.training_hooks(self.cfg.lr)["step_stats"]
+
+    def finish(self, model, tok, out, evaluate, after):
+        """Save the trained gates, make the export shape uniform, remove what is shut, write
+        ``output_dir/pruned`` (a plain transformers model), report the parameters removed, and
+        evaluate the export."""
+        from neurontune.gates import count_prunable, export_pruned, fold_linear_gates
+        from neurontune.io import save_pretrained_atomic, write_safetensors
+        from neurontune.pipeline import count_parameters
+
+        cfg = self.cfg
+        model.eval()
+        info: dict[str, Any] = {"gated": after, "achieved_sparsity": model.sparsity()}
+        gates = {k: v.contiguous() for k, v in model.state_dict_gates().items()}
+        write_safetensors(out / "gates.safetensors", gates, {"config": json.dumps(model.config_dict())})
+        total_before = count_parameters(model.base_model)[1] - sum(v.numel() for v in gates.values())
+        if cfg.gate_granularity == "structured":
+            prunable_before = count_prunable(model.base_model)
+            achieved = info["achieved_sparsity"]["sparsity_mlp"]
+            if abs(achieved - cfg.gate_sparsity) > 0.05:
+                print(
+                    f"warning: the gates shut {achieved:.1%} of the MLP channels, not {cfg.gate_sparsity:.0%}; "
+                    f"the export removes the {cfg.gate_sparsity:.0%} with the lowest gates (train longer, or "
+                    "raise lr or gate_lambda, to let the gates choose)"
+                )
+            info["shape"] = model.finalize(cfg.gate_sparsity)
+            plain = export_pruned(model, out / "pruned", tok)
+            info["prunable_params"] = [prunable_before, count_prunable(plain)]
+            info["removed_fraction_of_prunable"] = 1 - info["prunable_params"][1] / prunable_before
+        else:  # linear gates: folded, same shapes (shut rows/columns become zeros)
+            plain = fold_linear_gates(model)
+            save_pretrained_atomic(out / "pruned", plain, tok)
+        info["total_params"] = [total_before, count_parameters(plain)[1]]
+        print(
+            f"pruned: {info['total_params'][0]:,} -> {info['total_params'][1]:,} parameters "
+            f"({1 - info['total_params'][1] / info['total_params'][0]:.1%} removed); wrote {out / 'pruned'}/"
+        )
+        self.info = info
+        return plain, evaluate(plain)
+
+    def save(self, model: nn.Module, tok: Any, out: Path) -> Path:
+        return out / "pruned"  # written by finish()
+
+    def metrics(self) -> dict[str, Any]:
+        return {"gates": self.info}
