@@ -85,7 +85,7 @@ def _load(cfg: SelectConfig) -> tuple[torch.nn.Module, Any, Task]:
 
 
 def run_select(cfg: SelectConfig) -> NeuronSpec:
-    from neurontune.methods.rows import save_selection, select_neurons
+    from neurontune.selection import save_selection, select_neurons
 
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)
@@ -141,8 +141,8 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """The main job. Writes to ``cfg.output_dir``: ``config.json``, ``checkpoints/``,
-    ``train_log.csv``, the method's output (``adapter/``, ``model/``, ``pruned/``; rows also
-    ``neuron_spec.json``), ``metrics.json``, ``report.md`` and ``report.html``.
+    ``train_log.csv``, the method's output (``adapter/``, ``model/`` or ``pruned/``, and for row
+    selections ``neuron_spec.json``), ``metrics.json``, ``report.md`` and ``report.html``.
     """
     out = Path(cfg.output_dir)
     _check_output_dir(cfg, out)
@@ -210,7 +210,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         **method.metrics(),
     }
     write_json(out / "metrics.json", metrics)
-    write_report(out / "report.md", cfg, metrics)
+    write_report(out / "report.md", cfg, metrics, method.report_rows(metrics))
     from neurontune.analysis import run_report
 
     run_report(out, metrics, getattr(method, "spec", None))
@@ -221,8 +221,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return metrics
 
 
-def write_report(path: Path, cfg: FinetuneConfig, m: dict[str, Any]) -> None:
-    rows = [
+def write_report(
+    path: Path, cfg: FinetuneConfig, m: dict[str, Any], extra: list[tuple[str, str]] = ()
+) -> None:
+    """``report.md``: the run in a table, ``extra`` rows from the method, the metrics, sample outputs."""
+    fields = [
         ("method", m["method"] + (f" ({m['scorer']})" if m["scorer"] else "")),
         ("model", m["model"]),
         ("task", f"{m['task']} ({m['task_kind']})"),
@@ -233,15 +236,9 @@ def write_report(path: Path, cfg: FinetuneConfig, m: dict[str, Any]) -> None:
         ("peak memory", f"{m['peak_memory_mib']:.0f} MiB ({m['peak_memory_kind']})"),
         ("saved", f"{m['saved']} ({m['saved_bytes']:,} bytes)" if m["saved"] else "-"),
     ]
-    if g := m.get("gates"):
-        before, after = g["total_params"]
-        rows += [
-            ("parameters after pruning", f"{before:,} -> {after:,} ({1 - after / before:.1%} removed)"),
-            ("gate sparsity at the end of training", ", ".join(f"{k} {v:.3f}" for k, v in g["achieved_sparsity"].items())),
-            (f"{m['primary_metric']} of the gated model", f"{g['gated'][m['primary_metric']]:.4g} (after: the pruned export)"),
-        ]  # fmt: skip
+    fields += list(extra)
     lines = [f"# neurontune run: {cfg.output_dir}", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += [f"| {k} | {v} |" for k, v in fields]
     keys = [k for k in m["after"] if isinstance(m["after"][k], int | float)]
     lines += ["", "| metric | before | after |", "|---|---|---|"]
     for k in keys:

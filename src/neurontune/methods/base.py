@@ -79,6 +79,10 @@ class Method:
         """Method-specific entries for ``metrics.json``."""
         return {}
 
+    def report_rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+        """Extra ``(name, value)`` rows for the run table of ``report.md``."""
+        return []
+
     # ---- loading saved outputs ---------------------------------------------------------------------
     @classmethod
     def can_load(cls, path: Path, adapter_config: dict[str, Any] | None) -> bool:

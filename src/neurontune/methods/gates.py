@@ -122,3 +122,13 @@ class Gates(Method):
 
     def metrics(self) -> dict[str, Any]:
         return {"gates": self.info}
+
+    def report_rows(self, metrics: dict[str, Any]) -> list[tuple[str, str]]:
+        g, key = self.info, metrics["primary_metric"]
+        before, after = g["total_params"]
+        sparsity = ", ".join(f"{k} {v:.3f}" for k, v in g["achieved_sparsity"].items())
+        return [
+            ("parameters after pruning", f"{before:,} -> {after:,} ({1 - after / before:.1%} removed)"),
+            ("gate sparsity at the end of training", sparsity),
+            (f"{key} of the gated model", f"{g['gated'][key]:.4g} (after: the pruned export)"),
+        ]

@@ -1,23 +1,19 @@
-"""``method=rows`` (row-sparse: rows chosen by any scorer) and ``method=neft`` (rows by the NeFT probe).
-
-Also the selection job itself (:func:`select_neurons`), shared with ``neurontune select``.
-"""
+"""``method=rows`` (row-sparse: rows chosen by any scorer) and ``method=neft`` (rows by the NeFT probe)."""
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from neurontune.errors import NeurontuneError
 from neurontune.fields import opt
 from neurontune.methods.base import Method, register
 from neurontune.rowtune.layer import IMPLS
+from neurontune.selection import check_selection, save_selection, select_neurons
 from neurontune.spec import NeuronSpec
 
 
@@ -30,82 +26,6 @@ class RowOptions:
     )
     impl: str = opt(
         "auto", "row-delta formulation (auto: the fastest for the device and precision)", IMPLS, "rows, neft"
-    )
-
-
-# ---- the selection job -----------------------------------------------------------------------------
-def select_neurons(
-    cfg: Any, model: nn.Module, tok: Any, task: Any
-) -> tuple[NeuronSpec, dict[str, torch.Tensor]]:
-    """Score the target rows of ``model`` on ``cfg.calib_examples`` training examples and apply the budget.
-
-    Returns the spec and the raw scores (module name -> one score per row).
-    """
-    from neurontune.scoring import score_model
-    from neurontune.selection import select
-    from neurontune.tasks import fixed_batches
-
-    calib = fixed_batches(task.train[: cfg.calib_examples], tok, cfg.calib_batch_size, cfg.max_length)
-    t0 = time.perf_counter()
-    scores = score_model(
-        model,
-        cfg.scorer,
-        batches=calib,
-        target_modules=cfg.target_modules_value(),
-        exclude_modules=cfg.exclude_modules_value(),
-        seed=cfg.seed,
-        progress=True,
-        **cfg.scorer_kwargs(),
-    )
-    seconds = time.perf_counter() - t0
-    spec = select(
-        model,
-        scores,
-        per_layer=cfg.per_layer,
-        order=cfg.order,
-        min_per_module=cfg.min_per_module,
-        seed=cfg.seed,
-        provenance={
-            "scorer": cfg.scorer,
-            "scorer_options": cfg.scorer_kwargs(),
-            "base_model": cfg.model,
-            "seed": cfg.seed,
-            "task": cfg.task,
-            "calib_examples": min(cfg.calib_examples, len(task.train)),
-            "score_seconds": seconds,
-        },
-        verbose=True,
-        **cfg.budget_kwargs(),
-    )
-    s = spec.summary()
-    print(
-        f"selected {s['rows']:,} rows ({s['params']:,} params) in {s['modules']} modules with {cfg.scorer} "
-        f"({seconds:.1f}s)\n  rows by module type: {s['rows_by_type']}\n  rows by layer: {s['rows_by_layer']}"
-    )
-    return spec, scores
-
-
-def check_selection(cfg: Any, model: nn.Module) -> None:
-    """Fail on a bad scorer, scorer option, target or budget now, before minutes of evaluation or scoring."""
-    from neurontune.scoring import get_scorer
-    from neurontune.selection import select
-    from neurontune.targets import find_target_modules, linear_shape
-
-    get_scorer(cfg.scorer, **cfg.scorer_kwargs())
-    names = find_target_modules(model, cfg.target_modules_value(), cfg.exclude_modules_value())
-    zeros = {n: torch.zeros(linear_shape(model.get_submodule(n))[0]) for n in names}
-    select(model, zeros, per_layer=cfg.per_layer, order=cfg.order, min_per_module=cfg.min_per_module,
-           **cfg.budget_kwargs())  # fmt: skip
-
-
-def save_selection(spec: NeuronSpec, scores: dict[str, torch.Tensor], path: str | Path) -> None:
-    """``path`` gets the spec (JSON); ``<stem>.scores.safetensors`` beside it the raw scores."""
-    from neurontune.io import write_safetensors
-
-    path = Path(path)
-    spec.save(path)
-    write_safetensors(
-        path.with_suffix(".scores.safetensors"), scores, {"scorer": str(spec.provenance.get("scorer"))}
     )
 
 
