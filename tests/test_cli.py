@@ -66,7 +66,7 @@ def test_finetune_tiny_end_to_end(tmp_path, capsys):
         (["budget=rows"], "budget 'rows': expected rows:K, ratio:P or lora:R"),
         (["budget=ratio:abc"], "'abc' is not a number"),
         (["budget=lora:x"], "'x' is not an integer"),
-        (["scorer=nope"], "scorer='nope' is not one of: magnitude, taylor"),
+        (["scorer=nope"], "scorer='nope' is not one of: magnitude, random, taylor"),
         (["task=mnist"], "unknown task 'mnist'"),
         (["task=/nope/data.jsonl"], "data file not found: /nope/data.jsonl"),
         (["method=lorra"], "method='lorra' is not one of: rows, neft, lora, dora"),

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from neurontune.errors import NeurontuneError
+from neurontune.fields import choices_of
 from neurontune.fields import opt as _opt
 from neurontune.methods import get_method, method_names, option_classes
 
 
-def _custom_scorer(name: str) -> bool:
+def _scorer_names() -> tuple[str, ...]:
     from neurontune.scoring import SCORERS
 
-    return name in SCORERS
+    return tuple(SCORERS)  # the built-in ones and any registered from Python
 
 
 def _scheduler_names() -> tuple[str, ...]:
@@ -54,9 +55,9 @@ class DataConfig:
             if getattr(self, name) <= 0:
                 raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+            choices = choices_of(f)
             value = getattr(self, f.name)
-            if choices and value not in choices and not (f.name == "scorer" and _custom_scorer(value)):
+            if choices and value not in choices:
                 close = difflib.get_close_matches(str(value), choices, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise NeurontuneError(f"{f.name}={value!r} is not one of: {', '.join(choices)}{hint}")
@@ -77,8 +78,8 @@ class SelectConfig(DataConfig):
     )
     dtype: str = _opt("float32", "dtype of the frozen base (float32, bfloat16, float16)")
     scorer: str = _opt(
-        "magnitude", "how rows are scored (or a custom scorer registered from Python)",
-        ("magnitude", "taylor", "fisher", "zo-taylor", "wanda", "activation", "neft", "random"), SEL,
+        "magnitude", "how rows are scored (custom scorers registered from Python are accepted too)",
+        _scorer_names, SEL,
     )  # fmt: skip
     scorer_options: str = _opt(
         "",
@@ -158,7 +159,7 @@ class SelectConfig(DataConfig):
 class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method options listed in method order
     """`neurontune finetune`: load, select neurons, train only those rows (or a baseline), evaluate, save."""
 
-    method: str = _opt("rows", "fine-tuning method (neurontune.methods)", method_names())
+    method: str = _opt("rows", "fine-tuning method (neurontune.methods)", method_names)
     train_examples: int = _opt(2000, "training examples (the first ones of the task's train split)")
     eval_examples: int = _opt(200, "evaluation examples (the first ones of the task's test split)")
     forgetting_examples: int = _opt(32, "held-out news articles for perplexity (forgetting); 0 to skip")
@@ -315,7 +316,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if group not in groups:
             groups[group] = parser if group is None else parser.add_argument_group(f"{group} options")
         typ = _field_type(cls, f)
-        choices = f.metadata.get("choices")
+        choices = choices_of(f)
         kw: dict[str, Any] = (
             {"action": argparse.BooleanOptionalAction}
             if typ is bool

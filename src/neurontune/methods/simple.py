@@ -23,6 +23,26 @@ class Full(Method):
 
         return save_pretrained_atomic(out / "model", model, tok)
 
+    @classmethod
+    def can_load(cls, path: Path, adapter_config: dict[str, Any] | None) -> bool:
+        return (path / "config.json").is_file()  # a whole model (full, merged, gates' pruned export)
+
+    @classmethod
+    def load(
+        cls, path: Path, model_name: str | None, dtype: str, is_trainable: bool
+    ) -> tuple[nn.Module, Any]:
+        from neurontune.models import load_model
+        from neurontune.pipeline import device
+
+        if model_name is not None:
+            from neurontune.errors import NeurontuneError
+
+            raise NeurontuneError(
+                f"{path} is a whole model, not an adapter: pass it as --model, without --adapter"
+            )
+        model, tok = load_model(str(path), dtype=dtype, device=device())
+        return model.requires_grad_(is_trainable), tok
+
 
 @register
 class NoTraining(Method):
