@@ -9,6 +9,7 @@ from neurontune import __version__
 from neurontune.config import (
     AnalyzeConfig,
     EvalConfig,
+    ExportConfig,
     FinetuneConfig,
     MergeConfig,
     SelectConfig,
@@ -22,6 +23,7 @@ COMMANDS = {
     "finetune": FinetuneConfig,
     "eval": EvalConfig,
     "merge": MergeConfig,
+    "export": ExportConfig,
     "analyze": AnalyzeConfig,
 }
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     ns.overrides = [*ns.overrides, *extra]
     try:
-        from neurontune import analysis, pipeline
+        from neurontune import analysis, export, pipeline
 
         cfg = config_from_args(COMMANDS[ns.command], ns, ns.overrides, ns.config_file)
         job = {
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             "finetune": pipeline.finetune,
             "eval": pipeline.run_eval,
             "merge": pipeline.run_merge,
+            "export": lambda c: export.export(c.adapter, c.to, c.output, c.per_module_rank, c.check, c.model),
             "analyze": analysis.analyze,
         }[ns.command]
         job(cfg)

@@ -280,6 +280,25 @@ class MergeConfig:
                 raise NeurontuneError(f"merge needs --{name}")
 
 
+@dataclass
+class ExportConfig:
+    """`neurontune export`: write a row adapter as an exactly equivalent PEFT LoRA adapter."""
+
+    adapter: str = _opt("", "neurontune row adapter directory")
+    output: str = _opt("", "directory for the PEFT adapter (must not exist)")
+    to: str = _opt("peft-lora", "target format", ("peft-lora",))
+    per_module_rank: bool = _opt(
+        False, "each module at its own rank (rank_pattern) instead of zero-padding all to the largest"
+    )
+    check: bool = _opt(True, "load the base model and compare the two adapters' logits")
+    model: str | None = _opt(None, "base model for --check (default: the adapter's base)")
+
+    def __post_init__(self) -> None:
+        for name in ("adapter", "output"):
+            if not getattr(self, name):
+                raise NeurontuneError(f"export needs --{name}")
+
+
 def _field_type(cls: type, f: dataclasses.Field) -> type:
     t = typing.get_type_hints(cls)[f.name]
     args = [a for a in typing.get_args(t) if a is not type(None)]

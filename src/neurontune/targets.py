@@ -89,9 +89,12 @@ def find_target_modules(
 
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``(out_features, in_features)`` (a transposed view for Conv1D)."""
-    if isinstance(module, Conv1D):
-        return module.weight.t()
-    return module.weight
+    return as_out_in(module.weight, module)
+
+
+def as_out_in(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``weight``, stored in ``module``'s layout, viewed as ``(out_features, in_features)``."""
+    return weight.t() if isinstance(module, Conv1D) else weight
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurontune.targets import get_weight, linear_shape
+from neurontune.targets import as_out_in, get_weight, linear_shape
 
 Impl = Literal["auto", "merged", "fused", "index_add"]
 IMPLS: tuple[str, ...] = ("auto", "merged", "fused", "index_add")
@@ -246,6 +246,8 @@ class RowSparseLinear(nn.Module):
         self.delta_dtype = delta_dtype
         self.impl: Impl = impl
         self.disabled = False
+        self.register_state_dict_post_hook(_standard_state)
+        self.register_load_state_dict_pre_hook(_from_standard_state)
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` cast the frozen base; the delta keeps `delta_dtype`
@@ -327,3 +329,79 @@ class RowSparseLinear(nn.Module):
     @torch.no_grad()
     def reset_delta(self) -> None:
         self.delta.zero_()
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """A copy of the base weight (in its own layout and dtype) with the delta folded in."""
+        w = self.base_layer.weight.detach().clone()
+        if not self.merged:
+            view = as_out_in(w, self.base_layer)
+            put_block(
+                view,
+                self.rows,
+                self.cols,
+                get_block(view, self.rows, self.cols).to(self.delta.dtype) + self.delta,
+            )
+        return w
+
+
+# ---- state dicts: a row-tuned model saves as the standard model it stands for -----------------------
+# Anything that saves `model.state_dict()` (transformers' save_pretrained, the HF Trainer's checkpoints,
+# torch.save) writes the layer as a plain linear with the delta merged in, under the plain layer's
+# names, so `AutoModelForCausalLM.from_pretrained` loads the trained weights. Loading such a state dict
+# back into a row-tuned model recovers the delta as (merged - base) on the selected entries in the
+# delta's dtype (exact to float rounding for an fp32 base; a bf16 base rounds as a merged bf16 model
+# does), and refuses weights that differ from the frozen base outside the selection.
+def _standard_state(module: RowSparseLinear, state: dict, prefix: str, local_metadata: dict) -> None:
+    if prefix + "base_layer.weight" not in state:
+        return
+    state.pop(prefix + "base_layer.weight")
+    merged = module.merged_weight()
+    for key in ("delta", "rows", "cols"):
+        state.pop(prefix + key, None)
+    new = {prefix + "weight": merged}
+    if prefix + "base_layer.bias" in state:
+        new[prefix + "bias"] = state.pop(prefix + "base_layer.bias")
+    for k in [k for k in state if k.startswith(prefix + "base_layer.")]:  # anything else the base holds
+        new[prefix + k[len(prefix + "base_layer.") :]] = state.pop(k)
+    state.update(new)
+
+
+def _from_standard_state(
+    module: RowSparseLinear, state: dict, prefix: str, local_metadata: dict, strict: bool,
+    missing: list, unexpected: list, error_msgs: list,
+) -> None:  # fmt: skip
+    if prefix + "weight" not in state or prefix + "delta" in state:
+        return  # the module's own layout (or nothing for it): the default loading applies
+    w = state.pop(prefix + "weight")
+    base = module.base_layer.weight
+    if tuple(w.shape) != tuple(base.shape):
+        error_msgs.append(f"{prefix}weight: shape {tuple(w.shape)} does not fit {tuple(base.shape)}")
+        return
+    with torch.no_grad():
+        got = as_out_in(w.to(base.device), module.base_layer)
+        ref = get_weight(module.base_layer)
+        outside = got.to(ref.dtype) != ref
+        if module.rows is None and module.cols is None:
+            outside.zero_()
+        elif module.cols is None:
+            outside[module.rows] = False
+        elif module.rows is None:
+            outside[:, module.cols] = False
+        else:
+            outside[module.rows[:, None], module.cols[None, :]] = False
+        if outside.any():
+            error_msgs.append(
+                f"{prefix}weight differs from the frozen base outside the selected rows/columns "
+                f"({int(outside.sum())} entries): it was not saved from a row-tuned copy of this base"
+            )
+            return
+        d = get_block(got, module.rows, module.cols).to(module.delta.dtype)
+        d -= get_block(ref, module.rows, module.cols).to(module.delta.dtype)
+        state[prefix + "delta"] = d
+    state[prefix + "base_layer.weight"] = base.detach()
+    for key in ("rows", "cols"):
+        if getattr(module, key) is not None:
+            state[prefix + key] = getattr(module, key)
+    if prefix + "bias" in state:
+        state[prefix + "base_layer.bias"] = state.pop(prefix + "bias")

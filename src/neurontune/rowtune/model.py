@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from neurontune import __version__
 from neurontune.errors import AdapterError, NeurontuneError, SpecError
@@ -183,6 +184,8 @@ class RowTuneModel(ModelWrapper):
             "base_model": _model_id(self.base_model),
             "rowtune_config": self.rowtune_config.to_dict(),
             "provenance": self.neuron_spec.provenance,
+            # GPT-2 style Conv1D bases store weights as (in, out): PEFT's LoRA needs fan_in_fan_out then
+            "fan_in_fan_out": any(isinstance(m.base_layer, Conv1D) for m in layers.values()),
             "modules": {
                 n: {
                     "shape": [m.out_features, m.in_features],
