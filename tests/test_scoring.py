@@ -206,3 +206,19 @@ def test_scorer_errors(fresh_model):
         scorer(needs=("hessian",))
     with pytest.raises(NeurontuneError, match="bad options"):
         score_model(m, "magnitude", target_modules=["lin"], q=3)
+
+
+def test_random_scorer_differs_between_modules_of_one_shape():
+    from neurontune.models import tiny_model
+    from neurontune.scoring import score_model
+    from neurontune.selection import select
+
+    model = tiny_model("tiny-llama")
+    spec = select(model, score_model(model, "random", seed=0), rows_per_module=4)
+    same_shape = [n for n in spec.modules if n.endswith(("q_proj", "o_proj"))]  # all 32 x 32
+    picks = {tuple(spec.modules[n].rows) for n in same_shape}
+    assert len(same_shape) == 4 and len(picks) == 4, picks
+    again = select(model, score_model(model, "random", seed=0), rows_per_module=4)
+    assert again.to_dict()["modules"] == spec.to_dict()["modules"]  # still seeded
+    other = select(model, score_model(model, "random", seed=1), rows_per_module=4)
+    assert other.to_dict()["modules"] != spec.to_dict()["modules"]

@@ -377,6 +377,14 @@ def _collect_probe(model, modules, stats, batches, steps, lr, probe_params, prog
             model.train(was_training)
 
 
+def module_seed(seed: int, name: str) -> int:
+    """A seed of its own for module ``name`` (stable across processes and Python versions), so random
+    draws differ between modules of the same shape."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
 def score_model(
     model: nn.Module,
     scorer_fn: str | ScorerFn = "magnitude",
@@ -403,7 +411,7 @@ def score_model(
         w = get_weight(mod)
         out_f, in_f = w.shape
         dev = w.device
-        st = LayerStats(n, generator=torch.Generator().manual_seed(seed))
+        st = LayerStats(n, generator=torch.Generator().manual_seed(module_seed(seed, n)))
         if "act_in" in needs:
             st.act_in_sq = torch.zeros(in_f, device=dev)
         if "act_out" in needs:
