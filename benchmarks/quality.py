@@ -7,9 +7,12 @@
 Every run is ``neurontune finetune`` in a fresh subprocess with the same data, steps, batch size,
 evaluation and seed list; only the method (and its usual learning rate) changes:
 
-- ``none``: zero-shot; ``full``: every parameter; ``lora``: PEFT LoRA r=8 on all linears;
+- ``none``: zero-shot; ``full``: every parameter; ``lora``: PEFT LoRA r=8 on all linears; ``dora``:
+  PEFT DoRA r=8 (LoRA's count plus one magnitude per output row); ``shira``: PEFT SHiRA with LoRA
+  r=8's count of sparse entries per module;
 - ``rows-*``: row-sparse tuning with rows chosen by NeFT (8-step probe of the target linears), taylor,
-  magnitude or random, at the budget of LoRA r=8 (same trainable-parameter count, per module).
+  magnitude or random (each module its own random rows), at the budget of LoRA r=8 (same
+  trainable-parameter count, per module).
 
 Metrics: accuracy (Rotten Tomatoes) or ROUGE-L / BLEU / chrF (E2E NLG), perplexity on 32 held-out
 news articles (forgetting; the base model's is the ``none`` row), training time, peak RSS of the
@@ -34,6 +37,8 @@ METHODS: dict[str, list[str]] = {
     "none": ["method=none"],
     "full": ["method=full", "lr=3e-5"],
     "lora": ["method=lora", "lr=3e-4"],
+    "dora": ["method=dora", "lr=3e-4"],
+    "shira": ["method=shira", "lr=3e-4"],
     "rows-neft": ["method=rows", "scorer=neft", "scorer_options=probe_steps=8,probe_lr=1e-4", "lr=3e-4"],
     "rows-taylor": ["method=rows", "scorer=taylor", "lr=3e-4"],
     "rows-magnitude": ["method=rows", "scorer=magnitude", "lr=3e-4"],
@@ -47,7 +52,7 @@ def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict
         f"model={args.model}", f"task={task}", f"seed={seed}", f"steps={args.steps}",
         f"batch_size={args.batch_size}", f"train_examples={args.train_examples}",
         f"eval_examples={args.eval_examples}", f"forgetting_examples={args.forgetting_examples}",
-        "budget=lora:8", "lora_r=8", "eval_before=false", "save_steps=0", *METHODS[method],
+        "budget=lora:8", "eval_before=false", "save_steps=0", *METHODS[method],
     ]  # fmt: skip
     m = finetune_run(overrides, args.runs / task / f"{method}-s{seed}", reuse=args.reuse)
     m["seed"], m["name"] = seed, method
@@ -90,7 +95,7 @@ def _size(n: int) -> str:
 def render(result: dict) -> str:
     s = result["settings"]
     lines = [
-        "# Quality at the same budget: zero-shot, full FT, LoRA r=8, row-sparse (4 selections)",
+        "# Quality at the same budget: zero-shot, full FT, LoRA / DoRA / SHiRA r=8, row-sparse (4 selections)",
         "",
         f"`{result['command']}` on {result['machine']}. Model `{s['model']}`, {s['steps']} steps x batch "
         f"{s['batch_size']} from the first {s['train_examples']} training examples, eval on "
@@ -98,7 +103,7 @@ def render(result: dict) -> str:
         f"held-out news articles (BIG-bench gem/xsum). Seeds {s['seeds']} on Rotten Tomatoes and "
         f"{s['gen_seeds']} on E2E (data order, selection ties, random scores; `{s['single_seed_methods']}` "
         "with the first seed only); mean ± sample std over seeds, n in the last column. Learning rates "
-        "are each family's usual (full 3e-5, LoRA and rows 3e-4), not tuned.",
+        "are each family's usual (full 3e-5, LoRA-family and rows 3e-4), not tuned.",
         "",
         "| task | method | trainable params | score | BLEU / chrF | forgetting ppl | train s | peak RSS | saved | n |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -121,7 +126,7 @@ def render(result: dict) -> str:
         "",
         "Per-seed values are in quality.json (`summary[].values`, and every run's full metrics in `runs`).",
         "Peak RSS is the whole process through loading, selection and training (`ru_maxrss`), so it",
-        "includes the model and the scorer's own pass; see rowtune_overhead.md for training-step memory alone.",
+        "includes the model and the scorer's own pass; see gpu_step.md for training-step time and memory alone.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -139,6 +144,7 @@ def main() -> None:
         help="methods run with the first seed only (none has no randomness; full is the slow reference)",
     )
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--note", default="", help="a remark on the run's conditions, printed under the table")
     add_run_args(p, "runs/bench-quality", RESULTS, "quality")
     args = p.parse_args()
     if args.render:
@@ -175,6 +181,7 @@ def main() -> None:
         },
         "summary": summarize(runs),
         "runs": runs,
+        "note": args.note,
     }
     write_results(args.out, "quality", result, render)
 

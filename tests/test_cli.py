@@ -79,7 +79,7 @@ def test_finetune_tiny_end_to_end(tmp_path, capsys):
         (["budget=rows:500"], "rows_per_module=500 does not fit"),
         (["scorer_options=p"], "expected key=value"),
         (["scorer=activation", "scorer_options=mode=loud"], "activation mode must be"),
-        (["model=/nonexistent/dir"], "could not load model"),
+        (["model=/nonexistent/dir"], "model '/nonexistent/dir' is not a local directory"),
         (["method=rows", "spec=/nope/spec.json"], "/nope/spec.json: not a NeuronSpec file"),
         (["method=gates", "gate_sparsity=1.5"], "(gate_sparsity on the command line) must be in [0, 1)"),
         (["method=gates", "model=tiny-gpt2"], "structured gates need a Llama-style decoder"),

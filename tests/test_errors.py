@@ -198,3 +198,18 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
     (tmp_path / "b.txt").write_text("x")
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "a.txt") == mode(tmp_path / "b.txt")
+
+
+def test_tied_output_head_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from neurontune import NeuronSpec
+    from neurontune.errors import TargetError
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    spec = NeuronSpec({"lm_head": {"rows": [0, 1], "cols": None, "shape": [64, 16]}}, {})
+    with pytest.raises(TargetError, match=r"lm_head shares its weight with model.embed_tokens.weight \(tied"):
+        get_rowtune_model(model, spec)

@@ -448,7 +448,7 @@ def analyze(cfg: Any) -> Path:
             s = spec.summary()
             report.text(f"{label}: {s['rows']:,} rows, {s['params']:,} parameters in {s['modules']} modules; "
                         f"by type {s['rows_by_type']}")  # fmt: skip
-            report.figure(plot_neuron_map(neuron_map(spec), f"selected rows: {label}"), f"map_{_slug(label)}")
+            _map_figure(report, spec, f"selected rows: {label}", f"map_{_slug(label)}")
         scored = [(label, p) for label, p in zip(labels, cfg.spec_paths(), strict=True) if _scores_file(p)]
         if scored:
             report.section(
@@ -495,6 +495,16 @@ def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in s)[:40]
 
 
+def _map_figure(report: Any, spec: NeuronSpec, title: str, name: str) -> None:
+    nmap = neuron_map(spec)
+    if nmap["layers"]:
+        report.figure(plot_neuron_map(nmap, title), name)
+    else:  # e.g. only lm_head: nothing sits in a numbered layer
+        report.text(
+            f"{title}: no selected module belongs to a numbered layer ({', '.join(spec.modules)}), so no map."
+        )
+
+
 def run_report(out: Path, metrics: dict[str, Any], spec: NeuronSpec | None) -> Path:
     """The HTML twin of a finetune run's report.md: results, loss curve and (rows) the neuron map."""
     report = Report(f"neurontune run: {out}", None)
@@ -525,7 +535,7 @@ def run_report(out: Path, metrics: dict[str, Any], spec: NeuronSpec | None) -> P
                                      "step", "fraction of gates shut", "achieved sparsity"), "sparsity")  # fmt: skip
     if spec is not None and all(sel.shape is not None for sel in spec.modules.values()):
         report.section("Neuron map", "Fraction of each module's rows trained, per layer and module type.")
-        report.figure(plot_neuron_map(neuron_map(spec), "selected rows"), "map")
+        _map_figure(report, spec, "selected rows", "map")
     samples = (m["after"] or {}).get("samples", [])
     if samples:
         report.section("Samples")

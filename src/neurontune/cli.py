@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except NeurontuneError as e:
         print(f"neurontune: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permission denied, not a directory, ...: one line naming the path
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"neurontune: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("neurontune: interrupted", file=sys.stderr)
         return 130

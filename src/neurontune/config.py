@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -57,10 +58,25 @@ class DataConfig:
         for f in dataclasses.fields(self):
             choices = choices_of(f)
             value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise NeurontuneError(f"{f.name} must be a finite number, got {value}")
             if choices and value not in choices:
                 close = difflib.get_close_matches(str(value), choices, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise NeurontuneError(f"{f.name}={value!r} is not one of: {', '.join(choices)}{hint}")
+
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise NeurontuneError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        if "{text}" not in self.template:
+            raise NeurontuneError(
+                f"template {self.template!r} has no {{text}} placeholder for the example's text"
+            )
+        try:
+            self.template.format(text="")
+        except (ValueError, KeyError, IndexError) as e:
+            raise NeurontuneError(
+                f"template {self.template!r} is not a valid format string ({e}); write a literal brace as {{{{ or }}}}"
+            ) from None
 
     def label_words_value(self) -> list[str] | None:
         return [w.strip() for w in self.label_words.split(",") if w.strip()] if self.label_words else None
@@ -204,10 +220,25 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
         super().__post_init__()
         if self.lr <= 0:
             raise NeurontuneError(f"lr must be positive, got {self.lr}")
-        get_method(self.method).check_config(self)
-        for name in ("warmup_steps", "save_steps", "forgetting_examples"):
+        method = get_method(self.method)
+        method.check_config(self)
+        self._refuse_unused_options(method)
+        for name in ("warmup_steps", "save_steps", "forgetting_examples", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise NeurontuneError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def _refuse_unused_options(self, method: Any) -> None:
+        """An option the chosen method would ignore is a mistake, not something to drop in silence."""
+        own = {f.name for f in dataclasses.fields(method.options)} if method.options else set()
+        for f in dataclasses.fields(self):
+            group = f.metadata.get("group")
+            if group is None or f.name in own or f.name == "budget" or getattr(self, f.name) == f.default:
+                continue
+            if group == SEL and method.selects_rows:
+                continue
+            raise NeurontuneError(
+                f"{f.name}={getattr(self, f.name)!r} is a {group} option; method={self.method} does not use it"
+            )
 
 
 @dataclass
@@ -273,6 +304,9 @@ class MergeConfig:
     output: str = _opt("", "directory for the merged model (config.json + model.safetensors + tokenizer)")
     model: str | None = _opt(None, "base model (default: the adapter's base)")
     dtype: str = _opt("float32", "dtype of the saved model")
+    overwrite: bool = _opt(
+        False, "replace an existing --output (atomically, and only once the merge succeeded)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("adapter", "output"):

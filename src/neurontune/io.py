@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,6 +24,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NEURONTUNE_CACHE", Path.home() / ".cache" / "neurontune"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(path: Path) -> None:
+    """Give ``path`` (and everything under it) the modes ``open()`` / ``mkdir()`` would have given it.
+
+    Temporary files and directories are created 0600 / 0700, and safetensors writes 0600 whatever the
+    umask: without this, a shared adapter or checkpoint would be unreadable to other users.
+    """
+    mask = _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` in one step.
@@ -30,25 +50,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A crash or exception leaves the previous file (if any) untouched and removes the temporary one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        respect_umask(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def make_dir(path: Path) -> None:
+    """``mkdir -p`` that says which path is in the way when a file sits where a directory should be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NeurontuneError(f"{path} exists and is not a directory") from None
+    except NotADirectoryError:
+        bad = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise NeurontuneError(f"{bad} is a file, not a directory (needed for {path})") from None
+
+
 def save_pretrained_atomic(path: str | os.PathLike, model: Any, tokenizer: Any = None) -> Path:
     """``model.save_pretrained`` (and the tokenizer's) into ``path`` in one atomic step."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp)
+        except SafetensorError as e:  # e.g. "No space left on device", raised by safetensors as its own type
+            raise NeurontuneError(f"could not write {path}: {e}") from None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path)
@@ -58,16 +90,17 @@ def save_pretrained_atomic(path: str | os.PathLike, model: Any, tokenizer: Any =
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` (an existing one is swapped out last)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
+        respect_umask(tmp)
+        if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
         else:
             os.replace(tmp, path)
     finally:
@@ -75,9 +108,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove(path: Path) -> None:
+    """Remove a file, link or directory tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Strict JSON: a NaN or infinity is written as ``null`` (bare ``NaN`` is not JSON)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
@@ -94,7 +146,12 @@ def write_safetensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata
+            )
+        except SafetensorError as e:  # e.g. "No space left on device", raised by safetensors as its own type
+            raise NeurontuneError(f"could not write {path}: {e}") from None
 
 
 def read_safetensors(path: str | os.PathLike, what: str = "safetensors file") -> dict[str, torch.Tensor]:

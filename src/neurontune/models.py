@@ -138,6 +138,36 @@ def smollm2_path() -> Path:
     return target
 
 
+def _hub_cached(repo_id: str) -> bool:
+    """Whether ``repo_id``'s config is already in the local Hugging Face cache (loads work offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects: let transformers give its own message
+        return False
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached (offline mode, no DNS, no route), or ``None`` if it answers.
+
+    One quick TCP connection instead of transformers' retries, which take about half a minute offline.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None
+
+
 # ---- entry point -----------------------------------------------------------------------------------
 def load_model(
     name_or_path: str | None = None, dtype: str | torch.dtype | None = "float32", device: str | None = None
@@ -151,6 +181,11 @@ def load_model(
         path = smollm2_path() if name == DEFAULT_MODEL else name
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise NeurontuneError(f"{path} is not a model directory (no config.json)")
+        if not Path(path).exists() and not _hub_cached(path) and (why := _hub_unreachable()):
+            raise NeurontuneError(
+                f"model {name!r} is not a local directory, and the Hugging Face Hub is unreachable ({why}); "
+                f"use a local directory, {DEFAULT_MODEL!r} (bundled) or one of {TINY_MODELS}"
+            )
         try:
             AutoConfig.from_pretrained(path)
             tok = AutoTokenizer.from_pretrained(path)

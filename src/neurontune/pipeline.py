@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from neurontune.evaluation import evaluate, primary_metric
 from neurontune.io import (
     atomic_path,
     read_json,
+    remove,
     save_pretrained_atomic,
     write_json,
 )
@@ -36,7 +36,16 @@ from neurontune.train import TrainArgs, list_checkpoints, mixed_precision, train
 
 
 def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's device: its own GPU under torchrun / accelerate launch, else cuda or cpu."""
+    return str(process_state().device)
+
+
+def process_state() -> Any:
+    """accelerate's ``PartialState``: this process's rank and device, the process group if launched
+    with several (torchrun, accelerate launch), and a barrier. One process: rank 0 of 1."""
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 def task_from_config(cfg: DataConfig, tok: Any) -> Task:
@@ -77,7 +86,7 @@ def _load(cfg: SelectConfig) -> tuple[torch.nn.Module, Any, Task]:
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device())
     task = task_from_config(cfg, tok)
-    print(
+    process_state().print(
         f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s; task {task.name} ({task.kind}, "
         f"{len(task.train)} train / {len(task.eval)} eval examples)"
     )
@@ -110,9 +119,32 @@ def load_adapted(
 
 
 # ---- finetune --------------------------------------------------------------------------------------
+RUN_OUTPUTS = ("config.json", "checkpoints", "train_log.csv", "metrics.json", "report.md", "report.html")
+
+
+def data_fingerprint(cfg: DataConfig) -> dict[str, Any] | None:
+    """Size and SHA-256 of the data files a run reads (``None`` for a built-in task), so that a resume
+    on changed data is refused."""
+    import hashlib
+
+    files = [f for f in (cfg.task, cfg.eval_file) if f and Path(f).is_file()]
+    if not files:
+        return None
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(f)] = {"bytes": Path(f).stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
 def _check_output_dir(cfg: FinetuneConfig, out: Path) -> None:
-    """Refuse to clobber a run; on resume, refuse a config that would change the trajectory."""
+    """Refuse to clobber a run; on resume, refuse a config or data that would change the trajectory."""
     saved = out / "config.json"
+    if bad := next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None):
+        raise NeurontuneError(f"output_dir {out}: {bad} exists and is not a directory")
     if cfg.resume:
         if not saved.is_file():
             raise NeurontuneError(f"nothing to resume: {out} has no config.json from an earlier run")
@@ -127,11 +159,30 @@ def _check_output_dir(cfg: FinetuneConfig, out: Path) -> None:
             raise NeurontuneError(
                 f"cannot resume {out}: the config differs from the run's ({'; '.join(diff)})"
             )
+        if "data_fingerprint" not in old:
+            print(
+                f"warning: {out} was started by an older neurontune that did not record its data; not checked"
+            )
+        elif old["data_fingerprint"] != (now := data_fingerprint(cfg)):
+            changed = sorted(set(now or {}) | set(old.get("data_fingerprint") or {}))
+            raise NeurontuneError(
+                f"cannot resume {out}: the data changed since the run started ({', '.join(changed)}); "
+                "resuming would mix two datasets. Start again with --overwrite"
+            )
     elif saved.is_file() or list_checkpoints(out):
         if not cfg.overwrite:
             raise NeurontuneError(
                 f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it"
             )
+
+
+def _clear_run(out: Path) -> None:
+    """--overwrite: remove every output of an earlier run (of any method), so none is left stale."""
+    from neurontune.methods import registry
+
+    names = set(RUN_OUTPUTS).union(*(m.outputs for m in registry().values()))
+    for name in sorted(names):
+        remove(out / name)
 
 
 def _fmt_metrics(m: dict[str, Any]) -> str:
@@ -145,6 +196,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     selections ``neuron_spec.json``), ``metrics.json``, ``report.md`` and ``report.html``.
     """
     out = Path(cfg.output_dir)
+    state = process_state()  # under torchrun / accelerate launch: N processes, rank 0 writes everything
+    main = state.is_main_process
     _check_output_dir(cfg, out)
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)  # data problems surface here, before anything is written
@@ -152,19 +205,26 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     method = get_method(cfg.method)(cfg)
     method.check(model, out)  # bad method input fails here, before anything is written
     forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
-    if cfg.overwrite and not cfg.resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    write_json(out / "config.json", {**dataclasses.asdict(cfg), "neurontune_version": __version__})
+    fingerprint = data_fingerprint(cfg)
+    state.wait_for_everyone()  # every process has checked the directory before the first write
+    if main:
+        if cfg.overwrite and not cfg.resume:
+            _clear_run(out)
+        write_json(
+            out / "config.json",
+            {**dataclasses.asdict(cfg), "data_fingerprint": fingerprint, "neurontune_version": __version__},
+        )
 
     def run_eval(m: torch.nn.Module) -> dict[str, Any]:
         return evaluate(
             m, tok, task, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, general_text=forget
         )
 
-    before = run_eval(model) if cfg.eval_before or not method.trains else None
+    before = run_eval(model) if main and (cfg.eval_before or not method.trains) else None
     model = method.build(model, tok, task, out)
     trainable, total = count_parameters(model)
-    print(describe_parameters(model))
+    if main:
+        print(describe_parameters(model))
     log: list[dict[str, float]] = []
     if method.trains:
         args = TrainArgs(
@@ -179,6 +239,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             regularization=method.regularization(model), step_stats=method.step_stats(model),
         )  # fmt: skip
     peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
+    if not main:  # evaluation, the method's output and every report: the main process alone
+        state.wait_for_everyone()
+        return {}
     after = run_eval(model) if method.trains else before
     model, after = method.finish(model, tok, out, run_eval, after)
     saved = method.save(model, tok, out)
@@ -218,6 +281,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         f"{metric} {before[metric]:.3f} -> {after[metric]:.3f}" if before else f"{metric} {after[metric]:.3f}"
     )
     print(f"{summary} on {len(task.eval)} {task.name} eval examples ({_fmt_metrics(after)}); wrote {out}/")
+    state.wait_for_everyone()
     return metrics
 
 
@@ -267,6 +331,15 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def run_merge(cfg: MergeConfig) -> Path:
+    target = Path(cfg.output)
+    if target.resolve() == Path(cfg.adapter).resolve() or Path(cfg.adapter).resolve().is_relative_to(
+        target.resolve()
+    ):
+        raise NeurontuneError(f"--output {target} would replace the adapter {cfg.adapter} itself")
+    if (target.exists() or target.is_symlink()) and not cfg.overwrite:
+        raise NeurontuneError(
+            f"{target} already exists; choose a new --output or pass --overwrite to replace it"
+        )
     model, tok, kind = load_adapted(cfg.adapter, cfg.model, "float32")
     merged = model.merge_and_unload()
     merged = merged.to(resolve_dtype(cfg.dtype))

@@ -197,6 +197,10 @@ def _activation(mode: str = "strength") -> ScorerFn:
 def _neft(probe_steps: int = 20, probe_lr: float = 1e-4, probe_params: str = "targets") -> ScorerFn:
     if probe_params not in ("targets", "all"):
         raise NeurontuneError(f"neft probe_params must be 'targets' or 'all', got {probe_params!r}")
+    if not isinstance(probe_steps, int) or probe_steps <= 0:
+        raise NeurontuneError(f"neft probe_steps must be a positive integer, got {probe_steps!r}")
+    if not isinstance(probe_lr, int | float) or not 0 < probe_lr < float("inf"):
+        raise NeurontuneError(f"neft probe_lr must be a positive number, got {probe_lr!r}")
 
     @scorer(needs=("probe",), name="neft")
     def neft(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:

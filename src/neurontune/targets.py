@@ -87,6 +87,23 @@ def find_target_modules(
     return chosen
 
 
+def refuse_tied_weights(model: nn.Module, names: Any) -> None:
+    """Refuse row-tuning a module whose weight is tied to another (lm_head and the input embeddings with
+    ``tie_word_embeddings``): merging its rows would change the other module too, so the merged model
+    would not be the trained one."""
+    owners: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+    for name in names:
+        shared = owners.get(id(model.get_submodule(name).weight), [])
+        if len(shared) > 1:
+            raise TargetError(
+                f"{name} shares its weight with {', '.join(n for n in shared if not n.startswith(name + '.'))} "
+                "(tied weights): its rows cannot be trained and merged without changing the other module; "
+                "leave it out of target_modules"
+            )
+
+
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``(out_features, in_features)`` (a transposed view for Conv1D)."""
     return as_out_in(module.weight, module)

@@ -198,15 +198,31 @@ def records_to_task(
 ) -> Task:
     """Turn ``(where, record)`` pairs into a :class:`Task`; the format is detected from the first record."""
     fmt = detect_format(records[0][1], records[0][0])
+    for where, rec in [*records[1:], *(eval_records or [])]:
+        try:
+            other = detect_format(rec, where)
+        except NeurontuneError:
+            continue  # fits no shape: converting it names the missing field
+        if other != fmt:
+            raise NeurontuneError(
+                f"{where}: a {other!r} record in a {fmt!r} file (the first record's format); every record "
+                "must have the same shape"
+            )
     required, _ = FORMATS[fmt]
     words = tuple(label_words or ())
+    if fmt == "classification":
+        for where, rec in [*records, *(eval_records or [])]:
+            if rec.get("label") is None or not str(rec["label"]).strip():
+                raise NeurontuneError(f"{where}: empty label")
     if fmt == "classification" and not words:
-        words = tuple(
-            sorted({str(r["label"]).strip() for _, r in [*records, *(eval_records or [])] if "label" in r})
-        )
+        words = tuple(sorted({str(r["label"]).strip() for _, r in [*records, *(eval_records or [])]}))
         if any(w.lstrip("-").isdigit() for w in words):
             raise NeurontuneError(
                 f"{name}: integer labels {list(words)} need a verbaliser: label_words=negative,positive"
+            )
+        if len(words) < 2:
+            raise NeurontuneError(
+                f"{name}: every label is {words[0]!r}; a classification task needs two or more"
             )
 
     def convert(where: str, rec: dict[str, Any]) -> Example:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import re
 import shutil
 import time
@@ -91,6 +92,18 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "state.json").is_file()]
 
 
+def remove_partial_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete what a kill during a checkpoint write left behind (its temporary directory, or the old
+    copy being swapped out); complete checkpoints are never touched. Returns what was removed."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    partial = [p for p in root.iterdir() if p.name.startswith(".step-") and p.name.endswith((".tmp", ".old"))]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
 def save_checkpoint(
     path: Path,
     named: dict[str, torch.nn.Parameter],
@@ -98,15 +111,19 @@ def save_checkpoint(
     scheduler: Any,
     step: int,
     log: list[dict[str, float]],
+    rng_states: list[dict[str, torch.Tensor]] | None = None,
+    num_processes: int = 1,
 ) -> None:
+    """Write a checkpoint (atomically). ``rng_states``: every process's RNG state, in rank order
+    (default: this process's)."""
     index = {id(p): i for i, p in enumerate(named.values())}
     tensors = {f"param.{n}": p.detach() for n, p in named.items()}
     for p, st in optimizer.state.items():
         for k, v in st.items():
             tensors[f"optim.{index[id(p)]}.{k}"] = torch.as_tensor(v)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for rank, rng in enumerate(rng_states or [rng_state()]):
+        for k, v in rng.items():
+            tensors[f"rng.{k}" if rank == 0 else f"rng.{k}.{rank}"] = v
     groups = [
         {**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
         for g in optimizer.param_groups
@@ -118,18 +135,37 @@ def save_checkpoint(
         "param_groups": groups,
         "scheduler": scheduler.state_dict(),
         "log": log,
+        "num_processes": num_processes,
     }
     with atomic_dir(path) as tmp:
         write_safetensors(tmp / "state.safetensors", tensors, {"format": CHECKPOINT_FORMAT})
         write_json(tmp / "state.json", state)
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
 def load_checkpoint(
-    path: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path,
+    named: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int = 0,
+    num_processes: int = 1,
 ) -> tuple[int, list[dict[str, float]]]:
     state = read_json(path / "state.json", "checkpoint state")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise NeurontuneError(f"{path}: not a neurontune checkpoint")
+    if (saved_n := state.get("num_processes", 1)) != num_processes:
+        raise NeurontuneError(
+            f"{path} was written by a run on {saved_n} process(es); resume it on {saved_n}, not "
+            f"{num_processes}: each step's examples are split by process count, so another count would "
+            "change the data of every step from here on"
+        )
     if state["param_names"] != list(named):
         diff = sorted(set(state["param_names"]) ^ set(named))[:3]
         raise NeurontuneError(f"{path}: trainable parameters differ from this run's (e.g. {diff})")
@@ -147,9 +183,10 @@ def load_checkpoint(
             opt_state.setdefault(int(i), {})[k] = t
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    suffix = "" if rank == 0 else f".{rank}"
+    torch.set_rng_state(tensors[f"rng.cpu{suffix}"])
+    if f"rng.cuda{suffix}" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"])
     return int(state["step"]), list(state["log"])
 
 
@@ -173,6 +210,35 @@ def _accelerator(mixed: str) -> Any:
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
         AcceleratorState._reset_state()  # keeps PartialState: the process/distributed setup stays
     return Accelerator(mixed_precision=mixed)
+
+
+class TrainingDiverged(NeurontuneError):
+    """The loss or the gradients stopped being finite."""
+
+
+def _diverged(step: int, loss: float, grad_norm: float, lr: float, out: Path | None) -> None:
+    ckpts = list_checkpoints(out) if out is not None else []
+    kept = f"the last good checkpoint, {ckpts[-1]}, is kept" if ckpts else "no checkpoint was written"
+    raise TrainingDiverged(
+        f"training diverged at step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g} (lr {lr:g}); "
+        f"stopped before the update, nothing from this step was saved and {kept}. Lower lr (or set "
+        "max_grad_norm) and start again with --overwrite"
+    )
+
+
+def _sum_over_processes(accelerator: Any, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="sum").item())
+
+
+def _gather_rng_states(accelerator: Any) -> list[dict[str, torch.Tensor]]:
+    if accelerator.num_processes == 1:
+        return [rng_state()]
+    from accelerate.utils import gather_object
+
+    return gather_object([rng_state()])
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -210,19 +276,31 @@ def train(
         )
     except ValueError as e:
         raise NeurontuneError(f"lr_scheduler {args.lr_scheduler!r}: {e}") from None
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler is stepped here, once per optimizer step: accelerate's wrapper would step it once
+    # per process, as it assumes a dataloader it sharded itself
+    model, optimizer = accelerator.prepare(model, optimizer)
     out = Path(output_dir) if output_dir is not None else None
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
     start, log = 0, []
+    if out is not None and main:
+        remove_partial_checkpoints(out)
+    accelerator.wait_for_everyone()
     if resume and out is not None and (ckpts := list_checkpoints(out)):
-        start, log = load_checkpoint(ckpts[-1], named, optimizer.optimizer, scheduler.scheduler)
-        print(f"resumed from {ckpts[-1]} (step {start}/{args.steps})")
+        start, log = load_checkpoint(ckpts[-1], named, optimizer.optimizer, scheduler, rank, world)
+        if main:
+            print(f"resumed from {ckpts[-1]} (step {start}/{args.steps})")
     model.train()
-    bar = tqdm(range(start, args.steps), desc="train", disable=not progress, initial=start, total=args.steps)
+    bar = tqdm(range(start, args.steps), desc="train", disable=not (progress and main), initial=start,
+               total=args.steps)  # fmt: skip
     for step in bar:
         t0 = time.perf_counter()
-        micro = [data[step * args.grad_accum + j] for j in range(args.grad_accum)]
-        n_tokens = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro))
+        # data parallel: the step's grad_accum x world micro-batches, each process its own share, so
+        # N processes step exactly as one process with grad_accum x N (the same examples, the same loss)
+        first = (step * world + rank) * args.grad_accum
+        micro = [data[first + j] for j in range(args.grad_accum)]
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        n_tokens = max(1, int(_sum_over_processes(accelerator, n_tokens)))
         total, reg = 0.0, 0.0
         for j, b in enumerate(micro):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
@@ -230,17 +308,23 @@ def train(
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 loss = token_loss(model, b, n_tokens)
                 total += loss.item()
+                # the gradient sync averages over processes; the loss is a sum over all of them
+                loss = loss * world
                 if last and regularization is not None:
-                    penalty = regularization()
+                    penalty = regularization()  # the same on every process, so the average is itself
                     reg = penalty.item()
                     loss = loss + penalty
                 accelerator.backward(loss)
-        grad_norm = (
-            accelerator.clip_grad_norm_(list(named.values()), args.max_grad_norm).item()
-            if args.max_grad_norm > 0
-            else float("nan")
-        )
+        total = _sum_over_processes(accelerator, total)
+        # the norm is computed either way (max_norm=inf clips nothing), to catch a diverging run
+        max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(list(named.values()), max_norm).item()
         lr = scheduler.get_last_lr()[0]
+        # fp16's loss scaler expects (and skips) steps with inf gradients; a non-finite loss is fatal anyway
+        if not math.isfinite(total) or (
+            not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16"
+        ):
+            _diverged(step + 1, total, grad_norm, lr, out)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -252,19 +336,18 @@ def train(
         log.append({**row, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1
-        if out is not None and args.save_steps and (done % args.save_steps == 0 or done == args.steps):
-            save_checkpoint(
-                out / "checkpoints" / f"step-{done:06d}",
-                named,
-                optimizer.optimizer,
-                scheduler.scheduler,
-                done,
-                log,
-            )
-            for old in list_checkpoints(out)[: -max(1, args.save_total_limit)]:
-                shutil.rmtree(old, ignore_errors=True)
-            write_log_csv(out / "train_log.csv", log)
-    if out is not None:
+        if out is not None and ((args.save_steps and done % args.save_steps == 0) or done == args.steps):
+            rngs = _gather_rng_states(accelerator)
+            if main:
+                save_checkpoint(
+                    out / "checkpoints" / f"step-{done:06d}", named, optimizer.optimizer, scheduler, done, log,
+                    rngs, world,
+                )  # fmt: skip
+                for old in list_checkpoints(out)[: -max(1, args.save_total_limit)]:
+                    shutil.rmtree(old, ignore_errors=True)
+                write_log_csv(out / "train_log.csv", log)
+            accelerator.wait_for_everyone()
+    if out is not None and main:
         write_log_csv(out / "train_log.csv", log)
     model.eval()
     if args.gradient_checkpointing:

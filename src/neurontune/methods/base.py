@@ -32,6 +32,7 @@ class Method:
     options: ClassVar[type | None] = None  # a dataclass of this method's own options
     selects_rows: ClassVar[bool] = False  # uses the scorer / budget options to choose rows
     trains: ClassVar[bool] = True  # False: evaluation only
+    outputs: ClassVar[tuple[str, ...]] = ()  # what it writes in output_dir (removed by --overwrite)
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

@@ -50,6 +50,7 @@ class Gates(Method):
     name = "gates"
     help = "stochastic gates that adapt and prune at once; writes output_dir/pruned"
     options = GateOptions
+    outputs = ("pruned", "gates.safetensors")
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)

@@ -39,6 +39,7 @@ class PeftMethod(Method):
     """A PEFT tuner on the run's target modules; saves a PEFT adapter (safetensors)."""
 
     options = LoraOptions
+    outputs = ("adapter", "merged")
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

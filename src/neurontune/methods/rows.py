@@ -36,6 +36,7 @@ class Rows(Method):
     help = "row-sparse: train only the rows chosen by --scorer within --budget (a compact adapter)"
     options = RowOptions
     selects_rows = True
+    outputs = ("adapter", "merged", "neuron_spec.json", "neuron_spec.scores.safetensors")
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -56,8 +57,23 @@ class Rows(Method):
             check_selection(self.cfg, model)
 
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
+        from neurontune.pipeline import process_state
         from neurontune.rowtune import RowTuneConfig, get_rowtune_model
 
+        state = process_state()
+        if state.num_processes > 1:  # the main process selects (and writes); every process trains that
+            from accelerate.utils import broadcast_object_list
+
+            spec = self._select(model, tok, task, out) if state.is_main_process else None
+            shared = broadcast_object_list([spec.to_dict() if spec is not None else None])
+            spec = NeuronSpec.from_dict(shared[0])
+        else:
+            spec = self._select(model, tok, task, out)
+        self.spec = spec
+        rt = RowTuneConfig(target_modules=self.cfg.target_modules_value(), impl=self.cfg.impl)
+        return get_rowtune_model(model, spec, rt)
+
+    def _select(self, model: nn.Module, tok: Any, task: Any, out: Path) -> NeuronSpec:
         cfg, spec_path = self.cfg, out / "neuron_spec.json"
         if self._resuming(out):
             spec = NeuronSpec.load(spec_path)
@@ -71,10 +87,7 @@ class Rows(Method):
             spec, scores = select_neurons(cfg, model, tok, task)
             spec.provenance["config"] = dataclasses.asdict(cfg)
             save_selection(spec, scores, spec_path)
-        self.spec = spec
-        return get_rowtune_model(
-            model, spec, RowTuneConfig(target_modules=cfg.target_modules_value(), impl=cfg.impl)
-        )
+        return spec
 
     def save(self, model: nn.Module, tok: Any, out: Path) -> Path:
         from neurontune.io import save_pretrained_atomic

@@ -14,6 +14,7 @@ from neurontune.methods.base import Method, register
 class Full(Method):
     name = "full"
     help = "full fine-tuning of every parameter; saves output_dir/model"
+    outputs = ("model",)
 
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
         return model.requires_grad_(True)

@@ -25,7 +25,7 @@ from neurontune.io import atomic_dir, read_json, read_safetensors, write_json, w
 from neurontune.rowtune.config import RowTuneConfig
 from neurontune.rowtune.layer import RowSparseLinear
 from neurontune.spec import NeuronSpec
-from neurontune.targets import ModelWrapper, set_submodule
+from neurontune.targets import ModelWrapper, refuse_tied_weights, set_submodule
 
 # Our own file names: PEFT's names would make PEFT and transformers' `load_adapter` take the directory
 # for a PEFT adapter and fail on a missing `peft_type`. A PEFT LoRA copy: `neurontune export --to peft-lora`.
@@ -83,6 +83,7 @@ class RowTuneModel(ModelWrapper):
         self.neuron_spec = spec
         for p in model.parameters():
             p.requires_grad_(False)
+        refuse_tied_weights(model, spec.modules)
         dtype = self.rowtune_config.torch_delta_dtype
         for name, sel in spec.modules.items():
             base_layer = model.get_submodule(name)
@@ -278,6 +279,10 @@ def adapter_spec(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: A
             t = tensors.get(f"{name}.{k}")
             if t is not None and t.is_floating_point():
                 raise AdapterError(f"adapter {where}: {name}.{k} must be an integer tensor, got {t.dtype}")
+        if not torch.isfinite(tensors[f"{name}.delta"]).all():
+            raise AdapterError(
+                f"adapter {where}: {name}.delta holds NaN or infinite values (from a diverged run?)"
+            )
         modules[name] = {
             "rows": tensors.get(f"{name}.rows") if info.get("rows") else None,
             "cols": tensors.get(f"{name}.cols") if info.get("cols") else None,

@@ -1,0 +1,107 @@
+"""Data parallel on a CPU (gloo): 2 processes under torchrun train exactly as 1 process with
+grad_accum=2, only rank 0 writes, selection is the same, and kill + resume under 2 processes is exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neurontune.train import list_checkpoints
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+RUN = ["model=tiny-llama", "train_examples=48", "eval_examples=4", "forgetting_examples=0", "batch_size=2",
+       "lr=1e-2", "save_steps=2", "eval_before=false"]  # fmt: skip
+
+
+def torchrun(n: int, args: list[str], logs: Path | None = None, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    if logs is not None:
+        cmd += [f"--log-dir={logs}", "--redirects=3"]
+    return subprocess.Popen([*cmd, "-m", "neurontune.cli", *args], env=ENV, **kw)
+
+
+def finetune(n: int, out: Path, *extra: str, logs: Path | None = None) -> subprocess.CompletedProcess:
+    args = ["finetune", *RUN, f"output_dir={out}", *extra]
+    if n == 1:
+        return subprocess.run([sys.executable, "-m", "neurontune.cli", *args], env=ENV, capture_output=True, text=True)
+    proc = torchrun(n, args, logs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    rows = out / "adapter" / "neurontune_adapter.safetensors"
+    return load_file(rows if rows.is_file() else out / "adapter" / "adapter_model.safetensors")
+
+
+def assert_close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("method", ["rows", "lora"])
+def test_two_processes_equal_one_with_grad_accum_2(tmp_path, method):
+    one = finetune(1, tmp_path / "one", f"method={method}", "steps=4", "grad_accum=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = finetune(2, tmp_path / "two", f"method={method}", "steps=4", "grad_accum=1", logs=tmp_path / "logs")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
+    log1 = (tmp_path / "one" / "train_log.csv").read_text().splitlines()
+    log2 = (tmp_path / "two" / "train_log.csv").read_text().splitlines()
+    for a, b in zip(log1[1:], log2[1:], strict=True):  # the same loss and token count at every step
+        la, lb = a.split(","), b.split(",")
+        assert float(la[1]) == pytest.approx(float(lb[1]), rel=1e-5) and la[4] == lb[4]
+    if method == "rows":  # the selection is the same
+        s1 = json.loads((tmp_path / "one" / "neuron_spec.json").read_text())["modules"]
+        s2 = json.loads((tmp_path / "two" / "neuron_spec.json").read_text())["modules"]
+        assert s1 == s2
+    # one writer: rank 1 printed no result and wrote nothing of its own
+    rank_out = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stdout.log")}
+    assert len(rank_out) == 2
+    assert "wrote" in rank_out["0"] and "wrote" not in rank_out["1"]
+    assert not [p for p in (tmp_path / "two").rglob(".*")]  # no temporary leftovers from a race
+
+
+def test_two_process_scoring_gives_the_one_process_spec(tmp_path):
+    one = finetune(1, tmp_path / "one", "scorer=taylor", "steps=1")
+    two = finetune(2, tmp_path / "two", "scorer=taylor", "steps=1")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    s1 = json.loads((tmp_path / "one" / "neuron_spec.json").read_text())["modules"]
+    s2 = json.loads((tmp_path / "two" / "neuron_spec.json").read_text())["modules"]
+    assert s1 == s2
+
+
+def test_killed_two_process_run_resumes_exactly_and_refuses_another_count(tmp_path):
+    full = finetune(2, tmp_path / "full", "steps=12")
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = torchrun(2, ["finetune", *RUN, f"output_dir={out}", "steps=12"], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        done = list_checkpoints(out)
+        if done and int(done[-1].name.split("-")[1]) >= 4:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    other = finetune(1, out, "steps=12", "--resume")
+    assert other.returncode == 2
+    assert "written by a run on 2 process(es); resume it on 2, not 1" in other.stderr
+    again = finetune(2, out, "steps=12", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_close(adapter(out), adapter(tmp_path / "full"))
