@@ -413,6 +413,8 @@ def load_yaml_config(path: str) -> dict[str, Any]:
             data = yaml.safe_load(f)
     except OSError as e:
         raise NeurontuneError(f"config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise NeurontuneError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         raise NeurontuneError(f"config file {path} is not valid YAML: {e}") from None
     if data is None:

@@ -45,7 +45,8 @@ def process_state() -> Any:
     with several (torchrun, accelerate launch), and a barrier. One process: rank 0 of 1."""
     from accelerate import PartialState
 
-    return PartialState()
+    # cpu=True is what makes accelerate start a gloo process group for CPU-only processes
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def task_from_config(cfg: DataConfig, tok: Any) -> Task:
@@ -207,8 +208,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
     fingerprint = data_fingerprint(cfg)
     state.wait_for_everyone()  # every process has checked the directory before the first write
-    if main:
-        if cfg.overwrite and not cfg.resume:
+    if main and not cfg.resume:  # a resumed run keeps the config.json it started with
+        if cfg.overwrite:
             _clear_run(out)
         write_json(
             out / "config.json",

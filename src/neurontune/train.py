@@ -209,7 +209,7 @@ def _accelerator(mixed: str) -> Any:
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
         AcceleratorState._reset_state()  # keeps PartialState: the process/distributed setup stays
-    return Accelerator(mixed_precision=mixed)
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
 
 
 class TrainingDiverged(NeurontuneError):
