@@ -105,17 +105,15 @@ def main() -> None:
         print(f"{n} process(es) ...", flush=True)
         runs.append(run(n, a, a.runs / f"p{n}"))
         print(f"    {runs[-1]['samples_per_s']:.2f} samples/s", flush=True)
-    device = (
-        torch.cuda.get_device_name(0)
-        if a.gpu
-        else f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    )
+    device = torch.cuda.get_device_name(0) if a.gpu else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     result = {
         "command": "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]),
         "device": device,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "settings": {k: getattr(a, k) for k in ("model", "steps", "warmup", "batch_size", "max_length", "threads")},
+        "settings": {
+            k: getattr(a, k) for k in ("model", "steps", "warmup", "batch_size", "max_length", "threads")
+        },
         "runs": runs,
         "note": a.note,
     }

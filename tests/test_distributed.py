@@ -32,7 +32,9 @@ def torchrun(n: int, args: list[str], logs: Path | None = None, **kw) -> subproc
 def finetune(n: int, out: Path, *extra: str, logs: Path | None = None) -> subprocess.CompletedProcess:
     args = ["finetune", *RUN, f"output_dir={out}", *extra]
     if n == 1:
-        return subprocess.run([sys.executable, "-m", "neurontune.cli", *args], env=ENV, capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "neurontune.cli", *args], env=ENV, capture_output=True, text=True
+        )
     proc = torchrun(n, args, logs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

@@ -84,7 +84,9 @@ def test_overwrite_with_another_method_leaves_nothing_stale(finished, capsys):
 
 
 # ---- training that diverges -------------------------------------------------------------------------
-def test_nan_loss_stops_at_once_keeps_the_last_good_checkpoint_and_saves_nothing(tmp_path, capsys, monkeypatch):
+def test_nan_loss_stops_at_once_keeps_the_last_good_checkpoint_and_saves_nothing(
+    tmp_path, capsys, monkeypatch
+):
     import neurontune.train as train_mod
 
     real, calls = train_mod.token_loss, {"n": 0}
@@ -151,7 +153,9 @@ def test_bad_labels_are_refused(tmp_path, capsys, content, expected):
 
 def test_records_of_another_shape_later_in_the_file_are_refused(tmp_path, capsys):
     f = tmp_path / "mixed.jsonl"
-    lines = [{"text": "plain text first"}] + [{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(6)]
+    lines = [{"text": "plain text first"}] + [
+        {"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(6)
+    ]
     f.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     assert run(tmp_path / "r", f"task={f}") == 2
     one_error_line(capsys.readouterr().err, "mixed.jsonl:2: a 'classification' record in a 'text' file")
@@ -231,7 +235,9 @@ def test_unknown_model_fails_fast_when_the_hub_is_unreachable(tmp_path, capsys, 
     t0 = time.perf_counter()
     assert main(["finetune", "model=no-such-org/no-such-model", f"output_dir={tmp_path / 'r'}"]) == 2
     assert time.perf_counter() - t0 < 10
-    one_error_line(capsys.readouterr().err, "the Hugging Face Hub is unreachable", "no-such-org/no-such-model")
+    one_error_line(
+        capsys.readouterr().err, "the Hugging Face Hub is unreachable", "no-such-org/no-such-model"
+    )
 
 
 # ---- a full disk ------------------------------------------------------------------------------------
@@ -263,7 +269,9 @@ def test_full_disk_during_merge_keeps_the_old_output(finished, tmp_path, capsys,
     assert main(["merge", "--adapter", str(finished / "adapter"), "--output", str(target)]) == 0
     before = snapshot(tmp_path / "merged")
     monkeypatch.setattr("transformers.modeling_utils.safe_save_file", _enospc)
-    assert main(["merge", "--adapter", str(finished / "adapter"), "--output", str(target), "--overwrite"]) == 2
+    assert (
+        main(["merge", "--adapter", str(finished / "adapter"), "--output", str(target), "--overwrite"]) == 2
+    )
     one_error_line(capsys.readouterr().err, "No space left on device")
     assert snapshot(target) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -274,7 +282,9 @@ def test_real_full_disk_on_a_small_tmpfs(tmp_path, capsys):
     full fine-tuning checkpoint of tiny-llama (weights + two AdamW moments) needs about 420 KiB."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
     try:
         (mnt / "earlier.txt").write_text("earlier output")
@@ -401,7 +411,9 @@ def _resume_and_compare(out: Path, reference: dict[str, torch.Tensor]) -> None:
 def test_kill_inside_a_checkpoint_write_then_resume_is_exact(tmp_path, uninterrupted, k):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-c", KILL_IN_CHECKPOINT, str(k), *CMD, f"output_dir={out}"], env=ENV, capture_output=True
+        [sys.executable, "-c", KILL_IN_CHECKPOINT, str(k), *CMD, f"output_dir={out}"],
+        env=ENV,
+        capture_output=True,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     partial = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -23,7 +23,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     from neurontune.methods.base import _REGISTRY
 
-    monkeypatch.setattr("neurontune.methods.base._REGISTRY", dict(_REGISTRY))  # the example registers a method
+    monkeypatch.setattr(
+        "neurontune.methods.base._REGISTRY", dict(_REGISTRY)
+    )  # the example registers a method
     for code in blocks:
         exec(compile(code.replace('"smollm2-135m"', '"tiny-llama"'), "README.md", "exec"), {})
     assert (tmp_path / "my-adapter" / "neurontune_adapter.safetensors").is_file()
