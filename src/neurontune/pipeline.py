@@ -7,6 +7,7 @@ are comparable; what differs between methods lives in :mod:`neurontune.methods`,
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import sys
 import time
@@ -46,7 +47,14 @@ def process_state() -> Any:
     from accelerate import PartialState
 
     # cpu=True is what makes accelerate start a gloo process group for CPU-only processes
-    return PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes != launched:  # N copies that would all act as rank 0
+        raise NeurontuneError(
+            f"launched as one of {launched} processes, but no process group of {launched} started "
+            f"(accelerate sees {state.num_processes}); launch with torchrun or accelerate launch --multi_gpu"
+        )
+    return state
 
 
 def task_from_config(cfg: DataConfig, tok: Any) -> Task:

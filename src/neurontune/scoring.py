@@ -389,6 +389,38 @@ def module_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+ADDITIVE = frozenset({"act_in", "act_out", "grad", "grad_sq"})  # statistics that are sums over batches
+
+
+def shardable_world(needs: Iterable[str], batches: Sequence[Any] | None) -> int:
+    """How many processes share the scoring: the process group's size when torch.distributed is up,
+    the scorer needs only statistics that add up over batches, and every process gets a batch; else 1."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or not set(needs) or not set(needs) <= ADDITIVE:
+        return 1
+    world = dist.get_world_size()
+    return world if batches is not None and len(batches) >= world else 1
+
+
+def _sum_over_processes(stats: Iterable[LayerStats]) -> None:
+    dist = torch.distributed
+    for st in stats:
+        for key in ("act_in_sq", "act_out_abs", "act_out_pos", "grad", "grad_sq"):
+            t = getattr(st, key)
+            if t is not None:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        counts = torch.tensor([st.n_tokens, st.n_grad], dtype=torch.float64, device=_device_of(st))
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        st.n_tokens, st.n_grad = int(counts[0]), int(counts[1])
+
+
+def _device_of(st: LayerStats) -> torch.device:
+    for key in ("act_in_sq", "act_out_abs", "grad", "grad_sq"):
+        if (t := getattr(st, key)) is not None:
+            return t.device
+    return torch.device("cpu")
+
+
 def score_model(
     model: nn.Module,
     scorer_fn: str | ScorerFn = "magnitude",
@@ -427,10 +459,15 @@ def score_model(
         stats[n] = st
     if needs:
         batches = _check_batches(batches, getattr(fn, "scorer_name", "custom"))
+    world = shardable_world(needs, batches)
+    if world > 1:  # each process gathers over its share of the batches; the sums are added up below
+        batches = batches[torch.distributed.get_rank() :: world]
     if needs & {"act_in", "act_out"}:
         _collect_activations(model, modules, stats, batches, needs, progress)
     if needs & {"grad", "grad_sq"}:
         _collect_grads(model, modules, stats, batches, needs, getattr(fn, "per_sample", False), progress)
+    if world > 1:
+        _sum_over_processes(stats.values())
     if "zo_grad" in needs:
         _collect_zo(
             model,

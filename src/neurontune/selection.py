@@ -195,7 +195,7 @@ def overlap(a: NeuronSpec, b: NeuronSpec) -> dict[str, Any]:
 
 # ---- the selection job (neurontune select, and the row methods of finetune) -------------------------
 def select_neurons(
-    cfg: Any, model: nn.Module, tok: Any, task: Any
+    cfg: Any, model: nn.Module, tok: Any, task: Any, verbose: bool = True
 ) -> tuple[NeuronSpec, dict[str, torch.Tensor]]:
     """Score the target rows of ``model`` on ``cfg.calib_examples`` training examples and apply the budget.
 
@@ -213,7 +213,7 @@ def select_neurons(
         target_modules=cfg.target_modules_value(),
         exclude_modules=cfg.exclude_modules_value(),
         seed=cfg.seed,
-        progress=True,
+        progress=verbose,
         **cfg.scorer_kwargs(),
     )
     seconds = time.perf_counter() - t0
@@ -233,14 +233,15 @@ def select_neurons(
             "calib_examples": min(cfg.calib_examples, len(task.train)),
             "score_seconds": seconds,
         },
-        verbose=True,
+        verbose=verbose,
         **cfg.budget_kwargs(),
     )
     s = spec.summary()
-    print(
-        f"selected {s['rows']:,} rows ({s['params']:,} params) in {s['modules']} modules with {cfg.scorer} "
-        f"({seconds:.1f}s)\n  rows by module type: {s['rows_by_type']}\n  rows by layer: {s['rows_by_layer']}"
-    )
+    if verbose:
+        print(
+            f"selected {s['rows']:,} rows ({s['params']:,} params) in {s['modules']} modules with {cfg.scorer} "
+            f"({seconds:.1f}s)\n  rows by module type: {s['rows_by_type']}\n  rows by layer: {s['rows_by_layer']}"
+        )
     return spec, scores
 
 

@@ -13,6 +13,7 @@ from neurontune.errors import NeurontuneError
 from neurontune.fields import opt
 from neurontune.methods.base import Method, register
 from neurontune.rowtune.layer import IMPLS
+from neurontune.scoring import ADDITIVE
 from neurontune.selection import check_selection, save_selection, select_neurons
 from neurontune.spec import NeuronSpec
 
@@ -42,6 +43,7 @@ class Rows(Method):
         super().__init__(cfg)
         self.given: NeuronSpec | None = None
         self.spec: NeuronSpec | None = None
+        self.scoring_processes = 1  # how many processes shared the scoring pass
 
     def _resuming(self, out: Path) -> bool:
         return bool(self.cfg.resume and (out / "neuron_spec.json").is_file())
@@ -61,11 +63,20 @@ class Rows(Method):
         from neurontune.rowtune import RowTuneConfig, get_rowtune_model
 
         state = process_state()
-        if state.num_processes > 1:  # the main process selects (and writes); every process trains that
+        if state.num_processes > 1:
+            # scorers whose statistics add up over batches score on every process, each over its share of
+            # the calibration data (neurontune.scoring sums them); the others on the main process alone.
+            # The main process writes the selection, and every process trains exactly the main's.
             from accelerate.utils import broadcast_object_list
 
-            spec = self._select(model, tok, task, out) if state.is_main_process else None
-            shared = broadcast_object_list([spec.to_dict() if spec is not None else None])
+            from neurontune.scoring import get_scorer
+
+            needs = get_scorer(self.cfg.scorer, **self.cfg.scorer_kwargs()).needs
+            everyone = not self._resuming(out) and self.given is None and needs and needs <= ADDITIVE
+            self.scoring_processes = state.num_processes if everyone else 1
+            spec = self._select(model, tok, task, out, write=state.is_main_process) if (
+                everyone or state.is_main_process) else None  # fmt: skip
+            shared = broadcast_object_list([spec.to_dict() if state.is_main_process else None])
             spec = NeuronSpec.from_dict(shared[0])
         else:
             spec = self._select(model, tok, task, out)
@@ -73,7 +84,7 @@ class Rows(Method):
         rt = RowTuneConfig(target_modules=self.cfg.target_modules_value(), impl=self.cfg.impl)
         return get_rowtune_model(model, spec, rt)
 
-    def _select(self, model: nn.Module, tok: Any, task: Any, out: Path) -> NeuronSpec:
+    def _select(self, model: nn.Module, tok: Any, task: Any, out: Path, write: bool = True) -> NeuronSpec:
         cfg, spec_path = self.cfg, out / "neuron_spec.json"
         if self._resuming(out):
             spec = NeuronSpec.load(spec_path)
@@ -84,9 +95,11 @@ class Rows(Method):
             spec.save(spec_path)
             print(f"training the {spec.num_rows():,} rows of {cfg.spec}")
         else:
-            spec, scores = select_neurons(cfg, model, tok, task)
+            spec, scores = select_neurons(cfg, model, tok, task, verbose=write)
             spec.provenance["config"] = dataclasses.asdict(cfg)
-            save_selection(spec, scores, spec_path)
+            spec.provenance["scoring_processes"] = self.scoring_processes
+            if write:
+                save_selection(spec, scores, spec_path)
         return spec
 
     def save(self, model: nn.Module, tok: Any, out: Path) -> Path:
