@@ -120,6 +120,11 @@ def render(result: dict) -> str:
             f"{r['forgetting_ppl']:.2f} | {r['train_seconds']:.0f} | {r['peak_rss_mib']:.0f} MiB | "
             f"{_size(r['saved_bytes'])} | {len(r['values'])} |"
         )
+    if result.get("partial"):
+        lines += [
+            "",
+            f"**Partial**: the run stopped after {len(result['runs'])} of its runs; rerun with `--reuse` to finish.",
+        ]
     if result.get("note"):
         lines += ["", result["note"]]
     lines += [
@@ -151,21 +156,29 @@ def main() -> None:
         render_only(args.out, "quality", render)
         return
     runs = []
-    for task in args.tasks.split(","):
-        seeds = args.seeds if task == "rotten_tomatoes" else args.gen_seeds
-        for seed in (int(s) for s in seeds.split(",")):
-            for method in args.methods.split(","):
-                if method in args.single_seed_methods.split(",") and seed != int(seeds.split(",")[0]):
-                    continue
-                m = run_one(args, task, method, seed)
-                print(
-                    f"{task} {method} seed {seed}: {TASKS[task]} {m['after'][TASKS[task]]:.3f} "
-                    f"forgetting {m['after']['forgetting_ppl']:.2f} train {m['train_seconds']:.0f}s "
-                    f"wall {m['wall_seconds'] or 0:.0f}s",
-                    flush=True,
-                )
-                runs.append(m)
-    result = {
+    seeds = {t: [int(x) for x in (args.seeds if t == "rotten_tomatoes" else args.gen_seeds).split(",")]
+             for t in args.tasks.split(",")}  # fmt: skip
+    # every task's first seed before any task's second: a stopped benchmark still covers every task
+    order = [(t, s[i]) for i in range(max(map(len, seeds.values()))) for t, s in seeds.items() if i < len(s)]
+    for task, seed in order:
+        for method in args.methods.split(","):
+            if method in args.single_seed_methods.split(",") and seed != seeds[task][0]:
+                continue
+            m = run_one(args, task, method, seed)
+            print(
+                f"{task} {method} seed {seed}: {TASKS[task]} {m['after'][TASKS[task]]:.3f} "
+                f"forgetting {m['after']['forgetting_ppl']:.2f} train {m['train_seconds']:.0f}s "
+                f"wall {m['wall_seconds'] or 0:.0f}s",
+                flush=True,
+            )
+            runs.append(m)
+            write_results(args.out, "quality", _result(args, runs, partial=True), render, echo=False)
+    write_results(args.out, "quality", _result(args, runs, partial=False), render)
+
+
+def _result(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict:
+    """The results so far (``partial`` until the last run is in: a stopped run keeps what it measured)."""
+    return {
         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "settings": {
@@ -182,8 +195,8 @@ def main() -> None:
         "summary": summarize(runs),
         "runs": runs,
         "note": args.note,
+        "partial": partial,
     }
-    write_results(args.out, "quality", result, render)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,59 @@ def test_gates_and_low_rank_train_in_two_groups_and_resume_exactly(tmp_path, tok
     assert a.keys() == b.keys() and any(k.endswith(".B") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_export_plan_rounds_heads_to_the_grouping_and_widths_to_the_multiple():
+    from types import SimpleNamespace
+
+    from neurontune.gates import export_plan
+
+    smol = SimpleNamespace(num_key_value_heads=3, num_attention_heads=9, hidden_size=576)
+    plan = export_plan(smol, 1536, GateConfig(target_sparsity=0.2, prune_heads=True))
+    assert plan.mlp_keep == 1216 and plan.mlp_keep % 64 == 0  # 0.8 * 1536 = 1228.8 -> 19 x 64
+    assert plan.heads_keep == 2  # 3 per group: 2.4 -> 2 (9 -> 6, 33 %), the nearest the grouping allows
+    assert (
+        "query heads 9 -> 6 (33.3% removed), the nearest that 3 KV groups of 3 allow to 20%"
+        in plan.describe(0.2)
+    )
+    tiny = export_plan(SimpleNamespace(num_key_value_heads=2, num_attention_heads=4, hidden_size=32), 64,
+                       GateConfig(target_sparsity=0.3))  # fmt: skip
+    assert tiny.width_multiple == 1 and tiny.mlp_keep == 45 and tiny.heads_keep is None  # 64 < 4 x 64
+
+
+def test_trained_gates_shut_exactly_what_the_export_removes(tokenizer, tmp_path):
+    """The penalty targets the export's per-layer counts (heads per KV group included), so the trained
+    gated model in eval mode already is the export: finalize forces nothing and the logits agree."""
+    gated = GatedModel(tiny_model("tiny-llama"), GateConfig(target_sparsity=0.5, prune_heads=True, lr=0.05))
+    data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
+    args = TrainArgs(steps=80, lr=1e-3, max_grad_norm=0)
+    train(gated, data, args, progress=False, **gated.training_hooks(args.lr))
+    gated.eval()
+    before = logits(gated)
+    shape = gated.finalize()
+    assert shape["forced_fraction"] == 0.0, shape
+    assert shape["removed_channels"] == 2 * (64 - 32) and shape["removed_heads"] == 2 * 2
+    pruned = export_pruned(gated, tmp_path / "pruned")
+    torch.testing.assert_close(logits(pruned), before, rtol=0, atol=1e-5)
+
+
+def test_a_run_short_of_its_target_stops_or_reports_what_was_forced(tmp_path, capsys):
+    from neurontune.cli import main
+
+    run = ["finetune", "model=tiny-llama", "method=gates", "gate_sparsity=0.5", "steps=2", "gate_lambda=0",
+           "train_examples=16", "eval_examples=4", "forgetting_examples=0", "eval_before=false"]  # fmt: skip
+    assert main([*run, f"output_dir={tmp_path / 'a'}"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the gates did not reach the target: 64 of the 64 MLP channels that the export removes are still open"
+        in err
+    )
+    assert (tmp_path / "a" / "gates.safetensors").is_file() and not (tmp_path / "a" / "pruned").exists()
+    assert main([*run, "gate_force=true", f"output_dir={tmp_path / 'b'}"]) == 0
+    assert (
+        "warning: the export cuts 64 of the 64 MLP channels although their gates were open"
+        in capsys.readouterr().out
+    )
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["gates"]["shape"]["forced_fraction"] == 1.0
+    assert "| open gates cut by the export | 100.0% |" in (tmp_path / "b" / "report.md").read_text()

@@ -120,14 +120,15 @@ def add_run_args(p, runs: str, out: Path, name: str) -> None:
     p.add_argument("--render", action="store_true", help=f"only rebuild {name}.md from {name}.json")
 
 
-def write_results(out: Path, name: str, result: dict, render) -> None:
+def write_results(out: Path, name: str, result: dict, render, echo: bool = True) -> None:
     """``out/<name>.json`` and ``out/<name>.md`` (``render(result)``), and print the table."""
     import json
 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(render(result))
-    print(render(result))
+    if echo:
+        print(render(result))
 
 
 def render_only(out: Path, name: str, render) -> None:

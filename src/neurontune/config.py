@@ -375,7 +375,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             if typ is bool
             else {"metavar": "{" + ",".join(choices) + "}" if choices else typ.__name__.upper(), "type": str}
         )
-        default = "" if f.default is None else f" (default: {f.default})"
+        default = "" if f.default in (None, "") else f" (default: {f.default})"
         groups[group].add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,

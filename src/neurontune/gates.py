@@ -70,6 +70,9 @@ class GateConfig:
     low_rank: int = 0
     low_rank_alpha: float | None = None  # scale s = alpha / r (default alpha = 2r, as LoRA)
     target_modules: str | list[str] = "all-linear"  # for low_rank and the linear granularity
+    width_multiple: int = 64  # kept MLP width rounded to a multiple of this (if the width is >= 4x it)
+    tolerance: float = 0.02  # share of the structure the export removes that may still be open at the end
+    force: bool = False  # export even when more than `tolerance` must be cut open (reported)
 
     def __post_init__(self) -> None:
         if self.granularity not in ("structured", "linear"):
@@ -88,6 +91,50 @@ class GateConfig:
             raise NeurontuneError(f"gate lr must be positive, got {self.lr}")
         if self.sigma <= 0 or self.tau <= 0 or self.lam < 0 or self.low_rank < 0:
             raise NeurontuneError("gate sigma and tau must be > 0, lambda >= 0 and low_rank >= 0")
+        if self.width_multiple < 1 or not 0.0 <= self.tolerance <= 1.0:
+            raise NeurontuneError("gate width_multiple must be >= 1 and tolerance in [0, 1]")
+
+
+@dataclass
+class ExportPlan:
+    """The uniform structure the export writes, fixed before training so the penalty trains exactly it."""
+
+    mlp_width: int  # intermediate channels per layer in the model
+    mlp_keep: int  # ... and in the export
+    width_multiple: int  # the multiple mlp_keep was rounded to (1 when the width is too small for it)
+    kv_heads: int
+    heads_per_group: int
+    heads_keep: int | None  # query heads kept per KV group (None: heads are not pruned)
+
+    def describe(self, target: float) -> str:
+        mult = f", a multiple of {self.width_multiple}" if self.width_multiple > 1 else ""
+        text = (
+            f"MLP channels {self.mlp_width} -> {self.mlp_keep} per layer "
+            f"({1 - self.mlp_keep / self.mlp_width:.1%} removed{mult})"
+        )
+        if self.heads_keep is not None:
+            n, k = self.heads_per_group * self.kv_heads, self.heads_keep * self.kv_heads
+            text += (
+                f"; query heads {n} -> {k} ({1 - k / n:.1%} removed), the nearest that {self.kv_heads} KV "
+                f"groups of {self.heads_per_group} allow to {target:.0%}"
+            )
+        return text
+
+
+def export_plan(model_config: Any, mlp_width: int, cfg: GateConfig) -> ExportPlan:
+    """How many MLP channels and query heads per KV group the uniform export keeps at ``cfg``'s target."""
+    s = cfg.target_sparsity
+    m = cfg.width_multiple if mlp_width >= 4 * cfg.width_multiple else 1
+    mlp_keep = min(mlp_width, max(m, round((1 - s) * mlp_width / m) * m))
+    kv = model_config.num_key_value_heads
+    per_group = model_config.num_attention_heads // kv
+    heads_keep = None
+    if cfg.prune_heads:
+        want = (1 - s) * per_group
+        # LlamaConfig insists on hidden_size % num_attention_heads == 0: the counts that fit
+        fits = [h for h in range(1, per_group + 1) if model_config.hidden_size % (h * kv) == 0]
+        heads_keep = min(fits, key=lambda h: (abs(h - want), -h))
+    return ExportPlan(mlp_width, mlp_keep, m, kv, per_group, heads_keep)
 
 
 class GaussianGate(nn.Module):
@@ -200,9 +247,11 @@ class GatedModel(ModelWrapper):
         if cfg.low_rank:
             for name in find_target_modules(model, cfg.target_modules):
                 self._replace(name, LowRank(model.get_submodule(name), cfg.low_rank, cfg.low_rank_alpha))
+        self.plan: ExportPlan | None = None
         if cfg.granularity == "structured":
             mc = model.config
             self.head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+            self.plan = export_plan(mc, _linear(_layers(model)[0].mlp.down_proj).in_features, cfg)
             for i, layer in enumerate(_layers(model)):
                 down = layer.mlp.down_proj
                 gate = self._gate(f"layer{i}.mlp", _linear(down).in_features)
@@ -260,14 +309,24 @@ class GatedModel(ModelWrapper):
         """The sparsity-target penalty (see the module docstring), averaged over gate groups."""
         cfg = self.gate_config
         terms = []
-        for g in self.groups.values():
+        for key, g in self.groups.items():
             if cfg.penalty == "mean":
                 terms.append((g.open_prob().mean() - (1.0 - cfg.target_sparsity)).abs())
-            else:
-                p = g.open_prob(cfg.tau)
-                lowest = g.mu().detach().argsort()[: round(cfg.target_sparsity * p.numel())]
-                terms.append(p[lowest].sum() / p.numel())
+            else:  # push shut exactly what the export removes: the lowest gates, per layer (and KV group)
+                p, mu = g.open_prob(cfg.tau), g.mu().detach()
+                groups, shut = self._to_shut(key)
+                lowest = mu.view(groups, -1).argsort(dim=1)[:, :shut]
+                terms.append(p.view(groups, -1).gather(1, lowest).sum() / p.numel())
         return cfg.lam * torch.stack(terms).mean()
+
+    def _to_shut(self, key: str) -> tuple[int, int]:
+        """``(blocks, gates to shut in each)`` for gate group ``key``, from the export plan."""
+        n = self.groups[key].a.numel()
+        if self.plan is None:  # linear granularity: the target share of every row/column gate group
+            return 1, round(self.gate_config.target_sparsity * n)
+        if key.endswith(".heads"):
+            return self.plan.kv_heads, self.plan.heads_per_group - self.plan.heads_keep
+        return 1, n - self.plan.mlp_keep
 
     def sparsity(self) -> dict[str, float]:
         """Fraction of gates closed at eval (deterministic), overall and per kind."""
@@ -286,42 +345,41 @@ class GatedModel(ModelWrapper):
             yield i, layer, layer.mlp.down_proj.gate, heads
 
     @torch.no_grad()
-    def finalize(self, target_sparsity: float | None = None) -> dict[str, int]:
-        """Make every layer keep the same number of channels (and heads per KV group) so the export
-        is a standard config: the ``k`` largest gate values per layer stay, the rest are shut.
+    def finalize(self) -> dict[str, Any]:
+        """Shut exactly what the export removes (:attr:`plan`): in every layer the gates of largest ``z``
+        stay, ``plan.mlp_keep`` channels and ``plan.heads_keep`` heads per KV group, the rest are shut.
+        After this, eval outputs equal the pruned export's.
 
-        ``k`` is ``round((1 - s) * n)`` with ``s`` the achieved eval sparsity averaged over layers
-        (or ``target_sparsity`` if given). After this, eval outputs equal the pruned export's.
+        Returns the shape and how much of what is removed was still open (``forced_*``: gates cut
+        although their eval value was above 0), which is where the export's function differs from
+        the trained gated model's.
         """
-        if self.gate_config.granularity != "structured":
+        if self.plan is None:
             raise NeurontuneError("finalize/export_pruned need granularity='structured'")
-        mc = self.base_model.config
-        kv = mc.num_key_value_heads
-        layers = list(self.iter_structured())
-
-        def shut(gates: list[GaussianGate]) -> float:  # achieved eval sparsity, averaged over layers
-            return sum((g.eval_values() == 0).float().mean().item() for g in gates) / len(gates)
-
-        mlps = [mlp for _, _, mlp, _ in layers]
-        s = target_sparsity if target_sparsity is not None else shut(mlps)
-        mlp_keep = max(1, round((1 - s) * mlps[0].a.numel()))
-        head_keep = None
-        heads = [h for _, _, _, h in layers if h is not None]
-        if heads:
-            per_group = heads[0].a.numel() // kv
-            s = target_sparsity if target_sparsity is not None else shut(heads)
-            want = max(1, round((1 - s) * per_group))
-            # LlamaConfig insists on hidden_size % num_attention_heads == 0: take the nearest count that fits
-            fits = [h for h in range(1, per_group + 1) if mc.hidden_size % (h * kv) == 0]
-            head_keep = min(fits, key=lambda h: (abs(h - want), -h))
+        plan, forced, removed = self.plan, {"mlp": 0, "heads": 0}, {"mlp": 0, "heads": 0}
         for _, _, mlp, heads in self.iter_structured():
-            _keep_top(mlp, mlp_keep, groups=1)
-            if heads is not None:
-                _keep_top(heads, head_keep * kv, groups=kv)
-        return {
-            "intermediate_size": mlp_keep,
-            "heads_per_kv_group": head_keep or mc.num_attention_heads // kv,
+            for kind, gate, keep, blocks in (
+                ("mlp", mlp, plan.mlp_keep, 1),
+                ("heads", heads, (plan.heads_keep or 0) * plan.kv_heads, plan.kv_heads),
+            ):
+                if gate is None:
+                    continue
+                open_before = gate.eval_values() > 0
+                _keep_top(gate, keep, groups=blocks)
+                cut = ~gate.keep
+                forced[kind] += int((open_before & cut).sum())
+                removed[kind] += int(cut.sum())
+        out: dict[str, Any] = {
+            "intermediate_size": plan.mlp_keep,
+            "heads_per_kv_group": plan.heads_keep or plan.heads_per_group,
+            "removed_channels": removed["mlp"],
+            "forced_channels": forced["mlp"],
         }
+        if plan.heads_keep is not None:
+            out |= {"removed_heads": removed["heads"], "forced_heads": forced["heads"]}
+        total = removed["mlp"] + removed["heads"]
+        out["forced_fraction"] = (forced["mlp"] + forced["heads"]) / total if total else 0.0
+        return out
 
     def state_dict_gates(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}

@@ -105,12 +105,16 @@ def _load(cfg: SelectConfig) -> tuple[torch.nn.Module, Any, Task]:
 def run_select(cfg: SelectConfig) -> NeuronSpec:
     from neurontune.selection import save_selection, select_neurons
 
+    state = process_state()
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)
-    spec, scores = select_neurons(cfg, model, tok, task)
+    # under N processes, additive scorers split the calibration data (neurontune.scoring); rank 0 writes
+    spec, scores = select_neurons(cfg, model, tok, task, verbose=state.is_main_process)
     spec.provenance["config"] = dataclasses.asdict(cfg)
-    save_selection(spec, scores, cfg.output)
-    print(f"wrote {cfg.output}")
+    if state.is_main_process:
+        save_selection(spec, scores, cfg.output)
+        print(f"wrote {cfg.output}")
+    state.wait_for_everyone()
     return spec
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neurontune.errors import NeurontuneError
 from neurontune.fields import opt
 from neurontune.methods.base import Method, register
 
@@ -33,6 +34,17 @@ class GateOptions:
                                 ("structured", "linear"), G)  # fmt: skip
     prune_heads: bool = opt(False, "also gate and remove attention heads", group=G)
     gate_low_rank: int = opt(0, "rank of a trainable low-rank term inside the gates (0: none)", group=G)
+    gate_width_multiple: int = opt(
+        64, "round the kept MLP width to a multiple of this (when the width is at least 4x it)", group=G
+    )
+    gate_tolerance: float = opt(
+        0.02,
+        "share of the removed channels/heads that may still be open at the end without an error",
+        group=G,
+    )
+    gate_force: bool = opt(
+        False, "export even when more than gate_tolerance must be cut open (reported)", group=G
+    )
 
 
 def gate_config(cfg: Any) -> Any:
@@ -42,6 +54,7 @@ def gate_config(cfg: Any) -> Any:
         granularity=cfg.gate_granularity, target_sparsity=cfg.gate_sparsity, lam=cfg.gate_lambda,
         sigma=cfg.gate_sigma, tau=cfg.gate_tau, penalty=cfg.gate_penalty, prune_heads=cfg.prune_heads,
         low_rank=cfg.gate_low_rank, target_modules=cfg.target_modules_value(), lr=cfg.gate_lr,
+        width_multiple=cfg.gate_width_multiple, tolerance=cfg.gate_tolerance, force=cfg.gate_force,
     )  # fmt: skip
 
 
@@ -69,7 +82,10 @@ class Gates(Method):
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
         from neurontune.gates import GatedModel
 
-        return GatedModel(model, gate_config(self.cfg))
+        gated = GatedModel(model, gate_config(self.cfg))
+        if gated.plan is not None:  # what the penalty trains towards is what the export will write
+            print(f"gates: the export will keep {gated.plan.describe(self.cfg.gate_sparsity)}")
+        return gated
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         return model.training_hooks(lr)["param_groups"]  # gates at their own lr, no weight decay
@@ -96,14 +112,22 @@ class Gates(Method):
         total_before = count_parameters(model.base_model)[1] - sum(v.numel() for v in gates.values())
         if cfg.gate_granularity == "structured":
             prunable_before = count_prunable(model.base_model)
-            achieved = info["achieved_sparsity"]["sparsity_mlp"]
-            if abs(achieved - cfg.gate_sparsity) > 0.05:
-                print(
-                    f"warning: the gates shut {achieved:.1%} of the MLP channels, not {cfg.gate_sparsity:.0%}; "
-                    f"the export removes the {cfg.gate_sparsity:.0%} with the lowest gates (train longer, or "
-                    "raise lr or gate_lambda, to let the gates choose)"
+            info["shape"] = shape = model.finalize()
+            forced = shape["forced_fraction"]
+            what = f"{shape['forced_channels']} of the {shape['removed_channels']} MLP channels" + (
+                f" and {shape['forced_heads']} of the {shape['removed_heads']} heads"
+                if "forced_heads" in shape
+                else ""
+            )
+            if forced > cfg.gate_tolerance and not cfg.gate_force:
+                raise NeurontuneError(
+                    f"the gates did not reach the target: {what} that the export removes are still open "
+                    f"(achieved {info['achieved_sparsity']}, target {cfg.gate_sparsity}). The trained gates are "
+                    f"in {out / 'gates.safetensors'}. Train longer (steps), raise gate_lambda or gate_lr, or pass "
+                    "gate_force=true to cut them anyway (reported in metrics.json)"
                 )
-            info["shape"] = model.finalize(cfg.gate_sparsity)
+            if forced:
+                print(f"warning: the export cuts {what} although their gates were open ({forced:.1%} forced)")
             plain = export_pruned(model, out / "pruned", tok)
             info["prunable_params"] = [prunable_before, count_prunable(plain)]
             info["removed_fraction_of_prunable"] = 1 - info["prunable_params"][1] / prunable_before
@@ -132,4 +156,5 @@ class Gates(Method):
             ("parameters after pruning", f"{before:,} -> {after:,} ({1 - after / before:.1%} removed)"),
             ("gate sparsity at the end of training", sparsity),
             (f"{key} of the gated model", f"{g['gated'][key]:.4g} (after: the pruned export)"),
+            ("open gates cut by the export", f"{g.get('shape', {}).get('forced_fraction', 0.0):.1%}"),
         ]
