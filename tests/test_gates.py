@@ -220,3 +220,46 @@ def test_a_run_short_of_its_target_stops_or_reports_what_was_forced(tmp_path, ca
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert m["gates"]["shape"]["forced_fraction"] == 1.0
     assert "| open gates cut by the export | 100.0% |" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_distillation_recovers_the_pruned_model_towards_the_teacher(tmp_path, capsys):
+    from neurontune.cli import main
+    from neurontune.models import tiny_tokenizer
+
+    # a tiny model whose predictions are far from uniform, so pruning it changes them measurably
+    teacher = tiny_model("tiny-llama")
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if "norm" not in name:
+                p.mul_(8.0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "run"
+    rc = main([
+        "finetune", f"model={tmp_path / 'teacher'}", "method=gates", "gate_sparsity=0.5", "steps=2", "gate_force=true",
+        "train_examples=32", "eval_examples=8", "forgetting_examples=0", "eval_before=false",
+        "recover=distill", "recover_steps=30", "recover_lr=3e-3", "distill_general=4", f"output_dir={out}",
+    ])  # fmt: skip
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    before, after = m["gates"]["distill_kl"]
+    assert after < 0.7 * before, (before, after)
+    assert m["saved"] == str(out / "recovered") and m["after"] == m["gates"]["recovered"]
+    assert (out / "recover" / "train_log.csv").is_file() and (out / "pruned" / "config.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    rec = AutoModelForCausalLM.from_pretrained(out / "recovered")
+    assert rec.config.intermediate_size == 32  # still the pruned shape
+    assert (
+        main(
+            [
+                "finetune",
+                "model=tiny-llama",
+                "method=gates",
+                "recover_steps=5",
+                f"output_dir={tmp_path / 'x'}",
+            ]
+        )
+        == 2
+    )
+    assert "recover_steps is for recover=distill" in capsys.readouterr().err

@@ -131,6 +131,13 @@ def general_text(n: int = 32, max_chars: int = 2000) -> list[str]:
     return [ex["input"][:max_chars] for ex in load_bigbench("gem/xsum")["examples"][-n:]]
 
 
+def general_train_text(n: int, max_chars: int = 2000) -> list[str]:
+    """News articles for training on general text (the first ``n``; :func:`general_text` takes its
+    held-out ones from the other end of the same file, so the two never overlap)."""
+    examples = load_bigbench("gem/xsum")["examples"]
+    return [ex["input"][:max_chars] for ex in examples[: max(0, min(n, len(examples) - 32))]]
+
+
 # ---- tasks from files ------------------------------------------------------------------------------
 # name -> (required fields, optional fields); detected from the first record, in this order.
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -68,6 +68,11 @@ def mixed_precision(precision: str) -> str:
     return choices[precision]
 
 
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Next-token targets that carry a label (what :func:`token_loss` sums over)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], n_tokens: int) -> torch.Tensor:
     """Summed next-token cross-entropy of ``batch``'s labelled tokens, divided by ``n_tokens``."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -252,6 +257,8 @@ def train(
     param_groups: list[dict[str, Any]] | None = None,
     regularization: Callable[[], torch.Tensor] | None = None,
     step_stats: Callable[[], dict[str, float]] | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor], int], torch.Tensor] | None = None,
+    count_fn: Callable[[dict[str, torch.Tensor]], int] | None = None,
 ) -> list[dict[str, float]]:
     """Run ``args.steps`` optimizer steps over the trainable parameters; returns one log row per step.
 
@@ -259,7 +266,12 @@ def train(
     ``train_log.csv`` is kept up to date; ``resume`` continues from the newest checkpoint there.
     ``param_groups`` (default: every trainable parameter at ``args.lr``) are AdamW's groups;
     ``regularization()`` is added to the loss once per step; ``step_stats()`` adds numbers to each log row.
+    ``loss_fn(model, batch, n)`` (default :func:`token_loss`) is a micro-batch's summed loss divided by
+    ``n``, the step's count of ``count_fn(batch)`` (default: labelled next tokens) over all its
+    micro-batches and processes.
     """
+    loss_fn = loss_fn or token_loss
+    count_fn = count_fn or labelled_tokens
     from transformers import get_scheduler
 
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -299,14 +311,14 @@ def train(
         # N processes step exactly as one process with grad_accum x N (the same examples, the same loss)
         first = (step * world + rank) * args.grad_accum
         micro = [data[first + j] for j in range(args.grad_accum)]
-        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        n_tokens = sum(count_fn(b) for b in micro)
         n_tokens = max(1, int(_sum_over_processes(accelerator, n_tokens)))
         total, reg = 0.0, 0.0
         for j, b in enumerate(micro):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
             last = j == len(micro) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                loss = token_loss(model, b, n_tokens)
+                loss = loss_fn(model, b, n_tokens)
                 total += loss.item()
                 # the gradient sync averages over processes; the loss is a sum over all of them
                 loss = loss * world

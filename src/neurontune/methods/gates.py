@@ -45,6 +45,19 @@ class GateOptions:
     gate_force: bool = opt(
         False, "export even when more than gate_tolerance must be cut open (reported)", group=G
     )
+    recover: str = opt("none", "after the export: distil the unpruned model into the pruned one",
+                       ("none", "distill"), G)  # fmt: skip
+    recover_steps: int = opt(100, "recover=distill: optimizer steps", group=G)
+    recover_lr: float | None = opt(None, "recover=distill: learning rate (default: lr)", group=G)
+    recover_params: str = opt("rows", "recover=distill: train rows of the pruned model (at --budget) or all of it",
+                              ("rows", "full"), G)  # fmt: skip
+    distill_teacher: str | None = opt(
+        None, "recover=distill: the teacher (default: the unpruned --model)", group=G
+    )
+    distill_temperature: float = opt(2.0, "recover=distill: softmax temperature of the KL term", group=G)
+    distill_alpha: float = opt(0.0, "recover=distill: weight of the task loss next to the KL (0..1)", group=G)
+    distill_general: int = opt(0, "recover=distill: news articles added to the task data (limits forgetting)",
+                               group=G)  # fmt: skip
 
 
 def gate_config(cfg: Any) -> Any:
@@ -63,15 +76,32 @@ class Gates(Method):
     name = "gates"
     help = "stochastic gates that adapt and prune at once; writes output_dir/pruned"
     options = GateOptions
-    outputs = ("pruned", "gates.safetensors")
+    outputs = ("pruned", "gates.safetensors", "recovered", "recover")
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self.info: dict[str, Any] | None = None
+        self.task: Any = None
+        self.saved: str = "pruned"
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
+        import dataclasses
+
         gate_config(cfg)  # validates the gate options
+        recover_opts = [
+            f for f in dataclasses.fields(GateOptions) if f.name.startswith(("recover_", "distill_"))
+        ]
+        if cfg.recover == "none":
+            for f in recover_opts:
+                if getattr(cfg, f.name) != f.default:
+                    raise NeurontuneError(f"{f.name} is for recover=distill; set recover=distill or drop it")
+        elif cfg.recover_steps <= 0 or not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_temperature <= 0:
+            raise NeurontuneError(
+                "recover=distill needs recover_steps > 0, distill_temperature > 0, distill_alpha in [0, 1]"
+            )
+        elif (cfg.recover_lr is not None and cfg.recover_lr <= 0) or cfg.distill_general < 0:
+            raise NeurontuneError("recover_lr must be positive and distill_general >= 0")
 
     def check(self, model: nn.Module, out: Path) -> None:
         if self.cfg.gate_granularity == "structured":
@@ -81,6 +111,8 @@ class Gates(Method):
 
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
         from neurontune.gates import GatedModel
+
+        self.task = task  # the recovery trains on it
 
         gated = GatedModel(model, gate_config(self.cfg))
         if gated.plan is not None:  # what the penalty trains towards is what the export will write
@@ -140,10 +172,62 @@ class Gates(Method):
             f"({1 - info['total_params'][1] / info['total_params'][0]:.1%} removed); wrote {out / 'pruned'}/"
         )
         self.info = info
-        return plain, evaluate(plain)
+        exported = info["exported"] = evaluate(plain)
+        if cfg.recover == "distill":
+            plain = self._distill(plain, tok, out)
+            info["recovered"] = recovered = evaluate(plain)
+            self.saved = "recovered"
+            return plain, recovered
+        return plain, exported
+
+    def _distill(self, pruned: nn.Module, tok: Any, out: Path) -> nn.Module:
+        """Recover the pruned model by logit distillation from the unpruned one (neurontune.distill);
+        writes ``output_dir/recovered`` (a plain transformers model) and records the KL before/after."""
+        from neurontune.distill import attended_tokens, distill_loss, kl_to_teacher
+        from neurontune.io import save_pretrained_atomic
+        from neurontune.models import load_model
+        from neurontune.pipeline import device
+        from neurontune.tasks import Example, StepBatches, fixed_batches, general_train_text
+        from neurontune.train import TrainArgs, train
+
+        cfg = self.cfg
+        teacher = load_model(cfg.distill_teacher or cfg.model, dtype=cfg.dtype, device=device())[0]
+        teacher.requires_grad_(False).eval()
+        examples = list(self.task.train) + [Example("", t) for t in general_train_text(cfg.distill_general)]
+        held_out = fixed_batches(self.task.eval[:16], tok, cfg.eval_batch_size, cfg.max_length)
+        pruned.eval()
+        kl_before = kl_to_teacher(pruned, teacher, held_out)
+        if cfg.recover_params == "rows":
+            from neurontune.rowtune import get_rowtune_model
+            from neurontune.scoring import score_model
+            from neurontune.selection import select
+
+            scores = score_model(pruned, "magnitude", target_modules=cfg.target_modules_value())
+            student = get_rowtune_model(pruned, select(pruned, scores, **cfg.budget_kwargs()))
+        else:
+            student = pruned.requires_grad_(True)
+        print(f"recover: distilling {cfg.distill_teacher or cfg.model} into the pruned model for "
+              f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f})")  # fmt: skip
+        args = TrainArgs(
+            steps=cfg.recover_steps, lr=cfg.recover_lr or cfg.lr, weight_decay=cfg.weight_decay,
+            grad_accum=cfg.grad_accum, lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+            max_grad_norm=cfg.max_grad_norm, precision=cfg.precision, save_steps=cfg.save_steps,
+            save_total_limit=cfg.save_total_limit, gradient_checkpointing=cfg.gradient_checkpointing,
+        )  # fmt: skip
+        data = StepBatches(examples, tok, cfg.batch_size, cfg.max_length, cfg.seed)
+        train(student, data, args, out / "recover", resume=cfg.resume,
+              loss_fn=distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
+              count_fn=attended_tokens)  # fmt: skip
+        recovered = student.merge_and_unload() if cfg.recover_params == "rows" else student
+        recovered.requires_grad_(False).eval()
+        kl_after = kl_to_teacher(recovered, teacher, held_out)
+        self.info["distill_kl"] = [kl_before, kl_after]
+        print(f"recover: KL to the teacher {kl_before:.4f} -> {kl_after:.4f}; wrote {out / 'recovered'}/")
+        save_pretrained_atomic(out / "recovered", recovered, tok)
+        return recovered
 
     def save(self, model: nn.Module, tok: Any, out: Path) -> Path:
-        return out / "pruned"  # written by finish()
+        return out / self.saved  # written by finish()
 
     def metrics(self) -> dict[str, Any]:
         return {"gates": self.info}
@@ -157,4 +241,6 @@ class Gates(Method):
             ("gate sparsity at the end of training", sparsity),
             (f"{key} of the gated model", f"{g['gated'][key]:.4g} (after: the pruned export)"),
             ("open gates cut by the export", f"{g.get('shape', {}).get('forced_fraction', 0.0):.1%}"),
-        ]
+        ] + ([(f"{key} of the export before recovery", f"{g['exported'][key]:.4g}"),
+              ("KL to the teacher, before -> after distillation", "{:.4f} -> {:.4f}".format(*g["distill_kl"]))]
+             if "recovered" in g else [])  # fmt: skip

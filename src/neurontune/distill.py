@@ -1,0 +1,74 @@
+r"""Logit distillation from a teacher (the unpruned model) into a student (the pruned one), as Minitron
+recovers width-pruned models::
+
+    loss = (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T)) + alpha * CE(s, labels)
+
+summed over every next-token position that has a real next token (not only the labelled completion:
+a classification example has one labelled token but a whole prompt of teacher distribution), and
+divided by the step's count of such positions. ``T`` is the temperature; ``alpha`` mixes in the task
+loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neurontune.tasks import IGNORE_INDEX
+
+
+def next_token_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mask over positions ``0 .. L-2`` whose next token is a real (attended) token."""
+    am = batch["attention_mask"].bool()
+    return am[:, :-1] & am[:, 1:]
+
+
+def attended_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(next_token_positions(batch).sum())
+
+
+def _kl_sum(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, t: float
+) -> torch.Tensor:
+    s = F.log_softmax(student_logits.float() / t, dim=-1)
+    p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = F.kl_div(s, p, log_target=True, reduction="none").sum(-1)
+    return (kl * mask).sum() * t * t
+
+
+def distill_loss(
+    teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.0
+) -> Callable[[nn.Module, dict[str, torch.Tensor], int], torch.Tensor]:
+    """A ``loss_fn`` for :func:`neurontune.train.train` (with ``count_fn=attended_tokens``)."""
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            t_logits = teacher(**inputs).logits[:, :-1]
+        s_logits = model(**inputs).logits[:, :-1]
+        total = (1 - alpha) * _kl_sum(s_logits, t_logits, next_token_positions(batch), temperature)
+        if alpha:
+            total = total + alpha * F.cross_entropy(
+                s_logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )  # fmt: skip
+        return total / n
+
+    return loss
+
+
+@torch.no_grad()
+def kl_to_teacher(model: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Mean KL(teacher || model) per next-token position at temperature 1 (a distillation's progress)."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        mask = next_token_positions(b)
+        total += float(_kl_sum(model(**inputs).logits[:, :-1], teacher(**inputs).logits[:, :-1], mask, 1.0))
+        count += int(mask.sum())
+    return total / max(1, count)
