@@ -165,3 +165,49 @@ def test_label_out_of_range_and_unknown_label(tmp_path, tokenizer):
     f = write_jsonl(tmp_path / "s.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}])
     with pytest.raises(NeurontuneError, match=r"s\.jsonl:2: label 'meh' is not one of \['neg', 'pos'\]"):
         load_task(str(f), tokenizer, label_words=["neg", "pos"])
+
+
+def test_a_saved_datasets_directory_with_column_mapping_trains(tmp_path, capsys):
+    import json
+
+    from datasets import Dataset, DatasetDict
+
+    from neurontune.cli import main
+
+    rows = [{"question": f"What is {i} plus 1?", "answer": f" {i + 1}"} for i in range(24)]
+    DatasetDict(
+        {"train": Dataset.from_list(rows[:20]), "validation": Dataset.from_list(rows[20:])}
+    ).save_to_disk(tmp_path / "ds")
+    out = tmp_path / "run"
+    args = ["finetune", "model=tiny-llama", f"task={tmp_path / 'ds'}", "columns=prompt=question,completion=answer",
+            "steps=2", "batch_size=4", "forgetting_examples=0", f"output_dir={out}"]  # fmt: skip
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task_kind"] == "generation" and "rougeL" in m["after"]
+    assert "4 eval examples" in capsys.readouterr().out  # the validation split, not a random hold-out
+    fp = json.loads((out / "config.json").read_text())["data_fingerprint"]
+    assert list(fp) == [str(tmp_path / "ds")] and fp[str(tmp_path / "ds")]["bytes"] > 0
+    assert main([*args[:3], "columns=prompt=query", *args[4:], f"output_dir={tmp_path / 'r2'}"]) == 2
+    assert "no column 'query' to map" in capsys.readouterr().err
+
+
+def test_class_label_names_become_the_label_words(tmp_path, tokenizer):
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    feats = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    Dataset.from_dict({"text": ["bad", "good", "awful", "great"] * 3, "label": [0, 1, 0, 1] * 3},
+                      features=feats).save_to_disk(tmp_path / "ds")  # fmt: skip
+    task = load_task(str(tmp_path / "ds"), tokenizer)
+    assert task.kind == "classification" and task.label_words == ("negative", "positive")
+
+
+def test_a_hub_dataset_id_fails_at_once_offline(tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    t0 = time.perf_counter()
+    with pytest.raises(NeurontuneError, match="the Hugging Face Hub is unreachable"):
+        load_task("some-org/some-dataset", None)
+    assert time.perf_counter() - t0 < 5

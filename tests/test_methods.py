@@ -10,7 +10,10 @@ from neurontune.methods import get_method, method_names, registry
 
 RUN = ["model=tiny-llama", "steps=3", "train_examples=16", "eval_examples=8", "forgetting_examples=2",
        "batch_size=4", "lr=1e-2", "eval_before=false"]  # fmt: skip
-EXTRA = {"gates": ["gate_sparsity=0.25", "lr=0.05", "gate_force=true"], "neft": ["scorer_options=probe_steps=2"]}
+EXTRA = {
+    "gates": ["gate_sparsity=0.25", "lr=0.05", "gate_force=true"],
+    "neft": ["scorer_options=probe_steps=2"],
+}
 
 
 @pytest.mark.parametrize("name", method_names())

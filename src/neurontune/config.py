@@ -38,7 +38,8 @@ class DataConfig:
 
     task: str = _opt(
         "rotten_tomatoes",
-        "built-in task (rotten_tomatoes, imdb, multiemo, e2e_nlg, arithmetic) or a .json/.jsonl/.csv file",
+        "built-in task (rotten_tomatoes, imdb, multiemo, e2e_nlg, arithmetic), a .json/.jsonl/.csv file, a "
+        "datasets directory (save_to_disk) or a Hub dataset id",
     )
     eval_file: str | None = _opt(
         None, "evaluation data file (default: hold out eval_fraction of a data file)"
@@ -46,6 +47,9 @@ class DataConfig:
     eval_fraction: float = _opt(0.1, "fraction of a data file held out for evaluation without eval_file")
     label_words: str | None = _opt(None, "classification files: comma-separated words for labels 0,1,...")
     template: str = _opt("{text}\nLabel:", "classification files: prompt template around {text}")
+    columns: str | None = _opt(
+        None, "map the data's columns to our fields, e.g. prompt=question,completion=answer or text=sentence"
+    )
     seed: int = _opt(0, "seed for the data split and order, random scores, tie-breaking")
     max_length: int = _opt(128, "max tokens per example (a long prompt is cut from the left)")
 
@@ -65,6 +69,7 @@ class DataConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise NeurontuneError(f"{f.name}={value!r} is not one of: {', '.join(choices)}{hint}")
 
+        self.columns_value()  # validate early
         if not 0.0 < self.eval_fraction < 1.0:
             raise NeurontuneError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if "{text}" not in self.template:
@@ -77,6 +82,20 @@ class DataConfig:
             raise NeurontuneError(
                 f"template {self.template!r} is not a valid format string ({e}); write a literal brace as {{{{ or }}}}"
             ) from None
+
+    def columns_value(self) -> dict[str, str] | None:
+        if not self.columns:
+            return None
+        fields = ("prompt", "completion", "text", "label", "messages", "instruction", "input", "output")
+        out = {}
+        for item in filter(None, (x.strip() for x in self.columns.split(","))):
+            ours, eq, theirs = item.partition("=")
+            if not eq or ours.strip() not in fields or not theirs.strip():
+                raise NeurontuneError(
+                    f"columns item {item!r}: expected FIELD=COLUMN with FIELD one of {', '.join(fields)}"
+                )
+            out[ours.strip()] = theirs.strip()
+        return out
 
     def label_words_value(self) -> list[str] | None:
         return [w.strip() for w in self.label_words.split(",") if w.strip()] if self.label_words else None

@@ -203,3 +203,65 @@ def load_records(path: str | os.PathLike) -> list[Record]:
 
 if __name__ == "__main__":
     print(f"BIG-bench tasks ready in {prepare_bigbench(force='--force' in sys.argv)}")
+
+
+def load_dataset_records(name_or_dir: str) -> tuple[list[Record], list[Record] | None]:
+    """``(train, eval or None)`` records from a ``datasets`` directory written by ``save_to_disk`` or a
+    dataset id on the Hugging Face Hub. The eval split is ``test`` or ``validation`` when there is one."""
+    import datasets
+
+    path = Path(name_or_dir)
+    if path.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise NeurontuneError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
+    else:
+        from neurontune.models import _hub_unreachable
+
+        if why := _hub_unreachable():
+            raise NeurontuneError(
+                f"task {name_or_dir!r} is not a built-in task, a data file or a saved dataset directory, and "
+                f"the Hugging Face Hub is unreachable ({why})"
+            )
+        try:
+            ds = datasets.load_dataset(name_or_dir)
+        except Exception as e:  # the Hub's own errors are many and deep; one line is what the user needs
+            raise NeurontuneError(
+                f"could not load dataset {name_or_dir!r}: {str(e).splitlines()[0]}"
+            ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise NeurontuneError(f"{name_or_dir}: no 'train' split (splits: {sorted(ds)})")
+        held = next((ds[k] for k in ("validation", "test") if k in ds), None)  # test labels are often hidden
+        return _ds_records(ds["train"], f"{name_or_dir}[train]"), (
+            _ds_records(held, f"{name_or_dir}[{held.split}]") if held is not None else None
+        )
+    return _ds_records(ds, str(name_or_dir)), None
+
+
+def _ds_records(ds: Any, where: str) -> list[Record]:
+    import datasets
+
+    records = [(f"{where}[{i}]", dict(rec)) for i, rec in enumerate(ds)]
+    label = ds.features.get("label")
+    if isinstance(label, datasets.ClassLabel):  # integer classes with names: use the names (-1: no label)
+        for _, rec in records:
+            rec["label"] = (
+                label.names[rec["label"]] if rec["label"] is not None and rec["label"] >= 0 else None
+            )
+    if not records:
+        raise NeurontuneError(f"{where}: the dataset is empty")
+    return records
+
+
+def rename_columns(records: list[Record], mapping: dict[str, str]) -> list[Record]:
+    """``mapping`` is ``{our field: the data's column}`` (``prompt=question``); checked on every record."""
+    out = []
+    for where, rec in records:
+        missing = [col for col in mapping.values() if col not in rec]
+        if missing:
+            raise NeurontuneError(f"{where}: no column {missing[0]!r} to map (columns: {sorted(rec)})")
+        moved = {new: rec[old] for new, old in mapping.items()}
+        out.append((where, {**{k: v for k, v in rec.items() if k not in mapping.values()}, **moved}))
+    return out

@@ -60,7 +60,7 @@ def process_state() -> Any:
 def task_from_config(cfg: DataConfig, tok: Any) -> Task:
     return load_task(
         cfg.task, tok, seed=cfg.seed, eval_file=cfg.eval_file, eval_fraction=cfg.eval_fraction,
-        label_words=cfg.label_words_value(), template=cfg.template,
+        label_words=cfg.label_words_value(), template=cfg.template, columns=cfg.columns_value(),
     )  # fmt: skip
 
 
@@ -140,16 +140,20 @@ def data_fingerprint(cfg: DataConfig) -> dict[str, Any] | None:
     on changed data is refused."""
     import hashlib
 
-    files = [f for f in (cfg.task, cfg.eval_file) if f and Path(f).is_file()]
-    if not files:
+    sources = [Path(f) for f in (cfg.task, cfg.eval_file) if f and Path(f).exists()]
+    if not sources:
         return None
     out = {}
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
-        out[str(f)] = {"bytes": Path(f).stat().st_size, "sha256": h.hexdigest()}
+    for src in sources:  # a file, or a datasets directory (every file in it)
+        h, size = hashlib.sha256(), 0
+        for f in sorted(src.rglob("*")) if src.is_dir() else [src]:
+            if f.is_file():
+                h.update(str(f.relative_to(src) if src.is_dir() else f.name).encode())
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                        h.update(chunk)
+                size += f.stat().st_size
+        out[str(src)] = {"bytes": size, "sha256": h.hexdigest()}
     return out
 
 

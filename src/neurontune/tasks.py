@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from neurontune.data import LABEL_WORDS, load_bigbench, load_movie_reviews, load_records, split
+from neurontune.data import (
+    LABEL_WORDS,
+    load_bigbench,
+    load_dataset_records,
+    load_movie_reviews,
+    load_records,
+    rename_columns,
+    split,
+)
 from neurontune.errors import NeurontuneError
 
 IGNORE_INDEX = -100
@@ -288,18 +296,29 @@ def load_task(
     eval_fraction: float = 0.1,
     label_words: Sequence[str] | None = None,
     template: str = "{text}\nLabel:",
+    columns: dict[str, str] | None = None,
 ) -> Task:
-    """A built-in task by name (:data:`BUILTIN_TASKS`) or a task from a data file."""
+    """A built-in task by name (:data:`BUILTIN_TASKS`), a data file, a ``datasets`` directory
+    (``save_to_disk``) or a Hub dataset id; ``columns`` renames the data's columns to our fields."""
     if name_or_path in BUILTIN_TASKS:
         if eval_file:
             raise NeurontuneError("eval_file is for data files; built-in tasks have their own test split")
         return BUILTIN_TASKS[name_or_path](seed)
-    if not Path(name_or_path).suffix:
+    path = Path(name_or_path)
+    if path.is_dir() or (not path.suffix and "/" in name_or_path and not path.exists()):
+        records, eval_records = load_dataset_records(name_or_path)  # save_to_disk directory or Hub id
+    elif not path.suffix:
         raise NeurontuneError(
-            f"unknown task {name_or_path!r}: use one of {sorted(BUILTIN_TASKS)} or a .json/.jsonl/.csv file"
+            f"unknown task {name_or_path!r}: use one of {sorted(BUILTIN_TASKS)}, a .json/.jsonl/.csv file, "
+            "a datasets directory (save_to_disk) or a Hub dataset id (org/name)"
         )
-    records = load_records(name_or_path)
-    eval_records = load_records(eval_file) if eval_file else None
+    else:
+        records, eval_records = load_records(name_or_path), None
+    if eval_file:
+        eval_records = load_records(eval_file)
+    if columns:
+        records = rename_columns(records, columns)
+        eval_records = rename_columns(eval_records, columns) if eval_records is not None else None
     return records_to_task(
         os.path.basename(name_or_path), records, eval_records, tok, seed=seed,
         eval_fraction=eval_fraction, label_words=label_words, template=template,
