@@ -305,7 +305,8 @@ class RowSparseLinear(nn.Module):
         if impl == "index_add":
             y = self.base_layer(x)
             xs = x if self.cols is None else x.index_select(-1, self.cols)
-            d = F.linear(xs.to(compute_dtype(x)), self.delta.to(compute_dtype(x))).to(y.dtype)
+            cd = compute_dtype(x)
+            d = F.linear(xs.to(cd), self.delta.to(cd)).to(y.dtype)
             return y + d if self.rows is None else y.index_add(-1, self.rows, d)
         return _FUNCTIONS[impl].apply(
             x,
@@ -344,16 +345,11 @@ class RowSparseLinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """A copy of the base weight (in its own layout and dtype) with the delta folded in."""
-        w = self.base_layer.weight.detach().clone()
-        if not self.merged:
-            view = as_out_in(w, self.base_layer)
-            put_block(
-                view,
-                self.rows,
-                self.cols,
-                get_block(view, self.rows, self.cols).to(self.delta.dtype) + self.delta,
-            )
-        return w
+        if self.merged:
+            return self.base_layer.weight.detach().clone()
+        w = get_weight(self.base_layer)
+        # the (out, in) view back in the layer's own layout (Conv1D's transpose is its own inverse)
+        return as_out_in(effective_weight(w, self.delta, self.rows, self.cols, w.dtype), self.base_layer)
 
 
 # ---- state dicts: a row-tuned model saves as the standard model it stands for -----------------------
@@ -393,14 +389,9 @@ def _from_standard_state(
         got = as_out_in(w.to(base.device), module.base_layer)
         ref = get_weight(module.base_layer)
         outside = got.to(ref.dtype) != ref
-        if module.rows is None and module.cols is None:
-            outside.zero_()
-        elif module.cols is None:
-            outside[module.rows] = False
-        elif module.rows is None:
-            outside[:, module.cols] = False
-        else:
-            outside[module.rows[:, None], module.cols[None, :]] = False
+        put_block(
+            outside, module.rows, module.cols, torch.zeros_like(get_block(outside, module.rows, module.cols))
+        )
         if outside.any():
             error_msgs.append(
                 f"{prefix}weight differs from the frozen base outside the selected rows/columns "
