@@ -157,8 +157,9 @@ def data_fingerprint(cfg: DataConfig) -> dict[str, Any] | None:
     return out
 
 
-def _check_output_dir(cfg: FinetuneConfig, out: Path) -> None:
-    """Refuse to clobber a run; on resume, refuse a config or data that would change the trajectory."""
+def _check_output_dir(cfg: FinetuneConfig, out: Path, fingerprint: dict[str, Any] | None) -> None:
+    """Refuse to clobber a run; on resume, refuse a config or data (``fingerprint``, from
+    :func:`data_fingerprint`) that would change the trajectory."""
     saved = out / "config.json"
     if bad := next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None):
         raise NeurontuneError(f"output_dir {out}: {bad} exists and is not a directory")
@@ -180,8 +181,8 @@ def _check_output_dir(cfg: FinetuneConfig, out: Path) -> None:
             print(
                 f"warning: {out} was started by an older neurontune that did not record its data; not checked"
             )
-        elif old["data_fingerprint"] != (now := data_fingerprint(cfg)):
-            changed = sorted(set(now or {}) | set(old.get("data_fingerprint") or {}))
+        elif old["data_fingerprint"] != fingerprint:
+            changed = sorted(set(fingerprint or {}) | set(old.get("data_fingerprint") or {}))
             raise NeurontuneError(
                 f"cannot resume {out}: the data changed since the run started ({', '.join(changed)}); "
                 "resuming would mix two datasets. Start again with --overwrite"
@@ -215,14 +216,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     state = process_state()  # under torchrun / accelerate launch: N processes, rank 0 writes everything
     main = state.is_main_process
-    _check_output_dir(cfg, out)
+    fingerprint = data_fingerprint(cfg)  # hashed once: the resume check and config.json share it
+    _check_output_dir(cfg, out, fingerprint)
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)  # data problems surface here, before anything is written
     task = task.head(cfg.train_examples, cfg.eval_examples)
     method = get_method(cfg.method)(cfg)
     method.check(model, out)  # bad method input fails here, before anything is written
     forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
-    fingerprint = data_fingerprint(cfg)
     state.wait_for_everyone()  # every process has checked the directory before the first write
     if main and not cfg.resume:  # a resumed run keeps the config.json it started with
         if cfg.overwrite:
