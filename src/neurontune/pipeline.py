@@ -203,6 +203,12 @@ def _clear_run(out: Path) -> None:
         remove(out / name)
 
 
+def train_args(cfg: FinetuneConfig, **overrides: Any) -> TrainArgs:
+    """The run's :class:`TrainArgs` (``overrides`` for a second training, e.g. gates' recovery)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainArgs)}
+    return TrainArgs(**{**fields, **overrides})
+
+
 def _fmt_metrics(m: dict[str, Any]) -> str:
     keys = ("accuracy", "exact_match", "bleu", "chrf", "rougeL", "perplexity", "forgetting_ppl")
     return ", ".join(f"{k} {m[k]:.3f}" if k == "accuracy" else f"{k} {m[k]:.2f}" for k in keys if k in m)
@@ -245,12 +251,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         print(describe_parameters(model))
     log: list[dict[str, float]] = []
     if method.trains:
-        args = TrainArgs(
-            steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_accum=cfg.grad_accum,
-            lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
-            precision=cfg.precision, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-        )  # fmt: skip
+        args = train_args(cfg)
         data = StepBatches(task.train, tok, cfg.batch_size, cfg.max_length, cfg.seed)
         log = train(
             model, data, args, out, resume=cfg.resume, param_groups=method.param_groups(model, cfg.lr),

@@ -120,13 +120,13 @@ class Gates(Method):
         return gated
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        return model.training_hooks(lr)["param_groups"]  # gates at their own lr, no weight decay
+        return model.param_groups(lr)  # gates at their own lr, no weight decay
 
     def regularization(self, model: nn.Module) -> Callable[[], torch.Tensor]:
-        return model.training_hooks(self.cfg.lr)["regularization"]
+        return model.regularization
 
     def step_stats(self, model: nn.Module) -> Callable[[], dict[str, float]]:
-        return model.training_hooks(self.cfg.lr)["step_stats"]
+        return model.sparsity
 
     def finish(self, model, tok, out, evaluate, after):
         """Save the trained gates, make the export shape uniform, remove what is shut, write
@@ -186,9 +186,9 @@ class Gates(Method):
         from neurontune.distill import attended_tokens, distill_loss, kl_to_teacher
         from neurontune.io import save_pretrained_atomic
         from neurontune.models import load_model
-        from neurontune.pipeline import device
+        from neurontune.pipeline import device, train_args
         from neurontune.tasks import Example, StepBatches, fixed_batches, general_train_text
-        from neurontune.train import TrainArgs, train
+        from neurontune.train import train
 
         cfg = self.cfg
         teacher = load_model(cfg.distill_teacher or cfg.model, dtype=cfg.dtype, device=device())[0]
@@ -208,12 +208,7 @@ class Gates(Method):
             student = pruned.requires_grad_(True)
         print(f"recover: distilling {cfg.distill_teacher or cfg.model} into the pruned model for "
               f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f})")  # fmt: skip
-        args = TrainArgs(
-            steps=cfg.recover_steps, lr=cfg.recover_lr or cfg.lr, weight_decay=cfg.weight_decay,
-            grad_accum=cfg.grad_accum, lr_scheduler=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
-            max_grad_norm=cfg.max_grad_norm, precision=cfg.precision, save_steps=cfg.save_steps,
-            save_total_limit=cfg.save_total_limit, gradient_checkpointing=cfg.gradient_checkpointing,
-        )  # fmt: skip
+        args = train_args(cfg, steps=cfg.recover_steps, lr=cfg.recover_lr or cfg.lr)
         data = StepBatches(examples, tok, cfg.batch_size, cfg.max_length, cfg.seed)
         train(student, data, args, out / "recover", resume=cfg.resume,
               loss_fn=distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
