@@ -4,6 +4,8 @@ at the same trainable-parameter count, on a GPU or a CPU.
     python benchmarks/gpu_step.py                                  # CPU: tiny-llama + SmolLM2-135M shape
     python benchmarks/gpu_step.py --models llama-3.2-1b llama-3-8b # GPU: real shapes (defaults differ)
     python benchmarks/gpu_step.py --grad-ckpt both                 # with and without gradient checkpointing
+    python benchmarks/gpu_step.py --quantization nf4 --name quantized \
+        --models smollm2-135m --methods rows-auto lora                # rows on a 4-bit base vs QLoRA
 
 Models are random-init models built from a config at real shapes (the weights do not change the cost):
 ``tiny-llama``, ``smollm2-135m`` (SmolLM2-135M's shape), ``llama-3.2-1b``, ``llama-3-8b``. Budget:
@@ -12,6 +14,11 @@ LoRA rank ``--rank`` on every linear layer; row methods get magnitude-selected r
 weights + bf16 autocast: what ``neurontune finetune precision=auto`` does on a GPU), ``fp32``
 (``precision=auto`` on a CPU). AdamW on the trainable parameters, one synthetic batch of seeded token
 ids, every position labelled.
+
+``--quantization nf4|fp4|int8``: the frozen base is loaded quantized by bitsandbytes (``neurontune.models``:
+the random-init model is saved once under ``$NEURONTUNE_CACHE/bench-models`` and loaded back with a
+``BitsAndBytesConfig``); ``lora`` is then QLoRA and the row methods run through the quantized layer's
+own kernels. Full fine-tuning and the dense-only impls are skipped (they cannot run on a packed base).
 
 Each (model, precision, checkpointing, method) runs in a fresh subprocess. Step time: median of the
 timed steps (CUDA events on a GPU, ``perf_counter`` on a CPU), best of ``--repeats`` (the order of
@@ -47,12 +54,20 @@ CPU_DEFAULTS = {"models": ["tiny-llama", "smollm2-135m"], "precisions": ["fp32",
 BATCH = {"tiny-llama": (4, 128), "smollm2-135m": (4, 128), "llama-3.2-1b": (4, 1024), "llama-3-8b": (2, 1024)}
 
 
-def build_model(name: str, dtype):
+def build_model(name: str, dtype, quantization: str = "none"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from neurontune.models import tiny_model
+    from neurontune.models import load_model, tiny_model, tiny_tokenizer
 
+    if quantization != "none":  # a saved copy of the random-init model, loaded back quantized
+        from neurontune.io import cache_dir
+
+        path = cache_dir() / "bench-models" / name
+        if not (path / "config.json").is_file():
+            build_model(name, torch.float32).save_pretrained(path)
+            tiny_tokenizer().save_pretrained(path)  # load_model wants one; the ids are synthetic anyway
+        return load_model(str(path), dtype=dtype, quantization=quantization)[0]
     if name == "tiny-llama":
         return tiny_model("tiny-llama", dtype=dtype)
     h, inter, layers, heads, kv, vocab, tied = SHAPES[name]
@@ -88,7 +103,8 @@ def worker(a: argparse.Namespace) -> dict:
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     batch, seq = a.batch or BATCH[model_name][0], a.seq or BATCH[model_name][1]
     wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = build_model(model_name, wdtype).to(dev)
+    model = build_model(model_name, wdtype, a.quantization).to(dev) if a.quantization == "none" else (
+        build_model(model_name, wdtype, a.quantization))  # fmt: skip
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size - 3, (batch, seq), generator=g).to(dev)
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -116,6 +132,8 @@ def worker(a: argparse.Namespace) -> dict:
     else:
         raise ValueError(method)
     params = [p for p in model.parameters() if p.requires_grad]
+    quantized = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__name__ in (
+        "Params4bit", "Int8Params"))  # fmt: skip
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     model.train()
     if cuda:
@@ -154,6 +172,8 @@ def worker(a: argparse.Namespace) -> dict:
         "precision": precision,
         "grad_ckpt": ckpt,
         "method": method,
+        "quantization": a.quantization,
+        "quantized_layers": quantized,
         "resolved_impl": resolved,
         "batch": batch,
         "seq": seq,
@@ -175,7 +195,7 @@ def run_all(a: argparse.Namespace) -> list[dict]:
                     for method in order:
                         cmd = [sys.executable, __file__, "--worker", model_name, precision, str(ckpt), method]
                         cmd += ["--rank", str(a.rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]
-                        cmd += ["--min-seconds", str(a.min_seconds)]
+                        cmd += ["--min-seconds", str(a.min_seconds), "--quantization", a.quantization]
                         cmd += ["--batch", str(a.batch)] if a.batch else []
                         cmd += ["--seq", str(a.seq)] if a.seq else []
                         print(f"[{model_name} {precision} ckpt={ckpt} rep {rep}] {method} ...", flush=True)
@@ -219,8 +239,14 @@ def render(result: dict) -> str:
         if meta["cuda"]
         else "peak RSS during the timed steps minus RSS before wrapping the model"
     )
+    q = meta.get("quantization", "none")
+    title = (
+        f"# Train-step time and memory on a {q} base (bitsandbytes {meta.get('bitsandbytes')}): rows vs QLoRA"
+        if q != "none"
+        else "# Train-step time and memory: rows (every impl) vs PEFT LoRA vs full fine-tuning"
+    )
     lines = [
-        "# Train-step time and memory: rows (every impl) vs PEFT LoRA vs full fine-tuning",
+        title,
         "",
         f"Command: `{meta['command']}`  ",
         f"Device: {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}, "
@@ -266,6 +292,15 @@ def device_name() -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, {threads} threads"
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -278,6 +313,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--grad-ckpt", choices=["no", "yes", "both"], default="no")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--quantization", choices=["none", "nf4", "fp4", "int8"], default="none")
     p.add_argument("--batch", type=int, help="override the per-model default batch size")
     p.add_argument("--seq", type=int, help="override the per-model default sequence length")
     p.add_argument("--steps", type=int, default=10)
@@ -300,6 +336,8 @@ def main() -> None:
     import transformers
 
     defaults = GPU_DEFAULTS if torch.cuda.is_available() else CPU_DEFAULTS
+    if a.quantization != "none":  # a packed base: no full fine-tuning, no dense-weight impls
+        a.methods = [m for m in a.methods if m not in ("full", "rows-merged", "rows-fused")]
     a.models = a.models or defaults["models"]
     a.precisions = a.precisions or defaults["precisions"]
     rows = run_all(a)
@@ -311,6 +349,8 @@ def main() -> None:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "rank": a.rank,
+        "quantization": a.quantization,
+        "bitsandbytes": _version("bitsandbytes"),
         "steps": a.steps,
         "warmup": a.warmup,
         "min_seconds": a.min_seconds,

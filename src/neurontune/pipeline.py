@@ -28,7 +28,7 @@ from neurontune.io import (
     write_json,
 )
 from neurontune.methods import get_method, load_output
-from neurontune.models import DEFAULT_MODEL, load_model, resolve_dtype
+from neurontune.models import DEFAULT_MODEL, load_model, model_quantization, resolve_dtype
 from neurontune.spec import NeuronSpec
 from neurontune.tasks import StepBatches, Task, general_text, load_task
 from neurontune.train import TrainArgs, list_checkpoints, mixed_precision, train
@@ -93,7 +93,7 @@ def dir_bytes(path: Path) -> int:
 # ---- select ----------------------------------------------------------------------------------------
 def _load(cfg: SelectConfig) -> tuple[torch.nn.Module, Any, Task]:
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device())
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device(), quantization=cfg.quantization)
     task = task_from_config(cfg, tok)
     process_state().print(
         f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s; task {task.name} ({task.kind}, "
@@ -120,15 +120,19 @@ def run_select(cfg: SelectConfig) -> NeuronSpec:
 
 # ---- adapters: load any kind -----------------------------------------------------------------------
 def load_adapted(
-    adapter: str | None, model_name: str | None = None, dtype: str = "float32", is_trainable: bool = False
-) -> tuple[torch.nn.Module, Any, str]:
+    adapter: str | None, model_name: str | None = None, dtype: str = "float32", is_trainable: bool = False,
+    quantization: str | None = None,
+) -> tuple[torch.nn.Module, Any, str]:  # fmt: skip
     """``(model, tokenizer, kind)`` for a plain model or any method's saved adapter (``kind`` is the
     method that loads it, or ``"plain"``). The base model comes from ``model_name`` or else from the
-    adapter's config. Only JSON and safetensors files are read."""
+    adapter's config, loaded with ``quantization`` (``None``: as the adapter records, else unquantized).
+    Only JSON and safetensors files are read."""
     if adapter is None:
-        model, tok = load_model(model_name or DEFAULT_MODEL, dtype=dtype, device=device())
+        model, tok = load_model(
+            model_name or DEFAULT_MODEL, dtype=dtype, device=device(), quantization=quantization
+        )
         return model, tok, "plain"
-    return load_output(adapter, model_name, dtype, is_trainable)
+    return load_output(adapter, model_name, dtype, is_trainable, quantization)
 
 
 # ---- finetune --------------------------------------------------------------------------------------
@@ -245,6 +249,16 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
 
     before = run_eval(model) if main and (cfg.eval_before or not method.trains) else None
+    if cfg.quantization != "none" and method.trains:
+        import warnings
+
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA's preparation (what PEFT users do): the base frozen, the non-quantized parameters in fp32;
+        # gradient checkpointing is train()'s to switch on
+        with warnings.catch_warnings():  # peft 0.17+ asks a deprecated transformers property
+            warnings.simplefilter("ignore", FutureWarning)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = method.build(model, tok, task, out)
     trainable, total = count_parameters(model)
     if main:
@@ -336,7 +350,7 @@ def write_report(
 
 # ---- eval / merge ----------------------------------------------------------------------------------
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    model, tok, kind = load_adapted(cfg.adapter, cfg.model, cfg.dtype)
+    model, tok, kind = load_adapted(cfg.adapter, cfg.model, cfg.dtype, quantization=cfg.quantization)
     task = task_from_config(cfg, tok).head(None, cfg.eval_examples)
     forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
     metrics = evaluate(
@@ -359,9 +373,11 @@ def run_merge(cfg: MergeConfig) -> Path:
         raise NeurontuneError(
             f"{target} already exists; choose a new --output or pass --overwrite to replace it"
         )
-    model, tok, kind = load_adapted(cfg.adapter, cfg.model, "float32")
+    model, tok, kind = load_adapted(cfg.adapter, cfg.model, "float32", quantization=cfg.quantization)
+    quantized = model_quantization(model)
     merged = model.merge_and_unload()
     merged = merged.to(resolve_dtype(cfg.dtype))
     save_pretrained_atomic(cfg.output, merged, tok)
-    print(f"merged the {kind} adapter {cfg.adapter} into {cfg.output} ({describe_parameters(merged)})")
+    how = f", dequantized from its {quantized} base to {cfg.dtype}" if quantized != "none" else ""
+    print(f"merged the {kind} adapter {cfg.adapter} into {cfg.output}{how} ({describe_parameters(merged)})")
     return Path(cfg.output)

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neurontune.errors import NeurontuneError
-from neurontune.targets import find_target_modules, get_weight
+from neurontune.targets import dense_weight, find_target_modules, get_weight, is_quantized, linear_shape
 
 STAT_KINDS = frozenset({"act_in", "act_out", "grad", "grad_sq", "zo_grad", "probe"})
 
@@ -214,7 +214,8 @@ def _neft(probe_steps: int = 20, probe_lr: float = 1e-4, probe_params: str = "ta
 
 # ---- statistics collection ---------------------------------------------------------------------------
 def _weight_fp32(module: nn.Module) -> torch.Tensor:
-    return get_weight(module).detach().float()
+    """The (out, in) weight in fp32: a quantized one dequantized (a copy, one module at a time)."""
+    return dense_weight(module) if is_quantized(module) else get_weight(module).detach().float()
 
 
 def _grad_oi(module: nn.Module) -> torch.Tensor:
@@ -297,9 +298,43 @@ def _train_only(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[No
             p.grad = None
 
 
+@contextlib.contextmanager
+def _grads_from_hooks(model: nn.Module, modules: dict[str, nn.Module], grads: dict[str, torch.Tensor]):
+    """``dL/dW = sum_t dy_t^T x_t`` per module from its input and its output's gradient, for weights that
+    cannot hold a gradient (quantized ones). The input embeddings' output requires grad, so backward
+    runs through every layer's own kernels; nothing of the model is made trainable."""
+    handles = [
+        model.get_input_embeddings().register_forward_hook(lambda m, args, out: out.requires_grad_(True))
+    ]
+
+    def hook(name: str, mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        x = args[0].detach()
+
+        def on_grad(gy: torch.Tensor) -> None:
+            g = gy.reshape(-1, gy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
+            grads[name] = g if name not in grads else grads[name] + g
+
+        out.register_hook(on_grad)
+
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_hook(lambda m, a, o, name=name: hook(name, m, a, o)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _collect_grads(model, modules, stats, batches, needs, per_sample, progress) -> None:
-    """Gradients of the target weights only; one accumulator per statistic, never per-sample copies."""
-    with _train_only(model, [mod.weight for mod in modules.values()]):
+    """Gradients of the target weights only; one accumulator per statistic, never per-sample copies.
+    Quantized weights take theirs from hooks (:func:`_grads_from_hooks`)."""
+    hooked: dict[str, torch.Tensor] = {}
+    quantized = any(is_quantized(m) for m in modules.values())
+    params = [] if quantized else [mod.weight for mod in modules.values()]
+    with (
+        _train_only(model, params),
+        _grads_from_hooks(model, modules, hooked) if quantized else (contextlib.nullcontext()),
+    ):
         micro = []
         for b in batches:
             if per_sample:
@@ -311,7 +346,7 @@ def _collect_grads(model, modules, stats, batches, needs, per_sample, progress) 
                 continue
             _loss(model, b).backward()
             for name, mod in modules.items():
-                g = _grad_oi(mod)
+                g = hooked.pop(name) if quantized else _grad_oi(mod)
                 st = stats[name]
                 if "grad" in needs:
                     st.grad += g
@@ -381,6 +416,18 @@ def _collect_probe(model, modules, stats, batches, steps, lr, probe_params, prog
             model.train(was_training)
 
 
+def check_quantized(fn: ScorerFn, modules: dict[str, nn.Module]) -> None:
+    """Refuse a scorer that perturbs or trains the weights it scores (zo-taylor, NeFT's probe) on
+    quantized modules, which cannot be changed in place; every other scorer works on them."""
+    q = next((n for n, m in modules.items() if is_quantized(m)), None)
+    if fn.needs & {"zo_grad", "probe"} and q is not None:
+        raise NeurontuneError(
+            f"scorer {getattr(fn, 'scorer_name', 'custom')!r} changes the weights it scores, and {q} is "
+            f"quantized ({type(modules[q]).__name__}); score a quantized base with magnitude, taylor, fisher, "
+            "wanda, activation or random, or score the unquantized model and pass spec="
+        )
+
+
 def module_seed(seed: int, name: str) -> int:
     """A seed of its own for module ``name`` (stable across processes and Python versions), so random
     draws differ between modules of the same shape."""
@@ -443,10 +490,10 @@ def score_model(
     modules = {n: model.get_submodule(n) for n in names}
     torch.manual_seed(seed)
     stats: dict[str, LayerStats] = {}
+    check_quantized(fn, modules)
     for n, mod in modules.items():
-        w = get_weight(mod)
-        out_f, in_f = w.shape
-        dev = w.device
+        out_f, in_f = linear_shape(mod)
+        dev = mod.weight.device
         st = LayerStats(n, generator=torch.Generator().manual_seed(module_seed(seed, n)))
         if "act_in" in needs:
             st.act_in_sq = torch.zeros(in_f, device=dev)

@@ -247,12 +247,13 @@ def select_neurons(
 
 def check_selection(cfg: Any, model: nn.Module) -> None:
     """Fail on a bad scorer, scorer option, target or budget now, before minutes of evaluation or scoring."""
-    from neurontune.scoring import get_scorer
+    from neurontune.scoring import check_quantized, get_scorer
     from neurontune.targets import find_target_modules, linear_shape, refuse_tied_weights
 
-    get_scorer(cfg.scorer, **cfg.scorer_kwargs())
+    fn = get_scorer(cfg.scorer, **cfg.scorer_kwargs())
     names = find_target_modules(model, cfg.target_modules_value(), cfg.exclude_modules_value())
     refuse_tied_weights(model, names)
+    check_quantized(fn, {n: model.get_submodule(n) for n in names})
     zeros = {n: torch.zeros(linear_shape(model.get_submodule(n))[0]) for n in names}
     select(model, zeros, per_layer=cfg.per_layer, order=cfg.order, min_per_module=cfg.min_per_module,
            **cfg.budget_kwargs())  # fmt: skip

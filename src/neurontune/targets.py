@@ -104,6 +104,24 @@ def refuse_tied_weights(model: nn.Module, names: Any) -> None:
             )
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes quantized linear (``Linear4bit``, ``Linear8bitLt``): its weight
+    is packed, so it can only be run through its own forward or dequantized."""
+    return (
+        type(module.weight).__name__ in ("Params4bit", "Int8Params") if hasattr(module, "weight") else False
+    )
+
+
+def dense_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A ``(out_features, in_features)`` copy of the weight in ``dtype``; a quantized weight is
+    dequantized (transformers' own bitsandbytes helper), one module at a time."""
+    if is_quantized(module):
+        from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(dtype)
+    return get_weight(module).detach().to(dtype, copy=True)
+
+
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``(out_features, in_features)`` (a transposed view for Conv1D)."""
     return as_out_in(module.weight, module)

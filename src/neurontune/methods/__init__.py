@@ -41,8 +41,9 @@ def option_classes() -> list[type]:
 
 
 def load_output(
-    path: str | Path, model_name: str | None, dtype: str, is_trainable: bool = False
-) -> tuple[Any, Any, str]:
+    path: str | Path, model_name: str | None, dtype: str, is_trainable: bool = False,
+    quantization: str | None = None,
+) -> tuple[Any, Any, str]:  # fmt: skip
     """``(model, tokenizer, method name)`` for a saved adapter of any registered method."""
     from neurontune.io import read_json
 
@@ -53,6 +54,6 @@ def load_output(
     cfg = read_json(cfg_file, "adapter config") if cfg_file.is_file() else None
     for name, method in registry().items():
         if method.can_load(path, cfg):
-            model, tok = method.load(path, model_name, dtype, is_trainable)
+            model, tok = method.load(path, model_name, dtype, is_trainable, quantization)
             return model, tok, name
     raise NeurontuneError(f"{path}: neither a neurontune row adapter nor a PEFT adapter")

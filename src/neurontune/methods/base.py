@@ -33,6 +33,7 @@ class Method:
     selects_rows: ClassVar[bool] = False  # uses the scorer / budget options to choose rows
     trains: ClassVar[bool] = True  # False: evaluation only
     outputs: ClassVar[tuple[str, ...]] = ()  # what it writes in output_dir (removed by --overwrite)
+    supports_quantization: ClassVar[bool] = False  # trains (or evaluates) on a bitsandbytes-quantized base
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -92,9 +93,15 @@ class Method:
 
     @classmethod
     def load(
-        cls, path: Path, model_name: str | None, dtype: str, is_trainable: bool
+        cls,
+        path: Path,
+        model_name: str | None,
+        dtype: str,
+        is_trainable: bool,
+        quantization: str | None = None,
     ) -> tuple[nn.Module, Any]:
-        """``(model, tokenizer)`` for an output of this method."""
+        """``(model, tokenizer)`` for an output of this method; ``quantization``: how to load its base
+        (``None``: as it was trained, where the output records it)."""
         raise NotImplementedError
 
 

@@ -93,7 +93,12 @@ class PeftMethod(Method):
 
     @classmethod
     def load(
-        cls, path: Path, model_name: str | None, dtype: str, is_trainable: bool
+        cls,
+        path: Path,
+        model_name: str | None,
+        dtype: str,
+        is_trainable: bool,
+        quantization: str | None = None,
     ) -> tuple[nn.Module, Any]:
         from peft import PeftModel
 
@@ -107,7 +112,7 @@ class PeftMethod(Method):
             )
         cfg = read_json(path / "adapter_config.json", "adapter config")
         base_name = model_name or cfg.get("base_model_name_or_path") or DEFAULT_MODEL
-        base, tok = load_model(base_name, dtype=dtype, device=device())
+        base, tok = load_model(base_name, dtype=dtype, device=device(), quantization=quantization)
         try:
             return PeftModel.from_pretrained(base, path, is_trainable=is_trainable), tok
         except (RuntimeError, ValueError, KeyError) as e:
@@ -121,7 +126,8 @@ class PeftMethod(Method):
 @register
 class Lora(PeftMethod):
     name = "lora"
-    help = "PEFT LoRA at rank lora_r (same trainable count as rows at a lora:R budget)"
+    help = "PEFT LoRA at rank lora_r (same trainable count as rows at a lora:R budget; QLoRA on a 4-bit base)"
+    supports_quantization = True
 
     def peft_config(self, targets: list[str]) -> Any:
         return self.lora_config(targets)
@@ -131,6 +137,7 @@ class Lora(PeftMethod):
 class Dora(PeftMethod):
     name = "dora"
     help = "PEFT DoRA (weight-decomposed LoRA) at rank lora_r"
+    supports_quantization = True
 
     def peft_config(self, targets: list[str]) -> Any:
         return self.lora_config(targets, use_dora=True)

@@ -37,6 +37,7 @@ class Rows(Method):
     help = "row-sparse: train only the rows chosen by --scorer within --budget (a compact adapter)"
     options = RowOptions
     selects_rows = True
+    supports_quantization = True
     outputs = ("adapter", "merged", "neuron_spec.json", "neuron_spec.scores.safetensors")
 
     def __init__(self, cfg: Any) -> None:
@@ -49,6 +50,17 @@ class Rows(Method):
         return bool(self.cfg.resume and (out / "neuron_spec.json").is_file())
 
     def check(self, model: nn.Module, out: Path) -> None:
+        from neurontune.targets import find_target_modules, is_quantized
+
+        if self.cfg.impl in ("merged", "fused"):
+            names = find_target_modules(
+                model, self.cfg.target_modules_value(), self.cfg.exclude_modules_value()
+            )
+            if q := next((n for n in names if is_quantized(model.get_submodule(n))), None):
+                raise NeurontuneError(
+                    f"impl={self.cfg.impl} needs a dense weight, and {q} is quantized "
+                    f"({type(model.get_submodule(q)).__name__}); use impl=auto or index_add"
+                )
         if self._resuming(out):
             return
         if self.cfg.spec:
@@ -125,7 +137,12 @@ class Rows(Method):
 
     @classmethod
     def load(
-        cls, path: Path, model_name: str | None, dtype: str, is_trainable: bool
+        cls,
+        path: Path,
+        model_name: str | None,
+        dtype: str,
+        is_trainable: bool,
+        quantization: str | None = None,
     ) -> tuple[nn.Module, Any]:
         from neurontune.models import DEFAULT_MODEL, load_model
         from neurontune.pipeline import device
@@ -133,8 +150,9 @@ class Rows(Method):
 
         cfg, _ = read_adapter(path)
         base, tok = load_model(
-            model_name or cfg.get("base_model") or DEFAULT_MODEL, dtype=dtype, device=device()
-        )
+            model_name or cfg.get("base_model") or DEFAULT_MODEL, dtype=dtype, device=device(),
+            quantization=quantization or cfg.get("base_quantization", "none"),
+        )  # fmt: skip
         return RowTuneModel.from_pretrained(base, path, is_trainable=is_trainable), tok
 
 
@@ -142,6 +160,7 @@ class Rows(Method):
 class NeFT(Rows):
     name = "neft"
     help = "rows chosen by NeFT's probe (rows with scorer=neft)"
+    supports_quantization = False  # the probe fine-tunes the weights themselves
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

@@ -30,7 +30,12 @@ class Full(Method):
 
     @classmethod
     def load(
-        cls, path: Path, model_name: str | None, dtype: str, is_trainable: bool
+        cls,
+        path: Path,
+        model_name: str | None,
+        dtype: str,
+        is_trainable: bool,
+        quantization: str | None = None,
     ) -> tuple[nn.Module, Any]:
         from neurontune.models import load_model
         from neurontune.pipeline import device
@@ -41,7 +46,7 @@ class Full(Method):
             raise NeurontuneError(
                 f"{path} is a whole model, not an adapter: pass it as --model, without --adapter"
             )
-        model, tok = load_model(str(path), dtype=dtype, device=device())
+        model, tok = load_model(str(path), dtype=dtype, device=device(), quantization=quantization)
         return model.requires_grad_(is_trainable), tok
 
 
@@ -50,6 +55,7 @@ class NoTraining(Method):
     name = "none"
     help = "no training: evaluate the base model (zero-shot)"
     trains = False
+    supports_quantization = True
 
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
         return model.requires_grad_(False)

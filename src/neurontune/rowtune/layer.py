@@ -29,7 +29,15 @@ weight and the delta: a half-precision copy of the weight is recomputed in backw
   scatter(dy[..., rows] D)``. No weight-sized temporary in pure bf16/fp32.
 - ``"index_add"``: plain autograd (``y.index_add(-1, rows, x D^T)``); the reference, and the only one
   that works when the base weight itself is trainable.
-- ``"auto"`` (default): the rule below; ``index_add`` whenever the base is trainable.
+- ``"auto"`` (default): the rule below; ``index_add`` whenever the base is trainable or quantized.
+
+**Quantized bases** (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, ``quantization=nf4|fp4|int8``): the
+base output comes from the layer's own forward (its 4-bit/8-bit kernels, as QLoRA's LoRA does), the
+delta is added into the selected rows (``index_add``), and backward gives ``dx`` through the
+quantized layer's own backward. ``merged`` and ``fused`` need a dense weight and are refused. A
+quantized layer cannot take a delta in place: :meth:`RowSparseLinear.merge` refuses, and
+:meth:`RowSparseLinear.dequantized` returns a plain ``nn.Linear`` holding ``dequant(W) + D`` (what
+``merge_and_unload`` writes), which computes what was trained.
 
 **The auto rule, and the measurements behind it** (``benchmarks/gpu_step.py``; results in
 ``benchmarks/results/gpu_step.md``):
@@ -63,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurontune.targets import as_out_in, get_weight, linear_shape
+from neurontune.targets import as_out_in, dense_weight, get_weight, is_quantized, linear_shape
 
 Impl = Literal["auto", "merged", "fused", "index_add"]
 IMPLS: tuple[str, ...] = ("auto", "merged", "fused", "index_add")
@@ -235,6 +243,12 @@ class RowSparseLinear(nn.Module):
             raise TypeError(f"RowSparseLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.quantized = is_quantized(base_layer)
+        if self.quantized and impl in ("merged", "fused"):
+            raise ValueError(
+                f"impl={impl} needs a dense weight, and this {type(base_layer).__name__} is quantized; "
+                "use impl=auto or index_add"
+            )
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -289,7 +303,7 @@ class RowSparseLinear(nn.Module):
         """The formulation a forward with input ``x`` uses, ``auto`` resolved (the rule is in the module
         docstring); depends on the autocast state, so ask inside the same autocast context."""
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
+        if self.quantized or weight.requires_grad or (bias is not None and bias.requires_grad):
             return "index_add"
         if self.impl != "auto":
             return self.impl
@@ -325,6 +339,11 @@ class RowSparseLinear(nn.Module):
         """Fold the delta into the base weight (``W[rows, cols] += D``); keeps the original block."""
         if self.merged:
             return
+        if self.quantized:
+            raise NotImplementedError(
+                f"a delta cannot be merged into the quantized {type(self.base_layer).__name__} in place; "
+                "dequantized() (and merge_and_unload) give a plain layer with it folded in"
+            )
         w = get_weight(self.base_layer)
         block = get_block(w, self.rows, self.cols).clone()
         put_block(w, self.rows, self.cols, block.to(self.delta.dtype) + self.delta)
@@ -343,8 +362,25 @@ class RowSparseLinear(nn.Module):
         self.delta.zero_()
 
     @torch.no_grad()
+    def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with ``dequant(W) + D`` in ``dtype`` (default: the layer's compute
+        dtype), for a quantized base: the function that was trained, in a layer anything can load."""
+        base = self.base_layer
+        dtype = dtype or getattr(base, "compute_dtype", None) or torch.float32
+        w = dense_weight(base, torch.float32)
+        put_block(w, self.rows, self.cols, get_block(w, self.rows, self.cols) + self.delta.float())
+        layer = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
+        layer = layer.to(device=w.device, dtype=dtype)
+        layer.weight.copy_(w)
+        if base.bias is not None:
+            layer.bias.copy_(base.bias)
+        return layer.requires_grad_(False)
+
+    @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """A copy of the base weight (in its own layout and dtype) with the delta folded in."""
+        if self.quantized:
+            return self.dequantized().weight
         if self.merged:
             return self.base_layer.weight.detach().clone()
         w = get_weight(self.base_layer)
@@ -360,7 +396,7 @@ class RowSparseLinear(nn.Module):
 # delta's dtype (exact to float rounding for an fp32 base; a bf16 base rounds as a merged bf16 model
 # does), and refuses weights that differ from the frozen base outside the selection.
 def _standard_state(module: RowSparseLinear, state: dict, prefix: str, local_metadata: dict) -> None:
-    if prefix + "base_layer.weight" not in state:
+    if prefix + "base_layer.weight" not in state or module.quantized:  # a packed base keeps its own layout
         return
     state.pop(prefix + "base_layer.weight")
     merged = module.merged_weight()

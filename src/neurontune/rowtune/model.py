@@ -20,8 +20,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from neurontune import __version__
-from neurontune.errors import AdapterError, NeurontuneError, SpecError
+from neurontune.errors import AdapterError, NeurontuneError, SpecError, TargetError
 from neurontune.io import atomic_dir, read_json, read_safetensors, write_json, write_safetensors
+from neurontune.models import model_quantization
 from neurontune.rowtune.config import RowTuneConfig
 from neurontune.rowtune.layer import RowSparseLinear
 from neurontune.spec import NeuronSpec
@@ -87,7 +88,10 @@ class RowTuneModel(ModelWrapper):
         dtype = self.rowtune_config.torch_delta_dtype
         for name, sel in spec.modules.items():
             base_layer = model.get_submodule(name)
-            layer = RowSparseLinear(base_layer, sel.rows, sel.cols, dtype, self.rowtune_config.impl)
+            try:
+                layer = RowSparseLinear(base_layer, sel.rows, sel.cols, dtype, self.rowtune_config.impl)
+            except ValueError as e:  # a layout the layer cannot train (impl=merged on a 4-bit layer)
+                raise TargetError(f"{name}: {e}") from None
             set_submodule(model, name, layer)
 
     def get_base_model(self) -> nn.Module:
@@ -106,9 +110,10 @@ class RowTuneModel(ModelWrapper):
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, RowSparseLinear)}
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)``; ``total`` counts the base model once (deltas are extra)."""
+        """``(trainable, total)``; ``total`` counts the base model once (deltas are extra) and a 4-bit
+        weight by its unpacked size (two values per stored byte), as PEFT does."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in self.parameters())
         return trainable, total
 
     def print_trainable_parameters(self) -> str:
@@ -146,17 +151,33 @@ class RowTuneModel(ModelWrapper):
                     layer.merge()
 
     def _unwrap(self, merge: bool) -> nn.Module:
+        quantized = False
         for name, layer in self.rowtune_layers().items():
+            if merge and layer.quantized:
+                set_submodule(self.base_model, name, layer.dequantized())
+                quantized = True
+                continue
             if merge:
                 layer.merge()
             else:
                 layer.unmerge()
             layer._merged_block = None
             set_submodule(self.base_model, name, layer.base_layer)
+        if quantized:  # the other quantized layers too, and the config no longer says "quantized"
+            from neurontune.targets import is_quantized
+
+            if any(is_quantized(m) for m in self.base_model.modules()):
+                self.base_model.dequantize()
+            else:  # transformers' dequantize() fails when no quantized layer is left; do its clean-up
+                self.base_model.hf_quantizer.remove_quantization_config(self.base_model)
         return self.base_model
 
     def merge_and_unload(self) -> nn.Module:
-        """Fold every delta into the base weights and return the plain model (``save_pretrained``-able)."""
+        """Fold every delta into the base weights and return the plain model (``save_pretrained``-able).
+
+        On a quantized base (bitsandbytes 4-bit/8-bit) the result is dequantized: every linear layer
+        becomes a plain one in the layers' compute dtype holding ``dequant(W)`` (+ the delta on the
+        trained rows), i.e. exactly the function that was trained, at 2-4x the quantized size."""
         return self._unwrap(merge=True)
 
     def unload(self) -> nn.Module:
@@ -183,6 +204,7 @@ class RowTuneModel(ModelWrapper):
             "format": ADAPTER_FORMAT,
             "neurontune_version": __version__,
             "base_model": _model_id(self.base_model),
+            "base_quantization": model_quantization(self.base_model),  # load the base the same way
             "rowtune_config": self.rowtune_config.to_dict(),
             "provenance": self.neuron_spec.provenance,
             # GPT-2 style Conv1D bases store weights as (in, out): PEFT's LoRA needs fan_in_fan_out then
