@@ -218,6 +218,17 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
         "auto", "auto: bf16 autocast on a GPU that supports it, else fp32", ("auto", "fp32", "bf16", "fp16")
     )
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    torch_compile: bool = _opt(
+        False, "compile the model for training with torch.compile (through accelerate)"
+    )
+    torch_compile_backend: str = _opt(
+        "inductor", "torch.compile backend (inductor; aot_eager compiles fast, for checks)",
+        ("inductor", "aot_eager", "eager", "cudagraphs"),
+    )  # fmt: skip
+    report_to: str = _opt(
+        "none", "experiment trackers, comma-separated: tensorboard (offline, in output_dir/logs), wandb, "
+        "trackio, mlflow, ... (accelerate's), or none",
+    )  # fmt: skip
     save_steps: int = _opt(20, "checkpoint every N steps (for --resume); 0: only at the end")
     save_total_limit: int = _opt(2, "checkpoints kept")
     output_dir: str = _opt("runs/finetune", "where config, spec, adapter, logs and metrics go")
@@ -238,7 +249,7 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
     # fields that may differ when resuming (they do not change the training trajectory)
     RESUME_FREE: typing.ClassVar[tuple[str, ...]] = (
         "resume", "overwrite", "output_dir", "save_merged", "eval_examples", "eval_batch_size",
-        "forgetting_examples", "eval_before", "save_steps", "save_total_limit", "output",
+        "forgetting_examples", "eval_before", "save_steps", "save_total_limit", "output", "report_to",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -253,6 +264,9 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
             )
         method.check_config(self)
         self._refuse_unused_options(method)
+        from neurontune.tracking import check_available
+
+        check_available(self.report_to)
         for name in ("warmup_steps", "save_steps", "forgetting_examples", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise NeurontuneError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -286,8 +300,26 @@ class EvalConfig(DataConfig):
     eval_batch_size: int = _opt(16, "evaluation batch size")
     forgetting_examples: int = _opt(32, "held-out news articles for perplexity; 0 to skip")
     output: str | None = _opt(None, "write the metrics to this JSON file")
+    lm_eval_tasks: str | None = _opt(
+        None, "also run these lm-evaluation-harness tasks (comma-separated; task=none: only these)"
+    )
+    lm_eval_include: str | None = _opt(None, "a directory of custom lm-eval task YAMLs (for lm_eval_tasks)")
+    lm_eval_limit: int | None = _opt(None, "lm-eval: at most this many examples per task")
+    lm_eval_fewshot: int | None = _opt(None, "lm-eval: few-shot examples (default: each task's own)")
 
     _positive = (*DataConfig._positive, "eval_examples", "eval_batch_size")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.task == "none" and not self.lm_eval_tasks:
+            raise NeurontuneError("task=none evaluates nothing without lm_eval_tasks")
+        if self.lm_eval_include and not self.lm_eval_tasks:
+            raise NeurontuneError("lm_eval_include needs lm_eval_tasks (the tasks to run from it)")
+        for name in ("lm_eval_limit", "lm_eval_fewshot"):
+            if (v := getattr(self, name)) is not None and v < (1 if name == "lm_eval_limit" else 0):
+                raise NeurontuneError(
+                    f"{name} must be {'positive' if name == 'lm_eval_limit' else '>= 0'}, got {v}"
+                )
 
 
 @dataclass

@@ -136,7 +136,15 @@ def load_adapted(
 
 
 # ---- finetune --------------------------------------------------------------------------------------
-RUN_OUTPUTS = ("config.json", "checkpoints", "train_log.csv", "metrics.json", "report.md", "report.html")
+RUN_OUTPUTS = (
+    "config.json",
+    "checkpoints",
+    "train_log.csv",
+    "metrics.json",
+    "report.md",
+    "report.html",
+    "logs",
+)
 
 
 def data_fingerprint(cfg: DataConfig) -> dict[str, Any] | None:
@@ -248,74 +256,86 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             m, tok, task, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, general_text=forget
         )
 
-    before = run_eval(model) if main and (cfg.eval_before or not method.trains) else None
-    if cfg.quantization != "none" and method.trains:
-        import warnings
+    from neurontune.tracking import Trackers
 
-        from peft import prepare_model_for_kbit_training
+    # the trackers are closed (their files flushed) however the run ends
+    with Trackers(cfg.report_to if main else "none", out, dataclasses.asdict(cfg)) as trackers:
+        before = run_eval(model) if main and (cfg.eval_before or not method.trains) else None
+        if before:
+            trackers.log(before, 0, "eval_before/")
+        if cfg.quantization != "none" and method.trains:
+            import warnings
 
-        # QLoRA's preparation (what PEFT users do): the base frozen, the non-quantized parameters in fp32;
-        # gradient checkpointing is train()'s to switch on
-        with warnings.catch_warnings():  # peft 0.17+ asks a deprecated transformers property
-            warnings.simplefilter("ignore", FutureWarning)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = method.build(model, tok, task, out)
-    trainable, total = count_parameters(model)
-    if main:
-        print(describe_parameters(model))
-    log: list[dict[str, float]] = []
-    if method.trains:
-        args = train_args(cfg)
-        data = StepBatches(task.train, tok, cfg.batch_size, cfg.max_length, cfg.seed)
-        log = train(
-            model, data, args, out, resume=cfg.resume, param_groups=method.param_groups(model, cfg.lr),
-            regularization=method.regularization(model), step_stats=method.step_stats(model),
-        )  # fmt: skip
-    peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
-    if not main:  # evaluation, the method's output and every report: the main process alone
+            from peft import prepare_model_for_kbit_training
+
+            # QLoRA's preparation (what PEFT users do): the base frozen, the non-quantized parameters in fp32;
+            # gradient checkpointing is train()'s to switch on
+            with warnings.catch_warnings():  # peft 0.17+ asks a deprecated transformers property
+                warnings.simplefilter("ignore", FutureWarning)
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = method.build(model, tok, task, out)
+        trainable, total = count_parameters(model)
+        if main:
+            print(describe_parameters(model))
+        log: list[dict[str, float]] = []
+        if method.trains:
+            args = train_args(cfg)
+            data = StepBatches(task.train, tok, cfg.batch_size, cfg.max_length, cfg.seed)
+            log = train(
+                model, data, args, out, resume=cfg.resume, param_groups=method.param_groups(model, cfg.lr),
+                regularization=method.regularization(model), step_stats=method.step_stats(model),
+                on_step=lambda row: trackers.log({k: v for k, v in row.items() if k != "step"}, int(row["step"]), "train/"),
+            )  # fmt: skip
+        peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
+        if not main:  # evaluation, the method's output and every report: the main process alone
+            state.wait_for_everyone()
+            return {}
+        after = run_eval(model) if method.trains else before
+        model, after = method.finish(model, tok, out, run_eval, after)
+        saved = method.save(model, tok, out)
+        metric = primary_metric(task)
+        train_seconds = sum(r["seconds"] for r in log)
+        metrics = {
+            "method": cfg.method,
+            "scorer": None,
+            "task": task.name,
+            "task_kind": task.kind,
+            "model": cfg.model,
+            "primary_metric": metric,
+            "before": before,
+            "after": after,
+            "trainable_params": trainable,
+            "total_params": total,
+            "steps": len(log),
+            "first_loss": log[0]["loss"] if log else None,
+            "last_loss": log[-1]["loss"] if log else None,
+            "train_seconds": train_seconds,
+            "tokens_per_second": sum(r["tokens"] for r in log) / train_seconds if train_seconds else None,
+            "precision": mixed_precision(cfg.precision) if method.trains else None,
+            "peak_memory_mib": peak,
+            "peak_memory_kind": peak_kind,
+            "saved": str(saved) if saved else None,
+            "saved_bytes": dir_bytes(saved) if saved else 0,
+            "device": device(),
+            "command": " ".join(sys.argv),
+            **method.metrics(),
+        }
+        trackers.log(after, len(log), "eval/")
+        write_json(out / "metrics.json", metrics)
+        write_report(out / "report.md", cfg, metrics, method.report_rows(metrics))
+        from neurontune.analysis import run_report
+
+        run_report(out, metrics, getattr(method, "spec", None))
+        summary = (
+            f"{metric} {before[metric]:.3f} -> {after[metric]:.3f}"
+            if before
+            else f"{metric} {after[metric]:.3f}"
+        )
+        print(
+            f"{summary} on {len(task.eval)} {task.name} eval examples ({_fmt_metrics(after)}); wrote {out}/"
+        )
         state.wait_for_everyone()
-        return {}
-    after = run_eval(model) if method.trains else before
-    model, after = method.finish(model, tok, out, run_eval, after)
-    saved = method.save(model, tok, out)
-    metric = primary_metric(task)
-    train_seconds = sum(r["seconds"] for r in log)
-    metrics = {
-        "method": cfg.method,
-        "scorer": None,
-        "task": task.name,
-        "task_kind": task.kind,
-        "model": cfg.model,
-        "primary_metric": metric,
-        "before": before,
-        "after": after,
-        "trainable_params": trainable,
-        "total_params": total,
-        "steps": len(log),
-        "first_loss": log[0]["loss"] if log else None,
-        "last_loss": log[-1]["loss"] if log else None,
-        "train_seconds": train_seconds,
-        "tokens_per_second": sum(r["tokens"] for r in log) / train_seconds if train_seconds else None,
-        "precision": mixed_precision(cfg.precision) if method.trains else None,
-        "peak_memory_mib": peak,
-        "peak_memory_kind": peak_kind,
-        "saved": str(saved) if saved else None,
-        "saved_bytes": dir_bytes(saved) if saved else 0,
-        "device": device(),
-        "command": " ".join(sys.argv),
-        **method.metrics(),
-    }
-    write_json(out / "metrics.json", metrics)
-    write_report(out / "report.md", cfg, metrics, method.report_rows(metrics))
-    from neurontune.analysis import run_report
-
-    run_report(out, metrics, getattr(method, "spec", None))
-    summary = (
-        f"{metric} {before[metric]:.3f} -> {after[metric]:.3f}" if before else f"{metric} {after[metric]:.3f}"
-    )
-    print(f"{summary} on {len(task.eval)} {task.name} eval examples ({_fmt_metrics(after)}); wrote {out}/")
-    state.wait_for_everyone()
-    return metrics
+        return metrics
 
 
 def write_report(
@@ -350,17 +370,55 @@ def write_report(
 
 # ---- eval / merge ----------------------------------------------------------------------------------
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    if cfg.lm_eval_include and not Path(cfg.lm_eval_include).is_dir():
+        raise NeurontuneError(f"lm_eval_include {cfg.lm_eval_include}: not a directory")
     model, tok, kind = load_adapted(cfg.adapter, cfg.model, cfg.dtype, quantization=cfg.quantization)
-    task = task_from_config(cfg, tok).head(None, cfg.eval_examples)
-    forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
-    metrics = evaluate(
-        model, tok, task, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, general_text=forget
-    )
-    metrics = {"adapter": cfg.adapter, "adapter_kind": kind, "task": task.name, **metrics}
-    print(f"{task.name}: {_fmt_metrics(metrics)} on {len(task.eval)} examples")
+    metrics: dict[str, Any] = {"adapter": cfg.adapter, "adapter_kind": kind}
+    if cfg.task != "none":
+        task = task_from_config(cfg, tok).head(None, cfg.eval_examples)
+        forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
+        metrics.update(task=task.name, **evaluate(
+            model, tok, task, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, general_text=forget
+        ))  # fmt: skip
+        print(f"{task.name}: {_fmt_metrics(metrics)} on {len(task.eval)} examples")
+    if cfg.lm_eval_tasks:
+        metrics["lm_eval"] = run_lm_eval(model, tok, cfg)
     if cfg.output:
         write_json(cfg.output, metrics)
     return metrics
+
+
+def run_lm_eval(model: torch.nn.Module, tok: Any, cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    """lm-evaluation-harness tasks on the (adapted) model, through its ``HFLM`` wrapper; returns
+    ``{task: {metric: value}}`` as lm-eval reports it, and prints one line per task."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tasks = [t.strip() for t in cfg.lm_eval_tasks.split(",") if t.strip()]
+    manager = TaskManager(include_path=cfg.lm_eval_include) if cfg.lm_eval_include else TaskManager()
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        where = f" or in {cfg.lm_eval_include}" if cfg.lm_eval_include else ""
+        raise NeurontuneError(
+            f"lm-eval knows no task {', '.join(map(repr, unknown))}{where}; `lm-eval ls tasks` lists them, "
+            "lm_eval_include=DIR adds your own YAMLs"
+        )
+    # adapters inject their layers into the base model in place, so the base model is the adapted one
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = HFLM(pretrained=base, tokenizer=tok, batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
+    try:
+        out = simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, limit=cfg.lm_eval_limit,
+            num_fewshot=cfg.lm_eval_fewshot, log_samples=False, random_seed=cfg.seed,
+        )  # fmt: skip
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise NeurontuneError(f"lm-eval tasks {tasks}: {e}") from None
+    results = {t: {k: v for k, v in r.items() if k != "alias"} for t, r in out["results"].items()}
+    for t, r in results.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and "stderr" not in k)
+        print(f"lm-eval {t}: {shown}")
+    return results
 
 
 def run_merge(cfg: MergeConfig) -> Path:

@@ -55,6 +55,8 @@ class TrainArgs:
     save_steps: int = 20  # 0: no intermediate checkpoints
     save_total_limit: int = 2
     gradient_checkpointing: bool = False
+    torch_compile: bool = False  # accelerate compiles the model (TorchDynamoPlugin)
+    torch_compile_backend: str = "inductor"
 
 
 def mixed_precision(precision: str) -> str:
@@ -205,16 +207,21 @@ def write_log_csv(path: Path, log: list[dict[str, float]]) -> None:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
-def _accelerator(mixed: str) -> Any:
-    """An ``Accelerator``; its process-wide state is reset when an earlier run in this process used
-    another precision (accelerate refuses to change it otherwise; the HF Trainer resets it the same way).
-    """
+def _accelerator(mixed: str, compile_backend: str | None = None) -> Any:
+    """An ``Accelerator`` (compiling the model with ``compile_backend`` if given); its process-wide state
+    is reset when an earlier run in this process used another precision or compile setting (accelerate
+    refuses to change them otherwise; the HF Trainer resets it the same way)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import TorchDynamoPlugin
 
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
+    dynamo = TorchDynamoPlugin(backend=compile_backend or "no")
+    if AcceleratorState._shared_state and (
+        AcceleratorState().mixed_precision != mixed
+        or str(AcceleratorState().dynamo_plugin.backend) != str(dynamo.backend)
+    ):
         AcceleratorState._reset_state()  # keeps PartialState: the process/distributed setup stays
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), dynamo_plugin=dynamo)
 
 
 class TrainingDiverged(NeurontuneError):
@@ -259,6 +266,7 @@ def train(
     step_stats: Callable[[], dict[str, float]] | None = None,
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor], int], torch.Tensor] | None = None,
     count_fn: Callable[[dict[str, torch.Tensor]], int] | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Run ``args.steps`` optimizer steps over the trainable parameters; returns one log row per step.
 
@@ -268,7 +276,7 @@ def train(
     ``regularization()`` is added to the loss once per step; ``step_stats()`` adds numbers to each log row.
     ``loss_fn(model, batch, n)`` (default :func:`token_loss`) is a micro-batch's summed loss divided by
     ``n``, the step's count of ``count_fn(batch)`` (default: labelled next tokens) over all its
-    micro-batches and processes.
+    micro-batches and processes. ``on_step(row)`` sees every log row on the main process (trackers).
     """
     loss_fn = loss_fn or token_loss
     count_fn = count_fn or labelled_tokens
@@ -279,7 +287,9 @@ def train(
         raise NeurontuneError("the model has no trainable parameters")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    accelerator = _accelerator(mixed_precision(args.precision))
+    accelerator = _accelerator(
+        mixed_precision(args.precision), args.torch_compile_backend if args.torch_compile else None
+    )
     groups = param_groups if param_groups is not None else [{"params": list(named.values())}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     try:
@@ -346,6 +356,8 @@ def train(
         if step_stats is not None:
             row.update(step_stats())
         log.append({**row, "seconds": time.perf_counter() - t0})
+        if on_step is not None and main:
+            on_step(log[-1])
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1
         if out is not None and ((args.save_steps and done % args.save_steps == 0) or done == args.steps):
