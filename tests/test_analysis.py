@@ -123,8 +123,50 @@ def test_analyze_report_has_every_section_and_transfer_runs(tmp_path, capsys):
     ])  # fmt: skip
     assert all((out / p).stat().st_size > 5000 for p in pngs)
     assert page.count("data:image/png;base64,") == len(pngs)  # self-contained
+    assert "{'" not in page  # summaries are tables, not printed Python dicts
+    assert ">rows in q_proj</th>" in page
+    assert ">Settings side by side</h2>" in page and ">scorer</th>" in page  # magnitude vs random differ
     run_page = (tmp_path / "rt" / "report.html").read_text()
     assert all(f">{t}</h2>" in run_page for t in ("Result", "Training", "Neuron map"))
+
+
+def test_run_report_sections(tmp_path):
+    """Metrics apart from the evaluation's size and time, no empty header row, the settings, the
+    learning-rate and gradient-norm curves with whole-number steps, and example predictions."""
+    import re
+
+    _finetune(tmp_path / "run", "lr=2e-3")
+    page = (tmp_path / "run" / "report.html").read_text()
+    for title in ("Result", "Run", "Settings", "Training", "Neuron map", "Example predictions"):
+        assert f">{title}</h2>" in page, title
+    result = page.split(">Result</h2>")[1].split("</table>")[0]
+    assert ">accuracy</td>" in result and "eval_examples" not in result and "eval_seconds" not in result
+    assert "<th></th>" not in page
+    assert re.search(r"<th>lr</th><td>0\.002</td>", page)
+    assert page.count('alt="lr"') == page.count('alt="grad_norm"') == page.count('alt="loss"') == 1
+    predictions = page.split(">Example predictions</h2>")[1]
+    assert predictions.count("<tr>") == 1 + 5  # header + the first 5 eval examples
+    assert ("positive" in predictions) and ("Sentiment:" in predictions)
+
+
+def test_step_axes_have_whole_number_ticks(monkeypatch):
+    from neurontune import analysis
+
+    ticks = []
+    monkeypatch.setattr(analysis, "_png", lambda fig: ticks.append(list(fig.axes[0].get_xticks())) or b"")
+    analysis.plot_lines({"loss": ([1, 2, 3], [0.3, 0.2, 0.1])}, "step", "loss", "t")
+    analysis.plot_lines({"x": ([0.0, 0.5, 1.0], [1, 2, 3])}, "ratio", "y", "t")  # other axes untouched
+    assert ticks[0] and all(float(t).is_integer() for t in ticks[0])
+    assert not all(float(t).is_integer() for t in ticks[1])
+
+
+def test_analyze_one_spec_says_why_there_is_no_overlap_and_marks_the_cutoff(tmp_path):
+    _finetune(tmp_path / "rt")
+    out = tmp_path / "one"
+    assert main(["analyze", f"specs={tmp_path / 'rt'}", f"output={out}"]) == 0
+    page = (out / "report.html").read_text()
+    assert ">Overlap between selections</h2>" in page and "One selection given" in page
+    assert "lowest selected score" in page and (out / "scores_rt.png").is_file()
 
 
 @pytest.mark.parametrize(
@@ -155,3 +197,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert img[..., :3].std() > 0.05  # text and figures, not a blank page
     # the loss figure is drawn: a band of the page holds many non-white pixels
     assert (img[..., :3].mean(axis=2) < 0.5).mean() > 0.01
+    # the analysis page too
+    assert (
+        main(["analyze", f"specs={tmp_path / 'run'}", f"runs={tmp_path / 'run'}", f"output={tmp_path / 'a'}"])
+        == 0
+    )
+    img = matplotlib.image.imread(screenshot(tmp_path / "a" / "report.html", tmp_path / "a.png", 900, 1400))
+    assert img[..., :3].std() > 0.05 and (img[..., :3].mean(axis=2) < 0.5).mean() > 0.01

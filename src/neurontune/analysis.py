@@ -204,18 +204,33 @@ def plot_neuron_map(nmap: dict[str, Any], title: str) -> bytes:
     return _png(fig)
 
 
-def plot_scores(scores: dict[str, torch.Tensor], title: str) -> bytes:
-    """Histogram of per-row scores, pooled per module type (log scale on x when all are positive)."""
+def plot_scores(scores: dict[str, torch.Tensor], title: str, spec: NeuronSpec | None = None) -> bytes:
+    """Histogram of per-row scores, pooled per module type (log scale on x when all are positive); with
+    ``spec``, the selected rows' scores filled in and each type's lowest selected score dashed (the cut-off)."""
     plt = _figure()
     by_type: dict[str, list[torch.Tensor]] = {}
+    chosen: dict[str, list[torch.Tensor]] = {}
     for name, s in scores.items():
-        by_type.setdefault(_layer_and_type(name)[1], []).append(s.float().flatten())
+        kind = _layer_and_type(name)[1]
+        by_type.setdefault(kind, []).append(s.float().flatten())
+        sel = spec.modules.get(name) if spec is not None else None
+        if sel is not None:
+            rows = torch.arange(len(s)) if sel.rows is None else torch.as_tensor(sel.rows, dtype=torch.long)
+            chosen.setdefault(kind, []).append(s.float().flatten()[rows])
     pooled = {kind: torch.cat(vals) for kind, vals in sorted(by_type.items())}
     pooled = {kind: v[torch.isfinite(v)] for kind, v in pooled.items()}
     log = all(bool((v > 0).all()) for v in pooled.values())  # one axis for every module type
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for kind, v in pooled.items():
-        ax.hist((v.log10() if log else v).numpy(), bins=60, histtype="step", label=kind)
+        x = v.log10() if log else v
+        _, edges, patches = ax.hist(x.numpy(), bins=60, histtype="step", label=kind)
+        if kind in chosen:
+            c = torch.cat(chosen[kind])
+            c = (c.log10() if log else c)[torch.isfinite(c)]
+            color = patches[0].get_edgecolor()
+            ax.hist(c.numpy(), bins=edges, alpha=0.35, color=color)
+            if len(c):
+                ax.axvline(float(c.min()), color=color, linestyle="--", linewidth=0.8)
     ax.set_xlabel("log10 score" if log else "score")
     ax.set_ylabel("rows")
     ax.set_title(title)
@@ -255,6 +270,10 @@ def plot_lines(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if xlabel == "step":  # steps are whole numbers: no 1.5 or 2.5 on the axis
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(series) > 1:
         ax.legend(fontsize=7)
     return _png(fig)
@@ -283,9 +302,24 @@ class Report:
         def cell(v: Any) -> str:
             return html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
 
+        def td(v: Any) -> str:  # numbers right-aligned, text left-aligned
+            return f"<td>{cell(v)}</td>" if isinstance(v, int | float) else f"<td class='text'>{cell(v)}</td>"
+
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+        body = "".join("<tr>" + "".join(td(v) for v in r) + "</tr>" for r in rows)
         self.parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def kv_table(self, rows: Sequence[tuple[str, Any]], collapsed: str | None = None) -> None:
+        """A two-column table of names (as row headers) and values, with no empty header row; with
+        ``collapsed``, folded under that summary line."""
+        body = "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td></tr>"
+            for k, v in rows
+        )
+        table = f"<table class='kv'><tbody>{body}</tbody></table>"
+        self.parts.append(
+            f"<details><summary>{html.escape(collapsed)}</summary>{table}</details>" if collapsed else table
+        )
 
     def figure(self, png: bytes, name: str, caption: str = "") -> None:
         if self.png_dir is not None:
@@ -321,6 +355,7 @@ _CSS = (
     "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
     "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
     "th{background:#f3f3f3}img{max-width:100%}figcaption{font-size:90%;color:#555}"
+    "table.kv th{text-align:left;font-weight:normal}table.kv td,td.text{text-align:left;max-width:520px}"
 )
 
 
@@ -381,6 +416,19 @@ def add_run_sections(report: Report, runs: Sequence[Path], model: nn.Module | No
             for r, m in metrics.items()
         ],
     )  # fmt: skip
+    configs = {r: read_json(r / "config.json", "run config") for r in runs if (r / "config.json").is_file()}
+    if len(configs) > 1:
+        skip = {"output_dir", "data_fingerprint", "neurontune_version", "overwrite", "resume"}
+        keys = sorted({k for c in configs.values() for k in c} - skip)
+        differ = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
+        report.section(
+            "Settings side by side",
+            f"The settings that differ between the runs ({len(keys) - len(differ)} others are the same)."
+            if differ else "All runs have the same settings (apart from their output directories).",
+        )  # fmt: skip
+        if differ:
+            report.table(["run", *differ], [[_run_label(r), *[c.get(k, "-") for k in differ]]
+                                            for r, c in configs.items()])  # fmt: skip
     logs = {_run_label(r): read_train_log(r) for r in runs}
     series = {k: ([x["step"] for x in v], [x["loss"] for x in v]) for k, v in logs.items() if v}
     if series:
@@ -444,19 +492,33 @@ def analyze(cfg: Any) -> Path:
         report.section(
             "Where the neurons are", "Fraction of each module's rows selected, per layer and module type."
         )
+        summaries = [spec.summary() for spec in specs]
+        kinds = sorted({k for s in summaries for k in s["rows_by_type"]})
+        report.table(
+            ["selection", "rows", "parameters", "modules", *[f"rows in {k}" for k in kinds]],
+            [[label, s["rows"], s["params"], s["modules"], *[s["rows_by_type"].get(k, 0) for k in kinds]]
+             for label, s in zip(labels, summaries, strict=True)],
+        )  # fmt: skip
         for label, spec in zip(labels, specs, strict=True):
-            s = spec.summary()
-            report.text(f"{label}: {s['rows']:,} rows, {s['params']:,} parameters in {s['modules']} modules; "
-                        f"by type {s['rows_by_type']}")  # fmt: skip
             _map_figure(report, spec, f"selected rows: {label}", f"map_{_slug(label)}")
-        scored = [(label, p) for label, p in zip(labels, cfg.spec_paths(), strict=True) if _scores_file(p)]
+        scored = [
+            (label, p, spec)
+            for label, p, spec in zip(labels, cfg.spec_paths(), specs, strict=True)
+            if _scores_file(p)
+        ]
         if scored:
             report.section(
-                "Score distributions", "Per-row scores the selection ranked, pooled per module type."
+                "Score distributions",
+                "Per-row scores the selection ranked, pooled per module type: every row (line) and the "
+                "selected rows (filled); the dashed line is each type's lowest selected score.",
             )
-            for label, p in scored:
+            for label, p, spec in scored:
                 scores = read_safetensors(_scores_file(p), "scores")
-                report.figure(plot_scores(scores, f"scores: {label}"), f"scores_{_slug(label)}")
+                report.figure(plot_scores(scores, f"scores: {label}", spec), f"scores_{_slug(label)}")
+    if len(specs) == 1:
+        report.section(
+            "Overlap between selections", "One selection given: pass two or more to --specs to compare them."
+        )
     if len(specs) > 1:
         m = overlap_matrix(specs)
         report.section(
@@ -506,39 +568,63 @@ def _map_figure(report: Any, spec: NeuronSpec, title: str, name: str) -> None:
 
 
 def run_report(out: Path, metrics: dict[str, Any], spec: NeuronSpec | None) -> Path:
-    """The HTML twin of a finetune run's report.md: results, loss curve and (rows) the neuron map."""
+    """The HTML twin of a finetune run's report.md: results, the run's settings, training curves (loss,
+    learning rate, gradient norm, the method's own numbers), (rows) the neuron map, example predictions."""
+    from neurontune.evaluation import metric_names
+
     report = Report(f"neurontune run: {out}", None)
     m = metrics
+    before, after = m["before"] or {}, m["after"] or {}
     report.section("Result")
-    keys = [k for k, v in (m["after"] or {}).items() if isinstance(v, int | float)]
     report.table(
-        ["metric", "before", "after"],
-        [[k, (m["before"] or {}).get(k, "-"), m["after"][k]] for k in keys],
+        ["metric", "before", "after"], [[k, before.get(k, "-"), after[k]] for k in metric_names(after)]
     )
-    report.table(
-        ["", ""],
-        [
-            ["method", m["method"] + (f" ({m['scorer']})" if m.get("scorer") else "")],
-            ["model", m["model"]], ["task", m["task"]],
-            ["trainable params", f"{m['trainable_params']:,} of {m['total_params']:,}"],
-            ["steps", m["steps"]], ["train seconds", m["train_seconds"]],
-            ["peak memory MiB", m["peak_memory_mib"]], ["saved", m["saved"] or "-"],
-        ],
-    )  # fmt: skip
+    report.text(f"Evaluated on {after.get('eval_examples', '?')} {m['task']} examples "
+                f"({after.get('eval_seconds', 0):.1f} s after training).")  # fmt: skip
+    report.section("Run")
+    report.kv_table([
+        ("method", m["method"] + (f" ({m['scorer']})" if m.get("scorer") else "")),
+        ("model", m["model"]), ("task", f"{m['task']} ({m['task_kind']})"),
+        ("trainable params", f"{m['trainable_params']:,} of {m['total_params']:,}"),
+        ("steps", m["steps"]), ("train time", f"{m['train_seconds']:.1f} s"),
+        ("tokens / s", f"{m['tokens_per_second']:.0f}" if m.get("tokens_per_second") else "-"),
+        ("precision", {"no": "fp32", None: "-"}.get(m.get("precision"), m.get("precision"))),
+        ("device", m.get("device", "-")),
+        ("peak memory", f"{m['peak_memory_mib']:.0f} MiB ({m['peak_memory_kind']})"),
+        ("saved", f"{m['saved']} ({m['saved_bytes']:,} bytes)" if m.get("saved") else "-"),
+    ])  # fmt: skip
+    cfg_file = out / "config.json"
+    if cfg_file.is_file():
+        import dataclasses
+
+        from neurontune.config import FinetuneConfig
+
+        cfg = read_json(cfg_file, "run config")
+        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+        main = ["lr", "lr_scheduler", "warmup_steps", "steps", "batch_size", "grad_accum", "weight_decay",
+                "max_grad_norm", "precision", "max_length", "seed", "budget", "target_modules"]  # fmt: skip
+        changed = [k for k in cfg if k in defaults and k not in main and cfg[k] != defaults[k]]
+        changed = [k for k in changed if k not in ("output_dir", "overwrite", "resume")]
+        report.section("Settings", "The training hyper-parameters, and every option set to something other "
+                                   "than its default; the full resolved config (config.json) below.")  # fmt: skip
+        report.kv_table([(k, cfg[k]) for k in [*main, *changed] if k in cfg])
+        report.kv_table([(k, v) for k, v in cfg.items() if k != "data_fingerprint"], collapsed="all settings")
     log = read_train_log(out)
     if log:
         report.section("Training")
-        report.figure(plot_lines({"loss": ([x["step"] for x in log], [x["loss"] for x in log])},
-                                 "step", "loss", "training loss"), "loss")  # fmt: skip
-        if "gate_sparsity" in log[0]:
-            report.figure(plot_lines({"gate sparsity": ([x["step"] for x in log], [x["gate_sparsity"] for x in log])},
-                                     "step", "fraction of gates shut", "achieved sparsity"), "sparsity")  # fmt: skip
+        steps = [x["step"] for x in log]
+        curves = [("loss", "loss (mean over completion tokens)", "training loss"),
+                  ("lr", "learning rate", "learning rate"), ("grad_norm", "gradient norm (before clipping)", "gradient norm"),
+                  ("gate_sparsity", "fraction of gates shut", "achieved sparsity"), ("penalty", "penalty", "sparsity penalty")]  # fmt: skip
+        for key, ylabel, title in curves:
+            if key in log[0]:
+                report.figure(plot_lines({key: (steps, [x[key] for x in log])}, "step", ylabel, title), key)
     if spec is not None and all(sel.shape is not None for sel in spec.modules.values()):
         report.section("Neuron map", "Fraction of each module's rows trained, per layer and module type.")
         _map_figure(report, spec, "selected rows", "map")
-    samples = (m["after"] or {}).get("samples", [])
+    samples = after.get("samples", [])
     if samples:
-        report.section("Samples")
+        report.section("Example predictions", f"The first {len(samples)} evaluation examples after training.")
         report.table(["prompt (end)", "prediction", "reference"],
-                     [[s["prompt"][-80:], s["prediction"], s["reference"]] for s in samples])  # fmt: skip
+                     [[s["prompt"][-160:], s["prediction"], s["reference"]] for s in samples])  # fmt: skip
     return report.write(out / "report.html")

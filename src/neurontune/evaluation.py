@@ -49,15 +49,15 @@ def _label_logprobs(
 
 
 @torch.no_grad()
-def classification_accuracy(
+def classification_predictions(
     model: Any,
     tok: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     label_words: Sequence[str],
     max_length: int = 256,
     batch_size: int = 16,
-) -> float:
-    """Accuracy of the most likely label word after each prompt.
+) -> list[int]:
+    """The index of the most likely label word after each prompt.
 
     One forward per batch compares the next-token logits of the words' first tokens; when two words
     share a first token (e.g. a byte-level tokenizer), the full words' log-likelihoods are compared.
@@ -65,7 +65,7 @@ def classification_accuracy(
     word_ids = label_token_ids(tok, label_words)
     model.eval()
     device = next(model.parameters()).device
-    correct = 0
+    preds: list[int] = []
     for start in tqdm(range(0, len(examples), batch_size), desc="eval", leave=False):
         chunk = examples[start : start + batch_size]
         enc = [_prompt_ids(tok, e.prompt, max_length) for e in chunk]
@@ -78,8 +78,21 @@ def classification_accuracy(
             ).logits
             last = batch["attention_mask"].sum(1) - 1
             scores = logits[torch.arange(len(chunk)), last.to(device)][:, word_ids].cpu()
-        correct += (scores.argmax(-1) == torch.tensor([e.label for e in chunk])).sum().item()
-    return correct / max(1, len(examples))
+        preds += scores.argmax(-1).tolist()
+    return preds
+
+
+def classification_accuracy(
+    model: Any,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    label_words: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 16,
+) -> float:
+    """Accuracy of the most likely label word after each prompt (:func:`classification_predictions`)."""
+    preds = classification_predictions(model, tok, examples, label_words, max_length, batch_size)
+    return sum(p == e.label for p, e in zip(preds, examples, strict=True)) / max(1, len(examples))
 
 
 @torch.no_grad()
@@ -173,15 +186,20 @@ def evaluate(
     max_length: int = 256,
     batch_size: int = 16,
     general_text: Sequence[str] = (),
-    samples: int = 3,
+    samples: int = 5,
 ) -> dict[str, Any]:
     """Task metrics on ``task.eval`` (plus ``forgetting_ppl`` on ``general_text`` if given)."""
     t0 = time.perf_counter()
     out: dict[str, Any] = {"eval_examples": len(task.eval)}
     if task.kind == "classification":
-        out["accuracy"] = classification_accuracy(
-            model, tok, task.eval, task.label_words, max_length, batch_size
+        preds = classification_predictions(model, tok, task.eval, task.label_words, max_length, batch_size)
+        out["accuracy"] = sum(p == e.label for p, e in zip(preds, task.eval, strict=True)) / max(
+            1, len(preds)
         )
+        out["samples"] = [
+            {"prompt": e.prompt, "prediction": task.label_words[p], "reference": task.label_words[e.label]}
+            for e, p in zip(task.eval[:samples], preds[:samples], strict=True)
+        ]
     elif task.kind == "text":
         out["perplexity"] = perplexity(model, tok, task.eval, max_length, batch_size)
     else:
@@ -201,6 +219,17 @@ def evaluate(
         out["forgetting_ppl"] = perplexity(model, tok, [Example("", t) for t in general_text], max_length)
     out["eval_seconds"] = time.perf_counter() - t0
     return out
+
+
+NOT_METRICS = ("eval_examples", "eval_seconds")  # numbers evaluate() returns that describe the evaluation
+
+
+def metric_names(results: dict[str, Any] | None) -> list[str]:
+    """The metrics among ``evaluate``'s results (numbers, without the evaluation's size and time)."""
+    return [
+        k for k, v in (results or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_METRICS
+    ]  # fmt: skip
 
 
 def primary_metric(task: Task) -> str:

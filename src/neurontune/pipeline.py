@@ -19,7 +19,7 @@ import torch
 from neurontune import __version__
 from neurontune.config import DataConfig, EvalConfig, FinetuneConfig, MergeConfig, SelectConfig
 from neurontune.errors import NeurontuneError
-from neurontune.evaluation import evaluate, primary_metric
+from neurontune.evaluation import evaluate, metric_names, primary_metric
 from neurontune.io import (
     atomic_path,
     read_json,
@@ -356,14 +356,15 @@ def write_report(
     fields += list(extra)
     lines = [f"# neurontune run: {cfg.output_dir}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in fields]
-    keys = [k for k in m["after"] if isinstance(m["after"][k], int | float)]
     lines += ["", "| metric | before | after |", "|---|---|---|"]
-    for k in keys:
+    for k in metric_names(m["after"]):
         b = m["before"].get(k) if m["before"] else None
         lines.append(f"| {k} | {'-' if b is None else f'{b:.4g}'} | {m['after'][k]:.4g} |")
     for s in m["after"].get("samples", []):
         lines += ["", f"- prompt: `{s['prompt'][-80:]!r}`", f"  - prediction: `{s['prediction']!r}`"]
         lines.append(f"  - reference: `{s['reference']!r}`")
+    lines += ["", f"Evaluated on {m['after'].get('eval_examples', '?')} examples in "
+              f"{m['after'].get('eval_seconds', 0):.1f} s."]  # fmt: skip
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
