@@ -199,4 +199,4 @@ def test_generation_file_task_reports_bleu_chrf_rouge(tmp_path):
     assert _finetune(out, f"task={data}", f"eval_file={data}", "eval_examples=4") == 0
     after = json.loads((out / "metrics.json").read_text())["after"]
     assert {"bleu", "chrf", "rougeL", "exact_match", "forgetting_ppl"} <= set(after)
-    assert len(after["samples"]) == 3 and "prediction:" in (out / "report.md").read_text()
+    assert len(after["samples"]) == 4 and "prediction:" in (out / "report.md").read_text()  # up to 5
