@@ -1,28 +1,35 @@
-"""Stochastic gates on the embedded default: quality against removed parameters, before and after
-recovery, and the measured CPU speed of every pruned export next to the original, in one run.
+"""Stochastic gates on the embedded default: prune ~30 %, recover by distillation, measure quality and
+CPU speed against the unpruned row-sparse run of the same training budget, in one run.
 
-    python benchmarks/gates.py --gen-sparsities ''   # SmolLM2-135M, Rotten Tomatoes (about 40 minutes on 2 cores)
-    python benchmarks/gates.py --model tiny-llama --gate-steps 3 --recover-steps 2 \\
+    python benchmarks/gates.py                      # SmolLM2-135M, Rotten Tomatoes + E2E NLG, 3 seeds
+    python benchmarks/gates.py --model tiny-llama --gate-steps 3 --recover-steps 2 --seeds 0 \\
         --eval-examples 8 --forgetting-examples 2 --speed-repeats 2 --out /tmp/g     # smoke run
-    python benchmarks/gates.py --render          # rebuild the table from the JSON
+    python benchmarks/gates.py --render             # rebuild the markdown from the JSON
 
-Every training run is ``neurontune finetune`` in a fresh subprocess with the same data and
-evaluation as benchmarks/quality.py:
+Every training run is ``neurontune finetune`` in a fresh subprocess, with the same data and
+evaluation as benchmarks/quality.py. Per task and seed:
 
-- ``zero-shot``: the base model (method none);
-- ``rows (unpruned)``: row-sparse tuning of the full model (magnitude rows, budget of LoRA r=8),
-  ``--recover-steps`` steps: the quality to hold;
-- ``gates S``: method gates, target sparsity S of the MLP channels and of the query heads (every
-  KV group keeps the same number), ``--gate-steps`` steps, gates at lr 0.05, penalty weight
-  ``--gate-lambda`` (1000: with 50, 60 steps shut only 9 % of the channels); the export is a plain
-  transformers model with a smaller ``intermediate_size`` / ``num_attention_heads``;
-- ``gates S + rows``: that export fine-tuned row-sparse (recovery), ``--recover-steps`` steps;
-- ``gates S + low-rank``: gates and a rank-8 low-rank term trained together (the joint variant).
+- ``rows (unpruned)``: row-sparse tuning of the whole model (magnitude rows at the LoRA r=8 budget,
+  lr 3e-4) for ``--gate-steps + --recover-steps`` steps: the quality to hold, at the same budget;
+- ``gates S + distill``: ``method=gates`` at target S (MLP channels and query heads, the export
+  shape printed and trained for), ``--gate-steps`` steps, then ``recover=distill``: the pruned export
+  (all its weights, ``recover_params=full``) distilled from the unpruned base for ``--recover-steps``
+  steps (KL at temperature 2 plus the task loss, weight ``--distill-alpha``; ``--distill-general``
+  news articles mixed into the data against forgetting). One run gives three numbers: the gated
+  model in eval mode (*gated*), the uniform export (*exported*), the export after distillation
+  (*recovered*).
 
-Speed: each export and the original, fp32, loaded in this one process and timed in turn with all
-CPU threads: prefill latency (batch 1 x 128 tokens), batched forward throughput (8 x 128 tokens) and
-greedy decoding throughput (batch 1, 32 new tokens), median of ``--speed-repeats`` rounds, each
-round timing every model in turn (timing one model after another moved results by 30 % here).
+``gate_force=true``: a run whose gates fall short of the target is exported anyway and the forced
+fraction is reported (the CLI default stops instead).
+
+Speed (CPU, fp32, this process, all threads): prefill latency (1 x 128 tokens), batched forward
+throughput (8 x 128) and greedy decoding throughput (1 x 32 new tokens), median of
+``--speed-repeats`` rounds, every round timing each model in turn. The models: the original, each
+recovered export of the first seed, and random-init models of the original's shape with only the
+MLP width changed (the export's rounded width, the unrounded width it came from, and its nearest
+multiples of 64), to measure whether rounding to a multiple of 64 changes speed (shape alone sets
+the cost). Writes ``results/gates.{json,md}`` and ``results/gates_summary.json`` (means at the
+30 % target).
 """
 
 from __future__ import annotations
@@ -43,60 +50,54 @@ RESULTS = Path(__file__).parent / "results"
 TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL"}
 
 
-def common(args: argparse.Namespace, task: str) -> list[str]:
+def common(args: argparse.Namespace, task: str, seed: int) -> list[str]:
     return [
-        f"task={task}", f"seed={args.seed}", f"batch_size={args.batch_size}",
+        f"task={task}", f"seed={seed}", f"batch_size={args.batch_size}", f"model={args.model}",
         f"train_examples={args.train_examples}", f"eval_examples={args.eval_examples}",
         f"forgetting_examples={args.forgetting_examples}", "eval_before=false", "save_steps=0",
+        "budget=lora:8", "lr=3e-4",
     ]  # fmt: skip
 
 
-def rows(args: argparse.Namespace, model: str) -> list[str]:
+def unpruned(args: argparse.Namespace) -> list[str]:
+    return ["method=rows", "scorer=magnitude", f"steps={args.gate_steps + args.recover_steps}"]
+
+
+def gates(args: argparse.Namespace, sparsity: float) -> list[str]:
     return [
-        f"model={model}", "method=rows", "scorer=magnitude", "budget=lora:8", "lr=3e-4",
-        f"steps={args.recover_steps}",
+        "method=gates", f"gate_sparsity={sparsity}", "prune_heads=true", "gate_lr=0.05",
+        f"gate_lambda={args.gate_lambda}", f"steps={args.gate_steps}", "gate_force=true",
+        "recover=distill", f"recover_steps={args.recover_steps}", "recover_params=full",
+        f"recover_lr={args.recover_lr}", f"distill_alpha={args.distill_alpha}",
+        f"distill_general={args.distill_general}",
     ]  # fmt: skip
 
 
-def gates(args: argparse.Namespace, sparsity: float, low_rank: int = 0) -> list[str]:
-    return [
-        f"model={args.model}", "method=gates", f"gate_sparsity={sparsity}", "prune_heads=true",
-        f"gate_low_rank={low_rank}", "gate_lr=0.05", f"gate_lambda={args.gate_lambda}", "lr=3e-4",
-        f"steps={args.gate_steps}",
-    ]  # fmt: skip
-
-
-def runs_for_task(args: argparse.Namespace, task: str, sparsities: list[float]) -> list[dict]:
-    base, out = common(args, task), args.runs / task
-    metric = TASKS[task]
+def training_runs(args: argparse.Namespace) -> list[dict]:
+    plan = [(t, s) for t, ss in (("rotten_tomatoes", args.sparsities), ("e2e_nlg", args.gen_sparsities))
+            for s in ss]  # fmt: skip
     done = []
-
-    def run(name: str, sparsity: float, overrides: list[str], folder: str) -> dict:
-        m = finetune_run([*overrides, *base], out / folder, reuse=args.reuse)
-        m["name"], m["target_sparsity"] = name, sparsity
-        g = m.get("gates") or {}
-        print(
-            f"{task} {name}: {metric} {m['after'][metric]:.3f}"
-            + (f" (gated {g['gated'][metric]:.3f})" if g else "")
-            + f" train {m['train_seconds']:.0f}s wall {m['wall_seconds'] or 0:.0f}s",
-            flush=True,
-        )
-        done.append(m)
-        return m
-
-    run("zero-shot", 0.0, [f"model={args.model}", "method=none"], "none")
-    run("rows (unpruned)", 0.0, rows(args, args.model), "rows")
-    for s in sparsities:
-        run(f"gates {s:.0%}", s, gates(args, s), f"gates-{s}")
-        pruned = out / f"gates-{s}" / "pruned"
-        run(f"gates {s:.0%} + rows", s, rows(args, str(pruned)), f"gates-{s}-rows")
-    if args.joint is not None and task == "rotten_tomatoes":
-        run(
-            f"gates {args.joint:.0%} + low-rank",
-            args.joint,
-            gates(args, args.joint, 8),
-            f"gates-{args.joint}-lr8",
-        )
+    for seed in args.seeds:
+        for task in dict.fromkeys(t for t, _ in plan):
+            metric = TASKS[task]
+            base, out = common(args, task, seed), args.runs / task / f"seed{seed}"
+            jobs = [("rows (unpruned)", 0.0, unpruned(args), "rows")]
+            jobs += [
+                (f"gates {s:.0%} + distill", s, gates(args, s), f"gates-{s}") for t, s in plan if t == task
+            ]
+            for name, sparsity, overrides, folder in jobs:
+                m = finetune_run([*base, *overrides], out / folder, reuse=args.reuse)
+                m.update(name=name, target_sparsity=sparsity, seed=seed)
+                g = m.get("gates") or {}
+                got = m["after"][metric]
+                extra = (
+                    f" (gated {g['gated'][metric]:.3f}, exported {g['exported'][metric]:.3f}, "
+                    f"{g['removed_fraction_of_prunable']:.1%} removed, forced {g['shape']['forced_fraction']:.1%})"
+                    if g else ""
+                )  # fmt: skip
+                print(f"{task} seed {seed} {name}: {metric} {got:.3f}{extra} wall {m['wall_seconds'] or 0:.0f}s",
+                      flush=True)  # fmt: skip
+                done.append(m)
     return done
 
 
@@ -107,15 +108,25 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
+def with_width(config, intermediate: int) -> torch.nn.Module:
+    """A random-init model of ``config`` with only the MLP width changed (the cost depends on the shapes
+    alone)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config)
+    cfg.intermediate_size = intermediate
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
 @torch.no_grad()
-def speeds(models: dict[str, str], repeats: int) -> list[dict]:
+def speeds(models: dict[str, torch.nn.Module], repeats: int) -> list[dict]:
     """Time every model in turn, round after round (so drifts in CPU speed hit all of them alike):
     prefill 1 x 128, forward 8 x 128, greedy decoding of 32 tokens; medians over ``repeats`` rounds."""
-    from neurontune.models import load_model
-
     g = torch.Generator().manual_seed(0)
-    loaded = {label: load_model(name, dtype=torch.float32)[0].eval() for label, name in models.items()}
-    vocab = next(iter(loaded.values())).config.vocab_size
+    vocab = next(iter(models.values())).config.vocab_size
     one = torch.randint(0, vocab, (1, 128), generator=g)
     batch = torch.randint(0, vocab, (8, 128), generator=g)
     prompt = torch.randint(0, vocab, (1, 32), generator=g)
@@ -131,18 +142,18 @@ def speeds(models: dict[str, str], repeats: int) -> list[dict]:
             ),
         }  # fmt: skip
 
-    times = {label: {k: [] for k in ("prefill", "batched", "decode")} for label in loaded}
+    times = {label: {k: [] for k in ("prefill", "batched", "decode")} for label in models}
     for r in range(repeats + 1):  # round 0 is a warm-up
-        for label, m in loaded.items():
+        for label, m in models.items():
             for k, fn in jobs(m).items():
                 t = _seconds(fn)
                 if r:
                     times[label][k].append(t)
     out = []
-    for label, m in loaded.items():
+    for label, m in models.items():
         med = {k: statistics.median(v) for k, v in times[label].items()}
         out.append({
-            "label": label, "model": models[label], "params": sum(p.numel() for p in m.parameters()),
+            "label": label, "params": sum(p.numel() for p in m.parameters()),
             "intermediate_size": m.config.intermediate_size, "num_attention_heads": m.config.num_attention_heads,
             "prefill_ms": 1000 * med["prefill"], "batch_tokens_per_s": batch.numel() / med["batched"],
             "decode_tokens_per_s": new / med["decode"],
@@ -150,34 +161,103 @@ def speeds(models: dict[str, str], repeats: int) -> list[dict]:
     return out
 
 
-# ---- report ---------------------------------------------------------------------------------------
+def speed_models(args: argparse.Namespace, runs: list[dict]) -> dict[str, torch.nn.Module]:
+    from neurontune.models import load_model
+
+    models = {"original": load_model(args.model)[0].eval()}
+    first = [m for m in runs if m["method"] == "gates" and m["seed"] == args.seeds[0]]
+    for m in first:
+        if m["task"] == "rotten_tomatoes":
+            models[f"{m['name']} (seed {m['seed']})"] = load_model(m["saved"])[0].eval()
+    ref = next((m for m in first if m["target_sparsity"] == 0.3), first[0] if first else None)
+    if ref is not None and (kept := ref["gates"].get("shape", {}).get("intermediate_size")):
+        raw = round((1 - ref["target_sparsity"]) * models["original"].config.intermediate_size)
+        widths = sorted({kept, raw, raw // 64 * 64, -(-raw // 64) * 64} - {0})
+        for w in widths:
+            label = f"width {w}" + (" (export)" if w == kept else " (unrounded)" if w == raw else "")
+            models[label] = with_width(models["original"].config, w)
+    return models
+
+
+# ---- summary and report ---------------------------------------------------------------------------
+def _mean(xs: list[float]) -> float | None:
+    return statistics.mean(xs) if xs else None
+
+
+def summary(runs: list[dict], speed: list[dict], target: float = 0.3) -> dict:
+    """Per task, means over seeds at ``target``: what the issue asks to be machine-readable."""
+    base = speed[0]
+    out: dict[str, dict] = {}
+    for task, metric in TASKS.items():
+        g = [
+            m for m in runs if m["task"] == task and m["method"] == "gates" and m["target_sparsity"] == target
+        ]
+        u = [m for m in runs if m["task"] == task and m["method"] == "rows"]
+        if not g:
+            continue
+        sp = next((r for r in speed if r["label"].startswith(g[0]["name"])), None)
+        out[task] = {
+            "metric": metric,
+            "target_sparsity": target,
+            "seeds": sorted(m["seed"] for m in g),
+            "removed_fraction": _mean([m["gates"]["removed_fraction_of_prunable"] for m in g]),
+            "forced_fraction": _mean([m["gates"]["shape"]["forced_fraction"] for m in g]),
+            "unpruned": _mean([m["after"][metric] for m in u]),
+            "gated": _mean([m["gates"]["gated"][metric] for m in g]),
+            "exported": _mean([m["gates"]["exported"][metric] for m in g]),
+            "recovered": _mean([m["after"][metric] for m in g]),
+            "per_seed": {
+                "unpruned": [m["after"][metric] for m in u],
+                "gated": [m["gates"]["gated"][metric] for m in g],
+                "exported": [m["gates"]["exported"][metric] for m in g],
+                "recovered": [m["after"][metric] for m in g],
+            },
+            "decode_speedup": sp["decode_tokens_per_s"] / base["decode_tokens_per_s"] if sp else None,
+            "forgetting_ppl": _mean([m["after"]["forgetting_ppl"] for m in g]),
+            "forgetting_ppl_unpruned": _mean([m["after"]["forgetting_ppl"] for m in u]),
+        }
+    return out
+
+
 def render(result: dict) -> str:
     s = result["settings"]
     lines = [
         "# Stochastic gates: parameters removed, quality, and CPU speed of the pruned model",
         "",
-        f"`{result['command']}` on {result['machine']}. Model `{s['model']}`, batch {s['batch_size']} "
-        f"from the first {s['train_examples']} training examples, seed {s['seed']}, eval on "
-        f"{s['eval_examples']} held-out examples, forgetting = perplexity on {s['forgetting_examples']} "
-        f"news articles. Gates: {s['gate_steps']} steps (gate lr 0.05, ranked penalty, lambda {s['gate_lambda']:g}, sigma "
-        f"0.1, tau 0.5), MLP channels and query heads. Recovery and the unpruned reference: row-sparse, magnitude "
-        f"rows at the LoRA r=8 budget, {s['recover_steps']} steps, lr 3e-4. One seed: differences of a "
-        "few points on 200 examples are within noise (see quality.md for the seed spread).",
+        f"`{result['command']}` on {result['machine']}; {result['date']}. Model `{s['model']}`, batch "
+        f"{s['batch_size']} from the first {s['train_examples']} training examples, seeds {s['seeds']}, eval on "
+        f"{s['eval_examples']} held-out examples, forgetting = perplexity on {s['forgetting_examples']} news "
+        f"articles. Gates: {s['gate_steps']} steps (gate lr 0.05, ranked penalty, lambda {s['gate_lambda']:g}), MLP "
+        f"channels and query heads, export widths rounded to multiples of 64. Distillation: {s['recover_steps']} steps, "
+        f"all weights of the export, lr {s['recover_lr']:g}, KL at T=2 + {s['distill_alpha']:g} x task loss, "
+        f"{s['distill_general']} news articles mixed in. Unpruned reference: rows (magnitude, LoRA r=8 budget, lr 3e-4) "
+        f"for {s['gate_steps'] + s['recover_steps']} steps.",
         "",
-        "| task | run | MLP+attention params removed | model params | score | gated (before export) "
-        "| forgetting ppl | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | seed | run | MLP+attn params removed | forced open | gated | exported | after distill / score "
+        "| forgetting ppl | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in result["runs"]:
         metric = TASKS[m["task"]]
         g = m.get("gates") or {}
-        removed = m.get("removed_fraction_of_prunable")
         fmt = (lambda v: f"{v:.3f}") if metric == "accuracy" else (lambda v: f"{v:.1f}")
+        removed = f"{g['removed_fraction_of_prunable']:.1%}" if g else "-"
+        forced = f"{g['shape']['forced_fraction']:.1%}" if g else "-"
         lines.append(
-            f"| {m['task']} | {m['name']} | {'-' if removed is None else f'{removed:.1%}'} | "
-            f"{m['model_params']:,} | {metric} {fmt(m['after'][metric])} | "
-            f"{fmt(g['gated'][metric]) if g else '-'} | {m['after']['forgetting_ppl']:.2f} | "
-            f"{m['train_seconds']:.0f} |"
+            f"| {m['task']} | {m['seed']} | {m['name']} | {removed} | {forced} | "
+            f"{fmt(g['gated'][metric]) if g else '-'} | {fmt(g['exported'][metric]) if g else '-'} | "
+            f"{metric} {fmt(m['after'][metric])} | {m['after']['forgetting_ppl']:.2f} | {m['wall_seconds'] or 0:.0f} |"
+        )
+    lines += ["", "Means over seeds at the 30 % target (`gates_summary.json`):", "",
+              "| task | metric | removed | unpruned | gated | exported | recovered | recovered - unpruned "
+              "| decode speed-up | forgetting ppl (unpruned) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for task, r in result["summary"].items():
+        f = (lambda v: f"{v:.3f}") if r["metric"] == "accuracy" else (lambda v: f"{v:.1f}")
+        sp = r["decode_speedup"]
+        lines.append(
+            f"| {task} | {r['metric']} | {r['removed_fraction']:.1%} | {f(r['unpruned'])} | {f(r['gated'])} | "
+            f"{f(r['exported'])} | {f(r['recovered'])} | {f(r['recovered'] - r['unpruned'])} | "
+            f"{'-' if sp is None else f'{sp:.2f}x'} | {r['forgetting_ppl']:.1f} ({r['forgetting_ppl_unpruned']:.1f}) |"
         )
     if result.get("note"):
         lines += ["", result["note"]]
@@ -185,7 +265,7 @@ def render(result: dict) -> str:
     lines += [
         "",
         f"CPU speed ({result['threads']} threads, fp32, median of {s['speed_repeats']} rounds; every round times "
-        "each model in turn):",
+        "each model in turn; `width N`: random-init models of the original shape with only the MLP width changed):",
         "",
         "| model | params | intermediate / heads | prefill 1x128 ms | batched 8x128 tok/s | decode tok/s "
         "| speed-up prefill / batched / decode |",
@@ -205,42 +285,41 @@ def render(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--sparsities", default="0.2,0.3,0.4")
-    p.add_argument("--gen-sparsities", default="0.3", help="sparsities run on e2e_nlg ('' to skip the task)")
-    p.add_argument("--joint", type=float, default=0.3, help="sparsity of the gates + low-rank run (-1: none)")
+    p.add_argument("--sparsities", default="0.3", help="targets run on rotten_tomatoes")
+    p.add_argument("--gen-sparsities", default="0.3", help="targets run on e2e_nlg ('' to skip the task)")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--gate-steps", type=int, default=100)
     p.add_argument("--gate-lambda", type=float, default=1000.0)
-    p.add_argument("--recover-steps", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recover-steps", type=int, default=60)
+    p.add_argument("--recover-lr", type=float, default=5e-5)
+    p.add_argument("--distill-alpha", type=float, default=0.5)
+    p.add_argument("--distill-general", type=int, default=200)
     p.add_argument("--speed-repeats", type=int, default=10)
     add_run_args(p, "runs/bench-gates", RESULTS, "gates")
     args = p.parse_args()
     if args.render:
         render_only(args.out, "gates", render)
         return
-    args.joint = None if args.joint < 0 else args.joint
-    runs = runs_for_task(args, "rotten_tomatoes", [float(s) for s in args.sparsities.split(",")])
-    if args.gen_sparsities:
-        runs += runs_for_task(args, "e2e_nlg", [float(s) for s in args.gen_sparsities.split(",")])
-    pruned = {m["saved"]: m for m in runs if m["method"] == "gates"}
-    for m in runs:  # the size of the model one deploys: row deltas merge in, gates are folded away
-        g = m.get("gates") or (pruned.get(m["model"]) or {}).get("gates")
-        m["removed_fraction_of_prunable"] = g["removed_fraction_of_prunable"] if g else None
-        m["model_params"] = g["total_params"][1] if g else m["total_params"] - m["trainable_params"]
-    models = {"original": args.model}
-    models.update(
-        {m["name"]: m["saved"] for m in runs if m["method"] == "gates" and m["task"] == "rotten_tomatoes"}
-    )
-    speed = speeds(models, args.speed_repeats)
+    args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    args.gen_sparsities = [float(s) for s in args.gen_sparsities.split(",") if s]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    runs = training_runs(args)
+    speed = speeds(speed_models(args, runs), args.speed_repeats)
     result = {
         "command": "python benchmarks/gates.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "date": time.strftime("%Y-%m-%d"),
         "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runs": runs,
         "speed": speed,
     }
+    result["summary"] = summary(runs, speed)
     write_results(args.out, "gates", result, render)
+    import json
+
+    (args.out / "gates_summary.json").write_text(json.dumps(result["summary"], indent=2) + "\n")
 
 
 if __name__ == "__main__":
