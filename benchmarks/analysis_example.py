@@ -96,7 +96,7 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "transfer.md").write_text("\n".join(lines) + "\n")
-    summary = {k: {"after": v["after"], "before": v["before"], "rows": v["rows"], "command": v["command"]}
+    summary = {k: {"after": v["after"], "before": v["before"], "rows": v.get("rows"), "command": v["command"]}
                for k, v in results.items()}  # fmt: skip
     (args.out / "runs.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n".join(lines))

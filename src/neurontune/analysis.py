@@ -416,7 +416,17 @@ def add_run_sections(report: Report, runs: Sequence[Path], model: nn.Module | No
             for r, m in metrics.items()
         ],
     )  # fmt: skip
-    configs = {r: read_json(r / "config.json", "run config") for r in runs if (r / "config.json").is_file()}
+    import dataclasses
+
+    from neurontune.config import FinetuneConfig
+
+    # an option a run's config lacks (made before the option existed) had its default
+    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    configs = {
+        r: {**defaults, **read_json(r / "config.json", "run config")}
+        for r in runs
+        if (r / "config.json").is_file()
+    }
     if len(configs) > 1:
         skip = {"output_dir", "data_fingerprint", "neurontune_version", "overwrite", "resume"}
         keys = sorted({k for c in configs.values() for k in c} - skip)
