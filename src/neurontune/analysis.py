@@ -398,6 +398,15 @@ def _run_label(p: Path) -> str:
     return p.parent.name if p.name in ("neuron_spec.json", "adapter", "pruned") else p.name
 
 
+def _finetune_defaults() -> dict[str, Any]:
+    """Every ``neurontune finetune`` option with its default."""
+    import dataclasses
+
+    from neurontune.config import FinetuneConfig
+
+    return {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+
+
 def add_run_sections(report: Report, runs: Sequence[Path], model: nn.Module | None) -> None:
     """Loss curves, a results table (the transfer table when runs share a task), and row dynamics."""
     metrics = {r: read_json(r / "metrics.json", "run metrics") for r in runs}
@@ -416,12 +425,8 @@ def add_run_sections(report: Report, runs: Sequence[Path], model: nn.Module | No
             for r, m in metrics.items()
         ],
     )  # fmt: skip
-    import dataclasses
-
-    from neurontune.config import FinetuneConfig
-
     # an option a run's config lacks (made before the option existed) had its default
-    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    defaults = _finetune_defaults()
     configs = {
         r: {**defaults, **read_json(r / "config.json", "run config")}
         for r in runs
@@ -605,12 +610,8 @@ def run_report(out: Path, metrics: dict[str, Any], spec: NeuronSpec | None) -> P
     ])  # fmt: skip
     cfg_file = out / "config.json"
     if cfg_file.is_file():
-        import dataclasses
-
-        from neurontune.config import FinetuneConfig
-
         cfg = read_json(cfg_file, "run config")
-        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+        defaults = _finetune_defaults()
         main = ["lr", "lr_scheduler", "warmup_steps", "steps", "batch_size", "grad_accum", "weight_decay",
                 "max_grad_norm", "precision", "max_length", "seed", "budget", "target_modules"]  # fmt: skip
         changed = [k for k in cfg if k in defaults and k not in main and cfg[k] != defaults[k]]

@@ -91,7 +91,12 @@ def classification_accuracy(
     batch_size: int = 16,
 ) -> float:
     """Accuracy of the most likely label word after each prompt (:func:`classification_predictions`)."""
-    preds = classification_predictions(model, tok, examples, label_words, max_length, batch_size)
+    return _accuracy(
+        classification_predictions(model, tok, examples, label_words, max_length, batch_size), examples
+    )
+
+
+def _accuracy(preds: Sequence[int], examples: Sequence[Example]) -> float:
     return sum(p == e.label for p, e in zip(preds, examples, strict=True)) / max(1, len(examples))
 
 
@@ -193,9 +198,7 @@ def evaluate(
     out: dict[str, Any] = {"eval_examples": len(task.eval)}
     if task.kind == "classification":
         preds = classification_predictions(model, tok, task.eval, task.label_words, max_length, batch_size)
-        out["accuracy"] = sum(p == e.label for p, e in zip(preds, task.eval, strict=True)) / max(
-            1, len(preds)
-        )
+        out["accuracy"] = _accuracy(preds, task.eval)
         out["samples"] = [
             {"prompt": e.prompt, "prediction": task.label_words[p], "reference": task.label_words[e.label]}
             for e, p in zip(task.eval[:samples], preds[:samples], strict=True)

@@ -50,17 +50,17 @@ class Rows(Method):
         return bool(self.cfg.resume and (out / "neuron_spec.json").is_file())
 
     def check(self, model: nn.Module, out: Path) -> None:
-        from neurontune.targets import find_target_modules, is_quantized
+        from neurontune.rowtune.layer import check_impl
+        from neurontune.targets import find_target_modules
 
+        # the layer's own check, before anything is written (a dense impl on a quantized base)
         if self.cfg.impl in ("merged", "fused"):
-            names = find_target_modules(
-                model, self.cfg.target_modules_value(), self.cfg.exclude_modules_value()
-            )
-            if q := next((n for n in names if is_quantized(model.get_submodule(n))), None):
-                raise NeurontuneError(
-                    f"impl={self.cfg.impl} needs a dense weight, and {q} is quantized "
-                    f"({type(model.get_submodule(q)).__name__}); use impl=auto or index_add"
-                )
+            cfg = self.cfg
+            for name in find_target_modules(model, cfg.target_modules_value(), cfg.exclude_modules_value()):
+                try:
+                    check_impl(model.get_submodule(name), cfg.impl)
+                except ValueError as e:
+                    raise NeurontuneError(f"{name}: {e}") from None
         if self._resuming(out):
             return
         if self.cfg.spec:

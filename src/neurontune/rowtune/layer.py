@@ -218,6 +218,16 @@ def _delta_grad(gys: torch.Tensor, xs: torch.Tensor, delta: torch.Tensor) -> tor
 _FUNCTIONS = {"fused": _FusedRowLinear, "merged": _MergedRowLinear}
 
 
+def check_impl(base_layer: nn.Module, impl: str) -> None:
+    """Raise ``ValueError`` if ``impl`` cannot run on ``base_layer`` (a dense-weight formulation on a
+    quantized layer)."""
+    if impl in ("merged", "fused") and is_quantized(base_layer):
+        raise ValueError(
+            f"impl={impl} needs a dense weight, and this {type(base_layer).__name__} is quantized; "
+            "use impl=auto or index_add"
+        )
+
+
 class RowSparseLinear(nn.Module):
     """Wraps an ``nn.Linear`` or GPT-2 ``Conv1D``; trains a dense delta for the selected rows/columns only.
 
@@ -243,12 +253,8 @@ class RowSparseLinear(nn.Module):
             raise TypeError(f"RowSparseLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        check_impl(base_layer, impl)
         self.quantized = is_quantized(base_layer)
-        if self.quantized and impl in ("merged", "fused"):
-            raise ValueError(
-                f"impl={impl} needs a dense weight, and this {type(base_layer).__name__} is quantized; "
-                "use impl=auto or index_add"
-            )
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
