@@ -1,5 +1,7 @@
 """Data parallel on a CPU (gloo): 2 processes under torchrun train exactly as 1 process with
-grad_accum=2, only rank 0 writes, selection is the same, and kill + resume under 2 processes is exact."""
+grad_accum=2, only rank 0 writes, selection is the same, and kill + resume under 2 processes is exact;
+the same under FSDP2 (accelerate's FSDP path, switched on by the variables ``accelerate launch`` sets
+from an FSDP config)."""
 
 from __future__ import annotations
 
@@ -22,27 +24,43 @@ RUN = ["model=tiny-llama", "train_examples=48", "eval_examples=4", "forgetting_e
        "lr=1e-2", "save_steps=2", "eval_before=false"]  # fmt: skip
 
 
-def torchrun(n: int, args: list[str], logs: Path | None = None, **kw) -> subprocess.Popen:
+# what `accelerate launch --config_file fsdp.yaml` exports (README: "An accelerate config for FSDP")
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}  # fmt: skip
+
+
+def torchrun(
+    n: int, args: list[str], logs: Path | None = None, env: dict | None = None, **kw
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
     if logs is not None:
         cmd += [f"--log-dir={logs}", "--redirects=3"]
-    return subprocess.Popen([*cmd, "-m", "neurontune.cli", *args], env=ENV, **kw)
+    return subprocess.Popen([*cmd, "-m", "neurontune.cli", *args], env={**ENV, **(env or {})}, **kw)
 
 
-def finetune(n: int, out: Path, *extra: str, logs: Path | None = None) -> subprocess.CompletedProcess:
+def finetune(
+    n: int, out: Path, *extra: str, logs: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     args = ["finetune", *RUN, f"output_dir={out}", *extra]
     if n == 1:
         return subprocess.run(
             [sys.executable, "-m", "neurontune.cli", *args], env=ENV, capture_output=True, text=True
         )
-    proc = torchrun(n, args, logs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = torchrun(n, args, logs, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
-    rows = out / "adapter" / "neurontune_adapter.safetensors"
-    return load_file(rows if rows.is_file() else out / "adapter" / "adapter_model.safetensors")
+    """What the run saved: the row adapter, the PEFT adapter or the whole model (method=full)."""
+    for f in (
+        "adapter/neurontune_adapter.safetensors",
+        "adapter/adapter_model.safetensors",
+        "model/model.safetensors",
+    ):
+        if (out / f).is_file():
+            return load_file(out / f)
+    raise AssertionError(f"nothing saved in {out}")
 
 
 def assert_close(a: dict, b: dict) -> None:
@@ -88,11 +106,46 @@ def test_two_process_scoring_gives_the_one_process_spec(tmp_path):
     assert s1["modules"] == s2["modules"]
 
 
+@pytest.mark.parametrize("method", ["rows", "lora", "full"])
+def test_fsdp_two_processes_equal_one_with_grad_accum_2(tmp_path, method):
+    one = finetune(1, tmp_path / "one", f"method={method}", "steps=4", "grad_accum=2", "lr=1e-3")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = finetune(2, tmp_path / "two", f"method={method}", "steps=4", "lr=1e-3", env=FSDP)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "FSDP2: parameters and optimizer state sharded over 2 processes" in two.stdout
+    # the final output (gathered from the shards) and every checkpoint (whole tensors) match one process
+    assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
+    for c1, c2 in zip(list_checkpoints(tmp_path / "one"), list_checkpoints(tmp_path / "two"), strict=True):
+        t1, t2 = load_file(c1 / "state.safetensors"), load_file(c2 / "state.safetensors")
+        assert_close({k: v for k, v in t2.items() if not k.startswith("rng.")},
+                     {k: v for k, v in t1.items() if not k.startswith("rng.")})  # fmt: skip
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    numbers = [k for k, v in m1["after"].items() if isinstance(v, float) and not k.endswith("seconds")]
+    assert numbers and {k: m2["after"][k] for k in numbers} == pytest.approx(
+        {k: m1["after"][k] for k in numbers}, rel=1e-4
+    )  # evaluated on the gathered model
+
+
 def test_killed_two_process_run_resumes_exactly_and_refuses_another_count(tmp_path):
     full = finetune(2, tmp_path / "full", "steps=12")
     assert full.returncode == 0, full.stderr[-3000:]
-    out = tmp_path / "killed"
-    proc = torchrun(2, ["finetune", *RUN, f"output_dir={out}", "steps=12"], stdout=subprocess.DEVNULL,
+    kill_and_resume(tmp_path / "killed", full=tmp_path / "full")
+    other = finetune(1, tmp_path / "killed", "steps=12", "--resume")
+    assert other.returncode == 2
+    assert "written by a run on 2 process(es); resume it on 2, not 1" in other.stderr
+
+
+def test_killed_fsdp_run_resumes_exactly(tmp_path):
+    one = finetune(1, tmp_path / "one", "steps=12", "grad_accum=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    kill_and_resume(tmp_path / "killed", full=tmp_path / "one", env=FSDP)
+
+
+def kill_and_resume(out: Path, full: Path, env: dict | None = None) -> None:
+    """Kill a 2-process run of 12 steps once it has a checkpoint at step 4 or later, resume it on 2
+    processes, and compare the adapter with ``full``'s (an uninterrupted run)."""
+    proc = torchrun(2, ["finetune", *RUN, f"output_dir={out}", "steps=12"], env=env, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 200
     while time.time() < deadline and proc.poll() is None:
@@ -103,9 +156,7 @@ def test_killed_two_process_run_resumes_exactly_and_refuses_another_count(tmp_pa
         time.sleep(0.01)
     proc.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
-    other = finetune(1, out, "steps=12", "--resume")
-    assert other.returncode == 2
-    assert "written by a run on 2 process(es); resume it on 2, not 1" in other.stderr
-    again = finetune(2, out, "steps=12", "--resume")
+    again = finetune(2, out, "steps=12", "--resume", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert_close(adapter(out), adapter(tmp_path / "full"))
+    assert "resumed from" in again.stdout
+    assert_close(adapter(out), adapter(full))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import math
 import re
@@ -120,14 +121,18 @@ def save_checkpoint(
     log: list[dict[str, float]],
     rng_states: list[dict[str, torch.Tensor]] | None = None,
     num_processes: int = 1,
+    write: bool = True,
 ) -> None:
     """Write a checkpoint (atomically). ``rng_states``: every process's RNG state, in rank order
-    (default: this process's)."""
+    (default: this process's). Under FSDP every process calls this (each shard is gathered whole, a
+    collective) and one of them has ``write``."""
     index = {id(p): i for i, p in enumerate(named.values())}
-    tensors = {f"param.{n}": p.detach() for n, p in named.items()}
-    for p, st in optimizer.state.items():
-        for k, v in st.items():
-            tensors[f"optim.{index[id(p)]}.{k}"] = torch.as_tensor(v)
+    tensors = {f"param.{n}": _full(p.detach()) for n, p in named.items()}
+    for p in named.values():  # in parameter order, the same on every process (the gathers pair up)
+        for k, v in optimizer.state.get(p, {}).items():
+            tensors[f"optim.{index[id(p)]}.{k}"] = _full(torch.as_tensor(v))
+    if not write:
+        return
     for rank, rng in enumerate(rng_states or [rng_state()]):
         for k, v in rng.items():
             tensors[f"rng.{k}" if rank == 0 else f"rng.{k}.{rank}"] = v
@@ -182,12 +187,14 @@ def load_checkpoint(
             t = tensors[f"param.{n}"]
             if t.shape != p.shape:
                 raise NeurontuneError(f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-            p.copy_(t)
+            p.copy_(_shard_like(t, p))
+    params = list(named.values())
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith("optim."):
             _, i, k = key.split(".", 2)
-            opt_state.setdefault(int(i), {})[k] = t
+            like = params[int(i)]
+            opt_state.setdefault(int(i), {})[k] = _shard_like(t, like) if t.shape == like.shape else t
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     suffix = "" if rank == 0 else f".{rank}"
@@ -221,7 +228,83 @@ def _accelerator(mixed: str, compile_backend: str | None = None) -> Any:
         or str(AcceleratorState().dynamo_plugin.backend) != str(dynamo.backend)
     ):
         AcceleratorState._reset_state()  # keeps PartialState: the process/distributed setup stays
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), dynamo_plugin=dynamo)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), dynamo_plugin=dynamo)
+    _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator: Any) -> None:
+    """FSDP2 on CPU processes too. ``accelerate launch`` with an FSDP config (or
+    ``ACCELERATE_USE_FSDP=true``) selects FSDP for GPU processes only and falls back to DDP on CPUs,
+    although ``fully_shard`` runs on a gloo process group; here accelerate's own FSDP2 path is switched
+    on for them, so a CPU run shards (and is tested) exactly as a GPU run does."""
+    import os
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and state.distributed_type == DistributedType.MULTI_CPU
+    ):
+        plugin = FullyShardedDataParallelPlugin()  # from accelerate launch's FSDP_* variables
+        if plugin.fsdp_version != 2:
+            raise NeurontuneError("FSDP on CPU processes needs fsdp_version: 2 (FSDP2, fully_shard)")
+        state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+
+
+def _is_fsdp(accelerator: Any) -> bool:
+    return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every process calls it), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shard_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (a whole tensor, the same on every process) laid out as ``like``: its shard if ``like`` is one."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        return distribute_tensor(t.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return t
+
+
+def _unshard_for_good(model: torch.nn.Module) -> None:
+    """After FSDP2 training, make ``model`` a plain module again: every process gathers each shard
+    whole (a collective), the parameters become ordinary ones and FSDP's hooks come off, so evaluation
+    and saving (``state_dict``, ``save_pretrained``) on the main process alone need no collective.
+    Costs the whole model's memory per process, as loading it did. torch has no public inverse of
+    ``fully_shard``: the class swap and the hooks it added (recognised by their module) are undone."""
+    from torch.distributed.fsdp import FSDPModule
+
+    every = list(model.named_parameters(remove_duplicate=False))  # tied weights: one shard, several names
+    whole: dict[int, torch.nn.Parameter] = {}
+    for _, p in every:
+        if id(p) not in whole:
+            whole[id(p)] = torch.nn.Parameter(_full(p.detach()), requires_grad=p.requires_grad)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.__class__ = next(c for c in type(m).__mro__[1:] if not issubclass(c, FSDPModule))
+        for hooks in (m._forward_pre_hooks, m._forward_hooks, m._state_dict_pre_hooks, m._state_dict_hooks,
+                      m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks):  # fmt: skip
+            for key in [k for k, fn in hooks.items() if _from_fsdp(fn)]:
+                del hooks[key]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, p in every:
+        owner, _, attr = name.rpartition(".")
+        modules[owner]._parameters[attr] = whole[id(p)]
+
+
+def _from_fsdp(fn: Any) -> bool:
+    fn = getattr(fn, "hook", fn)  # load_state_dict pre-hooks are wrapped
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)
+    return getattr(fn, "__module__", "").startswith("torch.distributed.fsdp")
 
 
 class TrainingDiverged(NeurontuneError):
@@ -300,9 +383,23 @@ def train(
         raise NeurontuneError(f"lr_scheduler {args.lr_scheduler!r}: {e}") from None
     # the scheduler is stepped here, once per optimizer step: accelerate's wrapper would step it once
     # per process, as it assumes a dataloader it sharded itself
+    fsdp = _is_fsdp(accelerator)
+    if fsdp and getattr(model, "hf_quantizer", None) is not None:
+        raise NeurontuneError(
+            "FSDP does not shard a quantized (bitsandbytes) base here; use DDP (no FSDP config)"
+        )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if (
+        fsdp
+    ):  # fully_shard replaced each parameter by its shard (a DTensor) and switched the optimizer to them
+        from accelerate.utils import fsdp2_canonicalize_names
+
+        sharded = fsdp2_canonicalize_names(dict(accelerator.unwrap_model(model).named_parameters()))
+        named = {n: sharded[n] for n in named}
     out = Path(output_dir) if output_dir is not None else None
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if fsdp and main:
+        print(f"FSDP2: parameters and optimizer state sharded over {world} processes")
 
     start, log = 0, []
     if out is not None and main:
@@ -362,17 +459,20 @@ def train(
         done = step + 1
         if out is not None and ((args.save_steps and done % args.save_steps == 0) or done == args.steps):
             rngs = _gather_rng_states(accelerator)
-            if main:
+            if main or fsdp:  # FSDP: every process takes part in gathering the shards
                 save_checkpoint(
                     out / "checkpoints" / f"step-{done:06d}", named, optimizer.optimizer, scheduler, done, log,
-                    rngs, world,
+                    rngs, world, write=main,
                 )  # fmt: skip
+            if main:
                 for old in list_checkpoints(out)[: -max(1, args.save_total_limit)]:
                     shutil.rmtree(old, ignore_errors=True)
                 write_log_csv(out / "train_log.csv", log)
             accelerator.wait_for_everyone()
     if out is not None and main:
         write_log_csv(out / "train_log.csv", log)
+    if fsdp:
+        _unshard_for_good(accelerator.unwrap_model(model))
     model.eval()
     if args.gradient_checkpointing:
         accelerator.unwrap_model(model).gradient_checkpointing_disable()
