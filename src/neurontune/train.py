@@ -389,9 +389,7 @@ def train(
             "FSDP does not shard a quantized (bitsandbytes) base here; use DDP (no FSDP config)"
         )
     model, optimizer = accelerator.prepare(model, optimizer)
-    if (
-        fsdp
-    ):  # fully_shard replaced each parameter by its shard (a DTensor) and switched the optimizer to them
+    if fsdp:  # fully_shard replaced each parameter by its shard (a DTensor), the optimizer's too
         from accelerate.utils import fsdp2_canonicalize_names
 
         sharded = fsdp2_canonicalize_names(dict(accelerator.unwrap_model(model).named_parameters()))
