@@ -122,24 +122,24 @@ def save_checkpoint(
     rng_states: list[dict[str, torch.Tensor]] | None = None,
     num_processes: int = 1,
     write: bool = True,
+    layout: Layout | None = None,
 ) -> None:
     """Write a checkpoint (atomically). ``rng_states``: every process's RNG state, in rank order
-    (default: this process's). Under FSDP every process calls this (each shard is gathered whole, a
-    collective) and one of them has ``write``."""
+    (default: this process's). Under FSDP or DeepSpeed (``layout``) every process calls this (the
+    shards are gathered whole, a collective) and one of them has ``write``."""
+    layout = layout or Layout()
     index = {id(p): i for i, p in enumerate(named.values())}
-    tensors = {f"param.{n}": _full(p.detach()) for n, p in named.items()}
-    for p in named.values():  # in parameter order, the same on every process (the gathers pair up)
-        for k, v in optimizer.state.get(p, {}).items():
-            tensors[f"optim.{index[id(p)]}.{k}"] = _full(torch.as_tensor(v))
+    tensors = {}
+    for n, p in named.items():  # in parameter order, the same on every process (the gathers pair up)
+        tensors[f"param.{n}"] = layout.param(p)
+        for k, v in layout.optim_state(optimizer, p).items():
+            tensors[f"optim.{index[id(p)]}.{k}"] = v
     if not write:
         return
     for rank, rng in enumerate(rng_states or [rng_state()]):
         for k, v in rng.items():
             tensors[f"rng.{k}" if rank == 0 else f"rng.{k}.{rank}"] = v
-    groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
-        for g in optimizer.param_groups
-    ]
+    groups = layout.groups(optimizer, index)
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -168,7 +168,9 @@ def load_checkpoint(
     scheduler: Any,
     rank: int = 0,
     num_processes: int = 1,
+    layout: Layout | None = None,
 ) -> tuple[int, list[dict[str, float]]]:
+    layout = layout or Layout()
     state = read_json(path / "state.json", "checkpoint state")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise NeurontuneError(f"{path}: not a neurontune checkpoint")
@@ -182,20 +184,18 @@ def load_checkpoint(
         diff = sorted(set(state["param_names"]) ^ set(named))[:3]
         raise NeurontuneError(f"{path}: trainable parameters differ from this run's (e.g. {diff})")
     tensors = read_safetensors(path / "state.safetensors", "checkpoint tensors")
-    with torch.no_grad():
-        for n, p in named.items():
-            t = tensors[f"param.{n}"]
-            if t.shape != p.shape:
-                raise NeurontuneError(f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-            p.copy_(_shard_like(t, p))
-    params = list(named.values())
+    for n, p in named.items():
+        t = tensors[f"param.{n}"]
+        if t.shape != layout.shape(p):
+            raise NeurontuneError(
+                f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(layout.shape(p))}"
+            )
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith("optim."):
             _, i, k = key.split(".", 2)
-            like = params[int(i)]
-            opt_state.setdefault(int(i), {})[k] = _shard_like(t, like) if t.shape == like.shape else t
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+            opt_state.setdefault(int(i), {})[k] = t
+    layout.load(named, {n: tensors[f"param.{n}"] for n in named}, optimizer, opt_state, state["param_groups"])
     scheduler.load_state_dict(state["scheduler"])
     suffix = "" if rank == 0 else f".{rank}"
     torch.set_rng_state(tensors[f"rng.cpu{suffix}"])
@@ -229,28 +229,35 @@ def _accelerator(mixed: str, compile_backend: str | None = None) -> Any:
     ):
         AcceleratorState._reset_state()  # keeps PartialState: the process/distributed setup stays
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), dynamo_plugin=dynamo)
-    _fsdp_on_cpu(accelerator)
+    _sharding_on_cpu(accelerator, mixed)
     return accelerator
 
 
-def _fsdp_on_cpu(accelerator: Any) -> None:
-    """FSDP2 on CPU processes too. ``accelerate launch`` with an FSDP config (or
-    ``ACCELERATE_USE_FSDP=true``) selects FSDP for GPU processes only and falls back to DDP on CPUs,
-    although ``fully_shard`` runs on a gloo process group; here accelerate's own FSDP2 path is switched
-    on for them, so a CPU run shards (and is tested) exactly as a GPU run does."""
+def _sharding_on_cpu(accelerator: Any, mixed: str) -> None:
+    """FSDP2 and DeepSpeed on CPU processes too. ``accelerate launch`` with an FSDP or DeepSpeed
+    config selects them for GPU processes only and falls back to DDP on CPUs, although
+    ``fully_shard`` runs on a gloo process group and DeepSpeed has a CPU accelerator; here
+    accelerate's own FSDP2 / DeepSpeed path is switched on for them, with the plugin accelerate builds
+    from its launch variables, so a CPU run shards (and is tested) as a GPU run does."""
     import os
 
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
-    if (
-        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-        and state.distributed_type == DistributedType.MULTI_CPU
-    ):
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         plugin = FullyShardedDataParallelPlugin()  # from accelerate launch's FSDP_* variables
         if plugin.fsdp_version != 2:
             raise NeurontuneError("FSDP on CPU processes needs fsdp_version: 2 (FSDP2, fully_shard)")
         state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        ds = DeepSpeedPlugin()  # from the ACCELERATE_DEEPSPEED_* variables
+        ds.set_mixed_precision(mixed)
+        ds.select(_from_accelerator_state=True)
+        state.deepspeed_plugins, state.distributed_type = ds, DistributedType.DEEPSPEED
+        state._mixed_precision = "no"  # DeepSpeed's config carries the precision, as accelerate does
+        accelerator.deepspeed_engine_wrapped = None
 
 
 def _is_fsdp(accelerator: Any) -> bool:
@@ -307,16 +314,169 @@ def _from_fsdp(fn: Any) -> bool:
     return getattr(fn, "__module__", "").startswith("torch.distributed.fsdp")
 
 
+def _is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _configure_deepspeed(accelerator: Any, batch_size: int, args: TrainArgs) -> int:
+    """Our loop's batch, accumulation and clipping in the DeepSpeed config (its "auto" values are
+    filled from a dataloader, which we do not hand to accelerate). Returns the ZeRO stage."""
+    conf = accelerator.state.deepspeed_plugin.deepspeed_config
+    conf.update(
+        train_micro_batch_size_per_gpu=batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        train_batch_size=batch_size * args.grad_accum * accelerator.num_processes,
+        gradient_clipping=args.max_grad_norm,
+        zero_allow_untested_optimizer=True,  # torch's AdamW, as with every other backend
+    )
+    stage = int(conf.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (2, 3):
+        raise NeurontuneError(f"DeepSpeed ZeRO stage {stage}: use stage 2 or 3")
+    return stage
+
+
+def _gather_deepspeed_for_good(engine: Any) -> None:
+    """After ZeRO-3 training, give the module whole parameters and take DeepSpeed's hooks off, so the
+    main process alone can evaluate and save it (ZeRO-2 keeps whole parameters already)."""
+    module = engine.module
+    every = list(module.named_parameters(remove_duplicate=False))
+    if not any(hasattr(p, "ds_id") for _, p in every):
+        return
+    import deepspeed
+
+    whole: dict[int, torch.nn.Parameter] = {}
+    params = list({id(p): p for _, p in every}.values())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        for p in params:
+            whole[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    engine.destroy()  # removes ZeRO-3's module hooks
+    modules = dict(module.named_modules(remove_duplicate=False))
+    for name, p in every:
+        owner, _, attr = name.rpartition(".")
+        modules[owner]._parameters[attr] = whole[id(p)]
+
+
+class Layout:
+    """Where the trainable state lives, for checkpoints: whole on every process (one process, DDP) or
+    as FSDP2 shards (DTensors; gathered whole to save, split again to load)."""
+
+    collective = False  # whether saving gathers across processes (then every process saves, rank 0 writes)
+
+    def shape(self, p: torch.Tensor) -> torch.Size:
+        return p.shape
+
+    def param(self, p: torch.Tensor) -> torch.Tensor:
+        return _full(p.detach())
+
+    def optim_state(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: _full(torch.as_tensor(v)) for k, v in optimizer.state.get(p, {}).items()}
+
+    def groups(self, optimizer: torch.optim.Optimizer, index: dict[int, int]) -> list[dict[str, Any]]:
+        """AdamW's groups: hyper-parameters, and their parameters as indices into the trainable ones."""
+        return [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
+            for g in optimizer.param_groups
+        ]
+
+    def load(
+        self, named: dict[str, torch.nn.Parameter], params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+        opt_state: dict[int, dict[str, torch.Tensor]], groups: list[dict[str, Any]],
+    ) -> None:  # fmt: skip
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(_shard_like(params[n], p))
+        like = list(named.values())
+        for i, st in opt_state.items():
+            for k, t in st.items():
+                st[k] = _shard_like(t, like[i]) if t.shape == like[i].shape else t
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+
+
+class FSDPLayout(Layout):
+    collective = True
+
+
+class DeepSpeedLayout(Layout):
+    """ZeRO-2/3 (DeepSpeed): the fp32 parameters and Adam moments live in DeepSpeed's flat partitions;
+    its ``safe_get/set_full_*`` functions read and write them per parameter (collectives)."""
+
+    collective = True
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, optimizer: Any, members: list[list[int]]) -> None:
+        self.base = optimizer  # DeepSpeed's ZeRO optimizer; .optimizer is ours, over the flat partitions
+        self.members = members  # each group's parameters (indices), from before DeepSpeed flattened them
+
+    def groups(self, optimizer: Any, index: dict[int, int]) -> list[dict[str, Any]]:
+        return [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": m}
+            for g, m in zip(self.base.optimizer.param_groups, self.members, strict=True)
+        ]
+
+    def shape(self, p: torch.Tensor) -> torch.Size:
+        return getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps an empty placeholder in the module
+
+    def param(self, p: torch.Tensor) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p).detach().cpu().reshape(self.shape(p))
+
+    def _step(self) -> float:
+        states = [st for st in self.base.optimizer.state.values() if "step" in st]
+        return float(states[0]["step"]) if states else 0.0
+
+    def optim_state(self, optimizer: Any, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        out = {k: safe_get_full_optimizer_state(p, k) for k in self.MOMENTS}
+        out = {k: v.detach().cpu().reshape(self.shape(p)) for k, v in out.items() if v is not None}
+        return {**out, "step": torch.tensor(self._step())} if out else {}
+
+    def load(self, named, params, optimizer, opt_state, groups) -> None:  # type: ignore[no-untyped-def]
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        inner = self.base.optimizer  # ZeRO-3 leaves AdamW's state to its first step: create it to fill it
+        flats = getattr(self.base, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+        flats = flats or getattr(self.base, "single_partition_of_fp32_groups", [])  # ZeRO-2
+        for flat in flats:
+            if not inner.state[flat]:
+                inner.state[flat].update(
+                    step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
+                )
+        if hasattr(self.base, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-2 links it after a first step
+            self.base._lazy_init_hp_params_optimizer_state()
+        import deepspeed
+
+        for i, (n, p) in enumerate(named.items()):
+            safe_set_full_fp32_param(p, params[n].to(p.device))  # the fp32 master copy
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                p.data.copy_(params[n].reshape(p.data.shape))  # and the module's own, until the next step
+            for k in self.MOMENTS:
+                if k in opt_state.get(i, {}):
+                    safe_set_full_optimizer_state(p, opt_state[i][k].to(p.device), k)
+        steps = [float(st["step"]) for st in opt_state.values() if "step" in st]
+        for st in self.base.optimizer.state.values():
+            if "step" in st and steps:
+                st["step"] = torch.tensor(max(steps))  # every parameter has taken the same steps
+        for group, saved in zip(self.base.optimizer.param_groups, groups, strict=False):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+
 class TrainingDiverged(NeurontuneError):
     """The loss or the gradients stopped being finite."""
 
 
-def _diverged(step: int, loss: float, grad_norm: float, lr: float, out: Path | None) -> None:
+def _diverged(
+    step: int, loss: float, grad_norm: float, lr: float, out: Path | None, updated: bool = False
+) -> None:
     ckpts = list_checkpoints(out) if out is not None else []
     kept = f"the last good checkpoint, {ckpts[-1]}, is kept" if ckpts else "no checkpoint was written"
+    when = "after DeepSpeed's update" if updated else "before the update"
     raise TrainingDiverged(
         f"training diverged at step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g} (lr {lr:g}); "
-        f"stopped before the update, nothing from this step was saved and {kept}. Lower lr (or set "
+        f"stopped {when}, nothing from this step was saved and {kept}. Lower lr (or set "
         "max_grad_norm) and start again with --overwrite"
     )
 
@@ -384,11 +544,19 @@ def train(
     # the scheduler is stepped here, once per optimizer step: accelerate's wrapper would step it once
     # per process, as it assumes a dataloader it sharded itself
     fsdp = _is_fsdp(accelerator)
-    if fsdp and getattr(model, "hf_quantizer", None) is not None:
+    ds = _is_deepspeed(accelerator)
+    if (fsdp or ds) and getattr(model, "hf_quantizer", None) is not None:
         raise NeurontuneError(
-            "FSDP does not shard a quantized (bitsandbytes) base here; use DDP (no FSDP config)"
+            "FSDP and DeepSpeed do not shard a quantized (bitsandbytes) base here; use DDP (no FSDP or "
+            "DeepSpeed config)"
         )
+    stage = _configure_deepspeed(accelerator, data.batch_size, args) if ds else 0
+    index = {id(p): i for i, p in enumerate(named.values())}
+    members = [[index[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     model, optimizer = accelerator.prepare(model, optimizer)
+    layout: Layout = (
+        FSDPLayout() if fsdp else DeepSpeedLayout(optimizer.optimizer, members) if ds else Layout()
+    )
     if fsdp:  # fully_shard replaced each parameter by its shard (a DTensor), the optimizer's too
         from accelerate.utils import fsdp2_canonicalize_names
 
@@ -398,13 +566,15 @@ def train(
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if fsdp and main:
         print(f"FSDP2: parameters and optimizer state sharded over {world} processes")
+    if ds and main:
+        print(f"DeepSpeed ZeRO-{stage}: sharded over {world} processes")
 
     start, log = 0, []
     if out is not None and main:
         remove_partial_checkpoints(out)
     accelerator.wait_for_everyone()
     if resume and out is not None and (ckpts := list_checkpoints(out)):
-        start, log = load_checkpoint(ckpts[-1], named, optimizer.optimizer, scheduler, rank, world)
+        start, log = load_checkpoint(ckpts[-1], named, optimizer.optimizer, scheduler, rank, world, layout)
         if main:
             print(f"resumed from {ckpts[-1]} (step {start}/{args.steps})")
     model.train()
@@ -422,7 +592,7 @@ def train(
         for j, b in enumerate(micro):
             b = {k: v.to(accelerator.device) for k, v in b.items()}
             last = j == len(micro) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with contextlib.nullcontext() if last or ds else accelerator.no_sync(model):
                 loss = loss_fn(model, b, n_tokens)
                 total += loss.item()
                 # the gradient sync averages over processes; the loss is a sum over all of them
@@ -431,18 +601,27 @@ def train(
                     penalty = regularization()  # the same on every process, so the average is itself
                     reg = penalty.item()
                     loss = loss + penalty
-                accelerator.backward(loss)
+                if ds:  # DeepSpeed divides by its accumulation steps; the loss is already normalised
+                    model.backward(loss * args.grad_accum)
+                else:
+                    accelerator.backward(loss)
         total = _sum_over_processes(accelerator, total)
         # the norm is computed either way (max_norm=inf clips nothing), to catch a diverging run
         max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(list(named.values()), max_norm).item()
         lr = scheduler.get_last_lr()[0]
-        # fp16's loss scaler expects (and skips) steps with inf gradients; a non-finite loss is fatal anyway
-        if not math.isfinite(total) or (
-            not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16"
-        ):
-            _diverged(step + 1, total, grad_norm, lr, out)
-        optimizer.step()
+        if ds:  # DeepSpeed clips (gradient_clipping) and updates in one call; its norm comes after
+            model.step()
+            grad_norm = float(model.get_global_grad_norm() or 0.0)
+            if not (math.isfinite(total) and math.isfinite(grad_norm)):
+                _diverged(step + 1, total, grad_norm, lr, out, updated=True)
+        else:
+            grad_norm = accelerator.clip_grad_norm_(list(named.values()), max_norm).item()
+            # fp16's loss scaler expects (and skips) steps with inf gradients; a non-finite loss is fatal
+            if not math.isfinite(total) or (
+                not math.isfinite(grad_norm) and accelerator.mixed_precision != "fp16"
+            ):
+                _diverged(step + 1, total, grad_norm, lr, out)
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
@@ -457,10 +636,10 @@ def train(
         done = step + 1
         if out is not None and ((args.save_steps and done % args.save_steps == 0) or done == args.steps):
             rngs = _gather_rng_states(accelerator)
-            if main or fsdp:  # FSDP: every process takes part in gathering the shards
+            if main or layout.collective:  # sharded: every process takes part in gathering
                 save_checkpoint(
                     out / "checkpoints" / f"step-{done:06d}", named, optimizer.optimizer, scheduler, done, log,
-                    rngs, world, write=main,
+                    rngs, world, write=main, layout=layout,
                 )  # fmt: skip
             if main:
                 for old in list_checkpoints(out)[: -max(1, args.save_total_limit)]:
@@ -471,6 +650,8 @@ def train(
         write_log_csv(out / "train_log.csv", log)
     if fsdp:
         _unshard_for_good(accelerator.unwrap_model(model))
+    if ds:
+        _gather_deepspeed_for_good(model)
     model.eval()
     if args.gradient_checkpointing:
         accelerator.unwrap_model(model).gradient_checkpointing_disable()
