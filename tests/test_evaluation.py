@@ -55,3 +55,56 @@ def test_classification_uses_whole_words_when_first_tokens_clash(tokenizer):
         expected += int(scores.index(max(scores)) == e.label)
     assert acc == pytest.approx(expected / len(exs))
     assert math.isfinite(acc)
+
+
+def test_multiple_choice_picks_the_choice_with_the_highest_summed_log_likelihood(tokenizer):
+    """Each example's own choices, scored by the summed log-probability of their tokens (checked against a
+    per-choice forward pass); choices of different token lengths and counts share a batch."""
+    from neurontune.evaluation import _prompt_ids, choice_predictions, evaluate
+    from neurontune.tasks import Task
+
+    torch.manual_seed(0)
+    model = tiny_model("tiny-llama").eval()
+    examples = [
+        Example("Q: pick one", " b", 1, ("a", "b")),
+        Example("Which is right?", " long answer here", 2, ("x", "y z", "long answer here")),
+        Example("Another", " n", 0, ("n", "m", "o", "pq rs")),
+    ]
+
+    def by_hand(e: Example) -> int:
+        p = _prompt_ids(tokenizer, e.prompt, 256)
+        scores = []
+        for c in e.choices:
+            w = tokenizer(" " + c, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=torch.tensor([p + w])).logits[0].float(), -1)
+            scores.append(sum(lp[len(p) - 1 + i, t].item() for i, t in enumerate(w)))
+        return max(range(len(scores)), key=scores.__getitem__)
+
+    expected = [by_hand(e) for e in examples]
+    assert choice_predictions(model, tokenizer, examples, batch_size=4) == expected
+    task = Task("mc", "multiple_choice", examples, examples)
+    out = evaluate(model, tokenizer, task)
+    assert out["accuracy"] == pytest.approx(
+        sum(p == e.label for p, e in zip(expected, examples, strict=True)) / 3
+    )
+    assert out["samples"][1]["reference"] == "long answer here"
+    assert out["samples"][0]["prediction"] in ("a", "b")
+
+
+def test_builtin_choice_tasks_and_the_validation_split():
+    from neurontune.evaluation import primary_metric
+    from neurontune.tasks import load_task
+
+    for name in ("hyperbaton", "unit_identification", "sports_understanding", "vitaminc"):
+        task = load_task(name)
+        assert task.kind == "multiple_choice" and primary_metric(task) == "accuracy"
+        for e in task.train[:50] + task.eval[:50]:
+            assert len(e.choices) >= 2 and e.completion == " " + e.choices[e.label]
+    past = load_task("past_tense")
+    assert primary_metric(past) == "exact_match" and past.train[0].prompt.startswith("Today I ")
+    task = load_task("hyperbaton")
+    val = task.validation(0.1)
+    assert val.eval == task.train[-len(val.eval) :] and len(val.eval) == int(len(task.train) * 0.1)
+    assert not {id(e) for e in val.train} & {id(e) for e in val.eval}  # training leaves the validation split
+    assert not {id(e) for e in val.eval} & {id(e) for e in task.eval}  # and the test split is not read

@@ -1,6 +1,8 @@
 """The training loop: accumulation, checkpoint contents, resume after a real kill, and run-dir safety."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,3 +162,34 @@ def test_bf16_autocast_trains_fp32_deltas_close_to_fp32(tokenizer):
         # Adam's first steps move each entry by about lr, so the sign pattern must mostly agree
         agree = (torch.sign(d) == torch.sign(deltas(a)[n])).float().mean()
         assert agree > 0.8, (n, agree)
+
+
+def test_resume_treats_an_option_the_run_predates_as_its_default(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["finetune", "model=tiny-llama", "steps=2", "train_examples=16", "eval_examples=4",
+            "forgetting_examples=0", "save_steps=1", f"output_dir={out}"]  # fmt: skip
+    assert main(base) == 0
+    (out / "metrics.json").unlink()
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["eval_split"]  # as written by a version without the option
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert main([*base, "--resume"]) == 0
+    assert main([*base, "--resume", "eval_split=validation"]) == 2
+    assert "eval_split: 'test' -> 'validation'" in capsys.readouterr().err
+
+
+def test_eval_steps_records_an_eval_curve_that_survives_a_resume(tmp_path):
+    out = tmp_path / "run"
+    base = ["finetune", "model=tiny-llama", "steps=6", "train_examples=32", "eval_examples=8", "lr=1e-2",
+            "forgetting_examples=0", "save_steps=2", "eval_steps=2", "eval_split=validation", f"output_dir={out}"]  # fmt: skip
+    assert main(base) == 0
+    curve = json.loads((out / "eval_log.json").read_text())
+    assert curve["metric"] == "accuracy" and [p["step"] for p in curve["points"]] == [2, 4, 6]
+    final = json.loads((out / "metrics.json").read_text())["after"]
+    assert curve["points"][-1]["accuracy"] == final["accuracy"]  # the last point is the final evaluation
+    # resume from step 4: the points up to 4 stay, 6 is evaluated again (the same weights: the same value)
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+    (out / "metrics.json").unlink()
+    assert main([*base, "--resume"]) == 0
+    again = json.loads((out / "eval_log.json").read_text())
+    assert again == curve

@@ -39,8 +39,15 @@ class DataConfig:
 
     task: str = _opt(
         "rotten_tomatoes",
-        "built-in task (rotten_tomatoes, imdb, multiemo, e2e_nlg, arithmetic), a .json/.jsonl/.csv file, a "
-        "datasets directory (save_to_disk) or a Hub dataset id",
+        "built-in task (rotten_tomatoes, imdb, multiemo, e2e_nlg, arithmetic, hyperbaton, unit_identification, "
+        "sports_understanding, vitaminc, past_tense), a .json/.jsonl/.csv file, a datasets directory "
+        "(save_to_disk) or a Hub dataset id",
+    )
+    eval_split: str = _opt(
+        "test",
+        "what evaluation reads: the task's test split, or a validation split (the last eval_fraction of the "
+        "train split, which training then leaves out) for choosing settings without touching the test split",
+        choices=("test", "validation"),
     )
     eval_file: str | None = _opt(
         None, "evaluation data file (default: hold out eval_fraction of a data file)"
@@ -205,6 +212,10 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
     eval_examples: int = _opt(200, "evaluation examples (the first ones of the task's test split)")
     forgetting_examples: int = _opt(32, "held-out news articles for perplexity (forgetting); 0 to skip")
     eval_before: bool = _opt(True, "also evaluate the base model before training")
+    eval_steps: int = _opt(
+        0,
+        "also evaluate every N optimizer steps during training (eval_log.json, trackers' eval/*); 0: only at the end",
+    )
     eval_batch_size: int = _opt(16, "evaluation batch size")
     steps: int = _opt(40, "optimizer steps")
     batch_size: int = _opt(8, "micro-batch size")
@@ -249,7 +260,8 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
     # fields that may differ when resuming (they do not change the training trajectory)
     RESUME_FREE: typing.ClassVar[tuple[str, ...]] = (
         "resume", "overwrite", "output_dir", "save_merged", "eval_examples", "eval_batch_size",
-        "forgetting_examples", "eval_before", "save_steps", "save_total_limit", "output", "report_to",
+        "forgetting_examples", "eval_before", "eval_steps", "save_steps", "save_total_limit", "output",
+        "report_to",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -267,7 +279,14 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
         from neurontune.tracking import check_available
 
         check_available(self.report_to)
-        for name in ("warmup_steps", "save_steps", "forgetting_examples", "weight_decay", "max_grad_norm"):
+        for name in (
+            "warmup_steps",
+            "save_steps",
+            "eval_steps",
+            "forgetting_examples",
+            "weight_decay",
+            "max_grad_norm",
+        ):
             if getattr(self, name) < 0:
                 raise NeurontuneError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -42,6 +42,11 @@ BIGBENCH_TASKS = (
     "gem/xsum",
     "multiemo/all_text_en",
     *(f"arithmetic/{d}_digit_{op}" for d in (1, 2) for op in ("addition", "subtraction")),
+    "hyperbaton",
+    "unit_conversion/unit_identification",
+    "sports_understanding",
+    "vitaminc_fact_verification",
+    "linguistic_mappings/past_tense_json",
 )
 
 
@@ -105,14 +110,18 @@ def prepare_bigbench(force: bool = False) -> Path:
     if not force and all((target / t / "task.json").is_file() for t in BIGBENCH_TASKS):
         return target
     index = os.environ.get("NEURONTUNE_PYPI_SIMPLE", "https://pypi.org/simple")
+    local = os.environ.get("NEURONTUNE_BIGBENCH_SDIST")  # a copy already on disk (checked the same way)
     with tempfile.TemporaryDirectory() as tmp:
-        sdist = Path(tmp) / BIGBENCH_SDIST
+        sdist = Path(local) if local else Path(tmp) / BIGBENCH_SDIST
         try:
-            url = _pypi_sdist_url(index)
-            print(f"neurontune: downloading {url} (once) to extract BIG-bench tasks")
-            urllib.request.urlretrieve(url, sdist)
+            if not local:
+                url = _pypi_sdist_url(index)
+                print(f"neurontune: downloading {url} (once) to extract BIG-bench tasks")
+                urllib.request.urlretrieve(url, sdist)
         except OSError as e:
             raise NeurontuneError(f"could not download {BIGBENCH_SDIST} from {index}: {e}") from None
+        if not sdist.is_file():
+            raise NeurontuneError(f"NEURONTUNE_BIGBENCH_SDIST: no such file {sdist}")
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         if digest != BIGBENCH_SHA256:
             raise NeurontuneError(f"{BIGBENCH_SDIST}: sha256 {digest} != expected {BIGBENCH_SHA256}")

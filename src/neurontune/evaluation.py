@@ -33,19 +33,45 @@ def label_token_ids(tok: PreTrainedTokenizerBase, label_words: Sequence[str]) ->
 
 
 @torch.no_grad()
-def _label_logprobs(
-    model: Any, tok: PreTrainedTokenizerBase, prompts: list[list[int]], label_words: Sequence[str]
-) -> torch.Tensor:
-    """Sum of log-probabilities of each label word's tokens after each prompt: ``[n_prompts, n_labels]``."""
-    words = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in label_words]
-    pairs = [(p + w, [IGNORE_INDEX] * len(p) + w) for p in prompts for w in words]
+def _choice_logprobs(
+    model: Any, tok: PreTrainedTokenizerBase, prompts: list[list[int]], choices: Sequence[Sequence[str]]
+) -> list[torch.Tensor]:
+    """Sum of log-probabilities of each choice's tokens (``" " + choice``) after its prompt, one tensor of
+    ``len(choices[i])`` scores per prompt; one forward for all pairs."""
+    words = [[tok(" " + c, add_special_tokens=False)["input_ids"] for c in cs] for cs in choices]
+    pairs = [(p + w, [IGNORE_INDEX] * len(p) + w) for p, ws in zip(prompts, words, strict=True) for w in ws]
     b = collate(pairs, tok.pad_token_id)
     device = next(model.parameters()).device
     logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
     labels = b["labels"][:, 1:].to(device)
     lp = torch.log_softmax(logits[:, :-1].float(), -1)
     tok_lp = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != IGNORE_INDEX)
-    return tok_lp.sum(-1).view(len(prompts), len(words)).cpu()
+    return list(tok_lp.sum(-1).cpu().split([len(ws) for ws in words]))
+
+
+def _label_logprobs(
+    model: Any, tok: PreTrainedTokenizerBase, prompts: list[list[int]], label_words: Sequence[str]
+) -> torch.Tensor:
+    """Sum of log-probabilities of each label word's tokens after each prompt: ``[n_prompts, n_labels]``."""
+    return torch.stack(_choice_logprobs(model, tok, prompts, [label_words] * len(prompts)))
+
+
+def choice_predictions(
+    model: Any,
+    tok: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int = 256,
+    batch_size: int = 16,
+) -> list[int]:
+    """The index of each example's most likely choice (summed log-likelihood of its tokens)."""
+    model.eval()
+    preds: list[int] = []
+    per_batch = max(1, batch_size // max(1, max(len(e.choices) for e in examples)))
+    for start in tqdm(range(0, len(examples), per_batch), desc="eval", leave=False):
+        chunk = examples[start : start + per_batch]
+        enc = [_prompt_ids(tok, e.prompt, max_length) for e in chunk]
+        preds += [int(s.argmax()) for s in _choice_logprobs(model, tok, enc, [e.choices for e in chunk])]
+    return preds
 
 
 @torch.no_grad()
@@ -203,6 +229,13 @@ def evaluate(
             {"prompt": e.prompt, "prediction": task.label_words[p], "reference": task.label_words[e.label]}
             for e, p in zip(task.eval[:samples], preds[:samples], strict=True)
         ]
+    elif task.kind == "multiple_choice":
+        preds = choice_predictions(model, tok, task.eval, max_length, batch_size)
+        out["accuracy"] = _accuracy(preds, task.eval)
+        out["samples"] = [
+            {"prompt": e.prompt, "prediction": e.choices[p], "reference": e.choices[e.label]}
+            for e, p in zip(task.eval[:samples], preds[:samples], strict=True)
+        ]
     elif task.kind == "text":
         out["perplexity"] = perplexity(model, tok, task.eval, max_length, batch_size)
     else:
@@ -236,6 +269,7 @@ def metric_names(results: dict[str, Any] | None) -> list[str]:
 
 
 def primary_metric(task: Task) -> str:
-    return {"classification": "accuracy", "exact_match": "exact_match", "text": "perplexity"}.get(
-        task.kind, "rougeL"
-    )
+    if task.metric:
+        return task.metric
+    kinds = {"classification": "accuracy", "multiple_choice": "accuracy", "exact_match": "exact_match"}
+    return kinds.get(task.kind, "perplexity" if task.kind == "text" else "rougeL")

@@ -58,10 +58,11 @@ def process_state() -> Any:
 
 
 def task_from_config(cfg: DataConfig, tok: Any) -> Task:
-    return load_task(
+    task = load_task(
         cfg.task, tok, seed=cfg.seed, eval_file=cfg.eval_file, eval_fraction=cfg.eval_fraction,
         label_words=cfg.label_words_value(), template=cfg.template, columns=cfg.columns_value(),
     )  # fmt: skip
+    return task.validation(cfg.eval_fraction) if cfg.eval_split == "validation" else task
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -140,6 +141,7 @@ RUN_OUTPUTS = (
     "config.json",
     "checkpoints",
     "train_log.csv",
+    "eval_log.json",
     "metrics.json",
     "report.md",
     "report.html",
@@ -180,10 +182,12 @@ def _check_output_dir(cfg: FinetuneConfig, out: Path, fingerprint: dict[str, Any
             raise NeurontuneError(f"nothing to resume: {out} has no config.json from an earlier run")
         old = read_json(saved, "run config")
         new = dataclasses.asdict(cfg)
+        # an option newer than the run's version had its default then
+        defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
         diff = [
-            f"{k}: {old.get(k)!r} -> {v!r}"
+            f"{k}: {old.get(k, defaults.get(k))!r} -> {v!r}"
             for k, v in new.items()
-            if k not in FinetuneConfig.RESUME_FREE and old.get(k) != v
+            if k not in FinetuneConfig.RESUME_FREE and old.get(k, defaults.get(k)) != v
         ]
         if diff:
             raise NeurontuneError(
@@ -219,6 +223,34 @@ def train_args(cfg: FinetuneConfig, **overrides: Any) -> TrainArgs:
     """The run's :class:`TrainArgs` (``overrides`` for a second training, e.g. gates' recovery)."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainArgs)}
     return TrainArgs(**{**fields, **overrides})
+
+
+class EvalCurve:
+    """Evaluations during training (``eval_steps``), kept in ``eval_log.json`` as ``{"metric": ...,
+    "points": [{"step": s, <metric>: value, ...}]}``, rewritten atomically after each; a resumed run
+    keeps the points before its checkpoint and replaces later ones."""
+
+    def __init__(self, path: Path, metric: str) -> None:
+        self.path, self.metric = path, metric
+        old = read_json(path, "evaluation log") if path.is_file() else {}
+        self.points = {int(p["step"]): p for p in old.get("points", [])} if isinstance(old, dict) else {}
+
+    def add(self, step: int, results: dict[str, Any]) -> dict[str, float]:
+        numbers = {k: results[k] for k in metric_names(results)}
+        self.points = {s: p for s, p in self.points.items() if s < step}
+        self.points[step] = {"step": step, **numbers}
+        write_json(
+            self.path, {"metric": self.metric, "points": [self.points[s] for s in sorted(self.points)]}
+        )
+        return numbers
+
+
+def sharded_launch() -> bool:
+    """Launched with an FSDP or DeepSpeed accelerate config."""
+    return any(
+        os.environ.get(v, "false").lower() == "true"
+        for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    )
 
 
 def _fmt_metrics(m: dict[str, Any]) -> str:
@@ -278,13 +310,27 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         if main:
             print(describe_parameters(model))
         log: list[dict[str, float]] = []
+        curve = EvalCurve(out / "eval_log.json", primary_metric(task)) if main else None
+
+        def on_step(row: dict[str, float]) -> None:  # the main process, after each optimizer step
+            step = int(row["step"])
+            trackers.log({k: v for k, v in row.items() if k != "step"}, step, "train/")
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.steps and curve is not None:
+                trackers.log(curve.add(step, run_eval(model)), step, "eval/")
+                model.train()
+
         if method.trains:
+            if cfg.eval_steps and sharded_launch():
+                raise NeurontuneError(
+                    "eval_steps: the model is sharded during FSDP/DeepSpeed training, so the main process "
+                    "cannot evaluate it alone; use eval_steps=0 (it is evaluated after training)"
+                )
             args = train_args(cfg)
             data = StepBatches(task.train, tok, cfg.batch_size, cfg.max_length, cfg.seed)
             log = train(
                 model, data, args, out, resume=cfg.resume, param_groups=method.param_groups(model, cfg.lr),
                 regularization=method.regularization(model), step_stats=method.step_stats(model),
-                on_step=lambda row: trackers.log({k: v for k, v in row.items() if k != "step"}, int(row["step"]), "train/"),
+                on_step=on_step,
             )  # fmt: skip
         peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
         if not main:  # evaluation, the method's output and every report: the main process alone
@@ -321,6 +367,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             **method.metrics(),
         }
         trackers.log(after, len(log), "eval/")
+        if cfg.eval_steps and curve is not None and log:
+            curve.add(len(log), after)
         write_json(out / "metrics.json", metrics)
         write_report(out / "report.md", cfg, metrics, method.report_rows(metrics))
         from neurontune.analysis import run_report

@@ -5,6 +5,9 @@ labelled ``-100``). A :class:`Task` also says how it is evaluated (``kind``):
 
 - ``classification``: the completion is one of ``label_words``; accuracy compares the next-token
   logits of the label words' first tokens after the prompt.
+- ``multiple_choice``: each example has its own ``choices`` (the completion is the right one);
+  accuracy compares the choices' summed log-likelihoods after the prompt (BIG-bench's
+  ``multiple_choice_grade``).
 - ``exact_match``: greedy generation, the first number in the output against the target.
 - ``generation``: greedy generation, BLEU / chrF (sacrebleu), ROUGE-L and exact match.
 - ``text``: plain language modelling; perplexity.
@@ -15,6 +18,7 @@ of the shapes of :data:`FORMATS` works too.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,14 +40,15 @@ from neurontune.data import (
 from neurontune.errors import NeurontuneError
 
 IGNORE_INDEX = -100
-KINDS = ("classification", "exact_match", "generation", "text")
+KINDS = ("classification", "multiple_choice", "exact_match", "generation", "text")
 
 
 @dataclass
 class Example:
     prompt: str
     completion: str
-    label: int | None = None  # index into Task.label_words for classification
+    label: int | None = None  # index into Task.label_words (classification) or choices (multiple choice)
+    choices: tuple[str, ...] = ()  # multiple choice: the candidate completions, completion among them
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Task:
     max_new_tokens: int = 64
     stop: str | None = None  # generation is cut at the first occurrence (besides EOS)
     info: dict[str, Any] = field(default_factory=dict)
+    metric: str | None = None  # the primary metric, if not the kind's usual one (evaluation.primary_metric)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,10 +73,17 @@ class Task:
 
     def head(self, n_train: int | None = None, n_eval: int | None = None) -> Task:
         """The same task with at most ``n_train`` / ``n_eval`` examples (the first ones of each split)."""
-        return Task(
-            self.name, self.kind, self.train[:n_train], self.eval[:n_eval], self.label_words,
-            self.max_new_tokens, self.stop, self.info,
-        )  # fmt: skip
+        return dataclasses.replace(self, train=self.train[:n_train], eval=self.eval[:n_eval])
+
+    def validation(self, fraction: float = 0.1) -> Task:
+        """The task for tuning: the last ``fraction`` of the train split becomes the evaluation set (and
+        leaves training); the test split is not used."""
+        n = max(1, int(len(self.train) * fraction))
+        if n >= len(self.train):
+            raise NeurontuneError(f"task {self.name}: too few training examples for a validation split")
+        return dataclasses.replace(
+            self, train=self.train[:-n], eval=self.train[-n:], info={**self.info, "eval_split": "validation"}
+        )
 
 
 # ---- built-in tasks --------------------------------------------------------------------------------
@@ -125,12 +138,48 @@ def _arithmetic(seed: int) -> Task:
     return Task("arithmetic", "exact_match", train, test, max_new_tokens=6, stop="\n")
 
 
+def bigbench_choice_examples(task: str, template: str = "{input}\nAnswer:") -> list[Example]:
+    """A BIG-bench multiple-choice task (``target_scores``) as examples: the choices in the task's order,
+    the first one scored 1 the answer; the choice text is what follows the prompt (after a space)."""
+    rows = []
+    for ex in load_bigbench(task)["examples"]:
+        choices = tuple(c.strip() for c in ex["target_scores"])
+        right = max(range(len(choices)), key=lambda i: list(ex["target_scores"].values())[i])
+        rows.append(Example(template.format(input=ex["input"].strip()), " " + choices[right], right, choices))
+    return rows
+
+
+def _choice_task(name: str, task: str, seed: int, template: str = "{input}\nAnswer:") -> Task:
+    train, test = split(bigbench_choice_examples(task, template), 0.1, seed)
+    return Task(name, "multiple_choice", train, test)
+
+
+def _past_tense(seed: int) -> Task:
+    rows = [
+        Example(f"Today I {ex['input']}. Yesterday I", " " + ex["target"])
+        for ex in load_bigbench("linguistic_mappings/past_tense_json")["examples"]
+    ]
+    train, test = split(rows, 0.1, seed)
+    return Task("past_tense", "generation", train, test, max_new_tokens=8, stop=".", metric="exact_match")
+
+
 BUILTIN_TASKS: dict[str, Callable[[int], Task]] = {
     "rotten_tomatoes": lambda seed: _movie_task("rotten_tomatoes", seed),
     "imdb": lambda seed: _movie_task("imdb", seed),
     "multiemo": _multiemo,
     "e2e_nlg": _e2e_nlg,
     "arithmetic": _arithmetic,
+    "hyperbaton": lambda seed: _choice_task("hyperbaton", "hyperbaton", seed),
+    "unit_identification": lambda seed: _choice_task(
+        "unit_identification", "unit_conversion/unit_identification", seed
+    ),
+    "sports_understanding": lambda seed: _choice_task(
+        "sports_understanding", "sports_understanding", seed, "Statement: {input}\nPlausible or implausible?"
+    ),
+    "vitaminc": lambda seed: _choice_task(
+        "vitaminc", "vitaminc_fact_verification", seed, "{input}\nTrue, False, or Neither?"
+    ),
+    "past_tense": _past_tense,
 }
 
 

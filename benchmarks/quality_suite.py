@@ -1,0 +1,366 @@
+"""A multi-task quality suite: every method at its own best learning rate, several seeds, intervals.
+
+    python benchmarks/quality_suite.py                                   # the whole suite (hours on a CPU)
+    python benchmarks/quality_suite.py --methods none,full --phases test --seeds 0   # does each task learn?
+    python benchmarks/quality_suite.py --model tiny-llama --tasks hyperbaton,past_tense --methods none,lora,rows-taylor \
+        --lrs 1e-3 --seeds 0,1 --steps 4 --train-examples 32 --eval-examples 8 --out /tmp/qs   # smoke run
+    python benchmarks/quality_suite.py --render                          # rebuild the markdown and PNG
+
+Two phases, each run ``neurontune finetune`` in a fresh subprocess with the same data, steps, batch
+size and evaluation; only the method and its learning rate change:
+
+1. ``sweep``: every (task, method, learning rate) on a validation split (``eval_split=validation``:
+   the last 10 % of the train split, which training then leaves out; the test split is not read),
+   first seed, with ``eval_steps`` so the validation curve shows whether the steps were enough. Each
+   (task, method) keeps the learning rate with the best validation score (ties: the smaller).
+2. ``test``: every (task, method) at its chosen learning rate on the test split, for each seed (the
+   seed sets the data split and order, selection ties and random scores).
+
+Scores are the task's primary metric on a 0-1 scale (accuracy; exact match / 100). Per (task,
+method): the mean over seeds and a 95 % t-interval. Per method: the suite mean (per seed, the mean
+over tasks). Paired comparisons (row methods against LoRA and full fine-tuning): the differences
+over every (task, seed) pair, their mean, 95 % t-interval and a two-sided paired t-test and
+Wilcoxon signed-rank p-value; "significant" means the interval excludes 0. Writes
+``results/quality_suite.json``, ``.md`` and ``quality_suite_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+from neurontune.bench import add_run_args, finetune_run, render_only, write_results
+
+RESULTS = Path(__file__).parent / "results"
+# task -> why it is in the suite
+TASKS = {
+    "rotten_tomatoes": "2-way sentiment classification (movie reviews); the easy case, already above chance zero-shot",
+    "hyperbaton": "2-way multiple choice (BIG-bench): English adjective order, a rule the base model does not "
+    "follow zero-shot and can learn from examples",
+    "unit_identification": "3-way multiple choice (BIG-bench unit_conversion): the answer carrying the unit the "
+    "question names; a format the base model misses",
+    "sports_understanding": "2-way multiple choice (BIG-bench): plausibility from world knowledge about athletes; "
+    "hard for a small model",
+    "past_tense": "short generation, exact match (BIG-bench linguistic_mappings): English past tense, regular and "
+    "irregular verbs",
+    "arithmetic": "exact match on the number (BIG-bench): 1-2 digit addition and subtraction",
+    "multiemo": "4-way sentiment classification of long opinions (BIG-bench multiemo)",
+    "vitaminc": "3-way multiple choice (BIG-bench): does a Wikipedia passage support a claim (True/False/Neither)",
+}
+DEFAULT_TASKS = "rotten_tomatoes,hyperbaton,unit_identification,sports_understanding,past_tense,arithmetic"
+# name -> finetune overrides (budget: LoRA r=8's count unless the name says otherwise)
+METHODS: dict[str, list[str]] = {
+    "none": ["method=none"],
+    "full": ["method=full"],
+    "lora": ["method=lora"],
+    "dora": ["method=dora"],
+    "rows-neft": ["method=rows", "scorer=neft", "scorer_options=probe_steps=8,probe_lr=1e-4"],
+    "rows-taylor": ["method=rows", "scorer=taylor"],
+    "rows-fisher": ["method=rows", "scorer=fisher"],
+    "rows-magnitude": ["method=rows", "scorer=magnitude"],
+    "rows-random": ["method=rows", "scorer=random"],
+    "lora-r32": ["method=lora", "budget=lora:32"],
+    "rows-taylor-r32": ["method=rows", "scorer=taylor", "budget=lora:32"],
+}
+DEFAULT_METHODS = "none,full,lora,dora,rows-neft,rows-taylor,rows-fisher,rows-magnitude,rows-random,lora-r32,rows-taylor-r32"
+ROW_METHODS = [m for m in METHODS if m.startswith("rows-")]
+
+
+def scale(metric: str, value: float) -> float:
+    return value / 100 if metric in ("exact_match", "rougeL", "bleu", "chrf") else value
+
+
+def overrides(
+    a: argparse.Namespace, task: str, method: str, seed: int, lr: float | None, split: str
+) -> list[str]:
+    o = [
+        f"model={a.model}", f"task={task}", f"seed={seed}", f"steps={a.steps}", f"batch_size={a.batch_size}",
+        f"train_examples={a.train_examples}", f"eval_examples={a.eval_examples}", f"max_length={a.max_length}",
+        "forgetting_examples=0", "eval_before=false", "save_steps=0", f"eval_split={split}", *METHODS[method],
+    ]  # fmt: skip
+    if lr is not None:
+        o.append(f"lr={lr:g}")
+    if split == "validation" and a.eval_steps:
+        o.append(f"eval_steps={a.eval_steps}")
+    return o
+
+
+def run(a: argparse.Namespace, phase: str, task: str, method: str, seed: int, lr: float | None) -> dict:
+    split = "validation" if phase == "sweep" else "test"
+    name = f"{method}-lr{lr:g}-s{seed}" if lr is not None else f"{method}-s{seed}"
+    out = a.runs / phase / task / name
+    m = finetune_run(overrides(a, task, method, seed, lr, split), out, reuse=a.reuse)
+    metric = m["primary_metric"]
+    row = {
+        "phase": phase, "task": task, "method": method, "seed": seed, "lr": lr, "metric": metric,
+        "score": scale(metric, m["after"][metric]), "trainable_params": m["trainable_params"],
+        "train_seconds": m["train_seconds"], "command": m["command"],
+    }  # fmt: skip
+    curve = out / "eval_log.json"
+    if curve.is_file():
+        import json
+
+        points = json.loads(curve.read_text())["points"]
+        row["curve"] = [(p["step"], scale(metric, p[metric])) for p in points]
+    print(f"{phase} {task} {method} lr={lr} seed={seed}: {metric} {m['after'][metric]:.3f}", flush=True)
+    return row
+
+
+def lrs_for(a: argparse.Namespace, method: str) -> list[float]:
+    if method == "none":
+        return []
+    return [float(x) for x in (a.lrs_full if method == "full" else a.lrs).split(",")]
+
+
+def choose(sweep: list[dict]) -> dict[str, dict[str, float]]:
+    """task -> method -> the learning rate with the best validation score (ties: the smaller)."""
+    best: dict[tuple[str, str], dict] = {}
+    for r in sweep:
+        cur = best.get((r["task"], r["method"]))
+        if cur is None or (r["score"], -r["lr"]) > (cur["score"], -cur["lr"]):
+            best[(r["task"], r["method"])] = r
+    out: dict[str, dict[str, float]] = {}
+    for (t, m), r in best.items():
+        out.setdefault(t, {})[m] = r["lr"]
+    return out
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval (0 for one value)."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def summarize(test: list[dict], tasks: list[str], methods: list[str], seeds: list[int]) -> dict:
+    from scipy import stats
+
+    score = {(r["task"], r["method"], r["seed"]): r["score"] for r in test}
+    table = []
+    for t in tasks:
+        for m in methods:
+            vals = [score[(t, m, s)] for s in seeds if (t, m, s) in score]
+            if vals:
+                mean, half = interval(vals)
+                table.append({"task": t, "method": m, "mean": mean, "ci95": half, "values": vals})
+    suite = []
+    for m in methods:
+        per_seed = [
+            statistics.fmean(score[(t, m, s)] for t in tasks)
+            for s in seeds
+            if all((t, m, s) in score for t in tasks)
+        ]
+        if per_seed:
+            mean, half = interval(per_seed)
+            suite.append({"method": m, "mean": mean, "ci95": half, "values": per_seed})
+    paired = []
+    for m in methods:
+        if not m.startswith("rows-"):
+            continue
+        for ref in ("lora", "full"):
+            pairs = [(score[(t, m, s)], score[(t, ref, s)]) for t in tasks for s in seeds
+                     if (t, m, s) in score and (t, ref, s) in score]  # fmt: skip
+            if len(pairs) < 2:
+                continue
+            d = [x - y for x, y in pairs]
+            mean, half = interval(d)
+            t_p = (
+                float(stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue) if any(d) else 1.0
+            )
+            w_p = float(stats.wilcoxon(d).pvalue) if any(d) else 1.0
+            paired.append({
+                "method": m, "against": ref, "pairs": len(d), "mean_diff": mean, "ci95": half,
+                "t_test_p": t_p, "wilcoxon_p": w_p, "significant": bool(abs(mean) > half > 0),
+                "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d),
+            })  # fmt: skip
+    return {"table": table, "suite": suite, "paired": paired}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Validation curves of the sweep at each (task, method)'s chosen learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = result["chosen_lr"]
+    curves = [r for r in result["runs"] if r["phase"] == "sweep" and r.get("curve")
+              and chosen.get(r["task"], {}).get(r["method"]) == r["lr"]]  # fmt: skip
+    tasks = list(dict.fromkeys(r["task"] for r in curves))
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
+        for r in (r for r in curves if r["task"] == t):
+            steps, vals = zip(*r["curve"], strict=True)
+            ax.plot(steps, vals, marker=".", label=f"{r['method']} ({r['lr']:g})")
+        ax.set_title(t, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation score")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(result: dict) -> str:
+    s = result["settings"]
+    summary = result["summary"]
+    lines = [
+        "# Quality suite: every method at its own best learning rate, several seeds, 95 % intervals",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; {result['date']}  ",
+        f"Model `{s['model']}`; {s['steps']} steps x batch {s['batch_size']} from the first "
+        f"{s['train_examples']} training examples (max {s['max_length']} tokens); test on the first "
+        f"{s['eval_examples']} test examples; seeds {s['seeds']}; learning rates swept "
+        f"{s['lrs']} (full: {s['lrs_full']}) on a validation split with seed {s['seeds'][0]}. "
+        "Scores on a 0-1 scale (accuracy; exact match / 100).",
+        "",
+        "## Tasks",
+        "",
+        "| task | why |",
+        "|---|---|",
+        *[f"| {t} | {TASKS[t]} |" for t in s["tasks"]],
+    ]
+    if summary["table"]:
+        methods = list(dict.fromkeys(r["method"] for r in summary["table"]))
+        cell = {(r["task"], r["method"]): r for r in summary["table"]}
+        lines += ["", "## Test scores (mean ± 95 % half-interval over seeds)", "",
+                  "| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]  # fmt: skip
+        for t in s["tasks"]:
+            row = [f"{cell[(t, m)]['mean']:.3f} ± {cell[(t, m)]['ci95']:.3f}" if (t, m) in cell else "-"
+                   for m in methods]  # fmt: skip
+            lines.append(f"| {t} | " + " | ".join(row) + " |")
+        if summary["suite"]:
+            suite = {r["method"]: r for r in summary["suite"]}
+            lines.append(
+                "| **suite mean** | "
+                + " | ".join(
+                    f"**{suite[m]['mean']:.3f} ± {suite[m]['ci95']:.3f}**" if m in suite else "-"
+                    for m in methods
+                )
+                + " |"
+            )
+    if result["chosen_lr"]:
+        methods = list(dict.fromkeys(m for per in result["chosen_lr"].values() for m in per))
+        lines += ["", "## Learning rates chosen on the validation split", "",
+                  "| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]  # fmt: skip
+        for t, per in result["chosen_lr"].items():
+            lines.append(f"| {t} | " + " | ".join(f"{per[m]:g}" if m in per else "-" for m in methods) + " |")
+    if summary["paired"]:
+        lines += ["", "## Row methods against LoRA and full fine-tuning (paired over tasks x seeds)", "",
+                  "| method | against | pairs | mean difference | 95 % interval | t-test p | Wilcoxon p | wins / losses | significant |",
+                  "|---|---|---:|---:|---|---:|---:|---|---|"]  # fmt: skip
+        for r in summary["paired"]:
+            lines.append(
+                f"| {r['method']} | {r['against']} | {r['pairs']} | {r['mean_diff']:+.3f} | "
+                f"[{r['mean_diff'] - r['ci95']:+.3f}, {r['mean_diff'] + r['ci95']:+.3f}] | {r['t_test_p']:.3f} | "
+                f"{r['wilcoxon_p']:.3f} | {r['wins']} / {r['losses']} | {'yes' if r['significant'] else 'no'} |"
+            )
+    if result.get("curves_png"):
+        lines += ["", f"Validation curves at the chosen learning rates: `{result['curves_png']}`."]
+    if result.get("partial"):
+        lines += [
+            "",
+            f"**Partial**: stopped after {len(result['runs'])} runs; rerun with `--reuse` to finish.",
+        ]
+    if result.get("note"):
+        lines += ["", result["note"]]
+    lines += ["", "Every run's score, learning rate, seed and command are in `quality_suite.json` (`runs`)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default=DEFAULT_TASKS)
+    p.add_argument("--methods", default=DEFAULT_METHODS)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3", help="learning rates swept (all but full)")
+    p.add_argument("--lrs-full", default="1e-5,3e-5,1e-4", help="learning rates swept for full fine-tuning")
+    p.add_argument("--eval-steps", type=int, default=20, help="validation curve points in the sweep")
+    p.add_argument("--phases", default="sweep,test", help="sweep, test or both; test alone uses the first lr")
+    p.add_argument("--note", default="")
+    add_run_args(p, "runs/bench-quality-suite", RESULTS, "quality_suite")
+    p.set_defaults(train_examples=800, eval_examples=200)
+    a = p.parse_args()
+    if a.render:
+        return render_only(a.out, "quality_suite", render)
+    tasks, methods = a.tasks.split(","), a.methods.split(",")
+    seeds = [int(x) for x in a.seeds.split(",")]
+    unknown = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
+    if unknown:
+        sys.exit(f"unknown tasks or methods: {unknown}")
+    phases = a.phases.split(",")
+    runs: list[dict] = []
+
+    def save(partial: bool) -> None:
+        result = _result(a, runs, tasks, methods, seeds, partial)
+        if not partial:
+            png = a.out / "quality_suite_curves.png"
+            plot(result, png)
+            result["curves_png"] = png.name if png.is_file() else None
+        write_results(a.out, "quality_suite", result, render, echo=not partial)
+
+    if "sweep" in phases:
+        for t in tasks:
+            for m in methods:
+                for lr in lrs_for(a, m):
+                    runs.append(run(a, "sweep", t, m, seeds[0], lr))
+                    save(partial=True)
+    chosen = choose([r for r in runs if r["phase"] == "sweep"])
+    if "test" in phases:
+        for s in seeds:  # every task and method of one seed before the next: a stopped run stays paired
+            for t in tasks:
+                for m in methods:
+                    lr = chosen.get(t, {}).get(m) or (lrs_for(a, m) or [None])[0]
+                    runs.append(run(a, "test", t, m, s, lr))
+                    save(partial=True)
+    save(partial=False)
+
+
+def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: list[str], seeds: list[int],
+            partial: bool) -> dict:  # fmt: skip
+    import time
+
+    test = [r for r in runs if r["phase"] == "test"]
+    return {
+        "command": "python benchmarks/quality_suite.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {
+            "model": a.model,
+            "tasks": tasks,
+            "methods": methods,
+            "seeds": seeds,
+            "steps": a.steps,
+            "batch_size": a.batch_size,
+            "train_examples": a.train_examples,
+            "eval_examples": a.eval_examples,
+            "max_length": a.max_length,
+            "lrs": a.lrs,
+            "lrs_full": a.lrs_full,
+            "eval_steps": a.eval_steps,
+        },
+        "chosen_lr": choose([r for r in runs if r["phase"] == "sweep"]),
+        "summary": summarize(test, tasks, methods, seeds),
+        "runs": runs,
+        "partial": partial,
+        "note": a.note,
+    }
+
+
+if __name__ == "__main__":
+    main()

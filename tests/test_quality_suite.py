@@ -1,0 +1,48 @@
+"""The quality suite's learning-rate choice and statistics (benchmarks/quality_suite.py) on made-up scores."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "quality_suite", Path(__file__).parents[1] / "benchmarks" / "quality_suite.py"
+)
+qs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(qs)
+
+
+def test_choose_takes_the_best_validation_score_and_the_smaller_lr_on_ties():
+    sweep = [
+        {"task": "t", "method": "lora", "lr": 1e-3, "score": 0.7},
+        {"task": "t", "method": "lora", "lr": 3e-4, "score": 0.7},
+        {"task": "t", "method": "lora", "lr": 3e-3, "score": 0.6},
+        {"task": "t", "method": "full", "lr": 1e-4, "score": 0.9},
+        {"task": "t", "method": "full", "lr": 1e-5, "score": 0.5},
+    ]
+    assert qs.choose(sweep) == {"t": {"lora": 3e-4, "full": 1e-4}}
+
+
+def test_summary_intervals_and_paired_significance():
+    tasks, seeds = ["a", "b"], [0, 1, 2]
+    lora = {("a", 0): 0.50, ("a", 1): 0.52, ("a", 2): 0.48, ("b", 0): 0.30, ("b", 1): 0.33, ("b", 2): 0.29}
+    test = [{"task": t, "method": "lora", "seed": s, "score": v} for (t, s), v in lora.items()]
+    # rows: 0.1 better on every pair (a clear, significant win); random: the same as LoRA give or take
+    test += [{"task": t, "method": "rows-taylor", "seed": s, "score": v + 0.1} for (t, s), v in lora.items()]
+    noise = [0.02, -0.03, 0.01, -0.02, 0.03, -0.01]
+    test += [{"task": t, "method": "rows-random", "seed": s, "score": v + e}
+             for ((t, s), v), e in zip(lora.items(), noise, strict=True)]  # fmt: skip
+    out = qs.summarize(test, tasks, ["lora", "rows-taylor", "rows-random"], seeds)
+    a_lora = next(r for r in out["table"] if r["task"] == "a" and r["method"] == "lora")
+    assert a_lora["mean"] == pytest.approx(0.5)
+    assert a_lora["ci95"] == pytest.approx(4.302653 * 0.02 / 3**0.5, rel=1e-5)  # t(0.975, 2) x sd / sqrt(n)
+    suite = {r["method"]: r for r in out["suite"]}
+    assert suite["rows-taylor"]["mean"] == pytest.approx(suite["lora"]["mean"] + 0.1)
+    paired = {(r["method"], r["against"]): r for r in out["paired"]}
+    win = paired[("rows-taylor", "lora")]
+    assert win["mean_diff"] == pytest.approx(0.1) and win["wins"] == 6 and win["significant"]
+    tie = paired[("rows-random", "lora")]
+    assert (
+        tie["mean_diff"] == pytest.approx(0.0, abs=1e-9) and not tie["significant"] and tie["t_test_p"] > 0.5
+    )
+    assert ("rows-taylor", "full") not in paired  # no full runs: no comparison
