@@ -214,3 +214,20 @@ def kill_and_resume(out: Path, full: Path, env: dict | None = None, rtol: float 
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout
     assert_close(adapter(out), adapter(full), rtol)
+
+
+def test_two_process_neft_probe_gives_the_one_process_scores(tmp_path):
+    opts = ["scorer=neft", "scorer_options=probe_steps=4,probe_lr=1e-2", "steps=1", "calib_batch_size=4"]
+    one = finetune(1, tmp_path / "one", *opts)
+    two = finetune(2, tmp_path / "two", *opts)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    s1 = json.loads((tmp_path / "one" / "neuron_spec.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "neuron_spec.json").read_text())
+    # the probe trained on both processes, each on half the rows of every step's batch
+    assert s1["provenance"]["scoring_processes"] == 1 and s2["provenance"]["scoring_processes"] == 2
+    a = load_file(tmp_path / "one" / "neuron_spec.scores.safetensors")
+    b = load_file(tmp_path / "two" / "neuron_spec.scores.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert s1["modules"] == s2["modules"]

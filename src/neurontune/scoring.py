@@ -391,20 +391,37 @@ def _collect_zo(model, modules, stats, batches, samples, eps, seed, progress) ->
         stats[n].n_grad = len(record)
 
 
-def _collect_probe(model, modules, stats, batches, steps, lr, probe_params, progress) -> None:
-    """Fine-tune (targets or all params) for ``steps`` steps, record target weights, restore everything."""
+def _collect_probe(model, modules, stats, batches, steps, lr, probe_params, progress, world=1) -> None:
+    """Fine-tune (targets or all params) for ``steps`` steps, record target weights, restore everything.
+
+    With ``world`` > 1 (every process calls this, each with the same batches) each step's batch is split
+    by rows across the processes and the gradients are summed, each process's loss being its tokens'
+    summed loss over the whole batch's token count: the step of one process, data-parallel."""
     params = dict(model.named_parameters())
     train_names = [
         n for n, p in params.items() if probe_params == "all" or any(p is m.weight for m in modules.values())
     ]
     snapshot = {n: params[n].detach().clone() for n in train_names}
     was_training = model.training
-    with _train_only(model, [params[n] for n in train_names]):
-        opt = torch.optim.AdamW([params[n] for n in train_names], lr=lr, weight_decay=0.0)
+    opt_params = [params[n] for n in train_names]
+    with _train_only(model, opt_params):
+        opt = torch.optim.AdamW(opt_params, lr=lr, weight_decay=0.0)
         model.train()
         try:
             for step in tqdm(range(steps), desc="neft probe", disable=not progress):
-                _loss(model, batches[step % len(batches)]).backward()
+                batch = batches[step % len(batches)]
+                if world == 1:
+                    _loss(model, batch).backward()
+                else:
+                    rank = torch.distributed.get_rank()
+                    part = {k: v[rank::world] for k, v in batch.items()}
+                    n_part, n_all = _targets(part), _targets(batch)
+                    loss = _loss(model, part) * n_part if n_part else sum(p.sum() * 0 for p in opt_params)
+                    (loss / n_all).backward()
+                    for p in opt_params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             for name, mod in modules.items():
@@ -437,6 +454,23 @@ def module_seed(seed: int, name: str) -> int:
 
 
 ADDITIVE = frozenset({"act_in", "act_out", "grad", "grad_sq"})  # statistics that are sums over batches
+# statistics every process of a group computes together: the sums above, and NeFT's probe (data-parallel)
+DATA_PARALLEL = ADDITIVE | {"probe"}
+
+
+def _targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def probe_world(needs: Iterable[str], batches: Sequence[Any] | None) -> int:
+    """How many processes train NeFT's probe together: the process group's size when torch.distributed
+    is up, every statistic the scorer needs is one all processes compute (:data:`DATA_PARALLEL`, so
+    they all got here) and every batch has a row per process; else 1."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or not set(needs) <= DATA_PARALLEL:
+        return 1
+    world = dist.get_world_size()
+    return world if batches and all(b["input_ids"].shape[0] >= world for b in batches) else 1
 
 
 def shardable_world(needs: Iterable[str], batches: Sequence[Any] | None) -> int:
@@ -536,6 +570,7 @@ def score_model(
             getattr(fn, "probe_lr", 1e-4),
             getattr(fn, "probe_params", "targets"),
             progress,
+            probe_world(needs, batches),
         )
     scores = {}
     for n, mod in modules.items():

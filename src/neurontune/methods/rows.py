@@ -13,7 +13,7 @@ from neurontune.errors import NeurontuneError
 from neurontune.fields import opt
 from neurontune.methods.base import Method, register
 from neurontune.rowtune.layer import IMPLS
-from neurontune.scoring import ADDITIVE
+from neurontune.scoring import DATA_PARALLEL
 from neurontune.selection import check_selection, save_selection, select_neurons
 from neurontune.spec import NeuronSpec
 
@@ -77,14 +77,15 @@ class Rows(Method):
         state = process_state()
         if state.num_processes > 1:
             # scorers whose statistics add up over batches score on every process, each over its share of
-            # the calibration data (neurontune.scoring sums them); the others on the main process alone.
+            # the calibration data (neurontune.scoring sums them), and NeFT's probe trains data-parallel;
+            # the others (zeroth-order) score on the main process alone.
             # The main process writes the selection, and every process trains exactly the main's.
             from accelerate.utils import broadcast_object_list
 
             from neurontune.scoring import get_scorer
 
             needs = get_scorer(self.cfg.scorer, **self.cfg.scorer_kwargs()).needs
-            everyone = not self._resuming(out) and self.given is None and needs and needs <= ADDITIVE
+            everyone = not self._resuming(out) and self.given is None and needs and needs <= DATA_PARALLEL
             self.scoring_processes = state.num_processes if everyone else 1
             spec = self._select(model, tok, task, out, write=state.is_main_process) if (
                 everyone or state.is_main_process) else None  # fmt: skip
