@@ -111,6 +111,20 @@ def run(a: argparse.Namespace, phase: str, task: str, method: str, seed: int, lr
     return row
 
 
+def majority(task: str, seeds: list[int], n: int) -> float | None:
+    """The majority-class rate of the evaluated test examples (mean over seeds), for tasks with labels."""
+    from neurontune.tasks import load_task
+
+    rates = []
+    for seed in seeds:
+        examples = load_task(task, seed=seed).eval[:n]
+        if examples[0].label is None:
+            return None
+        labels = [e.label for e in examples]
+        rates.append(max(labels.count(v) for v in set(labels)) / len(labels))
+    return statistics.fmean(rates)
+
+
 def lrs_for(a: argparse.Namespace, method: str) -> list[float]:
     if method == "none":
         return []
@@ -137,7 +151,9 @@ def interval(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, 0.0
-    return mean, float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+    return mean, float(
+        stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    )
 
 
 def summarize(test: list[dict], tasks: list[str], methods: list[str], seeds: list[int]) -> dict:
@@ -212,6 +228,16 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r['mean']:.3f}" if len(r["values"]) < 2 else f"{r['mean']:.3f} ± {r['ci95']:.3f}"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def render(result: dict) -> str:
     s = result["settings"]
     summary = result["summary"]
@@ -222,15 +248,20 @@ def render(result: dict) -> str:
         f"Machine: {result['machine']}; {result['date']}  ",
         f"Model `{s['model']}`; {s['steps']} steps x batch {s['batch_size']} from the first "
         f"{s['train_examples']} training examples (max {s['max_length']} tokens); test on the first "
-        f"{s['eval_examples']} test examples; seeds {s['seeds']}; learning rates swept "
-        f"{s['lrs']} (full: {s['lrs_full']}) on a validation split with seed {s['seeds'][0]}. "
-        "Scores on a 0-1 scale (accuracy; exact match / 100).",
+        f"{s['eval_examples']} test examples; seeds {s['seeds']}; "
+        + (
+            f"learning rates swept {s['lrs']} (full: {s['lrs_full']}) on a validation split with seed "
+            f"{s['seeds'][0]}. "
+            if result["chosen_lr"]
+            else f"learning rates not swept: the first of {s['lrs']} (full: {s['lrs_full']}). "
+        )
+        + "Scores on a 0-1 scale (accuracy; exact match / 100).",
         "",
         "## Tasks",
         "",
-        "| task | why |",
-        "|---|---|",
-        *[f"| {t} | {TASKS[t]} |" for t in s["tasks"]],
+        "| task | majority class | why |",
+        "|---|---:|---|",
+        *[f"| {t} | {_fmt(result.get('majority', {}).get(t))} | {TASKS[t]} |" for t in s["tasks"]],
     ]
     if summary["table"]:
         methods = list(dict.fromkeys(r["method"] for r in summary["table"]))
@@ -238,18 +269,12 @@ def render(result: dict) -> str:
         lines += ["", "## Test scores (mean ± 95 % half-interval over seeds)", "",
                   "| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]  # fmt: skip
         for t in s["tasks"]:
-            row = [f"{cell[(t, m)]['mean']:.3f} ± {cell[(t, m)]['ci95']:.3f}" if (t, m) in cell else "-"
-                   for m in methods]  # fmt: skip
+            row = [_cell(cell.get((t, m))) for m in methods]
             lines.append(f"| {t} | " + " | ".join(row) + " |")
         if summary["suite"]:
             suite = {r["method"]: r for r in summary["suite"]}
             lines.append(
-                "| **suite mean** | "
-                + " | ".join(
-                    f"**{suite[m]['mean']:.3f} ± {suite[m]['ci95']:.3f}**" if m in suite else "-"
-                    for m in methods
-                )
-                + " |"
+                "| **suite mean** | " + " | ".join(f"**{_cell(suite.get(m))}**" for m in methods) + " |"
             )
     if result["chosen_lr"]:
         methods = list(dict.fromkeys(m for per in result["chosen_lr"].values() for m in per))
@@ -276,7 +301,10 @@ def render(result: dict) -> str:
         ]
     if result.get("note"):
         lines += ["", result["note"]]
-    lines += ["", "Every run's score, learning rate, seed and command are in `quality_suite.json` (`runs`)."]
+    lines += [
+        "",
+        "Every run's score, learning rate, seed and command are in the JSON beside this file (`runs`).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -293,11 +321,14 @@ def main() -> None:
     p.add_argument("--eval-steps", type=int, default=20, help="validation curve points in the sweep")
     p.add_argument("--phases", default="sweep,test", help="sweep, test or both; test alone uses the first lr")
     p.add_argument("--note", default="")
+    p.add_argument(
+        "--name", default="quality_suite", help="results file name (<name>.json, .md, _curves.png)"
+    )
     add_run_args(p, "runs/bench-quality-suite", RESULTS, "quality_suite")
     p.set_defaults(train_examples=800, eval_examples=200)
     a = p.parse_args()
     if a.render:
-        return render_only(a.out, "quality_suite", render)
+        return render_only(a.out, a.name, render)
     tasks, methods = a.tasks.split(","), a.methods.split(",")
     seeds = [int(x) for x in a.seeds.split(",")]
     unknown = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
@@ -309,10 +340,10 @@ def main() -> None:
     def save(partial: bool) -> None:
         result = _result(a, runs, tasks, methods, seeds, partial)
         if not partial:
-            png = a.out / "quality_suite_curves.png"
+            png = a.out / f"{a.name}_curves.png"
             plot(result, png)
             result["curves_png"] = png.name if png.is_file() else None
-        write_results(a.out, "quality_suite", result, render, echo=not partial)
+        write_results(a.out, a.name, result, render, echo=not partial)
 
     if "sweep" in phases:
         for t in tasks:
@@ -354,6 +385,7 @@ def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: 
             "lrs_full": a.lrs_full,
             "eval_steps": a.eval_steps,
         },
+        "majority": {t: majority(t, seeds, a.eval_examples) for t in tasks},
         "chosen_lr": choose([r for r in runs if r["phase"] == "sweep"]),
         "summary": summarize(test, tasks, methods, seeds),
         "runs": runs,
