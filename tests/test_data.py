@@ -36,6 +36,17 @@ def test_prompt_completion_jsonl(tmp_path, tokenizer):
     assert {e.prompt for e in task.train + task.eval} == {f"Q{i}" for i in range(10)}
 
 
+def test_multiple_choice_jsonl_by_index_or_text(tmp_path, tokenizer):
+    recs = [{"prompt": f"Q{i}?", "choices": ["red", "green", "blue"], "answer": i % 3} for i in range(8)]
+    recs += [{"prompt": "Sky?", "choices": ["sea", "blue sky"], "answer": "blue sky"}] * 2
+    task = load_task(str(write_jsonl(tmp_path / "mc.jsonl", recs)), tokenizer, eval_fraction=0.2)
+    assert task.kind == "multiple_choice" and task.info["format"] == "multiple_choice"
+    by_prompt = {e.prompt: e for e in task.train + task.eval}
+    assert by_prompt["Q4?"].choices == ("red", "green", "blue") and by_prompt["Q4?"].label == 1
+    assert by_prompt["Q4?"].completion == " green"  # trained on the right choice
+    assert by_prompt["Sky?"].label == 1 and by_prompt["Sky?"].completion == " blue sky"
+
+
 def test_alpaca_with_and_without_input(tmp_path, tokenizer):
     f = write_jsonl(
         tmp_path / "a.jsonl",
@@ -112,7 +123,11 @@ def test_step_batches_are_a_function_of_the_index(tokenizer):
     assert not a[3]["input_ids"].equal(a[0]["input_ids"])  # next epoch, new permutation
 
 
-@pytest.mark.parametrize("name", ["rotten_tomatoes", "imdb", "multiemo", "e2e_nlg", "arithmetic"])
+@pytest.mark.parametrize(
+    "name",
+    ["rotten_tomatoes", "imdb", "multiemo", "e2e_nlg", "arithmetic", "hyperbaton", "unit_identification",
+     "sports_understanding", "vitaminc", "past_tense"],
+)  # fmt: skip
 def test_builtin_tasks(name):
     task = load_task(name)
     assert len(task.train) > 800 and len(task.eval) >= 100
@@ -139,6 +154,12 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         ([{"messages": [{"role": "user", "content": "x"}]}], "the last message must be the assistant's"),
         ([{"prompt": ["a"], "completion": "b"}], "field 'prompt' must be a string"),
         (["just a string"], r"d\.jsonl:1: expected a JSON object"),
+        (
+            [{"prompt": "a", "choices": ["x", "y"], "answer": 2}],
+            r"d\.jsonl:1: answer 2 is out of range for 2",
+        ),
+        ([{"prompt": "a", "choices": ["x", "y"], "answer": "z"}], r"answer 'z' is neither a choice's index"),
+        ([{"prompt": "a", "choices": "xy", "answer": 0}], "'choices' must be a list of two or more"),
     ],
 )
 def test_bad_records(tmp_path, tokenizer, records, message):

@@ -200,6 +200,7 @@ def general_train_text(n: int, max_chars: int = 2000) -> list[str]:
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "chat": (("messages",), ()),
     "alpaca": (("instruction", "output"), ("input",)),
+    "multiple_choice": (("prompt", "choices", "answer"), ()),
     "prompt_completion": (("prompt", "completion"), ()),
     "classification": (("text", "label"), ()),
     "text": (("text",), ()),
@@ -247,6 +248,31 @@ def _str_field(rec: dict[str, Any], key: str, where: str, required: bool = True)
     if not isinstance(v, str | int | float):
         raise NeurontuneError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
     return str(v)
+
+
+def _choice_example(rec: dict[str, Any], where: str) -> Example:
+    """``{"prompt", "choices": [...], "answer": index or the right choice's text}``."""
+    choices = rec["choices"]
+    if (
+        not isinstance(choices, list)
+        or len(choices) < 2
+        or not all(isinstance(c, str) and c.strip() for c in choices)
+    ):
+        raise NeurontuneError(f"{where}: 'choices' must be a list of two or more non-empty strings")
+    answer = rec["answer"]
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            raise NeurontuneError(f"{where}: answer {answer} is out of range for {len(choices)} choices")
+        idx = answer
+    elif isinstance(answer, str) and answer in choices:
+        idx = choices.index(answer)
+    else:
+        raise NeurontuneError(
+            f"{where}: answer {answer!r} is neither a choice's index nor one of the choices"
+        )
+    return Example(
+        _str_field(rec, "prompt", where), " " + choices[idx].strip(), idx, tuple(c.strip() for c in choices)
+    )
 
 
 def records_to_task(
@@ -305,6 +331,8 @@ def records_to_task(
             return Example(prompt, _str_field(rec, "output", where))
         if fmt == "prompt_completion":
             return Example(_str_field(rec, "prompt", where), _str_field(rec, "completion", where))
+        if fmt == "multiple_choice":
+            return _choice_example(rec, where)
         text = _str_field(rec, "text", where)
         if fmt == "text":
             return Example("", text)
@@ -332,7 +360,8 @@ def records_to_task(
         if len(examples) < 2:
             raise NeurontuneError(f"{name}: need at least 2 records to hold some out for evaluation")
         train, test = split(examples, eval_fraction, seed)
-    kind = {"classification": "classification", "text": "text"}.get(fmt, "generation")
+    kinds = {"classification": "classification", "text": "text", "multiple_choice": "multiple_choice"}
+    kind = kinds.get(fmt, "generation")
     return Task(name, kind, train, test, words, info={"format": fmt})
 
 
