@@ -187,6 +187,7 @@ def test_eval_steps_records_an_eval_curve_that_survives_a_resume(tmp_path):
     assert curve["metric"] == "accuracy" and [p["step"] for p in curve["points"]] == [2, 4, 6]
     final = json.loads((out / "metrics.json").read_text())["after"]
     assert curve["points"][-1]["accuracy"] == final["accuracy"]  # the last point is the final evaluation
+    assert "accuracy on the validation examples" in (out / "report.html").read_text()  # the curve is drawn
     # resume from step 4: the points up to 4 stay, 6 is evaluated again (the same weights: the same value)
     shutil.rmtree(out / "checkpoints" / "step-000006")
     (out / "metrics.json").unlink()

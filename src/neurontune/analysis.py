@@ -630,6 +630,16 @@ def run_report(out: Path, metrics: dict[str, Any], spec: NeuronSpec | None) -> P
         for key, ylabel, title in curves:
             if key in log[0]:
                 report.figure(plot_lines({key: (steps, [x[key] for x in log])}, "step", ylabel, title), key)
+    evals = out / "eval_log.json"  # eval_steps: the evaluation curve
+    if evals.is_file() and (points := read_json(evals, "evaluation log").get("points")):
+        metric = metrics["primary_metric"]
+        split = read_json(cfg_file, "run config").get("eval_split") if cfg_file.is_file() else None
+        where = "validation" if split == "validation" else "evaluation"
+        xy = [(p["step"], p[metric]) for p in points if metric in p]
+        if xy:
+            title = f"{metric} on the {where} examples"
+            report.figure(plot_lines({metric: tuple(map(list, zip(*xy, strict=True)))}, "step", metric, title),
+                          "eval_curve", f"{title}, during training (eval_steps)")  # fmt: skip
     if spec is not None and all(sel.shape is not None for sel in spec.modules.values()):
         report.section("Neuron map", "Fraction of each module's rows trained, per layer and module type.")
         _map_figure(report, spec, "selected rows", "map")
