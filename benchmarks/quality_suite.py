@@ -336,9 +336,10 @@ def main() -> None:
         sys.exit(f"unknown tasks or methods: {unknown}")
     phases = a.phases.split(",")
     runs: list[dict] = []
+    rates = {t: majority(t, seeds, a.eval_examples) for t in tasks}  # loads each task once
 
     def save(partial: bool) -> None:
-        result = _result(a, runs, tasks, methods, seeds, partial)
+        result = _result(a, runs, tasks, methods, seeds, rates, partial)
         if not partial:
             png = a.out / f"{a.name}_curves.png"
             plot(result, png)
@@ -363,7 +364,7 @@ def main() -> None:
 
 
 def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: list[str], seeds: list[int],
-            partial: bool) -> dict:  # fmt: skip
+            rates: dict[str, float | None], partial: bool) -> dict:  # fmt: skip
     import time
 
     test = [r for r in runs if r["phase"] == "test"]
@@ -385,7 +386,7 @@ def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: 
             "lrs_full": a.lrs_full,
             "eval_steps": a.eval_steps,
         },
-        "majority": {t: majority(t, seeds, a.eval_examples) for t in tasks},
+        "majority": rates,
         "chosen_lr": choose([r for r in runs if r["phase"] == "sweep"]),
         "summary": summarize(test, tasks, methods, seeds),
         "runs": runs,

@@ -609,8 +609,8 @@ def run_report(out: Path, metrics: dict[str, Any], spec: NeuronSpec | None) -> P
         ("saved", f"{m['saved']} ({m['saved_bytes']:,} bytes)" if m.get("saved") else "-"),
     ])  # fmt: skip
     cfg_file = out / "config.json"
-    if cfg_file.is_file():
-        cfg = read_json(cfg_file, "run config")
+    cfg = read_json(cfg_file, "run config") if cfg_file.is_file() else {}
+    if cfg:
         defaults = _finetune_defaults()
         main = ["lr", "lr_scheduler", "warmup_steps", "steps", "batch_size", "grad_accum", "weight_decay",
                 "max_grad_norm", "precision", "max_length", "seed", "budget", "target_modules"]  # fmt: skip
@@ -633,8 +633,7 @@ def run_report(out: Path, metrics: dict[str, Any], spec: NeuronSpec | None) -> P
     evals = out / "eval_log.json"  # eval_steps: the evaluation curve
     if evals.is_file() and (points := read_json(evals, "evaluation log").get("points")):
         metric = metrics["primary_metric"]
-        split = read_json(cfg_file, "run config").get("eval_split") if cfg_file.is_file() else None
-        where = "validation" if split == "validation" else "evaluation"
+        where = "validation" if cfg.get("eval_split") == "validation" else "evaluation"
         xy = [(p["step"], p[metric]) for p in points if metric in p]
         if xy:
             title = f"{metric} on the {where} examples"

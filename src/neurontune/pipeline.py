@@ -31,7 +31,7 @@ from neurontune.methods import get_method, load_output
 from neurontune.models import DEFAULT_MODEL, load_model, model_quantization, resolve_dtype
 from neurontune.spec import NeuronSpec
 from neurontune.tasks import StepBatches, Task, general_text, load_task
-from neurontune.train import TrainArgs, list_checkpoints, mixed_precision, train
+from neurontune.train import TrainArgs, launched_with, list_checkpoints, mixed_precision, train
 
 # ---- shared pieces ---------------------------------------------------------------------------------
 
@@ -245,14 +245,6 @@ class EvalCurve:
         return numbers
 
 
-def sharded_launch() -> bool:
-    """Launched with an FSDP or DeepSpeed accelerate config."""
-    return any(
-        os.environ.get(v, "false").lower() == "true"
-        for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
-    )
-
-
 def _fmt_metrics(m: dict[str, Any]) -> str:
     keys = ("accuracy", "exact_match", "bleu", "chrf", "rougeL", "perplexity", "forgetting_ppl")
     return ", ".join(f"{k} {m[k]:.3f}" if k == "accuracy" else f"{k} {m[k]:.2f}" for k in keys if k in m)
@@ -320,7 +312,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 model.train()
 
         if method.trains:
-            if cfg.eval_steps and sharded_launch():
+            if cfg.eval_steps and (launched_with("FSDP") or launched_with("DEEPSPEED")):
                 raise NeurontuneError(
                     "eval_steps: the model is sharded during FSDP/DeepSpeed training, so the main process "
                     "cannot evaluate it alone; use eval_steps=0 (it is evaluated after training)"

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from neurontune.errors import NeurontuneError
 from neurontune.targets import dense_weight, find_target_modules, get_weight, is_quantized, linear_shape
+from neurontune.train import labelled_tokens
 
 STAT_KINDS = frozenset({"act_in", "act_out", "grad", "grad_sq", "zo_grad", "probe"})
 
@@ -415,7 +416,7 @@ def _collect_probe(model, modules, stats, batches, steps, lr, probe_params, prog
                 else:
                     rank = torch.distributed.get_rank()
                     part = {k: v[rank::world] for k, v in batch.items()}
-                    n_part, n_all = _targets(part), _targets(batch)
+                    n_part, n_all = labelled_tokens(part), labelled_tokens(batch)
                     loss = _loss(model, part) * n_part if n_part else sum(p.sum() * 0 for p in opt_params)
                     (loss / n_all).backward()
                     for p in opt_params:
@@ -456,10 +457,6 @@ def module_seed(seed: int, name: str) -> int:
 ADDITIVE = frozenset({"act_in", "act_out", "grad", "grad_sq"})  # statistics that are sums over batches
 # statistics every process of a group computes together: the sums above, and NeFT's probe (data-parallel)
 DATA_PARALLEL = ADDITIVE | {"probe"}
-
-
-def _targets(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def probe_world(needs: Iterable[str], batches: Sequence[Any] | None) -> int:

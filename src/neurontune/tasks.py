@@ -81,9 +81,7 @@ class Task:
         n = max(1, int(len(self.train) * fraction))
         if n >= len(self.train):
             raise NeurontuneError(f"task {self.name}: too few training examples for a validation split")
-        return dataclasses.replace(
-            self, train=self.train[:-n], eval=self.train[-n:], info={**self.info, "eval_split": "validation"}
-        )
+        return dataclasses.replace(self, train=self.train[:-n], eval=self.train[-n:])
 
 
 # ---- built-in tasks --------------------------------------------------------------------------------
@@ -144,7 +142,8 @@ def bigbench_choice_examples(task: str, template: str = "{input}\nAnswer:") -> l
     rows = []
     for ex in load_bigbench(task)["examples"]:
         choices = tuple(c.strip() for c in ex["target_scores"])
-        right = max(range(len(choices)), key=lambda i: list(ex["target_scores"].values())[i])
+        scores = list(ex["target_scores"].values())
+        right = scores.index(max(scores))
         rows.append(Example(template.format(input=ex["input"].strip()), " " + choices[right], right, choices))
     return rows
 

@@ -239,25 +239,31 @@ def _sharding_on_cpu(accelerator: Any, mixed: str) -> None:
     ``fully_shard`` runs on a gloo process group and DeepSpeed has a CPU accelerator; here
     accelerate's own FSDP2 / DeepSpeed path is switched on for them, with the plugin accelerate builds
     from its launch variables, so a CPU run shards (and is tested) as a GPU run does."""
-    import os
-
     from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU:
         return
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if launched_with("FSDP"):
         plugin = FullyShardedDataParallelPlugin()  # from accelerate launch's FSDP_* variables
         if plugin.fsdp_version != 2:
             raise NeurontuneError("FSDP on CPU processes needs fsdp_version: 2 (FSDP2, fully_shard)")
         state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
-    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    elif launched_with("DEEPSPEED"):
         ds = DeepSpeedPlugin()  # from the ACCELERATE_DEEPSPEED_* variables
         ds.set_mixed_precision(mixed)
         ds.select(_from_accelerator_state=True)
         state.deepspeed_plugins, state.distributed_type = ds, DistributedType.DEEPSPEED
         state._mixed_precision = "no"  # DeepSpeed's config carries the precision, as accelerate does
         accelerator.deepspeed_engine_wrapped = None
+
+
+def launched_with(kind: str) -> bool:
+    """Whether ``accelerate launch`` was given an FSDP or DeepSpeed config (``kind``: ``"FSDP"`` or
+    ``"DEEPSPEED"``), read as accelerate reads it: ``ACCELERATE_USE_<kind>=true``."""
+    import os
+
+    return os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
 
 
 def _is_fsdp(accelerator: Any) -> bool:
@@ -300,6 +306,13 @@ def _unshard_for_good(model: torch.nn.Module) -> None:
                       m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks):  # fmt: skip
             for key in [k for k, fn in hooks.items() if _from_fsdp(fn)]:
                 del hooks[key]
+    _put_parameters(model, every, whole)
+
+
+def _put_parameters(
+    model: torch.nn.Module, every: list[tuple[str, torch.nn.Parameter]], whole: dict[int, torch.nn.Parameter]
+) -> None:
+    """Register ``whole[id(p)]`` under every name ``p`` had (tied weights stay tied)."""
     modules = dict(model.named_modules(remove_duplicate=False))
     for name, p in every:
         owner, _, attr = name.rpartition(".")
@@ -352,10 +365,7 @@ def _gather_deepspeed_for_good(engine: Any) -> None:
         for p in params:
             whole[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
     engine.destroy()  # removes ZeRO-3's module hooks
-    modules = dict(module.named_modules(remove_duplicate=False))
-    for name, p in every:
-        owner, _, attr = name.rpartition(".")
-        modules[owner]._parameters[attr] = whole[id(p)]
+    _put_parameters(module, every, whole)
 
 
 class Layout:
