@@ -194,3 +194,21 @@ def test_eval_steps_records_an_eval_curve_that_survives_a_resume(tmp_path):
     assert main([*base, "--resume"]) == 0
     again = json.loads((out / "eval_log.json").read_text())
     assert again == curve
+
+
+def test_eval_steps_under_a_sharded_launch_is_refused_before_anything_is_written(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    out = tmp_path / "run"
+    args = [
+        "finetune",
+        "model=tiny-llama",
+        "steps=2",
+        "eval_steps=1",
+        "forgetting_examples=0",
+        f"output_dir={out}",
+    ]
+    assert main(args) == 2
+    assert "eval_steps: the model is sharded during FSDP/DeepSpeed training" in capsys.readouterr().err
+    assert not out.exists()

@@ -265,6 +265,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     task = task.head(cfg.train_examples, cfg.eval_examples)
     method = get_method(cfg.method)(cfg)
     method.check(model, out)  # bad method input fails here, before anything is written
+    if cfg.eval_steps and method.trains and (launched_with("FSDP") or launched_with("DEEPSPEED")):
+        raise NeurontuneError(
+            "eval_steps: the model is sharded during FSDP/DeepSpeed training, so the main process "
+            "cannot evaluate it alone; use eval_steps=0 (it is evaluated after training)"
+        )
     forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
     state.wait_for_everyone()  # every process has checked the directory before the first write
     if main and not cfg.resume:  # a resumed run keeps the config.json it started with
@@ -312,11 +317,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 model.train()
 
         if method.trains:
-            if cfg.eval_steps and (launched_with("FSDP") or launched_with("DEEPSPEED")):
-                raise NeurontuneError(
-                    "eval_steps: the model is sharded during FSDP/DeepSpeed training, so the main process "
-                    "cannot evaluate it alone; use eval_steps=0 (it is evaluated after training)"
-                )
             args = train_args(cfg)
             data = StepBatches(task.train, tok, cfg.batch_size, cfg.max_length, cfg.seed)
             log = train(
