@@ -126,7 +126,7 @@ def test_step_batches_are_a_function_of_the_index(tokenizer):
 @pytest.mark.parametrize(
     "name",
     ["rotten_tomatoes", "imdb", "multiemo", "e2e_nlg", "arithmetic", "hyperbaton", "unit_identification",
-     "sports_understanding", "vitaminc", "past_tense"],
+     "sports_understanding", "vitaminc", "past_tense", "product_sentiment", "si_conversion", "negation"],
 )  # fmt: skip
 def test_builtin_tasks(name):
     task = load_task(name)

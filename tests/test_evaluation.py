@@ -96,13 +96,15 @@ def test_builtin_choice_tasks_and_the_validation_split():
     from neurontune.evaluation import primary_metric
     from neurontune.tasks import load_task
 
-    for name in ("hyperbaton", "unit_identification", "sports_understanding", "vitaminc"):
+    for name in ("hyperbaton", "unit_identification", "sports_understanding", "vitaminc", "si_conversion"):
         task = load_task(name)
         assert task.kind == "multiple_choice" and primary_metric(task) == "accuracy"
         for e in task.train[:50] + task.eval[:50]:
             assert len(e.choices) >= 2 and e.completion == " " + e.choices[e.label]
     past = load_task("past_tense")
     assert primary_metric(past) == "exact_match" and past.train[0].prompt.startswith("Today I ")
+    negation = load_task("negation")
+    assert primary_metric(negation) == "exact_match" and " not " in negation.train[0].completion
     task = load_task("hyperbaton")
     val = task.validation(0.1)
     assert val.eval == task.train[-len(val.eval) :] and len(val.eval) == int(len(task.train) * 0.1)

@@ -47,6 +47,9 @@ BIGBENCH_TASKS = (
     "sports_understanding",
     "vitaminc_fact_verification",
     "linguistic_mappings/past_tense_json",
+    "linguistic_mappings/sentence_negation_json",
+    "multiemo/products_sentence_en",
+    "unit_conversion/si_conversion",
 )
 
 

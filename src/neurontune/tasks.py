@@ -107,14 +107,14 @@ def _movie_task(source: str, seed: int) -> Task:
     )
 
 
-def _multiemo(seed: int) -> Task:
+def _multiemo(name: str, source: str, prompt: str, seed: int) -> Task:
     words = ("negative", "neutral", "positive", "ambivalent")
     rows = []
-    for ex in load_bigbench("multiemo/all_text_en")["examples"]:
+    for ex in load_bigbench(source)["examples"]:
         word = max(ex["target_scores"], key=ex["target_scores"].get)
-        rows.append(Example(f"Opinion: {ex['input'][:600]}\nSentiment:", " " + word, words.index(word)))
+        rows.append(Example(f"{prompt}: {ex['input'][:600]}\nSentiment:", " " + word, words.index(word)))
     train, test = split(rows, 0.1, seed)
-    return Task("multiemo", "classification", train, test, words)
+    return Task(name, "classification", train, test, words)
 
 
 def _e2e_nlg(seed: int) -> Task:
@@ -162,10 +162,22 @@ def _past_tense(seed: int) -> Task:
     return Task("past_tense", "generation", train, test, max_new_tokens=8, stop=".", metric="exact_match")
 
 
+def _negation(seed: int) -> Task:
+    rows = [
+        Example(f"Sentence: {ex['input']}\nNegated:", " " + ex["target"])
+        for ex in load_bigbench("linguistic_mappings/sentence_negation_json")["examples"]
+    ]
+    train, test = split(rows, 0.1, seed)
+    return Task("negation", "generation", train, test, max_new_tokens=16, stop="\n", metric="exact_match")
+
+
 BUILTIN_TASKS: dict[str, Callable[[int], Task]] = {
     "rotten_tomatoes": lambda seed: _movie_task("rotten_tomatoes", seed),
     "imdb": lambda seed: _movie_task("imdb", seed),
-    "multiemo": _multiemo,
+    "multiemo": lambda seed: _multiemo("multiemo", "multiemo/all_text_en", "Opinion", seed),
+    "product_sentiment": lambda seed: _multiemo(
+        "product_sentiment", "multiemo/products_sentence_en", "Sentence from a product review", seed
+    ),
     "e2e_nlg": _e2e_nlg,
     "arithmetic": _arithmetic,
     "hyperbaton": lambda seed: _choice_task("hyperbaton", "hyperbaton", seed),
@@ -178,7 +190,11 @@ BUILTIN_TASKS: dict[str, Callable[[int], Task]] = {
     "vitaminc": lambda seed: _choice_task(
         "vitaminc", "vitaminc_fact_verification", seed, "{input}\nTrue, False, or Neither?"
     ),
+    "si_conversion": lambda seed: _choice_task(
+        "si_conversion", "unit_conversion/si_conversion", seed, "{input}"
+    ),
     "past_tense": _past_tense,
+    "negation": _negation,
 }
 
 
