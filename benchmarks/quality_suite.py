@@ -51,6 +51,12 @@ TASKS = {
     "arithmetic": "exact match on the number (BIG-bench): 1-2 digit addition and subtraction",
     "multiemo": "4-way sentiment classification of long opinions (BIG-bench multiemo)",
     "vitaminc": "3-way multiple choice (BIG-bench): does a Wikipedia passage support a claim (True/False/Neither)",
+    "product_sentiment": "4-way classification (BIG-bench multiemo, English product-review sentences): negative, "
+    "neutral, positive or ambivalent; the base model has no notion of 'ambivalent'",
+    "si_conversion": "5-way multiple choice (BIG-bench unit_conversion): an SI quantity in another prefix; the "
+    "distractors have the wrong unit or the wrong power of ten",
+    "negation": "short generation, exact match (BIG-bench linguistic_mappings): negate a simple sentence (does not "
+    "+ base form), a transformation the base model does not do zero-shot",
 }
 DEFAULT_TASKS = "rotten_tomatoes,hyperbaton,unit_identification,sports_understanding,past_tense,arithmetic"
 # name -> finetune overrides (budget: LoRA r=8's count unless the name says otherwise)
@@ -94,7 +100,8 @@ def run(a: argparse.Namespace, phase: str, task: str, method: str, seed: int, lr
     split = "validation" if phase == "sweep" else "test"
     name = f"{method}-lr{lr:g}-s{seed}" if lr is not None else f"{method}-s{seed}"
     out = a.runs / phase / task / name
-    m = finetune_run(overrides(a, task, method, seed, lr, split), out, reuse=a.reuse)
+    threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None
+    m = finetune_run(overrides(a, task, method, seed, lr, split), out, reuse=a.reuse, threads=threads)
     metric = m["primary_metric"]
     row = {
         "phase": phase, "task": task, "method": method, "seed": seed, "lr": lr, "metric": metric,
@@ -126,9 +133,11 @@ def majority(task: str, seeds: list[int], n: int) -> float | None:
 
 
 def lrs_for(a: argparse.Namespace, method: str) -> list[float]:
+    """The learning rates swept for ``method`` (each family has its own grid, around its usual rate)."""
     if method == "none":
         return []
-    return [float(x) for x in (a.lrs_full if method == "full" else a.lrs).split(",")]
+    grid = a.lrs_full if method == "full" else a.lrs_rows if method.startswith("rows-") else a.lrs
+    return [float(x) for x in grid.split(",")]
 
 
 def choose(sweep: list[dict]) -> dict[str, dict[str, float]]:
@@ -234,6 +243,11 @@ def _cell(r: dict | None) -> str:
     return f"{r['mean']:.3f}" if len(r["values"]) < 2 else f"{r['mean']:.3f} ± {r['ci95']:.3f}"
 
 
+def _grids(s: dict) -> str:
+    rows = s.get("lrs_rows", s["lrs"])  # results written before rows had their own grid
+    return f"LoRA/DoRA {s['lrs']}, rows {rows}, full {s['lrs_full']}"
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -250,10 +264,9 @@ def render(result: dict) -> str:
         f"{s['train_examples']} training examples (max {s['max_length']} tokens); test on the first "
         f"{s['eval_examples']} test examples; seeds {s['seeds']}; "
         + (
-            f"learning rates swept {s['lrs']} (full: {s['lrs_full']}) on a validation split with seed "
-            f"{s['seeds'][0]}. "
+            f"learning rates swept on a validation split with seed {s['seeds'][0]}: {_grids(s)}. "
             if result["chosen_lr"]
-            else f"learning rates not swept: the first of {s['lrs']} (full: {s['lrs_full']}). "
+            else f"learning rates not swept: the first of each grid ({_grids(s)}). "
         )
         + "Scores on a 0-1 scale (accuracy; exact match / 100).",
         "",
@@ -316,10 +329,15 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3", help="learning rates swept (all but full)")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="learning rates swept for LoRA and DoRA")
+    p.add_argument("--lrs-rows", default="1e-4,3e-4,1e-3", help="learning rates swept for the row methods")
     p.add_argument("--lrs-full", default="1e-5,3e-5,1e-4", help="learning rates swept for full fine-tuning")
     p.add_argument("--eval-steps", type=int, default=20, help="validation curve points in the sweep")
     p.add_argument("--phases", default="sweep,test", help="sweep, test or both; test alone uses the first lr")
+    p.add_argument(
+        "--jobs", type=int, default=1,
+        help="runs at once, each with CPUs/jobs threads (scores do not depend on it; train_seconds do)",
+    )  # fmt: skip
     p.add_argument("--note", default="")
     p.add_argument(
         "--name", default="quality_suite", help="results file name (<name>.json, .md, _curves.png)"
@@ -346,20 +364,25 @@ def main() -> None:
             result["curves_png"] = png.name if png.is_file() else None
         write_results(a.out, a.name, result, render, echo=not partial)
 
+    def run_all(jobs: list[tuple]) -> None:
+        """Every job, ``a.jobs`` at a time; the results kept in the jobs' order."""
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        done: dict[int, dict] = {}
+        with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+            futures = {pool.submit(run, a, *job): i for i, job in enumerate(jobs)}
+            for f in as_completed(futures):
+                done[futures[f]] = f.result()
+                runs[:] = [r for r in runs if r["phase"] != jobs[0][0]] + [done[i] for i in sorted(done)]
+                save(partial=True)
+
     if "sweep" in phases:
-        for t in tasks:
-            for m in methods:
-                for lr in lrs_for(a, m):
-                    runs.append(run(a, "sweep", t, m, seeds[0], lr))
-                    save(partial=True)
+        run_all([("sweep", t, m, seeds[0], lr) for t in tasks for m in methods for lr in lrs_for(a, m)])
     chosen = choose([r for r in runs if r["phase"] == "sweep"])
     if "test" in phases:
-        for s in seeds:  # every task and method of one seed before the next: a stopped run stays paired
-            for t in tasks:
-                for m in methods:
-                    lr = chosen.get(t, {}).get(m) or (lrs_for(a, m) or [None])[0]
-                    runs.append(run(a, "test", t, m, s, lr))
-                    save(partial=True)
+        # every task and method of one seed before the next: a stopped run stays paired
+        run_all([("test", t, m, s, chosen.get(t, {}).get(m) or (lrs_for(a, m) or [None])[0])
+                 for s in seeds for t in tasks for m in methods])  # fmt: skip
     save(partial=False)
 
 
@@ -383,8 +406,10 @@ def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: 
             "eval_examples": a.eval_examples,
             "max_length": a.max_length,
             "lrs": a.lrs,
+            "lrs_rows": a.lrs_rows,
             "lrs_full": a.lrs_full,
             "eval_steps": a.eval_steps,
+            "jobs": a.jobs,
         },
         "majority": rates,
         "chosen_lr": choose([r for r in runs if r["phase"] == "sweep"]),

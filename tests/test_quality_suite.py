@@ -46,3 +46,41 @@ def test_summary_intervals_and_paired_significance():
         tie["mean_diff"] == pytest.approx(0.0, abs=1e-9) and not tie["significant"] and tie["t_test_p"] > 0.5
     )
     assert ("rows-taylor", "full") not in paired  # no full runs: no comparison
+
+
+def test_each_family_sweeps_its_own_grid():
+    a = qs.argparse.Namespace(lrs="3e-4,1e-3", lrs_rows="1e-4", lrs_full="3e-5,1e-4")
+    assert qs.lrs_for(a, "none") == []
+    assert qs.lrs_for(a, "lora") == qs.lrs_for(a, "dora") == [3e-4, 1e-3]
+    assert qs.lrs_for(a, "rows-taylor") == qs.lrs_for(a, "rows-random") == [1e-4]
+    assert qs.lrs_for(a, "full") == [3e-5, 1e-4]
+
+
+def test_the_suite_end_to_end_two_runs_at_once(tmp_path):
+    """Sweep then test with --jobs 2: the test runs use the swept rates, in seed-major order, every run's
+    folder and the results files are written."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(Path(qs.__file__)), "--model", "tiny-llama", "--tasks", "hyperbaton",
+           "--methods", "none,lora", "--lrs", "1e-3,3e-2", "--seeds", "0,1", "--steps", "2",
+           "--train-examples", "24", "--eval-examples", "4", "--eval-steps", "1", "--jobs", "2",
+           "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "quality_suite.json").read_text())
+    sweep = [r for r in result["runs"] if r["phase"] == "sweep"]
+    assert [(r["method"], r["lr"]) for r in sweep] == [("lora", 1e-3), ("lora", 3e-2)]
+    assert all(len(r["curve"]) == 2 for r in sweep)  # eval_steps=1 over 2 steps
+    lr = result["chosen_lr"]["hyperbaton"]["lora"]
+    assert lr == max(sweep, key=lambda r: (r["score"], -r["lr"]))["lr"]
+    test = [r for r in result["runs"] if r["phase"] == "test"]
+    assert [(r["seed"], r["method"], r["lr"]) for r in test] == [
+        (0, "none", None), (0, "lora", lr), (1, "none", None), (1, "lora", lr)
+    ]  # fmt: skip
+    assert not result["partial"] and result["settings"]["jobs"] == 2
+    assert (tmp_path / "out" / "quality_suite.md").is_file() and (
+        tmp_path / "out" / "quality_suite_curves.png"
+    ).is_file()
+    assert (tmp_path / "runs" / "test" / "hyperbaton" / f"lora-lr{lr:g}-s1" / "metrics.json").is_file()

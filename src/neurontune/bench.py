@@ -53,10 +53,11 @@ def run_worker(cmd: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def finetune_run(overrides: list[str], out: Path, reuse: bool = False) -> dict:
+def finetune_run(overrides: list[str], out: Path, reuse: bool = False, threads: int | None = None) -> dict:
     """``neurontune finetune <overrides> output_dir=<out>`` in a fresh subprocess; returns its metrics
     (plus ``wall_seconds``, None when reused). With ``reuse``, a finished run in ``out`` made with the
-    same overrides is read instead of run again. Exits with the run's stderr if it fails."""
+    same overrides is read instead of run again. ``threads`` caps the subprocess's CPU threads (for
+    several runs at once). Exits with the run's stderr if it fails."""
     import json
     import os
     import subprocess
@@ -77,6 +78,8 @@ def finetune_run(overrides: list[str], out: Path, reuse: bool = False) -> dict:
     else:
         t0 = time.perf_counter()
         env = {**os.environ, "TQDM_DISABLE": "1"}
+        if threads:
+            env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if res.returncode != 0:
             sys.exit(f"run failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
