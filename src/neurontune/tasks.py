@@ -153,22 +153,16 @@ def _choice_task(name: str, task: str, seed: int, template: str = "{input}\nAnsw
     return Task(name, "multiple_choice", train, test)
 
 
-def _past_tense(seed: int) -> Task:
+def _mapping_task(name: str, source: str, template: str, seed: int, max_new_tokens: int, stop: str) -> Task:
+    """A BIG-bench input -> target mapping (linguistic_mappings) scored by exact match."""
     rows = [
-        Example(f"Today I {ex['input']}. Yesterday I", " " + ex["target"])
-        for ex in load_bigbench("linguistic_mappings/past_tense_json")["examples"]
+        Example(template.format(input=ex["input"]), " " + ex["target"])
+        for ex in load_bigbench(source)["examples"]
     ]
     train, test = split(rows, 0.1, seed)
-    return Task("past_tense", "generation", train, test, max_new_tokens=8, stop=".", metric="exact_match")
-
-
-def _negation(seed: int) -> Task:
-    rows = [
-        Example(f"Sentence: {ex['input']}\nNegated:", " " + ex["target"])
-        for ex in load_bigbench("linguistic_mappings/sentence_negation_json")["examples"]
-    ]
-    train, test = split(rows, 0.1, seed)
-    return Task("negation", "generation", train, test, max_new_tokens=16, stop="\n", metric="exact_match")
+    return Task(
+        name, "generation", train, test, max_new_tokens=max_new_tokens, stop=stop, metric="exact_match"
+    )
 
 
 BUILTIN_TASKS: dict[str, Callable[[int], Task]] = {
@@ -193,8 +187,17 @@ BUILTIN_TASKS: dict[str, Callable[[int], Task]] = {
     "si_conversion": lambda seed: _choice_task(
         "si_conversion", "unit_conversion/si_conversion", seed, "{input}"
     ),
-    "past_tense": _past_tense,
-    "negation": _negation,
+    "past_tense": lambda seed: _mapping_task(
+        "past_tense", "linguistic_mappings/past_tense_json", "Today I {input}. Yesterday I", seed, 8, "."
+    ),
+    "negation": lambda seed: _mapping_task(
+        "negation",
+        "linguistic_mappings/sentence_negation_json",
+        "Sentence: {input}\nNegated:",
+        seed,
+        16,
+        "\n",
+    ),
 }
 
 
