@@ -200,3 +200,20 @@ def test_generation_file_task_reports_bleu_chrf_rouge(tmp_path):
     after = json.loads((out / "metrics.json").read_text())["after"]
     assert {"bleu", "chrf", "rougeL", "exact_match", "forgetting_ppl"} <= set(after)
     assert len(after["samples"]) == 4 and "prediction:" in (out / "report.md").read_text()  # up to 5
+
+
+def test_each_method_has_its_own_default_learning_rate(tmp_path):
+    from neurontune.config import FinetuneConfig
+
+    # the quality suite's validation sweep: LoRA/DoRA train best near 1e-3, rows near 3e-4, full near 3e-5
+    got = {m: FinetuneConfig(model="tiny-llama", method=m).lr for m in ("rows", "lora", "dora", "full")}
+    assert got == {"rows": 3e-4, "lora": 1e-3, "dora": 1e-3, "full": 3e-5}
+    assert FinetuneConfig(model="tiny-llama", method="lora", lr=2e-4).lr == 2e-4  # an explicit lr wins
+    out = tmp_path / "run"
+    args = ["finetune", "model=tiny-llama", "method=full", "steps=2", "train_examples=16", "eval_examples=4",
+            "forgetting_examples=0", "eval_before=false", "save_steps=1", f"output_dir={out}"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["lr"] == 3e-5  # the run records the rate it used
+    assert main([*args, "steps=3", "--resume"]) == 2  # a different run is still refused, not resumed
+    assert main([*args, "--overwrite"]) == 0
+    assert main([*args, "--resume"]) == 0  # no lr given again: the same default, the same run

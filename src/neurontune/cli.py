@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         if cls is FinetuneConfig:
             from neurontune.methods import registry
 
-            epilog = "methods:\n" + "\n".join(f"  {n:<8} {m.help}" for n, m in registry().items())
+            epilog = "methods (default lr):\n" + "\n".join(
+                f"  {n:<8} {m.help}" + (f" (lr {m.default_lr:g})" if m.trains else "")
+                for n, m in registry().items()
+            )
         sp = sub.add_parser(
             name, help=cls.__doc__.splitlines()[0], description=cls.__doc__.splitlines()[0], epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,

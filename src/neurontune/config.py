@@ -220,7 +220,7 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
     steps: int = _opt(40, "optimizer steps")
     batch_size: int = _opt(8, "micro-batch size")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    lr: float = _opt(3e-4, "AdamW learning rate")
+    lr: float | None = _opt(None, "AdamW learning rate; default: the method's own (see methods below)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (acts on trainable parameters only)")
     lr_scheduler: str = _opt("constant", "learning-rate schedule (transformers.get_scheduler)", _SCHEDULERS)
     warmup_steps: int = _opt(0, "learning-rate warm-up steps")
@@ -266,9 +266,11 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        method = get_method(self.method)
+        if self.lr is None:
+            self.lr = method.default_lr
         if self.lr <= 0:
             raise NeurontuneError(f"lr must be positive, got {self.lr}")
-        method = get_method(self.method)
         if self.quantization != "none" and not method.supports_quantization:
             raise NeurontuneError(
                 f"method={self.method} cannot train on a quantized base (quantization={self.quantization}); "

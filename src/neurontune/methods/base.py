@@ -34,6 +34,9 @@ class Method:
     trains: ClassVar[bool] = True  # False: evaluation only
     outputs: ClassVar[tuple[str, ...]] = ()  # what it writes in output_dir (removed by --overwrite)
     supports_quantization: ClassVar[bool] = False  # trains (or evaluates) on a bitsandbytes-quantized base
+    # finetune's lr when the run sets none: the rate the quality suite's validation sweep found best for
+    # the method (benchmarks/results/quality_suite.md)
+    default_lr: ClassVar[float] = 3e-4
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

@@ -126,6 +126,7 @@ class PeftMethod(Method):
 @register
 class Lora(PeftMethod):
     name = "lora"
+    default_lr = 1e-3
     help = "PEFT LoRA at rank lora_r (same trainable count as rows at a lora:R budget; QLoRA on a 4-bit base)"
     supports_quantization = True
 
@@ -136,6 +137,7 @@ class Lora(PeftMethod):
 @register
 class Dora(PeftMethod):
     name = "dora"
+    default_lr = 1e-3
     help = "PEFT DoRA (weight-decomposed LoRA) at rank lora_r"
     supports_quantization = True
 

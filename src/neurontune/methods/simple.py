@@ -15,6 +15,7 @@ class Full(Method):
     name = "full"
     help = "full fine-tuning of every parameter; saves output_dir/model"
     outputs = ("model",)
+    default_lr = 3e-5
 
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
         return model.requires_grad_(True)
