@@ -104,6 +104,11 @@ def run(a: argparse.Namespace, phase: str, task: str, method: str, seed: int, lr
     out = a.runs / phase / task / name
     threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None
     m = finetune_run(overrides(a, task, method, seed, lr, split), out, reuse=a.reuse, threads=threads)
+    if not a.keep_weights:  # a full fine-tuning run leaves ~2 GB (model + final checkpoint); scores need none
+        import shutil
+
+        for heavy in ("model", "checkpoints", "merged"):
+            shutil.rmtree(out / heavy, ignore_errors=True)
     metric = m["primary_metric"]
     row = {
         "phase": phase, "task": task, "method": method, "seed": seed, "lr": lr, "metric": metric,
@@ -340,6 +345,11 @@ def main() -> None:
         "--jobs", type=int, default=1,
         help="runs at once, each with CPUs/jobs threads (scores do not depend on it; train_seconds do)",
     )  # fmt: skip
+    p.add_argument(
+        "--keep-weights",
+        action="store_true",
+        help="keep each run's full model and checkpoints (removed by default: a full run leaves ~2 GB)",
+    )
     p.add_argument("--note", default="")
     p.add_argument(
         "--name", default="quality_suite", help="results file name (<name>.json, .md, _curves.png)"
@@ -374,7 +384,11 @@ def main() -> None:
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
             futures = {pool.submit(run, a, *job): i for i, job in enumerate(jobs)}
             for f in as_completed(futures):
-                done[futures[f]] = f.result()
+                try:
+                    done[futures[f]] = f.result()
+                except BaseException:  # a failed run: no new ones; the finished ones stay saved
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
                 runs[:] = [r for r in runs if r["phase"] != jobs[0][0]] + [done[i] for i in sorted(done)]
                 save(partial=True)
 

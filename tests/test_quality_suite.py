@@ -83,4 +83,18 @@ def test_the_suite_end_to_end_two_runs_at_once(tmp_path):
     assert (tmp_path / "out" / "quality_suite.md").is_file() and (
         tmp_path / "out" / "quality_suite_curves.png"
     ).is_file()
-    assert (tmp_path / "runs" / "test" / "hyperbaton" / f"lora-lr{lr:g}-s1" / "metrics.json").is_file()
+    run = tmp_path / "runs" / "test" / "hyperbaton" / f"lora-lr{lr:g}-s1"
+    assert (run / "metrics.json").is_file() and (run / "adapter").is_dir()
+    assert not (run / "checkpoints").exists()  # weights a score does not need are not kept
+
+
+def test_a_failed_run_stops_the_suite_with_its_error(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(Path(qs.__file__)), "--model", "no-such-model", "--tasks", "hyperbaton",
+           "--methods", "none", "--phases", "test", "--seeds", "0,1,2", "--jobs", "2",
+           "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode != 0 and res.stderr.count("run failed") == 1 and "no-such-model" in res.stderr
+    assert not (tmp_path / "out" / "quality_suite.json").exists()  # nothing finished, nothing claimed
