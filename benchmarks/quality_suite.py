@@ -237,8 +237,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")  # per task: the chosen rates differ between tasks
     axes[0][0].set_ylabel("validation score")
-    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
