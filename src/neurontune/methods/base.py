@@ -34,8 +34,9 @@ class Method:
     trains: ClassVar[bool] = True  # False: evaluation only
     outputs: ClassVar[tuple[str, ...]] = ()  # what it writes in output_dir (removed by --overwrite)
     supports_quantization: ClassVar[bool] = False  # trains (or evaluates) on a bitsandbytes-quantized base
-    # finetune's lr when the run sets none: the rate the quality suite's validation sweep found best for
-    # the method (benchmarks/results/quality_suite.md)
+    # finetune's lr when the run sets none. 3e-4 is the rate the quality suite's validation sweep chose
+    # most often for rows (benchmarks/results/quality_suite.md); LoRA/DoRA and full override it from the
+    # same sweep; the other methods were not swept and keep 3e-4
     default_lr: ClassVar[float] = 3e-4
 
     def __init__(self, cfg: Any) -> None:
