@@ -30,6 +30,7 @@ import argparse
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -147,6 +148,17 @@ def lrs_for(a: argparse.Namespace, method: str) -> list[float]:
     return [float(x) for x in grid.split(",")]
 
 
+def borrowed(spec: str, methods: list[str]) -> dict[str, str]:
+    """``--lr-from`` (``dora=lora,rows-neft=rows-taylor``): method -> the method whose chosen rates it
+    takes instead of a sweep of its own. The source must be in the suite and sweep itself."""
+    out = dict(item.split("=", 1) for item in spec.split(",") if item)
+    bad = [f"{m}={src}" for m, src in out.items()
+           if m not in methods or src not in methods or src in out or m in ("none", src)]  # fmt: skip
+    if bad:
+        sys.exit(f"--lr-from: each METHOD=SOURCE needs both in --methods, a source that sweeps itself: {bad}")
+    return out
+
+
 def choose(sweep: list[dict]) -> dict[str, dict[str, float]]:
     """task -> method -> the learning rate with the best validation score (ties: the smaller)."""
     best: dict[tuple[str, str], dict] = {}
@@ -197,7 +209,8 @@ def summarize(test: list[dict], tasks: list[str], methods: list[str], seeds: lis
     for m in methods:
         if not m.startswith("rows-"):
             continue
-        for ref in ("lora", "full"):
+        budget = re.search(r"-r\d+$", m)  # a larger budget compares with LoRA at that rank
+        for ref in (f"lora{budget.group()}" if budget else "lora", "full"):
             pairs = [(score[(t, m, s)], score[(t, ref, s)]) for t in tasks for s in seeds
                      if (t, m, s) in score and (t, ref, s) in score]  # fmt: skip
             if len(pairs) < 2:
@@ -302,8 +315,12 @@ def render(result: dict) -> str:
                   "| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]  # fmt: skip
         for t, per in result["chosen_lr"].items():
             lines.append(f"| {t} | " + " | ".join(f"{per[m]:g}" if m in per else "-" for m in methods) + " |")
+        lend = s.get("lr_from") or {}
+        if lend:
+            lines += ["", "Not swept (`--lr-from`), each takes the rate chosen for another method on each task: "
+                      + ", ".join(f"{m} from {src}" for m, src in lend.items()) + "."]  # fmt: skip
     if summary["paired"]:
-        lines += ["", "## Row methods against LoRA and full fine-tuning (paired over tasks x seeds)", "",
+        lines += ["", "## Row methods against LoRA at the same budget and full fine-tuning (paired over tasks x seeds)", "",
                   "| method | against | pairs | mean difference | 95 % interval | t-test p | Wilcoxon p | wins / losses | significant |",
                   "|---|---|---:|---:|---|---:|---:|---|---|"]  # fmt: skip
         for r in summary["paired"]:
@@ -339,6 +356,11 @@ def main() -> None:
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="learning rates swept for LoRA and DoRA")
     p.add_argument("--lrs-rows", default="1e-4,3e-4,1e-3", help="learning rates swept for the row methods")
     p.add_argument("--lrs-full", default="1e-5,3e-5,1e-4", help="learning rates swept for full fine-tuning")
+    p.add_argument(
+        "--lr-from", default="",
+        help="METHOD=SOURCE,...: METHOD is not swept and takes SOURCE's chosen rate on each task "
+        "(e.g. dora=lora,rows-neft=rows-taylor); the markdown says which rates were borrowed",
+    )  # fmt: skip
     p.add_argument("--eval-steps", type=int, default=20, help="validation curve points in the sweep")
     p.add_argument("--phases", default="sweep,test", help="sweep, test or both; test alone uses the first lr")
     p.add_argument(
@@ -365,6 +387,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown tasks or methods: {unknown}")
     phases = a.phases.split(",")
+    lend = borrowed(a.lr_from, methods)
     runs: list[dict] = []
     rates = {t: majority(t, seeds, a.eval_examples) for t in tasks}  # loads each task once
 
@@ -393,12 +416,16 @@ def main() -> None:
                 save(partial=True)
 
     if "sweep" in phases:
-        run_all([("sweep", t, m, seeds[0], lr) for t in tasks for m in methods for lr in lrs_for(a, m)])
+        run_all([("sweep", t, m, seeds[0], lr) for t in tasks for m in methods if m not in lend
+                 for lr in lrs_for(a, m)])  # fmt: skip
     chosen = choose([r for r in runs if r["phase"] == "sweep"])
+
+    def lr(t: str, m: str) -> float | None:
+        return chosen.get(t, {}).get(lend.get(m, m)) or (lrs_for(a, m) or [None])[0]
+
     if "test" in phases:
         # every task and method of one seed before the next: a stopped run stays paired
-        run_all([("test", t, m, s, chosen.get(t, {}).get(m) or (lrs_for(a, m) or [None])[0])
-                 for s in seeds for t in tasks for m in methods])  # fmt: skip
+        run_all([("test", t, m, s, lr(t, m)) for s in seeds for t in tasks for m in methods])
     save(partial=False)
 
 
@@ -425,6 +452,7 @@ def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: 
             "lrs_rows": a.lrs_rows,
             "lrs_full": a.lrs_full,
             "eval_steps": a.eval_steps,
+            "lr_from": borrowed(a.lr_from, methods),
             "jobs": a.jobs,
         },
         "majority": rates,

@@ -56,15 +56,35 @@ def test_each_family_sweeps_its_own_grid():
     assert qs.lrs_for(a, "full") == [3e-5, 1e-4]
 
 
+def test_borrowed_rates_need_a_source_that_sweeps_itself():
+    methods = ["none", "lora", "dora", "rows-taylor", "rows-neft"]
+    assert qs.borrowed("dora=lora,rows-neft=rows-taylor", methods) == {
+        "dora": "lora",
+        "rows-neft": "rows-taylor",
+    }
+    assert qs.borrowed("", methods) == {}
+    for bad in ("dora=full", "lora-r32=lora", "dora=lora,lora=rows-taylor", "none=lora", "dora=dora"):
+        with pytest.raises(SystemExit, match="--lr-from"):
+            qs.borrowed(bad, methods)
+
+
+def test_a_larger_budget_is_paired_with_lora_at_that_rank():
+    test = [{"task": "a", "method": m, "seed": s, "score": v + s / (50 if m.startswith("rows") else 100)}
+            for m, v in (("lora", 0.5), ("lora-r32", 0.6), ("rows-taylor-r32", 0.7)) for s in range(3)]  # fmt: skip
+    out = qs.summarize(test, ["a"], ["lora", "lora-r32", "rows-taylor-r32"], [0, 1, 2])
+    [r] = out["paired"]
+    assert (r["method"], r["against"], round(r["mean_diff"], 6)) == ("rows-taylor-r32", "lora-r32", 0.11)
+
+
 def test_the_suite_end_to_end_two_runs_at_once(tmp_path):
-    """Sweep then test with --jobs 2: the test runs use the swept rates, in seed-major order, every run's
-    folder and the results files are written."""
+    """Sweep then test with --jobs 2: the test runs use the swept rates (DoRA LoRA's, not swept), in
+    seed-major order, every run's folder and the results files are written."""
     import json
     import subprocess
     import sys
 
     cmd = [sys.executable, str(Path(qs.__file__)), "--model", "tiny-llama", "--tasks", "hyperbaton",
-           "--methods", "none,lora", "--lrs", "1e-3,3e-2", "--seeds", "0,1", "--steps", "2",
+           "--methods", "none,lora,dora", "--lr-from", "dora=lora", "--lrs", "1e-3,3e-2", "--seeds", "0,1", "--steps", "2",
            "--train-examples", "24", "--eval-examples", "4", "--eval-steps", "1", "--jobs", "2",
            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -77,8 +97,10 @@ def test_the_suite_end_to_end_two_runs_at_once(tmp_path):
     assert lr == max(sweep, key=lambda r: (r["score"], -r["lr"]))["lr"]
     test = [r for r in result["runs"] if r["phase"] == "test"]
     assert [(r["seed"], r["method"], r["lr"]) for r in test] == [
-        (0, "none", None), (0, "lora", lr), (1, "none", None), (1, "lora", lr)
+        (0, "none", None), (0, "lora", lr), (0, "dora", lr), (1, "none", None), (1, "lora", lr), (1, "dora", lr)
     ]  # fmt: skip
+    assert result["settings"]["lr_from"] == {"dora": "lora"}
+    assert "dora from lora" in (tmp_path / "out" / "quality_suite.md").read_text()
     assert not result["partial"] and result["settings"]["jobs"] == 2
     assert (tmp_path / "out" / "quality_suite.md").is_file() and (
         tmp_path / "out" / "quality_suite_curves.png"
