@@ -16,6 +16,9 @@ size and evaluation; only the method and its learning rate change:
 2. ``test``: every (task, method) at its chosen learning rate on the test split, for each seed (the
    seed sets the data split and order, selection ties and random scores).
 
+``--lr-from dora=lora,rows-neft=rows-taylor`` skips the sweep of a method and gives it, on each task,
+the rate chosen for another (a cheaper suite; the markdown lists which rates were borrowed).
+
 Scores are the task's primary metric on a 0-1 scale (accuracy; exact match / 100). Per (task,
 method): the mean over seeds and a 95 % t-interval. Per method: the suite mean (per seed, the mean
 over tasks). Paired comparisons (row methods against LoRA and full fine-tuning): the differences
