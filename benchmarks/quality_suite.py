@@ -22,8 +22,8 @@ the rate chosen for another (a cheaper suite; the markdown lists which rates wer
 Scores are the task's primary metric on a 0-1 scale (accuracy; exact match / 100). Per (task,
 method): the mean over seeds and a 95 % t-interval. Per method: the suite mean (per seed, the mean
 over tasks). Paired comparisons (row methods against LoRA and full fine-tuning): the differences
-over every (task, seed) pair, their mean, 95 % t-interval and a two-sided paired t-test and
-Wilcoxon signed-rank p-value; "significant" means the interval excludes 0. Writes
+over every (task, seed) pair (and each scorer against random rows), their mean, 95 % t-interval and
+a two-sided paired t-test and Wilcoxon signed-rank p-value; "significant" means the interval excludes 0. Writes
 ``results/quality_suite.json``, ``.md`` and ``quality_suite_curves.png``.
 """
 
@@ -213,7 +213,10 @@ def summarize(test: list[dict], tasks: list[str], methods: list[str], seeds: lis
         if not m.startswith("rows-"):
             continue
         budget = re.search(r"-r\d+$", m)  # a larger budget compares with LoRA at that rank
-        for ref in (f"lora{budget.group()}" if budget else "lora", "full"):
+        refs = [f"lora{budget.group()}" if budget else "lora", "full"]
+        if m != "rows-random" and not budget:  # does the scorer beat rows picked at random?
+            refs.append("rows-random")
+        for ref in refs:
             pairs = [(score[(t, m, s)], score[(t, ref, s)]) for t in tasks for s in seeds
                      if (t, m, s) in score and (t, ref, s) in score]  # fmt: skip
             if len(pairs) < 2:
@@ -323,7 +326,7 @@ def render(result: dict) -> str:
             lines += ["", "Not swept (`--lr-from`), each takes the rate chosen for another method on each task: "
                       + ", ".join(f"{m} from {src}" for m, src in lend.items()) + "."]  # fmt: skip
     if summary["paired"]:
-        lines += ["", "## Row methods against LoRA at the same budget and full fine-tuning (paired over tasks x seeds)", "",
+        lines += ["", "## Row methods against LoRA at the same budget, full fine-tuning and random rows (paired over tasks x seeds)", "",
                   "| method | against | pairs | mean difference | 95 % interval | t-test p | Wilcoxon p | wins / losses | significant |",
                   "|---|---|---:|---:|---|---:|---:|---|---|"]  # fmt: skip
         for r in summary["paired"]:
