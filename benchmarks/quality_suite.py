@@ -23,8 +23,8 @@ Scores are the task's primary metric on a 0-1 scale (accuracy; exact match / 100
 method): the mean over seeds and a 95 % t-interval. Per method: the suite mean (per seed, the mean
 over tasks). Paired comparisons (row methods against LoRA and full fine-tuning): the differences
 over every (task, seed) pair (and each scorer against random rows), their mean, 95 % t-interval and
-a two-sided paired t-test and Wilcoxon signed-rank p-value; "significant" means the interval excludes 0. Writes
-``results/quality_suite.json``, ``.md`` and ``quality_suite_curves.png``.
+a two-sided paired t-test and Wilcoxon signed-rank p-value; "significant" means the interval
+excludes 0. Writes ``results/quality_suite.json``, ``.md`` and ``quality_suite_curves.png``.
 """
 
 from __future__ import annotations
@@ -398,7 +398,7 @@ def main() -> None:
     rates = {t: majority(t, seeds, a.eval_examples) for t in tasks}  # loads each task once
 
     def save(partial: bool) -> None:
-        result = _result(a, runs, tasks, methods, seeds, rates, partial)
+        result = _result(a, runs, tasks, methods, seeds, rates, lend, partial)
         if not partial:
             png = a.out / f"{a.name}_curves.png"
             plot(result, png)
@@ -436,7 +436,7 @@ def main() -> None:
 
 
 def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: list[str], seeds: list[int],
-            rates: dict[str, float | None], partial: bool) -> dict:  # fmt: skip
+            rates: dict[str, float | None], lend: dict[str, str], partial: bool) -> dict:  # fmt: skip
     import time
 
     test = [r for r in runs if r["phase"] == "test"]
@@ -458,7 +458,7 @@ def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: 
             "lrs_rows": a.lrs_rows,
             "lrs_full": a.lrs_full,
             "eval_steps": a.eval_steps,
-            "lr_from": borrowed(a.lr_from, methods),
+            "lr_from": lend,
             "jobs": a.jobs,
         },
         "majority": rates,

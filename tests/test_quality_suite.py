@@ -45,9 +45,8 @@ def test_summary_intervals_and_paired_significance():
     assert (
         tie["mean_diff"] == pytest.approx(0.0, abs=1e-9) and not tie["significant"] and tie["t_test_p"] > 0.5
     )
-    assert paired[("rows-taylor", "rows-random")]["mean_diff"] == pytest.approx(
-        0.1
-    )  # a scorer against chance
+    # a scorer against chance
+    assert paired[("rows-taylor", "rows-random")]["mean_diff"] == pytest.approx(0.1)
     assert ("rows-taylor", "full") not in paired  # no full runs: no comparison
 
 
