@@ -235,6 +235,13 @@ def summarize(test: list[dict], tasks: list[str], methods: list[str], seeds: lis
     return {"table": table, "suite": suite, "paired": paired}
 
 
+def chosen_curves(result: dict) -> list[dict]:
+    """The sweep runs with a validation curve at their (task, method)'s chosen learning rate."""
+    chosen = result["chosen_lr"]
+    return [r for r in result["runs"] if r["phase"] == "sweep" and r.get("curve")
+            and chosen.get(r["task"], {}).get(r["method"]) == r["lr"]]  # fmt: skip
+
+
 def plot(result: dict, path: Path) -> None:
     """Validation curves of the sweep at each (task, method)'s chosen learning rate."""
     import matplotlib
@@ -242,9 +249,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = result["chosen_lr"]
-    curves = [r for r in result["runs"] if r["phase"] == "sweep" and r.get("curve")
-              and chosen.get(r["task"], {}).get(r["method"]) == r["lr"]]  # fmt: skip
+    curves = chosen_curves(result)
     tasks = list(dict.fromkeys(r["task"] for r in curves))
     if not tasks:
         return
@@ -335,8 +340,18 @@ def render(result: dict) -> str:
                 f"[{r['mean_diff'] - r['ci95']:+.3f}, {r['mean_diff'] + r['ci95']:+.3f}] | {r['t_test_p']:.3f} | "
                 f"{r['wilcoxon_p']:.3f} | {r['wins']} / {r['losses']} | {'yes' if r['significant'] else 'no'} |"
             )
+    curves = chosen_curves(result)
+    if curves:
+        steps = sorted({step for r in curves for step, _ in r["curve"]})
+        lines += ["", "## Validation curves at the chosen learning rates (seed " f"{s['seeds'][0]})", "",
+                  "| task | method (lr) | " + " | ".join(f"step {k}" for k in steps) + " |",
+                  "|---|---|" + "---:|" * len(steps)]  # fmt: skip
+        for r in curves:
+            at = dict(r["curve"])
+            lines.append(f"| {r['task']} | {r['method']} ({r['lr']:g}) | "
+                         + " | ".join(_fmt(at.get(k)) for k in steps) + " |")  # fmt: skip
     if result.get("curves_png"):
-        lines += ["", f"Validation curves at the chosen learning rates: `{result['curves_png']}`."]
+        lines += ["", f"Plotted: `{result['curves_png']}`."]
     if result.get("partial"):
         lines += [
             "",

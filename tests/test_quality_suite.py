@@ -78,6 +78,25 @@ def test_a_larger_budget_is_paired_with_lora_at_that_rank():
     assert (r["method"], r["against"], round(r["mean_diff"], 6)) == ("rows-taylor-r32", "lora-r32", 0.11)
 
 
+def test_the_markdown_tabulates_the_validation_curves_at_the_chosen_rates_only():
+    runs = [
+        {"phase": "sweep", "task": "hyperbaton", "method": "lora", "lr": 1e-3, "curve": [(20, 0.467), (40, 0.587)]},
+        {"phase": "sweep", "task": "hyperbaton", "method": "lora", "lr": 3e-3, "curve": [(20, 0.467), (40, 0.493)]},
+        {"phase": "sweep", "task": "hyperbaton", "method": "full", "lr": 3e-5, "curve": [(20, 0.467), (40, 0.767)]},
+    ]  # fmt: skip
+    settings = {"model": "m", "steps": 40, "batch_size": 8, "train_examples": 480, "max_length": 128,
+                "eval_examples": 150, "seeds": [0], "tasks": ["hyperbaton"], "lrs": [1e-3, 3e-3],
+                "lrs_rows": [3e-4], "lrs_full": [3e-5]}  # fmt: skip
+    result = {"command": "c", "machine": "x", "date": "d", "settings": settings, "majority": {},
+              "chosen_lr": {"hyperbaton": {"lora": 1e-3, "full": 3e-5}}, "runs": runs,
+              "summary": {"table": [], "suite": [], "paired": []}}  # fmt: skip
+    md = qs.render(result)
+    assert "| task | method (lr) | step 20 | step 40 |" in md
+    assert "| hyperbaton | lora (0.001) | 0.467 | 0.587 |" in md
+    assert "| hyperbaton | full (3e-05) | 0.467 | 0.767 |" in md
+    assert "lora (0.003)" not in md  # a rate not chosen is in the JSON, not the table
+
+
 def test_the_suite_end_to_end_two_runs_at_once(tmp_path):
     """Sweep then test with --jobs 2: the test runs use the swept rates (DoRA LoRA's, not swept), in
     seed-major order, every run's folder and the results files are written."""
