@@ -35,7 +35,7 @@ def test_finetune_tiny_end_to_end(tmp_path, capsys):
         f"budget: {spec.num_params():,} row params vs {spec.provenance['lora_params']:,} for LoRA r=8"
         in printed
     )
-    assert spec.provenance["scorer"] == "magnitude" and spec.provenance["budget"]["match_lora_rank"] == 8
+    assert spec.provenance["scorer"] == "taylor" and spec.provenance["budget"]["match_lora_rank"] == 8
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["steps"] == 3 and cfg["model"] == "tiny-llama"
     metrics = json.loads((out / "metrics.json").read_text())
