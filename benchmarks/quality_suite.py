@@ -343,7 +343,7 @@ def render(result: dict) -> str:
     curves = chosen_curves(result)
     if curves:
         steps = sorted({step for r in curves for step, _ in r["curve"]})
-        lines += ["", "## Validation curves at the chosen learning rates (seed " f"{s['seeds'][0]})", "",
+        lines += ["", f"## Validation curves at the chosen learning rates (seed {s['seeds'][0]})", "",
                   "| task | method (lr) | " + " | ".join(f"step {k}" for k in steps) + " |",
                   "|---|---|" + "---:|" * len(steps)]  # fmt: skip
         for r in curves:
