@@ -186,8 +186,12 @@ def test_resume_refuses_a_changed_data_file(tmp_path, capsys):
         (["lr_scheduler=reduce_lr_on_plateau"], "lr_scheduler='reduce_lr_on_plateau' is not one of"),
         (["scorer=neft", "scorer_options=probe_steps=-1"], "probe_steps must be a positive integer"),
         (["method=neft", "scorer=fisher"], "method=neft always scores with the NeFT probe"),
+        # set to the default value is still set: the user asked for something the method will not do
+        (["method=neft", "scorer=taylor"], "method=neft always scores with the NeFT probe"),
+        (["method=lora", "--scorer", "taylor"], "scorer='taylor' is a selection (rows, neft) option"),
         (["method=lora", "spec=some_spec.json"], "spec='some_spec.json' is a rows, neft option"),
         (["method=lora", "scorer=fisher"], "scorer='fisher' is a selection (rows, neft) option; method=lora"),
+        (["method=gates", "recover_steps=100"], "recover_steps is for recover=distill"),
         (["method=rows", "gate_sparsity=0.5"], "gate_sparsity=0.5 is a gates option; method=rows"),
         (["eval_fraction=1.5"], "eval_fraction must be between 0 and 1"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import difflib
 import math
@@ -64,6 +65,7 @@ class DataConfig:
     _positive: typing.ClassVar[tuple[str, ...]] = ("max_length",)
 
     def __post_init__(self) -> None:
+        self._given = _GIVEN.get()  # not a field: asdict() and saved configs leave it out
         for name in self._positive:
             if getattr(self, name) <= 0:
                 raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
@@ -110,6 +112,17 @@ class DataConfig:
 
 
 SEL = "selection (rows, neft)"
+# the fields the user set (command line, YAML), while config_from_args builds a config
+_GIVEN: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("given", default=None)
+
+
+def is_set(cfg: Any, name: str) -> bool:
+    """Whether the user set ``name`` (even to its default value); for a config built in Python, whether
+    it differs from the default."""
+    given = getattr(cfg, "_given", None)
+    if given is not None:
+        return name in given
+    return getattr(cfg, name) != next(f.default for f in dataclasses.fields(cfg) if f.name == name)
 
 
 @dataclass
@@ -299,7 +312,7 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
         own = {f.name for f in dataclasses.fields(method.options)} if method.options else set()
         for f in dataclasses.fields(self):
             group = f.metadata.get("group")
-            if group is None or f.name in own or f.name == "budget" or getattr(self, f.name) == f.default:
+            if group is None or f.name in own or f.name == "budget" or not is_set(self, f.name):
                 continue
             if group == SEL and method.selects_rows:
                 continue
@@ -547,4 +560,8 @@ def config_from_args(
         key = key.strip().lstrip("-").replace("-", "_")
         _check_key(key, fields, "")
         values[key] = _parse_value(key, raw, _field_type(cls, fields[key]), _optional(cls, fields[key]))
-    return cls(**values)
+    token = _GIVEN.set(frozenset(values))
+    try:
+        return cls(**values)
+    finally:
+        _GIVEN.reset(token)

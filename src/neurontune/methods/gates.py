@@ -88,13 +88,15 @@ class Gates(Method):
     def check_config(cls, cfg: Any) -> None:
         import dataclasses
 
+        from neurontune.config import is_set
+
         gate_config(cfg)  # validates the gate options
         recover_opts = [
             f for f in dataclasses.fields(GateOptions) if f.name.startswith(("recover_", "distill_"))
         ]
         if cfg.recover == "none":
             for f in recover_opts:
-                if getattr(cfg, f.name) != f.default:
+                if is_set(cfg, f.name):
                     raise NeurontuneError(f"{f.name} is for recover=distill; set recover=distill or drop it")
         elif cfg.recover_steps <= 0 or not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_temperature <= 0:
             raise NeurontuneError(

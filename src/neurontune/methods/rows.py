@@ -165,8 +165,9 @@ class NeFT(Rows):
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
-        default = next(f.default for f in dataclasses.fields(cfg) if f.name == "scorer")
-        if cfg.scorer not in ("neft", default):
+        from neurontune.config import is_set
+
+        if cfg.scorer != "neft" and is_set(cfg, "scorer"):
             raise NeurontuneError(
                 f"method=neft always scores with the NeFT probe; use method=rows scorer={cfg.scorer} for {cfg.scorer}"
             )
