@@ -94,6 +94,7 @@ def overrides(
         f"model={a.model}", f"task={task}", f"seed={seed}", f"steps={a.steps}", f"batch_size={a.batch_size}",
         f"train_examples={a.train_examples}", f"eval_examples={a.eval_examples}", f"max_length={a.max_length}",
         "forgetting_examples=0", "eval_before=false", "save_steps=0", f"eval_split={split}", *METHODS[method],
+        *a.set,
     ]  # fmt: skip
     if lr is not None:
         o.append(f"lr={lr:g}")
@@ -299,6 +300,7 @@ def render(result: dict) -> str:
             if result["chosen_lr"]
             else f"learning rates not swept: the first of each grid ({_grids(s)}). "
         )
+        + (f"Every run also sets {', '.join(f'`{x}`' for x in s['set'])}. " if s.get("set") else "")
         + "Scores on a 0-1 scale (accuracy; exact match / 100).",
         "",
         "## Tasks",
@@ -393,6 +395,10 @@ def main() -> None:
         action="store_true",
         help="keep each run's full model and checkpoints (removed by default: a full run leaves ~2 GB)",
     )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a finetune setting for every run (repeatable), e.g. --set lr_scheduler=cosine --set warmup_steps=6",
+    )  # fmt: skip
     p.add_argument("--note", default="")
     p.add_argument(
         "--name", default="quality_suite", help="results file name (<name>.json, .md, _curves.png)"
@@ -400,6 +406,8 @@ def main() -> None:
     add_run_args(p, "runs/bench-quality-suite", RESULTS, "quality_suite")
     p.set_defaults(train_examples=800, eval_examples=200)
     a = p.parse_args()
+    if bad := [x for x in a.set if "=" not in x]:
+        sys.exit(f"--set takes KEY=VALUE, got {bad}")
     if a.render:
         return render_only(a.out, a.name, render)
     tasks, methods = a.tasks.split(","), a.methods.split(",")
@@ -474,6 +482,7 @@ def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: 
             "lrs_full": a.lrs_full,
             "eval_steps": a.eval_steps,
             "lr_from": lend,
+            "set": a.set,
             "jobs": a.jobs,
         },
         "majority": rates,

@@ -107,6 +107,7 @@ def test_the_suite_end_to_end_two_runs_at_once(tmp_path):
     cmd = [sys.executable, str(Path(qs.__file__)), "--model", "tiny-llama", "--tasks", "hyperbaton",
            "--methods", "none,lora,dora", "--lr-from", "dora=lora", "--lrs", "1e-3,3e-2", "--seeds", "0,1", "--steps", "2",
            "--train-examples", "24", "--eval-examples", "4", "--eval-steps", "1", "--jobs", "2",
+           "--set", "lr_scheduler=cosine", "--set", "warmup_steps=1",
            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -128,6 +129,12 @@ def test_the_suite_end_to_end_two_runs_at_once(tmp_path):
     ).is_file()
     run = tmp_path / "runs" / "test" / "hyperbaton" / f"lora-lr{lr:g}-s1"
     assert (run / "metrics.json").is_file() and (run / "adapter").is_dir()
+    config = json.loads((run / "config.json").read_text())  # --set reaches every run
+    assert (config["lr_scheduler"], config["warmup_steps"]) == ("cosine", 1)
+    assert (
+        "Every run also sets `lr_scheduler=cosine`, `warmup_steps=1`"
+        in (tmp_path / "out" / "quality_suite.md").read_text()
+    )
     assert not (run / "checkpoints").exists()  # weights a score does not need are not kept
 
 
