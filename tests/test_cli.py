@@ -63,7 +63,7 @@ def test_finetune_tiny_end_to_end(tmp_path, capsys):
         (["stepz=3"], "unknown config key 'stepz'; did you mean 'steps'?"),
         (["steps=three"], "steps='three': expected int"),
         (["steps=0"], "steps must be positive"),
-        (["budget=rows"], "budget 'rows': expected rows:K, ratio:P or lora:R"),
+        (["budget=rows"], "budget 'rows': expected rows:K, ratio:P, lora:R or lora-global:R"),
         (["budget=ratio:abc"], "'abc' is not a number"),
         (["budget=lora:x"], "'x' is not an integer"),
         (["scorer=nope"], "scorer='nope' is not one of: magnitude, random, taylor"),
@@ -124,6 +124,17 @@ def test_select_command_writes_spec(tmp_path, capsys):
     assert set(scores) == set(spec.modules)
     for name, sel in spec.modules.items():  # the selected rows are the top-scored ones
         assert scores[name][sel.rows].min() >= scores[name].median()
+
+
+def test_select_with_a_global_lora_budget(tmp_path, capsys):
+    out = tmp_path / "spec.json"
+    assert (
+        main(["select", "model=tiny-llama", "budget=lora-global:4", "calib_examples=8", f"output={out}"]) == 0
+    )
+    spec = NeuronSpec.load(out)
+    assert spec.provenance["budget"]["global_lora_rank"] == 4 and spec.provenance["scorer"] == "taylor"
+    assert spec.provenance["lora_params"] - 64 < spec.num_params() <= spec.provenance["lora_params"]
+    assert "for LoRA r=4 on the same" in capsys.readouterr().out
 
 
 def _finetune(out, *extra):

@@ -31,6 +31,31 @@ def test_lora_rank_budget_exact_when_divisible(fresh_model):
     )
 
 
+def test_global_lora_budget_fits_the_count_and_follows_the_scores(fresh_model):
+    m = fresh_model("tiny-llama")  # every module takes 32 or 64 params per row
+    scores = score_model(m, "random", seed=0)
+    hot = "model.layers.1.self_attn.q_proj"
+    scores[hot][:4] = 1000 * scores[hot].mean()  # 4 rows far above every other after normalising by the mean
+    spec = select(m, scores, global_lora_rank=4)
+    lora = spec.provenance["lora_params"]
+    assert lora == sum(
+        lora_params(sh.shape, 4) for sh in select(m, scores, match_lora_rank=4).modules.values()
+    )
+    assert lora - 64 < spec.num_params() <= lora  # filled to within one row
+    assert set(spec.modules[hot].rows) >= {0, 1, 2, 3}
+    per_module = {
+        n: rows_for_lora_rank(sh, 4) for n, sh in ((n, sel.shape) for n, sel in spec.modules.items())
+    }
+    assert any(len(sel.rows) != per_module[n] for n, sel in spec.modules.items())  # spread by score
+    assert spec.provenance["budget"]["global_lora_rank"] == 4
+    # each module's rows are its best, as with any budget
+    for name, sel in spec.modules.items():
+        best = torch.sort(scores[name], descending=True).indices[: len(sel.rows)]
+        assert sel.rows == sorted(best.tolist())
+    floor = select(m, scores, global_lora_rank=4, min_per_module=1)
+    assert len(floor.modules) == len(scores) and floor.num_params() <= lora
+
+
 def test_global_ratio_selects_right_count(fresh_model):
     m = fresh_model("tiny-llama")
     scores = score_model(m, "magnitude")

@@ -155,7 +155,8 @@ class SelectConfig(DataConfig):
     exclude_modules: str | None = _opt(None, "comma-separated suffixes or a regex to leave out")
     budget: str = _opt(
         "lora:8",
-        "rows:K per module | ratio:P of all rows | lora:R (as many params as LoRA rank R)",
+        "rows:K per module | ratio:P of all rows | lora:R (as many params as LoRA rank R in every module) "
+        "| lora-global:R (LoRA rank R's total, spread over modules by score)",
         group=SEL,
     )
     per_layer: bool = _opt(False, "with ratio: P of each module instead of a global top-P", group=SEL)
@@ -179,9 +180,12 @@ class SelectConfig(DataConfig):
             "rows": ("rows_per_module", int),
             "ratio": ("ratio", float),
             "lora": ("match_lora_rank", int),
+            "lora-global": ("global_lora_rank", int),
         }
         if kind not in kinds or not value:
-            raise NeurontuneError(f"budget {self.budget!r}: expected rows:K, ratio:P or lora:R")
+            raise NeurontuneError(
+                f"budget {self.budget!r}: expected rows:K, ratio:P, lora:R or lora-global:R"
+            )
         key, typ = kinds[kind]
         try:
             return {key: typ(value)}

@@ -8,7 +8,10 @@ Budgets (exactly one):
   the top ``round(p * total_rows)`` are taken) or per module (``per_layer=True``: ``round(p * out)``
   rows of each);
 - ``match_lora_rank=r``: per module ``k = round(r * (in + out) / in)`` rows, so the trainable count
-  equals LoRA rank ``r`` on the same modules to within one row per module (both counts are recorded).
+  equals LoRA rank ``r`` on the same modules to within one row per module (both counts are recorded);
+- ``global_lora_rank=r``: LoRA rank ``r``'s parameter count over all the modules, spread by score: rows
+  in order of mean-normalised score (as the global ratio) while their deltas fit in the count, so
+  modules that score high get more rows and some may get none.
 
 ``order="highest"`` (default) keeps the highest scores, ``"lowest"`` the lowest. ``min_per_module``
 guarantees each module that many rows. Ties are broken by a seeded random permutation, so the
@@ -54,6 +57,7 @@ def select(
     rows_per_module: int | None = None,
     ratio: float | None = None,
     match_lora_rank: int | None = None,
+    global_lora_rank: int | None = None,
     per_layer: bool = False,
     order: str = "highest",
     min_per_module: int = 0,
@@ -62,17 +66,20 @@ def select(
     verbose: bool = False,
 ) -> NeuronSpec:
     """Pick rows from ``scores`` (module name -> one score per output row) under one budget."""
-    given = [b for b in (rows_per_module, ratio, match_lora_rank) if b is not None]
+    given = [b for b in (rows_per_module, ratio, match_lora_rank, global_lora_rank) if b is not None]
     if len(given) != 1:
-        raise NeurontuneError("give exactly one budget: rows_per_module, ratio or match_lora_rank")
+        raise NeurontuneError(
+            "give exactly one budget: rows_per_module, ratio, match_lora_rank or global_lora_rank"
+        )
     if order not in ("highest", "lowest"):
         raise NeurontuneError(f"order must be 'highest' or 'lowest', got {order!r}")
     if not scores:
         raise NeurontuneError("no scores to select from")
     if ratio is not None and not 0.0 < ratio <= 1.0:
         raise NeurontuneError(f"ratio must be in (0, 1], got {ratio}")
-    if match_lora_rank is not None and match_lora_rank <= 0:
-        raise NeurontuneError(f"match_lora_rank must be positive, got {match_lora_rank}")
+    for name, rank in (("match_lora_rank", match_lora_rank), ("global_lora_rank", global_lora_rank)):
+        if rank is not None and rank <= 0:
+            raise NeurontuneError(f"{name} must be positive, got {rank}")
     gen = torch.Generator().manual_seed(seed)
     shapes = {n: linear_shape(model.get_submodule(n)) for n in scores}
     for n, s in scores.items():
@@ -94,6 +101,9 @@ def select(
             counts[n] = rows_per_module
     elif match_lora_rank is not None:
         counts = {n: rows_for_lora_rank(sh, match_lora_rank) for n, sh in shapes.items()}
+    elif global_lora_rank is not None:
+        n_params = sum(lora_params(sh, global_lora_rank) for sh in shapes.values())
+        counts = _global_counts(scores, ranked, shapes, None, order, min_per_module, n_params)
     elif per_layer:
         counts = {n: max(1, round(ratio * sh[0])) for n, sh in shapes.items()}
     else:
@@ -109,6 +119,7 @@ def select(
         "rows_per_module": rows_per_module,
         "ratio": ratio,
         "match_lora_rank": match_lora_rank,
+        "global_lora_rank": global_lora_rank,
         "per_layer": per_layer,
         "order": order,
         "min_per_module": min_per_module,
@@ -118,22 +129,24 @@ def select(
         modules, {"budget": {k: v for k, v in budget.items() if v is not None}, **(provenance or {})}
     )
     spec.provenance["params"] = spec.num_params()
-    if match_lora_rank is not None:
-        spec.provenance["lora_params"] = sum(lora_params(sh, match_lora_rank) for sh in shapes.values())
+    if (rank := match_lora_rank or global_lora_rank) is not None:
+        spec.provenance["lora_params"] = sum(lora_params(sh, rank) for sh in shapes.values())
         if verbose:
             print(
                 f"budget: {spec.num_params():,} row params vs {spec.provenance['lora_params']:,} "
-                f"for LoRA r={match_lora_rank} on the same {len(shapes)} modules"
+                f"for LoRA r={rank} on the same {len(shapes)} modules"
             )
     return spec
 
 
-def _global_counts(scores, ranked, shapes, ratio, order, min_per_module) -> dict[str, int]:
-    """Global top-p over mean-normalised scores, after giving each module its minimum."""
-    total = sum(sh[0] for sh in shapes.values())
-    n_select = max(1, round(ratio * total))
+def _global_counts(scores, ranked, shapes, ratio, order, min_per_module, n_params=None) -> dict[str, int]:
+    """Global top-p over mean-normalised scores, after giving each module its minimum; with
+    ``n_params``, the best rows while their deltas (``in`` parameters each) fit in ``n_params``."""
     counts = {n: min_per_module for n in scores}
-    remaining = n_select - sum(counts.values())
+    if n_params is None:
+        remaining = max(1, round(ratio * sum(sh[0] for sh in shapes.values()))) - sum(counts.values())
+    else:
+        remaining = n_params - sum(k * shapes[n][1] for n, k in counts.items())
     if remaining > 0:
         pool_scores, pool_names = [], []
         for n, s in scores.items():
@@ -146,7 +159,12 @@ def _global_counts(scores, ranked, shapes, ratio, order, min_per_module) -> dict
             pool_names += [n] * len(rest)
         pool = torch.cat(pool_scores)
         # stable sort keeps each module's tie order from `ranked`
-        top = torch.sort(pool, descending=True, stable=True).indices[:remaining]
+        best = torch.sort(pool, descending=True, stable=True).indices
+        if n_params is None:
+            top = best[:remaining]
+        else:  # a best-first prefix, so each module's rows stay a prefix of its ranking
+            cost = torch.tensor([shapes[n][1] for n in pool_names])[best]
+            top = best[: int((cost.cumsum(0) <= remaining).sum())]
         for i in top.tolist():
             counts[pool_names[i]] += 1
     return counts

@@ -29,10 +29,11 @@ class LoraOptions:
 
 
 def lora_rank(cfg: Any) -> int:
-    """``lora_r``, else the R of a ``lora:R`` budget, else 8."""
+    """``lora_r``, else the R of a ``lora:R`` or ``lora-global:R`` budget, else 8."""
     if cfg.lora_r is not None:
         return cfg.lora_r
-    return cfg.budget_kwargs().get("match_lora_rank", 8)
+    b = cfg.budget_kwargs()
+    return b.get("match_lora_rank") or b.get("global_lora_rank") or 8
 
 
 class PeftMethod(Method):
