@@ -78,6 +78,8 @@ METHODS: dict[str, list[str]] = {
     "rows-random": ["method=rows", "scorer=random"],
     "lora-r32": ["method=lora", "budget=lora:32"],
     "rows-taylor-r32": ["method=rows", "scorer=taylor", "budget=lora:32"],
+    # the same parameter count as rows-taylor, spread over modules by score instead of evenly
+    "rows-taylor-global": ["method=rows", "scorer=taylor", "budget=lora-global:8"],
 }
 DEFAULT_METHODS = "none,full,lora,dora,rows-neft,rows-taylor,rows-fisher,rows-magnitude,rows-random,lora-r32,rows-taylor-r32"
 ROW_METHODS = [m for m in METHODS if m.startswith("rows-")]
@@ -217,6 +219,8 @@ def summarize(test: list[dict], tasks: list[str], methods: list[str], seeds: lis
         refs = [f"lora{budget.group()}" if budget else "lora", "full"]
         if m != "rows-random" and not budget:  # does the scorer beat rows picked at random?
             refs.append("rows-random")
+        if m.endswith("-global"):  # spread by score against spread evenly
+            refs.append(m.removesuffix("-global"))
         for ref in refs:
             pairs = [(score[(t, m, s)], score[(t, ref, s)]) for t in tasks for s in seeds
                      if (t, m, s) in score and (t, ref, s) in score]  # fmt: skip

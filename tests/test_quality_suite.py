@@ -78,6 +78,16 @@ def test_a_larger_budget_is_paired_with_lora_at_that_rank():
     assert (r["method"], r["against"], round(r["mean_diff"], 6)) == ("rows-taylor-r32", "lora-r32", 0.11)
 
 
+def test_a_global_budget_is_paired_with_the_same_scorer_spread_evenly():
+    methods = ["lora", "rows-taylor", "rows-taylor-global"]
+    test = [{"task": "a", "method": m, "seed": s, "score": 0.5 + i / 10 + s / 100}
+            for i, m in enumerate(methods) for s in range(3)]  # fmt: skip
+    out = qs.summarize(test, ["a"], methods, [0, 1, 2])
+    pairs = {(r["method"], r["against"]): round(r["mean_diff"], 6) for r in out["paired"]}
+    assert pairs == {("rows-taylor", "lora"): 0.1, ("rows-taylor-global", "lora"): 0.2,
+                     ("rows-taylor-global", "rows-taylor"): 0.1}  # fmt: skip
+
+
 def test_the_markdown_tabulates_the_validation_curves_at_the_chosen_rates_only():
     runs = [
         {"phase": "sweep", "task": "hyperbaton", "method": "lora", "lr": 1e-3, "curve": [(20, 0.467), (40, 0.587)]},
