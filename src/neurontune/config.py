@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextvars
 import dataclasses
 import difflib
 import math
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neurontune.errors import NeurontuneError
-from neurontune.fields import choices_of
+from neurontune.fields import GIVEN, choices_of, is_set
 from neurontune.fields import opt as _opt
 from neurontune.methods import get_method, method_names, option_classes, registry
 from neurontune.models import QUANTIZATIONS
@@ -65,7 +64,7 @@ class DataConfig:
     _positive: typing.ClassVar[tuple[str, ...]] = ("max_length",)
 
     def __post_init__(self) -> None:
-        self._given = _GIVEN.get()  # not a field: asdict() and saved configs leave it out
+        self._given = GIVEN.get()  # not a field: asdict() and saved configs leave it out
         for name in self._positive:
             if getattr(self, name) <= 0:
                 raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
@@ -112,17 +111,6 @@ class DataConfig:
 
 
 SEL = "selection (rows, neft)"
-# the fields the user set (command line, YAML), while config_from_args builds a config
-_GIVEN: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("given", default=None)
-
-
-def is_set(cfg: Any, name: str) -> bool:
-    """Whether the user set ``name`` (even to its default value); for a config built in Python, whether
-    it differs from the default."""
-    given = getattr(cfg, "_given", None)
-    if given is not None:
-        return name in given
-    return getattr(cfg, name) != next(f.default for f in dataclasses.fields(cfg) if f.name == name)
 
 
 @dataclass
@@ -564,8 +552,8 @@ def config_from_args(
         key = key.strip().lstrip("-").replace("-", "_")
         _check_key(key, fields, "")
         values[key] = _parse_value(key, raw, _field_type(cls, fields[key]), _optional(cls, fields[key]))
-    token = _GIVEN.set(frozenset(values))
+    token = GIVEN.set(frozenset(values))
     try:
         return cls(**values)
     finally:
-        _GIVEN.reset(token)
+        GIVEN.reset(token)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from neurontune.errors import NeurontuneError
-from neurontune.fields import opt
+from neurontune.fields import is_set, opt
 from neurontune.methods.base import Method, register
 
 G = "gates"
@@ -87,8 +87,6 @@ class Gates(Method):
     @classmethod
     def check_config(cls, cfg: Any) -> None:
         import dataclasses
-
-        from neurontune.config import is_set
 
         gate_config(cfg)  # validates the gate options
         recover_opts = [

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from neurontune.errors import NeurontuneError
-from neurontune.fields import opt
+from neurontune.fields import is_set, opt
 from neurontune.methods.base import Method, register
 from neurontune.rowtune.layer import IMPLS
 from neurontune.scoring import DATA_PARALLEL
@@ -165,8 +165,6 @@ class NeFT(Rows):
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
-        from neurontune.config import is_set
-
         if cfg.scorer != "neft" and is_set(cfg, "scorer"):
             raise NeurontuneError(
                 f"method=neft always scores with the NeFT probe; use method=rows scorer={cfg.scorer} for {cfg.scorer}"
