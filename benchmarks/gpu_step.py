@@ -25,7 +25,10 @@ timed steps (CUDA events on a GPU, ``perf_counter`` on a CPU), best of ``--repea
 methods rotates between repeats). Peak memory above the loaded model: ``torch.cuda.max_memory_allocated``
 on a GPU; on a CPU the peak RSS during the timed steps (a 2 ms sampling thread) minus the RSS before
 the model was wrapped. Writes ``results/gpu_step.json`` and ``results/gpu_step.md`` (or the
-``--name`` given), with the command, device and versions.
+``--name`` given), with the command, device and versions, after every worker (a run cut short keeps
+what it measured). A worker that fails (out of memory, say) is recorded as such and the run goes on.
+``--append`` adds to the saved results of the same device (several calls of a time-limited machine
+into one table); a cell measured again replaces the earlier one.
 """
 
 from __future__ import annotations
@@ -185,7 +188,9 @@ def worker(a: argparse.Namespace) -> dict:
     }
 
 
-def run_all(a: argparse.Namespace) -> list[dict]:
+def run_all(a: argparse.Namespace, on_row=None) -> list[dict]:
+    """Every (model, precision, checkpointing, repeat, method) in its own worker; ``on_row(rows)`` after
+    each, so a run cut short keeps what it measured. A worker that fails is recorded, not fatal."""
     rows = []
     for model_name in a.models:
         for precision in a.precisions:
@@ -199,11 +204,28 @@ def run_all(a: argparse.Namespace) -> list[dict]:
                         cmd += ["--batch", str(a.batch)] if a.batch else []
                         cmd += ["--seq", str(a.seq)] if a.seq else []
                         print(f"[{model_name} {precision} ckpt={ckpt} rep {rep}] {method} ...", flush=True)
-                        r = run_worker(cmd)
+                        try:
+                            r = run_worker(cmd)
+                        except SystemExit as e:  # run_worker's exit on a failed worker, with its stderr
+                            print(e, flush=True)
+                            r = failed(model_name, precision, ckpt, method, str(e).strip().splitlines()[-1])
                         r["repeat"] = rep
                         rows.append(r)
-                        print(f"    {r['step_s_median'] * 1000:.1f} ms, +{r['peak_mib']:.0f} MiB", flush=True)
+                        if r.get("failed"):
+                            print(f"    failed: {r['failed']}", flush=True)
+                        else:
+                            print(
+                                f"    {r['step_s_median'] * 1000:.1f} ms, +{r['peak_mib']:.0f} MiB",
+                                flush=True,
+                            )
+                        if on_row is not None:
+                            on_row(rows)
     return rows
+
+
+def failed(model_name: str, precision: str, ckpt: int, method: str, why: str) -> dict:
+    return {"model": model_name, "precision": precision, "grad_ckpt": bool(ckpt), "method": method,
+            "failed": why[:200], "trainable_params": None, "resolved_impl": None}  # fmt: skip
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -214,7 +236,11 @@ def summarise(rows: list[dict]) -> list[dict]:
             r for r in rows if (r["model"], r["precision"], r["grad_ckpt"]) == (model_name, precision, ckpt)
         ]
         for method in dict.fromkeys(r["method"] for r in group):
-            rs = [r for r in group if r["method"] == method]
+            rs = [r for r in group if r["method"] == method and not r.get("failed")]
+            if not rs:
+                why = next(r["failed"] for r in group if r["method"] == method)
+                out.append({**failed(model_name, precision, ckpt, method, why), "batch": ""})
+                continue
             out.append(
                 {
                     "model": model_name,
@@ -271,9 +297,15 @@ def render(result: dict) -> str:
         full = next((x for x in same if x["method"] == "full"), None)
 
         def ratio(x, key, r=r):
-            return f"{r[key] / x[key]:.2f}x" if x and x[key] > 0 else "–"
+            return f"{r[key] / x[key]:.2f}x" if x and not x.get("failed") and x[key] > 0 else "–"
 
         name = r["method"] + (f" [{r['resolved_impl']}]" if r["method"] == "rows-auto" else "")
+        if r.get("failed"):
+            lines.append(
+                f"| {r['model']} | | {r['precision']} | {'yes' if r['grad_ckpt'] else 'no'} | {name} | | "
+                f"{r['failed']} | | | | |"
+            )
+            continue
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['precision']} | {'yes' if r['grad_ckpt'] else 'no'} | {name} | "
             f"{r['trainable_params']:,} | {r['step_ms']:.1f} | {ratio(lora, 'step_ms')} | {ratio(full, 'step_ms')} | "
@@ -323,13 +355,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="gpu_step", help="results file stem")
     p.add_argument("--render", action="store_true", help="only rebuild the markdown from the saved JSON")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add to the saved results (same device) instead of replacing them",
+    )
     a = p.parse_args()
     if a.render:
         return render_only(a.out, a.name, render)
     if a.worker:
         import json
 
-        print(json.dumps(worker(a)))
+        import torch
+
+        try:
+            print(json.dumps(worker(a)))
+        except torch.OutOfMemoryError:  # recorded as a result: e.g. full FT of an 8B model in fp32 + AdamW
+            m, precision, ckpt, method = a.worker
+            print(json.dumps(failed(m, precision, int(ckpt), method, "out of memory")))
         return
     import peft
     import torch
@@ -340,7 +383,6 @@ def main() -> None:
         a.methods = [m for m in a.methods if m not in ("full", "rows-merged", "rows-fused")]
     a.models = a.models or defaults["models"]
     a.precisions = a.precisions or defaults["precisions"]
-    rows = run_all(a)
     meta = {
         "command": "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]),
         "device": device_name(),
@@ -357,7 +399,34 @@ def main() -> None:
         "repeats": a.repeats,
         "date": time.strftime("%Y-%m-%d"),
     }
-    write_results(a.out, a.name, {"meta": meta, "summary": summarise(rows), "runs": rows}, render)
+    earlier = []
+    if a.append and (a.out / f"{a.name}.json").is_file():
+        import json
+
+        saved = json.loads((a.out / f"{a.name}.json").read_text())
+        if saved["meta"]["device"] != meta["device"]:
+            sys.exit(
+                f"--append: {a.name}.json was measured on {saved['meta']['device']}, not {meta['device']}"
+            )
+        earlier, meta["command"] = saved["runs"], saved["meta"]["command"] + "` then `" + meta["command"]
+        new = {
+            (m, p, bool(c))
+            for m in a.models
+            for p in a.precisions
+            for c in {"no": [0], "yes": [1], "both": [0, 1]}[a.grad_ckpt]
+        }
+        # a cell measured again replaces the earlier measurement of it
+        earlier = [
+            r
+            for r in earlier
+            if (r["model"], r["precision"], r["grad_ckpt"]) not in new or r["method"] not in a.methods
+        ]
+
+    def save(rows: list[dict], echo: bool = False) -> None:
+        rows = earlier + rows
+        write_results(a.out, a.name, {"meta": meta, "summary": summarise(rows), "runs": rows}, render, echo)
+
+    save(run_all(a, on_row=save), echo=True)
 
 
 if __name__ == "__main__":
