@@ -203,3 +203,13 @@ def test_auto_rule():
     assert RowSparseLinear(torch.nn.Linear(8, 6), rows=[0], impl="fused").resolved_impl(x) == "fused"
     lin.weight.requires_grad_(True)  # a trainable base needs plain autograd
     assert layer.resolved_impl(x) == "index_add"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_auto_rule_on_a_gpu():
+    """Same rule as on a CPU (gpu_step.md: fused is fastest in pure bf16, merged under autocast)."""
+    bf = RowSparseLinear(torch.nn.Linear(8, 6).cuda().to(torch.bfloat16), rows=[0], impl="auto")
+    assert bf.resolved_impl(torch.randn(2, 8, device="cuda", dtype=torch.bfloat16)) == "fused"
+    fp = RowSparseLinear(torch.nn.Linear(8, 6).cuda(), rows=[0], impl="auto")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert fp.resolved_impl(torch.randn(2, 8, device="cuda")) == "merged"

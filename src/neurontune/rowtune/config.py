@@ -29,7 +29,7 @@ class RowTuneConfig:
         exclude_modules: names/regex removed from ``target_modules``.
         delta_dtype: dtype of the trainable deltas. Keep ``"float32"`` (the default) even for a
             bf16/fp16 base: updates to small deltas underflow in half precision.
-        impl: ``"auto"`` (default: the fastest formulation measured for the device), ``"merged"``,
+        impl: ``"auto"`` (default: the fastest formulation measured for the precision), ``"merged"``,
             ``"fused"`` or ``"index_add"``; see :mod:`neurontune.rowtune.layer`.
     """
 

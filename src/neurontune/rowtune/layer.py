@@ -40,16 +40,30 @@ quantized layer cannot take a delta in place: :meth:`RowSparseLinear.merge` refu
 ``merge_and_unload`` writes), which computes what was trained.
 
 **The auto rule, and the measurements behind it** (``benchmarks/gpu_step.py``; results in
-``benchmarks/results/gpu_step.md``):
+``benchmarks/results/gpu_step.md`` on a GPU, ``gpu_step_cpu.md`` on a CPU):
 
-- CUDA -> ``merged``. Measured on an H100 80GB (torch 2.11) with a prototype of these two
-  formulations, in issue #10: merged 0.60x PEFT LoRA's step on the Llama-3.2-1B shape (4x1024) and
-  0.69x on Llama-3-8B (2x1024); the delta-GEMM formulation (= ``fused`` in the compute dtype)
-  0.69x / 0.67x. Not yet re-measured with this module on a GPU: ``gpu_step.py`` is the script for it.
-- CPU -> ``merged`` when the weight has to be cast to the compute dtype anyway (fp32 weights under
-  bf16 autocast: the effective weight *is* that cast), else ``fused`` (an fp32 or pure-bf16 model,
-  where ``merged`` adds a weight-sized copy per call). Measured (``gpu_step.md``, SmolLM2-135M
-  shape, batch 4x128, rank-16 budget, 2 cores; step time relative to PEFT LoRA's):
+``merged`` when the weight has to be cast to the compute dtype anyway (fp32 weights under bf16
+autocast: the effective weight *is* that cast), else ``fused`` (a pure-bf16 or fp32 model, where
+``merged`` adds a weight-sized copy per call), on a GPU and on a CPU alike.
+
+- GPU, measured on an H100 80GB (torch 2.11, CUDA 13; ``gpu_step.md``; rank-16 budget, one repeat of
+  the median of 10 steps by CUDA events; step time relative to PEFT LoRA's):
+
+  ==================================  ======  ======  =========
+  shape, precision, checkpointing     merged  fused   index_add
+  ==================================  ======  ======  =========
+  Llama-3.2-1B 4x1024, bf16           0.82x   0.70x   0.70x
+  Llama-3.2-1B, bf16, checkpointing   0.86x   0.77x   0.87x
+  Llama-3.2-1B, fp32 + autocast       0.72x   0.85x   0.74x
+  Llama-3.2-1B, autocast, ckpt        0.96x   0.99x   0.94x
+  Llama-3-8B 2x1024, bf16             0.74x   0.63x   0.65x
+  Llama-3-8B, fp32 + autocast         0.79x   0.78x   0.78x
+  ==================================  ======  ======  =========
+
+  In pure bf16 ``fused`` wins clearly (``merged`` pays for its weight copy); under autocast
+  ``merged`` wins on the 1B shape and ties on 8B. (An earlier rule took ``merged`` on every GPU,
+  from a prototype in issue #10; this table replaced it.)
+- CPU, measured on 2 cores (``gpu_step_cpu.md``, SmolLM2-135M shape, batch 4x128, rank-16 budget):
 
   ============================  ======  ======  =========
   precision, checkpointing      merged  fused   index_add
@@ -313,7 +327,7 @@ class RowSparseLinear(nn.Module):
             return "index_add"
         if self.impl != "auto":
             return self.impl
-        if x.device.type == "cuda" or weight.dtype != compute_dtype(x):
+        if weight.dtype != compute_dtype(x):
             return "merged"
         return "fused"
 
