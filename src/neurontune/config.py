@@ -176,10 +176,14 @@ class SelectConfig(DataConfig):
             )
         key, typ = kinds[kind]
         try:
-            return {key: typ(value)}
+            number = typ(value)
         except ValueError:
             what = "an integer" if typ is int else "a number"
             raise NeurontuneError(f"budget {self.budget!r}: {value!r} is not {what}") from None
+        if not (0.0 < number <= 1.0 if typ is float else number >= 1):  # refused before any scoring pass
+            want = "in (0, 1]" if typ is float else "at least 1"
+            raise NeurontuneError(f"budget {self.budget!r}: {value} must be {want}")
+        return {key: number}
 
     def scorer_kwargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
