@@ -106,6 +106,11 @@ def test_budget_errors(fresh_model):
         select(m, scores, ratio=1.5)
     with pytest.raises(NeurontuneError, match="min_per_module=20 does not fit"):
         select(m, scores, ratio=0.1, min_per_module=20)
+    # a floor that alone breaks a global budget is refused, not met by a spec over the budget
+    with pytest.raises(NeurontuneError, match=r"min_per_module=8 alone takes [\d,]+ rows, over the budget's"):
+        select(m, scores, ratio=0.1, min_per_module=8)
+    with pytest.raises(NeurontuneError, match=r"min_per_module=16 alone takes [\d,]+ parameters, over"):
+        select(m, scores, global_lora_rank=1, min_per_module=16)
     with pytest.raises(NeurontuneError, match="no scores"):
         select(m, {}, ratio=0.1)
 
