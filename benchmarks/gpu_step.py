@@ -54,6 +54,7 @@ SHAPES = {
 # default batch x seq per model, and precisions, per device kind
 GPU_DEFAULTS = {"models": ["llama-3.2-1b", "llama-3-8b"], "precisions": ["bf16", "amp"]}
 CPU_DEFAULTS = {"models": ["tiny-llama", "smollm2-135m"], "precisions": ["fp32", "amp"]}
+CKPT = {"no": [0], "yes": [1], "both": [0, 1]}  # --grad-ckpt -> the checkpointing settings run
 BATCH = {"tiny-llama": (4, 128), "smollm2-135m": (4, 128), "llama-3.2-1b": (4, 1024), "llama-3-8b": (2, 1024)}
 
 
@@ -194,7 +195,7 @@ def run_all(a: argparse.Namespace, on_row=None) -> list[dict]:
     rows = []
     for model_name in a.models:
         for precision in a.precisions:
-            for ckpt in {"no": [0], "yes": [1], "both": [0, 1]}[a.grad_ckpt]:
+            for ckpt in CKPT[a.grad_ckpt]:
                 for rep in range(a.repeats):
                     order = a.methods[rep % len(a.methods) :] + a.methods[: rep % len(a.methods)]
                     for method in order:
@@ -409,12 +410,7 @@ def main() -> None:
                 f"--append: {a.name}.json was measured on {saved['meta']['device']}, not {meta['device']}"
             )
         earlier, meta["command"] = saved["runs"], saved["meta"]["command"] + "` then `" + meta["command"]
-        new = {
-            (m, p, bool(c))
-            for m in a.models
-            for p in a.precisions
-            for c in {"no": [0], "yes": [1], "both": [0, 1]}[a.grad_ckpt]
-        }
+        new = {(m, p, bool(c)) for m in a.models for p in a.precisions for c in CKPT[a.grad_ckpt]}
         # a cell measured again replaces the earlier measurement of it
         earlier = [
             r

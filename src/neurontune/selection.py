@@ -144,16 +144,17 @@ def _global_counts(scores, ranked, shapes, ratio, order, min_per_module, n_param
     ``n_params``, the best rows while their deltas (``in`` parameters each) fit in ``n_params``."""
     counts = {n: min_per_module for n in scores}
     if n_params is None:
-        total = max(1, round(ratio * sum(sh[0] for sh in shapes.values())))
-        remaining = total - sum(counts.values())
-        over = f"{sum(counts.values()):,} rows, over the budget's {total:,}"
+        budget, unit = max(1, round(ratio * sum(sh[0] for sh in shapes.values()))), "rows"
+        used = sum(counts.values())
     else:
-        remaining = n_params - sum(k * shapes[n][1] for n, k in counts.items())
-        over = f"{n_params - remaining:,} parameters, over the budget's {n_params:,}"
-    if remaining < 0:  # the floor alone would break the budget that the spec claims to meet
+        budget, unit = n_params, "parameters"
+        used = sum(k * shapes[n][1] for n, k in counts.items())
+    if used > budget:  # the floor alone would break the budget that the spec claims to meet
         raise NeurontuneError(
-            f"min_per_module={min_per_module} alone takes {over}; lower it or raise the budget"
+            f"min_per_module={min_per_module} alone takes {used:,} {unit}, over the budget's {budget:,}; "
+            "lower it or raise the budget"
         )
+    remaining = budget - used
     if remaining > 0:
         pool_scores, pool_names = [], []
         for n, s in scores.items():
