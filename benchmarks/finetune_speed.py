@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from gpu_step import build_model, device_name
 
-from neurontune.bench import finetune_run, render_only, write_results
+from neurontune.bench import command_line, finetune_run, render_only, write_results
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["rows", "lora", "full"]
@@ -119,7 +117,7 @@ def main() -> None:
         rows.append(r)
         print(f"    train {r['train_seconds']:.1f} s, {r['tokens_per_second']:.0f} tok/s", flush=True)
     meta = {
-        "command": "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]),
+        "command": command_line(__file__),
         "model": model_name,
         "device": device_name(),
         "torch": torch.__version__,

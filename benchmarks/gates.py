@@ -35,16 +35,13 @@ the cost). Writes ``results/gates.{json,md}`` and ``results/gates_summary.json``
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from neurontune.bench import add_run_args, finetune_run, render_only, write_results
+from neurontune.bench import add_run_args, command_line, finetune_run, machine, render_only, write_results
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL"}
@@ -306,8 +303,8 @@ def main() -> None:
     runs = training_runs(args)
     speed = speeds(speed_models(args, runs), args.speed_repeats)
     result = {
-        "command": "python benchmarks/gates.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "command": command_line(__file__),
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},

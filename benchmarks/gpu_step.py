@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from neurontune.bench import render_only, run_worker, write_results
+from neurontune.bench import command_line, render_only, run_worker, write_results
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ["rows-auto", "rows-merged", "rows-fused", "rows-index_add", "lora", "full"]
@@ -385,7 +385,7 @@ def main() -> None:
     a.models = a.models or defaults["models"]
     a.precisions = a.precisions or defaults["precisions"]
     meta = {
-        "command": "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]),
+        "command": command_line(__file__),
         "device": device_name(),
         "cuda": torch.cuda.is_available(),
         "torch": torch.__version__,

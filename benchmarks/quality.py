@@ -23,13 +23,10 @@ results/quality.json and results/quality.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 from pathlib import Path
 
-from neurontune.bench import add_run_args, finetune_run, render_only, write_results
+from neurontune.bench import add_run_args, command_line, finetune_run, machine, render_only, write_results
 
 RESULTS = Path(__file__).parent / "results"
 # name -> finetune overrides; learning rates are the usual ones per family (not tuned here)
@@ -179,8 +176,8 @@ def main() -> None:
 def _result(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict:
     """The results so far (``partial`` until the last run is in: a stopped run keeps what it measured)."""
     return {
-        "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "command": command_line(__file__),
+        "machine": machine(),
         "settings": {
             "model": args.model,
             "steps": args.steps,

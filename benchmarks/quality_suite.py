@@ -32,13 +32,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import re
 import statistics
 import sys
 from pathlib import Path
 
-from neurontune.bench import add_run_args, finetune_run, render_only, write_results
+from neurontune.bench import add_run_args, command_line, finetune_run, machine, render_only, write_results
 
 RESULTS = Path(__file__).parent / "results"
 # task -> why it is in the suite
@@ -468,8 +467,8 @@ def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: 
 
     test = [r for r in runs if r["phase"] == "test"]
     return {
-        "command": "python benchmarks/quality_suite.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "command": command_line(__file__),
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "settings": {
             "model": a.model,

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from neurontune.bench import render_only, write_results
+from neurontune.bench import command_line, render_only, write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -129,7 +129,7 @@ def main() -> None:
             print(f"    {runs[-1]['samples_per_s']:.2f} samples/s", flush=True)
     device = torch.cuda.get_device_name(0) if a.gpu else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     result = {
-        "command": "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]),
+        "command": command_line(__file__),
         "device": device,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from neurontune.bench import run_worker
+from neurontune.bench import command_line, run_worker
 
 RESULTS = Path(__file__).parent / "results"
 # name -> (scorer, options, calibration examples); "neft-full" is the reference
@@ -158,7 +158,7 @@ def main() -> None:
     total_rows = sum(s.shape[0] for s in ref.modules.values())
     ratio = ref.num_rows() / total_rows
     meta = {
-        "command": "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]),
+        "command": command_line(__file__),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, CPU only",
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -123,13 +123,36 @@ def add_run_args(p, runs: str, out: Path, name: str) -> None:
     p.add_argument("--render", action="store_true", help=f"only rebuild {name}.md from {name}.json")
 
 
+def command_line(script: str) -> str:
+    """How this benchmark was started, as a line a shell can run again (arguments with spaces quoted)."""
+    import os
+    import shlex
+    import sys
+
+    return shlex.join(["python", os.path.relpath(script), *sys.argv[1:]])
+
+
+def machine() -> str:
+    """The CPU and its core count, for a result's header."""
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
 def write_results(out: Path, name: str, result: dict, render, echo: bool = True) -> None:
-    """``out/<name>.json`` and ``out/<name>.md`` (``render(result)``), and print the table."""
+    """``out/<name>.json`` and ``out/<name>.md`` (``render(result)``), each replaced atomically (a
+    benchmark stopped mid-write keeps its previous results), and print the table."""
     import json
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(render(result))
+    from neurontune.io import atomic_path
+
+    for path, text in (
+        (out / f"{name}.json", json.dumps(result, indent=2) + "\n"),
+        (out / f"{name}.md", render(result)),
+    ):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
     if echo:
         print(render(result))
 
