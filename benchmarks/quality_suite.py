@@ -80,7 +80,10 @@ METHODS: dict[str, list[str]] = {
     # the same parameter count as rows-taylor, spread over modules by score instead of evenly
     "rows-taylor-global": ["method=rows", "scorer=taylor", "budget=lora-global:8"],
 }
-DEFAULT_METHODS = "none,full,lora,dora,rows-neft,rows-taylor,rows-fisher,rows-magnitude,rows-random,lora-r32,rows-taylor-r32"
+DEFAULT_METHODS = (
+    "none,full,lora,dora,rows-neft,rows-taylor,rows-fisher,rows-magnitude,rows-random,rows-taylor-global,"
+    "lora-r32,rows-taylor-r32"
+)
 ROW_METHODS = [m for m in METHODS if m.startswith("rows-")]
 
 
