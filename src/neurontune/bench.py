@@ -147,14 +147,12 @@ def write_results(out: Path, name: str, result: dict, render, echo: bool = True)
 
     from neurontune.io import atomic_path
 
-    for path, text in (
-        (out / f"{name}.json", json.dumps(result, indent=2) + "\n"),
-        (out / f"{name}.md", render(result)),
-    ):
+    md = render(result)  # before writing anything: a render error leaves both old files in place
+    for path, text in ((out / f"{name}.json", json.dumps(result, indent=2) + "\n"), (out / f"{name}.md", md)):
         with atomic_path(path) as tmp:
             tmp.write_text(text)
     if echo:
-        print(render(result))
+        print(md)
 
 
 def render_only(out: Path, name: str, render) -> None:
