@@ -18,6 +18,9 @@ size and evaluation; only the method and its learning rate change:
 
 ``--lr-from dora=lora,rows-neft=rows-taylor`` skips the sweep of a method and gives it, on each task,
 the rate chosen for another (a cheaper suite; the markdown lists which rates were borrowed).
+``--recorded old.json`` takes each run an earlier results file holds with the very same command from
+it instead of running it again (a method added to a finished suite costs only its own runs; the
+markdown says how many runs are old and when they ran).
 
 Scores are the task's primary metric on a 0-1 scale (accuracy; exact match / 100). Per (task,
 method): the mean over seeds and a 95 % t-interval. Per method: the suite mean (per seed, the mean
@@ -37,7 +40,15 @@ import statistics
 import sys
 from pathlib import Path
 
-from neurontune.bench import add_run_args, command_line, finetune_run, machine, render_only, write_results
+from neurontune.bench import (
+    add_run_args,
+    command_line,
+    finetune_command,
+    finetune_run,
+    machine,
+    render_only,
+    write_results,
+)
 
 RESULTS = Path(__file__).parent / "results"
 # task -> why it is in the suite
@@ -111,8 +122,12 @@ def run(a: argparse.Namespace, phase: str, task: str, method: str, seed: int, lr
     split = "validation" if phase == "sweep" else "test"
     name = f"{method}-lr{lr:g}-s{seed}" if lr is not None else f"{method}-s{seed}"
     out = a.runs / phase / task / name
+    o = overrides(a, task, method, seed, lr, split)
+    if (old := a.recorded.get(finetune_command(o, out))) is not None:
+        print(f"{phase} {task} {method} lr={lr} seed={seed}: recorded {old['score']:.3f}", flush=True)
+        return old
     threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None
-    m = finetune_run(overrides(a, task, method, seed, lr, split), out, reuse=a.reuse, threads=threads)
+    m = finetune_run(o, out, reuse=a.reuse, threads=threads)
     if not a.keep_weights:  # a full fine-tuning run leaves ~2 GB (model + final checkpoint); scores need none
         import shutil
 
@@ -146,6 +161,22 @@ def majority(task: str, seeds: list[int], n: int) -> float | None:
         labels = [e.label for e in examples]
         rates.append(max(labels.count(v) for v in set(labels)) / len(labels))
     return statistics.fmean(rates)
+
+
+def recorded(paths: list[Path]) -> dict[str, dict]:
+    """command -> run, from earlier results files (``--recorded``); each run keeps the date it was
+    recorded on (``recorded``), so the markdown can say which runs are new."""
+    import json
+
+    runs: dict[str, dict] = {}
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"--recorded {path}: not a results file ({e})")
+        for r in result.get("runs", []):
+            runs.setdefault(r["command"], {**r, "recorded": r.get("recorded", result.get("date"))})
+    return runs
 
 
 def lrs_for(a: argparse.Namespace, method: str) -> list[float]:
@@ -363,8 +394,13 @@ def render(result: dict) -> str:
     if result.get("partial"):
         lines += [
             "",
-            f"**Partial**: stopped after {len(result['runs'])} runs; rerun with `--reuse` to finish.",
+            f"**Partial**: stopped after {len(result['runs'])} runs; rerun with `--reuse` or `--recorded` this file to finish.",
         ]
+    if old := [r for r in result["runs"] if r.get("recorded")]:
+        dates = ", ".join(sorted({str(r["recorded"]) for r in old}))
+        lines += ["", f"{len(old)} of the {len(result['runs'])} runs were taken from an earlier results file "
+                      f"(`--recorded`), where the very same command had run (recorded {dates}); the others ran "
+                      f"on {result['date']}."]  # fmt: skip
     if result.get("note"):
         lines += ["", result["note"]]
     lines += [
@@ -405,6 +441,11 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a finetune setting for every run (repeatable), e.g. --set lr_scheduler=cosine --set warmup_steps=6",
     )  # fmt: skip
+    p.add_argument(
+        "--recorded", action="append", type=Path, default=[], metavar="JSON",
+        help="an earlier results file (repeatable): a run it records with the very same command (settings, "
+        "seed, learning rate, run folder) is taken from it instead of run again",
+    )  # fmt: skip
     p.add_argument("--note", default="")
     p.add_argument(
         "--name", default="quality_suite", help="results file name (<name>.json, .md, _curves.png)"
@@ -422,6 +463,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown tasks or methods: {unknown}")
     phases = a.phases.split(",")
+    a.recorded = recorded(a.recorded)
     lend = borrowed(a.lr_from, methods)
     runs: list[dict] = []
     rates = {t: majority(t, seeds, a.eval_examples) for t in tasks}  # loads each task once

@@ -158,3 +158,47 @@ def test_a_failed_run_stops_the_suite_with_its_error(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode != 0 and res.stderr.count("run failed") == 1 and "no-such-model" in res.stderr
     assert not (tmp_path / "out" / "quality_suite.json").exists()  # nothing finished, nothing claimed
+
+
+def test_recorded_runs_are_taken_from_an_earlier_results_file_by_their_command(tmp_path):
+    """--recorded: a run an earlier results file holds with the very same command is not run again
+    (its folder stays absent), a run with another command is; the markdown says which are old."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    def suite(methods: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(Path(qs.__file__)), "--model", "tiny-llama", "--tasks", "hyperbaton",
+               "--methods", methods, "--phases", "test", "--seeds", "0", "--steps", "1", "--lrs", "1e-3",
+               "--lrs-rows", "1e-3", "--train-examples", "16", "--eval-examples", "4",
+               "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *extra]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+    assert suite("none,lora").returncode == 0
+    first = tmp_path / "earlier.json"
+    shutil.copy(tmp_path / "out" / "quality_suite.json", first)
+    shutil.rmtree(tmp_path / "runs")
+    earlier = json.loads(first.read_text())
+    res = suite("none,lora,rows-random", "--recorded", str(first), "--set", "warmup_steps=0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    # --set changes every command: nothing matches, everything runs
+    assert sorted(p.name for p in (tmp_path / "runs" / "test" / "hyperbaton").iterdir()) == [
+        "lora-lr0.001-s0", "none-s0", "rows-random-lr0.001-s0"
+    ]  # fmt: skip
+    shutil.rmtree(tmp_path / "runs")
+    res = suite("none,lora,rows-random", "--recorded", str(first))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "runs" / "test" / "hyperbaton").iterdir()] == [
+        "rows-random-lr0.001-s0"
+    ]
+    result = json.loads((tmp_path / "out" / "quality_suite.json").read_text())
+    assert [r["method"] for r in result["runs"]] == ["none", "lora", "rows-random"]
+    for old, new in zip(earlier["runs"], result["runs"][:2], strict=True):
+        assert new == {**old, "recorded": earlier["date"]}
+    assert "recorded" not in result["runs"][2]
+    md = (tmp_path / "out" / "quality_suite.md").read_text()
+    assert "2 of the 3 runs were taken from an earlier results file (`--recorded`)" in md
+    (tmp_path / "bad.json").write_text("{not json")
+    res = suite("none", "--recorded", str(tmp_path / "bad.json"))
+    assert res.returncode != 0 and "--recorded" in res.stderr and "Traceback" not in res.stderr

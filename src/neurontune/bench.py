@@ -85,8 +85,13 @@ def finetune_run(overrides: list[str], out: Path, reuse: bool = False, threads: 
             sys.exit(f"run failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
         m = json.loads((out / "metrics.json").read_text())
         m["wall_seconds"] = time.perf_counter() - t0
-    m["command"] = "neurontune finetune " + " ".join([*overrides, f"output_dir={out}"])
+    m["command"] = finetune_command(overrides, out)
     return m
+
+
+def finetune_command(overrides: list[str], out: Path) -> str:
+    """The command line a :func:`finetune_run` records for its run (one string, to match runs by)."""
+    return "neurontune finetune " + " ".join([*overrides, f"output_dir={out}"])
 
 
 def _same_run(out: Path, overrides: list[str]) -> bool:
