@@ -166,16 +166,20 @@ def majority(task: str, seeds: list[int], n: int) -> float | None:
 def recorded(paths: list[Path]) -> dict[str, dict]:
     """command -> run, from earlier results files (``--recorded``); each run keeps the date it was
     recorded on (``recorded``), so the markdown can say which runs are new."""
-    import json
+    from neurontune.errors import NeurontuneError
+    from neurontune.io import read_json
 
     runs: dict[str, dict] = {}
     for path in paths:
         try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            sys.exit(f"--recorded {path}: not a results file ({e})")
-        for r in result.get("runs", []):
-            runs.setdefault(r["command"], {**r, "recorded": r.get("recorded", result.get("date"))})
+            result = read_json(path, "--recorded results file")
+            found = {r["command"]: r for r in result["runs"]}
+        except NeurontuneError as e:
+            sys.exit(str(e))
+        except (KeyError, TypeError):
+            sys.exit(f"--recorded {path}: not a results file (no runs with their commands)")
+        for command, r in found.items():
+            runs.setdefault(command, {**r, "recorded": r.get("recorded", result.get("date"))})
     return runs
 
 

@@ -202,3 +202,6 @@ def test_recorded_runs_are_taken_from_an_earlier_results_file_by_their_command(t
     (tmp_path / "bad.json").write_text("{not json")
     res = suite("none", "--recorded", str(tmp_path / "bad.json"))
     assert res.returncode != 0 and "--recorded" in res.stderr and "Traceback" not in res.stderr
+    (tmp_path / "bad.json").write_text('{"runs": [{"score": 1.0}]}')  # JSON, but no commands to match
+    res = suite("none", "--recorded", str(tmp_path / "bad.json"))
+    assert res.returncode != 0 and "not a results file" in res.stderr and "Traceback" not in res.stderr
