@@ -18,6 +18,9 @@ size and evaluation; only the method and its learning rate change:
 
 ``--lr-from dora=lora,rows-neft=rows-taylor`` skips the sweep of a method and gives it, on each task,
 the rate chosen for another (a cheaper suite; the markdown lists which rates were borrowed).
+``--tasks`` also takes data files (any file ``neurontune finetune task=FILE`` reads: classification,
+multiple choice, prompt/completion, ...), so the suite runs on tasks kept apart; their runs go to a
+folder named by the file's stem and a hash of its path.
 ``--recorded old.json`` takes each run an earlier results file holds with the very same command from
 it instead of running it again (a method added to a finished suite costs only its own runs; the
 markdown says how many runs are old and when they ran).
@@ -121,7 +124,7 @@ def overrides(
 def run(a: argparse.Namespace, phase: str, task: str, method: str, seed: int, lr: float | None) -> dict:
     split = "validation" if phase == "sweep" else "test"
     name = f"{method}-lr{lr:g}-s{seed}" if lr is not None else f"{method}-s{seed}"
-    out = a.runs / phase / task / name
+    out = a.runs / phase / task_dir(task) / name
     o = overrides(a, task, method, seed, lr, split)
     if (old := a.recorded.get(finetune_command(o, out))) is not None:
         print(f"{phase} {task} {method} lr={lr} seed={seed}: recorded {old['score']:.3f}", flush=True)
@@ -149,18 +152,37 @@ def run(a: argparse.Namespace, phase: str, task: str, method: str, seed: int, lr
     return row
 
 
-def majority(task: str, seeds: list[int], n: int) -> float | None:
-    """The majority-class rate of the evaluated test examples (mean over seeds), for tasks with labels."""
+def task_dir(task: str) -> str:
+    """The runs' folder for a task: its name, or for a data file its stem and a hash of the path as given."""
+    if task in TASKS:
+        return task
+    import hashlib
+
+    return f"{Path(task).stem}-{hashlib.sha1(task.encode()).hexdigest()[:8]}"
+
+
+def task_info(task: str, seeds: list[int], n: int) -> tuple[float | None, str]:
+    """The majority-class rate of the evaluated test examples (mean over seeds; None for tasks without
+    labels) and why the task is in the suite (for a data file: what it holds)."""
+    from neurontune.errors import NeurontuneError
     from neurontune.tasks import load_task
 
+    try:
+        loaded = [load_task(task, seed=seed) for seed in seeds]
+    except NeurontuneError as e:
+        sys.exit(f"--tasks {task}: {e}")
+    first = loaded[0]
+    why = TASKS.get(task) or (
+        f"a data file: {first.kind.replace('_', ' ')}, {len(first.train)} training and {len(first.eval)} "
+        "test examples (split as `neurontune finetune task=FILE` splits it)"
+    )
+    if not first.eval or first.eval[0].label is None:
+        return None, why
     rates = []
-    for seed in seeds:
-        examples = load_task(task, seed=seed).eval[:n]
-        if examples[0].label is None:
-            return None
-        labels = [e.label for e in examples]
+    for t in loaded:
+        labels = [e.label for e in t.eval[:n]]
         rates.append(max(labels.count(v) for v in set(labels)) / len(labels))
-    return statistics.fmean(rates)
+    return statistics.fmean(rates), why
 
 
 def recorded(paths: list[Path]) -> dict[str, dict]:
@@ -326,6 +348,7 @@ def _fmt(x: float | None) -> str:
 
 
 def render(result: dict) -> str:
+    why = result.get("why", {})  # files written before data-file tasks have none: the built-in reasons
     s = result["settings"]
     summary = result["summary"]
     lines = [
@@ -348,7 +371,10 @@ def render(result: dict) -> str:
         "",
         "| task | majority class | why |",
         "|---|---:|---|",
-        *[f"| {t} | {_fmt(result.get('majority', {}).get(t))} | {TASKS[t]} |" for t in s["tasks"]],
+        *[
+            f"| {t} | {_fmt(result.get('majority', {}).get(t))} | {why.get(t) or TASKS.get(t, '')} |"
+            for t in s["tasks"]
+        ],
     ]
     if summary["table"]:
         methods = list(dict.fromkeys(r["method"] for r in summary["table"]))
@@ -463,17 +489,19 @@ def main() -> None:
         return render_only(a.out, a.name, render)
     tasks, methods = a.tasks.split(","), a.methods.split(",")
     seeds = [int(x) for x in a.seeds.split(",")]
-    unknown = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
+    # a task is a built-in one or a data file `neurontune finetune task=FILE` reads (tasks kept apart)
+    unknown = [t for t in tasks if t not in TASKS and not Path(t).exists()]
+    unknown += [m for m in methods if m not in METHODS]
     if unknown:
-        sys.exit(f"unknown tasks or methods: {unknown}")
+        sys.exit(f"unknown tasks or methods: {unknown} (tasks: {', '.join(TASKS)} or a data file)")
     phases = a.phases.split(",")
     a.recorded = recorded(a.recorded)
     lend = borrowed(a.lr_from, methods)
     runs: list[dict] = []
-    rates = {t: majority(t, seeds, a.eval_examples) for t in tasks}  # loads each task once
+    info = {t: task_info(t, seeds, a.eval_examples) for t in tasks}  # loads each task once
 
     def save(partial: bool) -> None:
-        result = _result(a, runs, tasks, methods, seeds, rates, lend, partial)
+        result = _result(a, runs, tasks, methods, seeds, info, lend, partial)
         if not partial:
             png = a.out / f"{a.name}_curves.png"
             plot(result, png)
@@ -511,7 +539,7 @@ def main() -> None:
 
 
 def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: list[str], seeds: list[int],
-            rates: dict[str, float | None], lend: dict[str, str], partial: bool) -> dict:  # fmt: skip
+            info: dict[str, tuple[float | None, str]], lend: dict[str, str], partial: bool) -> dict:  # fmt: skip
     import time
 
     test = [r for r in runs if r["phase"] == "test"]
@@ -537,7 +565,8 @@ def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: 
             "set": a.set,
             "jobs": a.jobs,
         },
-        "majority": rates,
+        "majority": {t: rate for t, (rate, _) in info.items()},
+        "why": {t: why for t, (_, why) in info.items()},
         "chosen_lr": choose([r for r in runs if r["phase"] == "sweep"]),
         "summary": summarize(test, tasks, methods, seeds),
         "runs": runs,

@@ -205,3 +205,46 @@ def test_recorded_runs_are_taken_from_an_earlier_results_file_by_their_command(t
     (tmp_path / "bad.json").write_text('{"runs": [{"score": 1.0}]}')  # JSON, but no commands to match
     res = suite("none", "--recorded", str(tmp_path / "bad.json"))
     assert res.returncode != 0 and "not a results file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_data_file_is_a_task_of_the_suite(tmp_path):
+    """Tasks kept apart come as data files (any file `neurontune finetune task=FILE` reads): each runs
+    in its own folder, and the markdown says what the file holds; a bad file gets one clear error."""
+    import json
+    import subprocess
+    import sys
+
+    colours = ["red", "green", "blue"]
+    rows = [
+        {"prompt": f"Item {i}: which colour?", "choices": colours, "answer": colours[i % 3]}
+        for i in range(40)
+    ]
+    data = tmp_path / "held out" / "colours.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def suite(task: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(Path(qs.__file__)), "--model", "tiny-llama", "--tasks", f"hyperbaton,{task}",
+               "--methods", "none,rows-taylor", "--phases", "test", "--seeds", "0", "--steps", "1",
+               "--lrs-rows", "1e-3", "--train-examples", "16", "--eval-examples", "4",
+               "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+    res = suite(str(data))
+    assert res.returncode == 0, res.stderr[-2000:]
+    folders = sorted(p.name for p in (tmp_path / "runs" / "test").iterdir())
+    assert folders[1] == "hyperbaton" and folders[0].startswith("colours-")
+    assert sorted(p.name for p in (tmp_path / "runs" / "test" / folders[0]).iterdir()) == [
+        "none-s0", "rows-taylor-lr0.001-s0"
+    ]  # fmt: skip
+    result = json.loads((tmp_path / "out" / "quality_suite.json").read_text())
+    assert {r["task"] for r in result["runs"]} == {"hyperbaton", str(data)}
+    assert result["majority"][str(data)] is not None  # the file's answers are labels
+    md = (tmp_path / "out" / "quality_suite.md").read_text()
+    assert f"| {data} |" in md and "a data file: multiple choice, 36 training and 4 test examples" in md
+    res = suite(str(tmp_path / "missing.jsonl"))
+    assert res.returncode != 0 and "unknown tasks" in res.stderr and "Traceback" not in res.stderr
+    data.write_text('{"question": "no known fields"}\n')
+    res = suite(str(data))
+    assert res.returncode != 0 and f"--tasks {data}: " in res.stderr and "unrecognised record" in res.stderr
+    assert "Traceback" not in res.stderr
