@@ -207,6 +207,7 @@ def test_recorded_runs_are_taken_from_an_earlier_results_file_by_their_command(t
     assert res.returncode != 0 and "not a results file" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # ~50 s of tiny-model runs; a benchmark script's option, not the library
 def test_a_data_file_is_a_task_of_the_suite(tmp_path):
     """Tasks kept apart come as data files (any file `neurontune finetune task=FILE` reads): each runs
     in its own folder, and the markdown says what the file holds; a bad file gets one clear error."""
