@@ -48,6 +48,10 @@ def reference() -> dict:
             model = tiny_model(kind, seed=3)
             scores = score_model(model, name, batches=batches(model), seed=5, **options)
             out[f"{kind}/{case}"] = {n: s.tolist() for n, s in scores.items()}
+    for case in ("taylor", "fisher", "wanda"):  # a bf16 base: gradients and statistics from bf16 kernels
+        model = tiny_model("tiny-llama", seed=3, dtype=torch.bfloat16)
+        scores = score_model(model, case, batches=batches(model), seed=5)
+        out[f"tiny-llama-bf16/{case}"] = {n: s.tolist() for n, s in scores.items()}
     return out
 
 
