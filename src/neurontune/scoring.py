@@ -51,7 +51,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neurontune.errors import NeurontuneError
-from neurontune.targets import dense_weight, find_target_modules, get_weight, is_quantized, linear_shape
+from neurontune.targets import (
+    as_out_in,
+    dense_weight,
+    find_target_modules,
+    get_weight,
+    is_quantized,
+    linear_shape,
+)
 from neurontune.train import labelled_tokens
 
 STAT_KINDS = frozenset({"act_in", "act_out", "grad", "grad_sq", "zo_grad", "probe"})
@@ -219,12 +226,6 @@ def _weight_fp32(module: nn.Module) -> torch.Tensor:
     return dense_weight(module) if is_quantized(module) else get_weight(module).detach().float()
 
 
-def _grad_oi(module: nn.Module) -> torch.Tensor:
-    """The weight's gradient as (out, in)."""
-    g = module.weight.grad
-    return g.t().float() if get_weight(module) is not module.weight else g.float()
-
-
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     device = next(model.parameters()).device
     b = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
@@ -300,25 +301,38 @@ def _train_only(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[No
 
 
 @contextlib.contextmanager
-def _grads_from_hooks(model: nn.Module, modules: dict[str, nn.Module], grads: dict[str, torch.Tensor]):
-    """``dL/dW = sum_t dy_t^T x_t`` per module from its input and its output's gradient, for weights that
-    cannot hold a gradient (quantized ones). The input embeddings' output requires grad, so backward
-    runs through every layer's own kernels; nothing of the model is made trainable."""
-    handles = [
-        model.get_input_embeddings().register_forward_hook(lambda m, args, out: out.requires_grad_(True))
-    ]
+def _weight_grads(modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]):
+    """Hand ``dL/dW`` of each module in ``modules`` to ``sink(name, g)`` during backward, as ``(out, in)``
+    in the weight's compute dtype, without any weight requiring grad (so no weight-sized ``.grad``
+    exists, and a quantized weight, which cannot hold one, works alike).
 
-    def hook(name: str, mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    ``g = x^T dy`` (transposed) from the module's input ``x`` and its output's gradient ``dy``, the
+    product autograd's linear backward forms for the weight. A module whose output does not require
+    grad yet (nothing before it in the pass does) gets an output that does, as a leaf: backward then
+    runs from the loss down to the earliest module given here and no further, and the leaf's own
+    gradient is dropped as soon as it is accumulated."""
+
+    def hook(name: str, mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
         x = args[0].detach()
+        leaf = not out.requires_grad
+        if leaf:
+            out = out.detach().requires_grad_()
+        fp32 = is_quantized(mod)  # a quantized layer's gradients are formed in fp32, as they were
 
         def on_grad(gy: torch.Tensor) -> None:
-            g = gy.reshape(-1, gy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
-            grads[name] = g if name not in grads else grads[name] + g
+            x2, g2 = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
+            sink(name, g2.float().t() @ x2.float() if fp32 else (x2.t() @ g2.to(x2.dtype)).t())
 
         out.register_hook(on_grad)
+        if leaf:
+            out.register_post_accumulate_grad_hook(lambda t: setattr(t, "grad", None))
+            return out
+        return None
 
-    for name, mod in modules.items():
-        handles.append(mod.register_forward_hook(lambda m, a, o, name=name: hook(name, m, a, o)))
+    handles = [
+        mod.register_forward_hook(lambda m, a, o, name=name: hook(name, m, a, o))
+        for name, mod in modules.items()
+    ]
     try:
         yield
     finally:
@@ -326,35 +340,42 @@ def _grads_from_hooks(model: nn.Module, modules: dict[str, nn.Module], grads: di
             h.remove()
 
 
+def _micro_batches(batches: Sequence[dict], per_sample: bool) -> list[dict]:
+    if not per_sample:
+        return list(batches)
+    return [{k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
+
+
 def _collect_grads(model, modules, stats, batches, needs, per_sample, progress) -> None:
-    """Gradients of the target weights only; one accumulator per statistic, never per-sample copies.
-    Quantized weights take theirs from hooks (:func:`_grads_from_hooks`)."""
-    hooked: dict[str, torch.Tensor] = {}
-    quantized = any(is_quantized(m) for m in modules.values())
-    params = [] if quantized else [mod.weight for mod in modules.values()]
-    with (
-        _train_only(model, params),
-        _grads_from_hooks(model, modules, hooked) if quantized else (contextlib.nullcontext()),
-    ):
-        micro = []
-        for b in batches:
-            if per_sample:
-                micro += [{k: v[i : i + 1] for k, v in b.items()} for i in range(b["input_ids"].shape[0])]
-            else:
-                micro.append(b)
-        for b in tqdm(micro, desc="gradients", disable=not progress):
+    """Gradient statistics of ``modules`` (one group of the targets): ``grad`` (their sum over the
+    micro-batches) and ``grad_sq`` (the sum of their squares), accumulated in fp32 in place as backward
+    reaches each module (:func:`_weight_grads`); with ``grad_sq`` a module's gradient of the whole
+    micro-batch is kept until its backward ends, since it is squared whole."""
+    whole = "grad_sq" in needs
+    pending: dict[str, torch.Tensor] = {}
+
+    def sink(name: str, g: torch.Tensor) -> None:
+        if whole:
+            pending[name] = g if name not in pending else pending[name] + g
+        else:
+            stats[name].grad += g.float()
+
+    with _train_only(model, []), _weight_grads(modules, sink):
+        for b in tqdm(_micro_batches(batches, per_sample), desc="gradients", disable=not progress):
             if int((b["labels"] != -100).sum()) == 0:
                 continue
-            _loss(model, b).backward()
-            for name, mod in modules.items():
-                g = hooked.pop(name) if quantized else _grad_oi(mod)
+            loss = _loss(model, b)
+            if loss.requires_grad:  # else no module of the group reaches the loss: zero gradients
+                loss.backward()
+            for name in modules:
                 st = stats[name]
-                if "grad" in needs:
-                    st.grad += g
-                if "grad_sq" in needs:
+                if whole and (g := pending.pop(name, None)) is not None:
+                    g = g.float()
+                    if "grad" in needs:
+                        st.grad += g
                     st.grad_sq += g.pow(2)
                 st.n_grad += 1
-                mod.weight.grad = None
+            pending.clear()
 
 
 def _zo_noise(shape: torch.Size, seed: int, module_index: int) -> torch.Tensor:
@@ -362,38 +383,80 @@ def _zo_noise(shape: torch.Size, seed: int, module_index: int) -> torch.Tensor:
     return torch.randn(shape, generator=g)
 
 
+@contextlib.contextmanager
+def _perturbed(modules: dict[str, nn.Module], eps: float) -> Iterator[Callable[[int, int], None]]:
+    """``set(seed, side)``: from then on each module's forward uses ``W + side·ε·z`` (``side`` +1 or
+    -1, ``z`` regenerated from ``seed`` and the module's index), built in the weight's dtype for its
+    own forward and dropped after it; ``side`` 0 is the plain ``W``. The stored weights are never
+    written, so the base is left bit-identical. The -1 side is formed as ``(W + ε z) - 2ε z``, the
+    weight the earlier in-place perturbation (+ε, -2ε, +ε) evaluated, so the estimates are the same."""
+    current = {"seed": 0, "side": 0}
+    swapped: dict[str, nn.Parameter] = {}
+
+    def pre(index: int, name: str, mod: nn.Module, args: tuple) -> None:
+        if current["side"] == 0:
+            return
+        w = get_weight(mod)
+        z = _zo_noise(w.shape, current["seed"], index)
+        with torch.no_grad():
+            p = w + (eps * z).to(device=w.device, dtype=w.dtype)
+            if current["side"] < 0:
+                p -= (2 * eps * z).to(device=w.device, dtype=w.dtype)
+        swapped[name] = mod._parameters["weight"]
+        mod._parameters["weight"] = as_out_in(p, mod)  # the layer's own layout (Conv1D: a transposed view)
+
+    def restore(name: str, mod: nn.Module, *_: Any) -> None:
+        if name in swapped:
+            mod._parameters["weight"] = swapped.pop(name)
+
+    handles = []
+    for i, (name, mod) in enumerate(modules.items()):
+        handles.append(mod.register_forward_pre_hook(lambda m, a, i=i, name=name: pre(i, name, m, a)))
+        handles.append(mod.register_forward_hook(lambda m, a, o, name=name: restore(name, m)))
+
+    def set_side(seed: int, side: int) -> None:
+        current.update(seed=seed, side=side)
+
+    try:
+        yield set_side
+    finally:
+        for h in handles:
+            h.remove()
+        for name in list(swapped):  # a forward that raised between the two hooks
+            restore(name, modules[name])
+
+
 @torch.no_grad()
-def _collect_zo(model, modules, stats, batches, samples, eps, seed, progress) -> None:
-    """SPSA (MeZO-style): perturb in place with regenerated noise, store only (seed, projected grad)."""
-    names = list(modules)
+def _zo_record(model, modules, batches, samples, eps, seed, progress) -> list[tuple[int, float]]:
+    """SPSA (MeZO-style): two forwards per sample at ``W ± εz`` (:func:`_perturbed`); only ``(seed,
+    projected gradient)`` pairs are kept, each module's estimate is rebuilt from them when it is scored."""
     record: list[tuple[int, float]] = []
     rng = torch.Generator().manual_seed(seed)
-
-    def perturb(s: int, scale: float) -> None:
-        for i, n in enumerate(names):
-            w = get_weight(modules[n])
-            w.add_((scale * eps * _zo_noise(w.shape, s, i)).to(device=w.device, dtype=w.dtype))
-
-    for b in tqdm(batches, desc="zo-spsa", disable=not progress):
-        for _ in range(samples):
-            s = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
-            perturb(s, +1.0)
-            lp = _loss(model, b).item()
-            perturb(s, -2.0)
-            lm = _loss(model, b).item()
-            perturb(s, +1.0)
-            record.append((s, (lp - lm) / (2 * eps)))
-    for i, n in enumerate(names):  # rebuild each module's estimate, one module in memory at a time
-        w = get_weight(modules[n])
-        est = torch.zeros(w.shape)
-        for s, c in record:
-            est += c * _zo_noise(w.shape, s, i)
-        stats[n].zo_grad = (est / len(record)).to(w.device)
-        stats[n].n_grad = len(record)
+    with _perturbed(modules, eps) as side:
+        for b in tqdm(batches, desc="zo-spsa", disable=not progress):
+            for _ in range(samples):
+                s = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+                side(s, +1)
+                lp = _loss(model, b).item()
+                side(s, -1)
+                lm = _loss(model, b).item()
+                side(s, 0)
+                record.append((s, (lp - lm) / (2 * eps)))
+    return record
 
 
-def _collect_probe(model, modules, stats, batches, steps, lr, probe_params, progress, world=1) -> None:
-    """Fine-tune (targets or all params) for ``steps`` steps, record target weights, restore everything.
+def _zo_estimate(shape: torch.Size, index: int, record: list[tuple[int, float]]) -> torch.Tensor:
+    est = torch.zeros(shape)
+    for s, c in record:
+        est += c * _zo_noise(shape, s, index)
+    return est / len(record)
+
+
+@contextlib.contextmanager
+def _probed(model, modules, batches, steps, lr, probe_params, progress, world=1):
+    """Fine-tune (targets or all params) for ``steps`` steps; inside, the model holds the probed weights
+    and the context yields ``before(name)``, module ``name``'s (out, in) weight before the probe in fp32;
+    on exit every trained parameter is restored bit for bit from its snapshot.
 
     With ``world`` > 1 (every process calls this, each with the same batches) each step's batch is split
     by rows across the processes and the gradients are summed, each process's loss being its tokens'
@@ -403,8 +466,14 @@ def _collect_probe(model, modules, stats, batches, steps, lr, probe_params, prog
         n for n, p in params.items() if probe_params == "all" or any(p is m.weight for m in modules.values())
     ]
     snapshot = {n: params[n].detach().clone() for n in train_names}
+    param_name = {id(p): n for n, p in params.items()}
     was_training = model.training
     opt_params = [params[n] for n in train_names]
+
+    def before(name: str) -> torch.Tensor:
+        mod = modules[name]
+        return as_out_in(snapshot[param_name[id(mod.weight)]], mod).float()
+
     with _train_only(model, opt_params):
         opt = torch.optim.AdamW(opt_params, lr=lr, weight_decay=0.0)
         model.train()
@@ -425,8 +494,10 @@ def _collect_probe(model, modules, stats, batches, steps, lr, probe_params, prog
                         torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            for name, mod in modules.items():
-                stats[name].weight_after = _weight_fp32(mod).clone()
+            del opt  # its moments, before the scores are formed
+            model.train(was_training)
+            with torch.no_grad():
+                yield before
         finally:
             with torch.no_grad():
                 for n in train_names:
@@ -480,16 +551,18 @@ def shardable_world(needs: Iterable[str], batches: Sequence[Any] | None) -> int:
     return world if batches is not None and len(batches) >= world else 1
 
 
-def _sum_over_processes(stats: Iterable[LayerStats]) -> None:
+def _sum_over_processes(stats: Iterable[LayerStats], keys: Sequence[str], counts: Sequence[str]) -> None:
+    """Add up statistics ``keys`` and counters ``counts`` of every process (the same modules on each)."""
     dist = torch.distributed
     for st in stats:
-        for key in ("act_in_sq", "act_out_abs", "act_out_pos", "grad", "grad_sq"):
+        for key in keys:
             t = getattr(st, key)
             if t is not None:
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        counts = torch.tensor([st.n_tokens, st.n_grad], dtype=torch.float64, device=_device_of(st))
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        st.n_tokens, st.n_grad = int(counts[0]), int(counts[1])
+        c = torch.tensor([getattr(st, k) for k in counts], dtype=torch.float64, device=_device_of(st))
+        dist.all_reduce(c, op=dist.ReduceOp.SUM)
+        for k, v in zip(counts, c.tolist(), strict=True):
+            setattr(st, k, int(v))
 
 
 def _device_of(st: LayerStats) -> torch.device:
@@ -497,6 +570,74 @@ def _device_of(st: LayerStats) -> torch.device:
         if (t := getattr(st, key)) is not None:
             return t.device
     return torch.device("cpu")
+
+
+# ---- memory: which target modules are scored together ------------------------------------------------
+GRAD_STATS = frozenset({"grad", "grad_sq"})
+MIN_GROUP_BYTES = 512 * 2**20
+
+
+def stat_bytes(module: nn.Module, needs: Iterable[str]) -> int:
+    """Bytes that module's weight-sized statistics take while its group is scored: an fp32 ``(out, in)``
+    accumulator per gradient statistic, and with ``grad_sq`` the micro-batch's gradient (compute dtype)."""
+    needs = set(needs)
+    out_f, in_f = linear_shape(module)
+    n = out_f * in_f
+    size = 4 * n * len(needs & GRAD_STATS)
+    if "grad_sq" in needs:
+        size += n * (4 if is_quantized(module) else module.weight.element_size())
+    return size
+
+
+def default_group_bytes(model: nn.Module) -> int:
+    """The weight-sized statistics held at once unless told otherwise: an eighth of the model's
+    parameter bytes, at least 512 MiB (so a model up to a few hundred million parameters is scored in one
+    pass, and an 8B bf16 model holds 2 GB of statistics in each of ~14 passes)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(MIN_GROUP_BYTES, total // 8)
+
+
+def plan_groups(modules: dict[str, nn.Module], needs: Iterable[str], budget: int) -> list[list[str]]:
+    """The target modules in model order, cut into consecutive groups whose :func:`stat_bytes` add up to
+    at most ``budget`` (a module larger than the budget alone makes a group). Each group is one pass
+    over the calibration data; a scorer without weight-sized statistics is one group."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, mod in modules.items():
+        size = stat_bytes(mod, needs)
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def _new_stats(name: str, mod: nn.Module, needs: frozenset[str], seed: int) -> LayerStats:
+    out_f, in_f = linear_shape(mod)
+    dev = mod.weight.device
+    st = LayerStats(name, generator=torch.Generator().manual_seed(module_seed(seed, name)))
+    if "act_in" in needs:
+        st.act_in_sq = torch.zeros(in_f, device=dev)
+    if "act_out" in needs:
+        st.act_out_abs, st.act_out_pos = torch.zeros(out_f, device=dev), torch.zeros(out_f, device=dev)
+    return st
+
+
+def _score_one(fn: ScorerFn, name: str, w: torch.Tensor, st: LayerStats) -> torch.Tensor:
+    s = fn(w, st)
+    if not isinstance(s, torch.Tensor) or s.shape != (w.shape[0],):
+        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+        raise NeurontuneError(f"scorer returned {got} for {name}; expected a tensor of shape ({w.shape[0]},)")
+    s = s.detach().float().cpu()
+    if not torch.isfinite(s).all():
+        raise NeurontuneError(f"scorer produced non-finite scores for {name}")
+    return s
+
+
+def _release(st: LayerStats) -> None:
+    """Drop a scored module's weight-sized statistics."""
+    st.grad = st.grad_sq = st.zo_grad = st.weight_after = None
 
 
 def score_model(
@@ -507,6 +648,7 @@ def score_model(
     exclude_modules: str | Sequence[str] | None = None,
     seed: int = 0,
     progress: bool = False,
+    group_bytes: int | None = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Score every output row of every target module. Restores the model's weights and grad flags.
@@ -514,27 +656,24 @@ def score_model(
     ``batches``: calibration batches (dicts with ``input_ids``, ``attention_mask``, ``labels``), needed
     by every scorer except ``magnitude`` and ``random``. ``options`` go to the scorer factory
     (``p=2``, ``mode="frequency"``, ``probe_steps=100``, ``samples=8``, ``per_sample=True``).
+
+    **Memory.** Each module is reduced to its row scores as soon as its statistics are complete, and
+    its weight-sized statistics are dropped. Gradient statistics (``taylor``, ``fisher``) are gathered
+    for consecutive groups of modules holding at most ``group_bytes`` of them (default
+    :func:`default_group_bytes`), one pass over the calibration data per group, from the modules'
+    inputs and output gradients: no weight requires grad and no weight-sized ``.grad`` exists, and
+    backward stops at the group's first module. ``zo-taylor`` perturbs each weight only for its own
+    forward (never in place), and its estimates are rebuilt one module at a time. The scores do not
+    depend on the grouping. NeFT's probe is a fine-tune of the targets: its memory is that of full
+    fine-tuning plus one snapshot of the trained weights in their own dtype.
     """
     fn = get_scorer(scorer_fn, **options)
     needs = fn.needs
     names = find_target_modules(model, target_modules, exclude_modules)
     modules = {n: model.get_submodule(n) for n in names}
     torch.manual_seed(seed)
-    stats: dict[str, LayerStats] = {}
     check_quantized(fn, modules)
-    for n, mod in modules.items():
-        out_f, in_f = linear_shape(mod)
-        dev = mod.weight.device
-        st = LayerStats(n, generator=torch.Generator().manual_seed(module_seed(seed, n)))
-        if "act_in" in needs:
-            st.act_in_sq = torch.zeros(in_f, device=dev)
-        if "act_out" in needs:
-            st.act_out_abs, st.act_out_pos = torch.zeros(out_f, device=dev), torch.zeros(out_f, device=dev)
-        if "grad" in needs:
-            st.grad = torch.zeros(out_f, in_f, device=dev)
-        if "grad_sq" in needs:
-            st.grad_sq = torch.zeros(out_f, in_f, device=dev)
-        stats[n] = st
+    stats = {n: _new_stats(n, mod, needs, seed) for n, mod in modules.items()}
     if needs:
         batches = _check_batches(batches, getattr(fn, "scorer_name", "custom"))
     world = shardable_world(needs, batches)
@@ -542,46 +681,45 @@ def score_model(
         batches = batches[torch.distributed.get_rank() :: world]
     if needs & {"act_in", "act_out"}:
         _collect_activations(model, modules, stats, batches, needs, progress)
-    if needs & {"grad", "grad_sq"}:
-        _collect_grads(model, modules, stats, batches, needs, getattr(fn, "per_sample", False), progress)
-    if world > 1:
-        _sum_over_processes(stats.values())
+        if world > 1:
+            _sum_over_processes(stats.values(), ("act_in_sq", "act_out_abs", "act_out_pos"), ("n_tokens",))
+    record = None
     if "zo_grad" in needs:
-        _collect_zo(
-            model,
-            modules,
-            stats,
-            batches,
-            getattr(fn, "samples", 4),
-            getattr(fn, "eps", 1e-3),
-            seed,
-            progress,
-        )
+        samples, eps = getattr(fn, "samples", 4), getattr(fn, "eps", 1e-3)
+        record = _zo_record(model, modules, batches, samples, eps, seed, progress)
+    scores: dict[str, torch.Tensor] = {}
     if "probe" in needs:
-        _collect_probe(
-            model,
-            modules,
-            stats,
-            batches,
-            getattr(fn, "probe_steps", 20),
-            getattr(fn, "probe_lr", 1e-4),
-            getattr(fn, "probe_params", "targets"),
-            progress,
-            probe_world(needs, batches),
-        )
-    scores = {}
-    for n, mod in modules.items():
-        w = _weight_fp32(mod)
-        s = fn(w, stats[n])
-        if not isinstance(s, torch.Tensor) or s.shape != (w.shape[0],):
-            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise NeurontuneError(
-                f"scorer returned {got} for {n}; expected a tensor of shape ({w.shape[0]},)"
-            )
-        s = s.detach().float().cpu()
-        if not torch.isfinite(s).all():
-            raise NeurontuneError(f"scorer produced non-finite scores for {n}")
-        scores[n] = s
+        steps, lr = getattr(fn, "probe_steps", 20), getattr(fn, "probe_lr", 1e-4)
+        params = getattr(fn, "probe_params", "targets")
+        with _probed(model, modules, batches, steps, lr, params, progress, probe_world(needs, batches)) as w0:
+            for n, mod in modules.items():  # one module's fp32 pair at a time
+                stats[n].weight_after = _weight_fp32(mod)
+                scores[n] = _score_one(fn, n, w0(n), stats[n])
+                _release(stats[n])
+        return scores
+    budget = group_bytes if group_bytes is not None else default_group_bytes(model)
+    groups = plan_groups(modules, needs, budget) if needs & GRAD_STATS else [names]
+    index = {n: i for i, n in enumerate(names)}  # zo-taylor's noise is drawn per module index
+    for i, group in enumerate(groups):
+        part = {n: modules[n] for n in group}
+        if needs & GRAD_STATS:
+            for n, mod in part.items():
+                out_f, in_f = linear_shape(mod)
+                for key in needs & GRAD_STATS:
+                    setattr(stats[n], key, torch.zeros(out_f, in_f, device=mod.weight.device))
+            if progress and len(groups) > 1:
+                print(f"scoring group {i + 1}/{len(groups)} ({len(group)} modules)")
+            per_sample = getattr(fn, "per_sample", False)
+            _collect_grads(model, part, stats, batches, needs, per_sample, progress and len(groups) == 1)
+            if world > 1:
+                _sum_over_processes([stats[n] for n in group], ("grad", "grad_sq"), ("n_grad",))
+        for n, mod in part.items():
+            st = stats[n]
+            if record is not None:
+                w = get_weight(mod)
+                st.zo_grad, st.n_grad = _zo_estimate(w.shape, index[n], record).to(w.device), len(record)
+            scores[n] = _score_one(fn, n, _weight_fp32(mod), st)
+            _release(st)
     return scores
 
 
