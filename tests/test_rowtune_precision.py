@@ -213,3 +213,29 @@ def test_auto_rule_on_a_gpu():
     fp = RowSparseLinear(torch.nn.Linear(8, 6).cuda(), rows=[0], impl="auto")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert fp.resolved_impl(torch.randn(2, 8, device="cuda")) == "merged"
+
+
+@pytest.mark.parametrize("cast", ["bf16", "half", "to-cpu-bf16", "double"])
+def test_casting_the_model_keeps_every_delta_bit_exact(cast):
+    """``model.to(bf16)`` casts the frozen base; the deltas keep fp32 and their exact values (a cast down
+    and back up would round random deltas of ~1e-3 by up to ~1e-5)."""
+    model = get_rowtune_model(tiny_model("tiny-llama"), random_spec(tiny_model("tiny-llama"), k=3, cols=5))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.rowtune_layers().values():
+            layer.delta.copy_(torch.randn(layer.delta.shape, generator=g) * 1e-3)
+            layer.delta.grad = torch.randn(layer.delta.shape, generator=g)
+    before = {n: (m.delta.detach().clone(), m.delta.grad.clone()) for n, m in model.rowtune_layers().items()}
+    order = [n for n, _ in model.named_parameters()]
+    {
+        "bf16": lambda: model.to(torch.bfloat16),
+        "half": lambda: model.half(),
+        "to-cpu-bf16": lambda: model.to("cpu", torch.bfloat16),
+        "double": lambda: model.double(),
+    }[cast]()
+    for n, layer in model.rowtune_layers().items():
+        assert layer.delta.dtype == torch.float32
+        assert torch.equal(layer.delta, before[n][0]) and torch.equal(layer.delta.grad, before[n][1]), n
+        assert layer.base_layer.weight.dtype != torch.float32
+        assert isinstance(layer.delta, torch.nn.Parameter) and layer.delta.requires_grad
+    assert [n for n, _ in model.named_parameters()] == order

@@ -296,10 +296,22 @@ class RowSparseLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` cast the frozen base; the delta keeps `delta_dtype`
-        # (fp32 by default) so optimizer updates to it do not underflow. Devices still follow `fn`.
-        super()._apply(fn, recurse)
-        if self.delta.dtype != self.delta_dtype:
-            self.delta.data = self.delta.data.to(self.delta_dtype)
+        # (fp32 by default) and its values bit for bit (a cast down and back up would round them), so
+        # optimizer updates to it do not underflow. Devices still follow `fn`: where `fn` takes a tensor
+        # of the delta's dtype is read from an empty one, and the delta alone is moved there.
+        delta = self._parameters.pop("delta")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["delta"] = delta
+        target = fn(torch.empty(0, dtype=delta.dtype, device=delta.device)).device
+        if target != delta.device:
+            with torch.no_grad():
+                delta.data = delta.data.to(target)
+                if delta.grad is not None:
+                    delta.grad = delta.grad.to(target)
+        if delta.dtype != self.delta_dtype:
+            delta.data = delta.data.to(self.delta_dtype)
         return self
 
     # ---- state ---------------------------------------------------------------------------------
