@@ -14,7 +14,7 @@ from neurontune.errors import NeurontuneError
 from neurontune.fields import GIVEN, choices_of, is_set
 from neurontune.fields import opt as _opt
 from neurontune.methods import get_method, method_names, option_classes, registry
-from neurontune.models import QUANTIZATIONS
+from neurontune.models import DTYPES, QUANTIZATIONS
 
 
 def _scorer_names() -> tuple[str, ...]:
@@ -120,7 +120,10 @@ class SelectConfig(DataConfig):
     model: str = _opt(
         "smollm2-135m", "model: smollm2-135m (bundled), tiny-llama, tiny-gpt2, a local dir or Hub id"
     )
-    dtype: str = _opt("float32", "dtype of the frozen base (float32, bfloat16, float16)")
+    dtype: str = _opt(
+        "auto", "dtype the base is loaded in; auto: the checkpoint's own on a GPU (bf16 for a bf16 "
+        "checkpoint), float32 on a CPU. Trainable deltas are float32 whatever it is", DTYPES,
+    )  # fmt: skip
     quantization: str = _opt(
         "none",
         "load the frozen base quantized by bitsandbytes: nf4 / fp4 (4-bit, as QLoRA) or int8",
@@ -154,6 +157,12 @@ class SelectConfig(DataConfig):
         64, "calibration examples (from the train split) for data-driven scorers", group=SEL
     )
     calib_batch_size: int = _opt(8, "calibration batch size", group=SEL)
+    score_memory_mib: int = _opt(
+        0,
+        "MiB of weight-sized gradient statistics (taylor, fisher) held at once while scoring: one pass "
+        "over the calibration data per group of modules that fits; 0: max(512, an eighth of the model)",
+        group=SEL,
+    )
     output: str = _opt("neuron_spec.json", "where to write the spec (select only)")
 
     _positive = (*DataConfig._positive, "calib_examples", "calib_batch_size")
@@ -161,6 +170,8 @@ class SelectConfig(DataConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.budget_kwargs()  # validate early
+        if self.score_memory_mib < 0:
+            raise NeurontuneError(f"score_memory_mib={self.score_memory_mib}: must be 0 (automatic) or more")
 
     def budget_kwargs(self) -> dict[str, Any]:
         kind, _, value = self.budget.partition(":")
@@ -323,7 +334,9 @@ class EvalConfig(DataConfig):
 
     adapter: str | None = _opt(None, "adapter directory (neurontune rows or PEFT LoRA)")
     model: str | None = _opt(None, "base or merged model (default: the adapter's base, else smollm2-135m)")
-    dtype: str = _opt("float32", "dtype of the model")
+    dtype: str = _opt(
+        "auto", "dtype the model is loaded in; auto: the checkpoint's own on a GPU, float32 on a CPU", DTYPES
+    )
     quantization: str | None = _opt(
         None, "load the base quantized (nf4, fp4, int8, none; default: as a row adapter's base was trained)",
         QUANTIZATIONS,
@@ -401,7 +414,7 @@ class MergeConfig:
     adapter: str = _opt("", "adapter directory (neurontune rows or PEFT LoRA)")
     output: str = _opt("", "directory for the merged model (config.json + model.safetensors + tokenizer)")
     model: str | None = _opt(None, "base model (default: the adapter's base)")
-    dtype: str = _opt("float32", "dtype of the saved model")
+    dtype: str = _opt("auto", "dtype of the saved model; auto: the base checkpoint's own", DTYPES)
     quantization: str | None = _opt(
         None, "load the base quantized (nf4, fp4, int8, none; default: as a row adapter's base was trained); "
         "the merged model is dequantized", QUANTIZATIONS,

@@ -126,20 +126,27 @@ def export_peft_lora(
 
 def check_export(adapter_dir: str | os.PathLike, lora_dir: str | os.PathLike, model: Any) -> float:
     """Largest absolute difference between the logits of the row adapter and of the exported LoRA
-    adapter, both applied to ``model``'s weights, on a fixed batch of token ids."""
-    import copy
-
+    adapter, both applied to ``model``'s weights, on a fixed batch of token ids. One copy of the base:
+    the row adapter is put into ``model``, run, and taken out again (its layers give back the very
+    modules they wrapped) before the LoRA adapter goes in."""
     from peft import PeftModel
 
     from neurontune.rowtune import RowTuneModel
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g).to(model.device)
-    rows = RowTuneModel.from_pretrained(copy.deepcopy(model), adapter_dir).eval()
-    lora = PeftModel.from_pretrained(model, str(lora_dir)).eval()
+    rows = RowTuneModel.from_pretrained(model, adapter_dir).eval()
     with torch.no_grad():
-        a, b = rows(input_ids=ids).logits.float(), lora(input_ids=ids).logits.float()
+        a = rows(input_ids=ids).logits.float()
+    base = rows.unload()
+    lora = PeftModel.from_pretrained(base, str(lora_dir)).eval()
+    with torch.no_grad():
+        b = lora(input_ids=ids).logits.float()
     return float((a - b).abs().max())
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def export(adapter: str, to: str, output: str, per_module_rank: bool, check: bool, model: str | None) -> dict:
@@ -154,7 +161,8 @@ def export(adapter: str, to: str, output: str, per_module_rank: bool, check: boo
     if Path(output).exists():
         raise NeurontuneError(f"{output} already exists; choose a new --output")
     cfg, _ = read_adapter(adapter)
-    base = load_model(model or cfg.get("base_model"), dtype="float32")[0] if check else None
+    # the base once, in the dtype finetune used (auto: the checkpoint's own on a GPU, fp32 on a CPU)
+    base = load_model(model or cfg.get("base_model"), dtype="auto", device=_device())[0] if check else None
     fan_in_fan_out = None  # from the adapter's record; adapters of neurontune <= 0.1 have none:
     if cfg.get("fan_in_fan_out") is None:
         from transformers.pytorch_utils import Conv1D

