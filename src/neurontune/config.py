@@ -156,11 +156,11 @@ class SelectConfig(DataConfig):
     calib_examples: int = _opt(
         64, "calibration examples (from the train split) for data-driven scorers", group=SEL
     )
-    calib_batch_size: int = _opt(8, "calibration batch size", group=SEL)
+    calib_batch_size: int = _opt(8, "calibration batch size (finetune: at most its batch_size)", group=SEL)
     score_memory_mib: int = _opt(
         0,
         "MiB of weight-sized gradient statistics (taylor, fisher) held at once while scoring: one pass "
-        "over the calibration data per group of modules that fits; 0: max(512, an eighth of the model)",
+        "over the calibration data per group of modules that fits; 0: max(512, a sixteenth of the model)",
         group=SEL,
     )
     output: str = _opt("neuron_spec.json", "where to write the spec (select only)")

@@ -42,6 +42,7 @@ Bring your own with :func:`scorer`::
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -340,13 +341,48 @@ def _weight_grads(modules: dict[str, nn.Module], sink: Callable[[str, torch.Tens
             h.remove()
 
 
+@contextlib.contextmanager
+def _checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """With ``enabled``, the decoder layers recompute their activations in backward (transformers'
+    gradient checkpointing, non-reentrant) during the gradient passes, as the training step does when
+    ``gradient_checkpointing`` is on. Only the layers themselves are put in training mode (what turns
+    transformers' checkpointing on); their submodules stay as they are, so dropout stays off."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not enabled or not layers or not getattr(model, "supports_gradient_checkpointing", False):
+        yield
+        return
+    flags = [(m.training, m.gradient_checkpointing) for m in layers]
+    was_on = any(on for _, on in flags)
+    # newer transformers name them activation_checkpointing_*, older ones (and 5.17) gradient_checkpointing_*
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        enable = functools.partial(model.activation_checkpointing_enable, activation_checkpointing_kwargs=kwargs)
+        disable = model.activation_checkpointing_disable
+    else:
+        enable = functools.partial(model.gradient_checkpointing_enable, gradient_checkpointing_kwargs=kwargs)
+        disable = model.gradient_checkpointing_disable
+    if not was_on:
+        enable()
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        if not was_on:
+            disable()
+        for m, (training, _) in zip(layers, flags, strict=True):
+            m.training = training
+
+
 def _micro_batches(batches: Sequence[dict], per_sample: bool) -> list[dict]:
     if not per_sample:
         return list(batches)
     return [{k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
 
 
-def _collect_grads(model, modules, stats, batches, needs, per_sample, progress) -> None:
+def _collect_grads(model, modules, stats, batches, needs, per_sample, progress, checkpointing=False) -> None:
     """Gradient statistics of ``modules`` (one group of the targets): ``grad`` (their sum over the
     micro-batches) and ``grad_sq`` (the sum of their squares), accumulated in fp32 in place as backward
     reaches each module (:func:`_weight_grads`); with ``grad_sq`` a module's gradient of the whole
@@ -360,7 +396,7 @@ def _collect_grads(model, modules, stats, batches, needs, per_sample, progress) 
         else:
             stats[name].grad += g.float()
 
-    with _train_only(model, []), _weight_grads(modules, sink):
+    with _train_only(model, []), _checkpointed(model, checkpointing), _weight_grads(modules, sink):
         for b in tqdm(_micro_batches(batches, per_sample), desc="gradients", disable=not progress):
             if int((b["labels"] != -100).sum()) == 0:
                 continue
@@ -575,6 +611,7 @@ def _device_of(st: LayerStats) -> torch.device:
 # ---- memory: which target modules are scored together ------------------------------------------------
 GRAD_STATS = frozenset({"grad", "grad_sq"})
 MIN_GROUP_BYTES = 512 * 2**20
+GROUP_FRACTION = 16  # the default budget: 1/16 of the model's parameter bytes
 
 
 def stat_bytes(module: nn.Module, needs: Iterable[str]) -> int:
@@ -590,11 +627,11 @@ def stat_bytes(module: nn.Module, needs: Iterable[str]) -> int:
 
 
 def default_group_bytes(model: nn.Module) -> int:
-    """The weight-sized statistics held at once unless told otherwise: an eighth of the model's
-    parameter bytes, at least 512 MiB (so a model up to a few hundred million parameters is scored in one
-    pass, and an 8B bf16 model holds 2 GB of statistics in each of ~14 passes)."""
+    """The weight-sized statistics held at once unless told otherwise: a sixteenth of the model's
+    parameter bytes, at least 512 MiB (so a model of up to ~300M parameters is scored in one pass, and an
+    8B bf16 model holds 1 GB of statistics in each of ~28 passes)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return max(MIN_GROUP_BYTES, total // 8)
+    return max(MIN_GROUP_BYTES, total // GROUP_FRACTION)
 
 
 def plan_groups(modules: dict[str, nn.Module], needs: Iterable[str], budget: int) -> list[list[str]]:
@@ -649,6 +686,7 @@ def score_model(
     seed: int = 0,
     progress: bool = False,
     group_bytes: int | None = None,
+    gradient_checkpointing: bool = False,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Score every output row of every target module. Restores the model's weights and grad flags.
@@ -662,7 +700,8 @@ def score_model(
     for consecutive groups of modules holding at most ``group_bytes`` of them (default
     :func:`default_group_bytes`), one pass over the calibration data per group, from the modules'
     inputs and output gradients: no weight requires grad and no weight-sized ``.grad`` exists, and
-    backward stops at the group's first module. ``zo-taylor`` perturbs each weight only for its own
+    backward stops at the group's first module; with ``gradient_checkpointing`` the decoder layers
+    recompute their activations in backward, as in a checkpointed training step. ``zo-taylor`` perturbs each weight only for its own
     forward (never in place), and its estimates are rebuilt one module at a time. The scores do not
     depend on the grouping. NeFT's probe is a fine-tune of the targets: its memory is that of full
     fine-tuning plus one snapshot of the trained weights in their own dtype.
@@ -710,7 +749,10 @@ def score_model(
             if progress and len(groups) > 1:
                 print(f"scoring group {i + 1}/{len(groups)} ({len(group)} modules)")
             per_sample = getattr(fn, "per_sample", False)
-            _collect_grads(model, part, stats, batches, needs, per_sample, progress and len(groups) == 1)
+            _collect_grads(
+                model, part, stats, batches, needs, per_sample, progress and len(groups) == 1,
+                gradient_checkpointing,
+            )  # fmt: skip
             if world > 1:
                 _sum_over_processes([stats[n] for n in group], ("grad", "grad_sq"), ("n_grad",))
         for n, mod in part.items():

@@ -230,7 +230,9 @@ def select_neurons(
     from neurontune.scoring import score_model
     from neurontune.tasks import fixed_batches
 
-    calib = fixed_batches(task.train[: cfg.calib_examples], tok, cfg.calib_batch_size, cfg.max_length)
+    # finetune scores in micro-batches no larger than its training ones, so scoring fits where training does
+    calib_batch = min(cfg.calib_batch_size, getattr(cfg, "batch_size", cfg.calib_batch_size))
+    calib = fixed_batches(task.train[: cfg.calib_examples], tok, calib_batch, cfg.max_length)
     t0 = time.perf_counter()
     scores = score_model(
         model,
@@ -241,6 +243,7 @@ def select_neurons(
         seed=cfg.seed,
         progress=verbose,
         group_bytes=cfg.score_memory_mib * 2**20 if getattr(cfg, "score_memory_mib", 0) else None,
+        gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False),
         **cfg.scorer_kwargs(),
     )
     seconds = time.perf_counter() - t0
@@ -258,6 +261,7 @@ def select_neurons(
             "seed": cfg.seed,
             "task": cfg.task,
             "calib_examples": min(cfg.calib_examples, len(task.train)),
+            "calib_batch_size": calib_batch,
             "score_seconds": seconds,
         },
         verbose=verbose,
