@@ -44,7 +44,9 @@ from pathlib import Path
 from neurontune.bench import command_line, render_only, run_worker, write_results
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ["rows-auto", "rows-merged", "rows-fused", "rows-index_add", "lora", "full"]
+# lora-nocast: PEFT's get_peft_model(..., autocast_adapter_dtype=False), the adapter kept in the base's dtype
+# (PEFT's default upcasts it to fp32 on a bf16 base), the fairer baseline for pure-bf16 rows
+METHODS = ["rows-auto", "rows-merged", "rows-fused", "rows-index_add", "lora", "lora-nocast", "full"]
 # Llama-family shapes (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings)
 SHAPES = {
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True),
@@ -124,13 +126,14 @@ def worker(a: argparse.Namespace) -> dict:
         layer = next(iter(model.rowtune_layers().values()))
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "amp"):
             resolved = layer.resolved_impl(torch.empty(0, device=dev, dtype=wdtype))
-    elif method == "lora":
+    elif method in ("lora", "lora-nocast"):
         from peft import LoraConfig, get_peft_model
 
         suffixes = sorted({t.split(".")[-1] for t in find_target_modules(model)})
         model = get_peft_model(
-            model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=suffixes)
-        )
+            model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, target_modules=suffixes),
+            autocast_adapter_dtype=method == "lora",
+        )  # fmt: skip
     elif method == "full":
         model.requires_grad_(True)
     else:
@@ -253,6 +256,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "trainable_params": rs[0]["trainable_params"],
                     # best repeat: a repeat disturbed by other load only ever runs slower
                     "step_ms": 1000 * min(r["step_s_median"] for r in rs),
+                    "step_ms_max": 1000 * max(r["step_s_median"] for r in rs),  # the spread over repeats
+                    "repeats": len(rs),
                     "peak_mib": statistics.median(r["peak_mib"] for r in rs),
                 }
             )
@@ -300,6 +305,9 @@ def render(result: dict) -> str:
         def ratio(x, key, r=r):
             return f"{r[key] / x[key]:.2f}x" if x and not x.get("failed") and x[key] > 0 else "–"
 
+        def spread(x):  # the slowest repeat beside the best, where several ran
+            return f" (..{x['step_ms_max']:.1f}, {x['repeats']} reps)" if x.get("repeats", 1) > 1 else ""
+
         name = r["method"] + (f" [{r['resolved_impl']}]" if r["method"] == "rows-auto" else "")
         if r.get("failed"):
             lines.append(
@@ -309,7 +317,8 @@ def render(result: dict) -> str:
             continue
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['precision']} | {'yes' if r['grad_ckpt'] else 'no'} | {name} | "
-            f"{r['trainable_params']:,} | {r['step_ms']:.1f} | {ratio(lora, 'step_ms')} | {ratio(full, 'step_ms')} | "
+            f"{r['trainable_params']:,} | {r['step_ms']:.1f}{spread(r)} | {ratio(lora, 'step_ms')} | "
+            f"{ratio(full, 'step_ms')} | "
             f"{r['peak_mib']:.0f} | {ratio(lora, 'peak_mib')} |"
         )
     return "\n".join(lines) + "\n"

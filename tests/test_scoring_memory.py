@@ -121,10 +121,39 @@ def test_scores_with_gradient_checkpointing_equal_the_reference(kind, scorer):
     layer0 = model.get_submodule(next(n for n, _ in model.named_modules() if n.endswith(".0")))
     norm = next(m for n, m in layer0.named_children() if "ln" in n or "norm" in n)  # inside the recompute
     norm.register_forward_hook(lambda m, a, o: recomputed.append(torch.is_grad_enabled()))
-    scores = score_model(model, scorer, batches=batches(model), seed=5, group_bytes=1, gradient_checkpointing=True)
+    scores = score_model(
+        model, scorer, batches=batches(model), seed=5, group_bytes=1, gradient_checkpointing=True
+    )
     for n, v in REFERENCE[f"{kind}/{scorer}"].items():
         assert torch.equal(scores[n], torch.tensor(v, dtype=torch.float32)), n
     passes = len(REFERENCE[f"{kind}/{scorer}"])  # group_bytes=1: a pass per module, 3 batches each
     assert len(recomputed) > 3 * passes  # layer 0 ran again in the backward of the passes that reach it
     assert all(not m.training for m in model.modules())  # every mode flag restored
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_grouped_neft_probe_trains_one_group_at_a_time_and_restores_the_base():
+    options = {"probe_steps": 3, "probe_lr": 1e-3, "probe_mode": "grouped"}
+    model = tiny_model("tiny-llama", seed=3)
+    joint = score_model(model, "neft", batches=batches(model), seed=5, group_bytes=2**40, **options)
+    for n, v in REFERENCE["tiny-llama/neft"].items():  # a budget that holds every module: the joint probe
+        assert torch.equal(joint[n], torch.tensor(v, dtype=torch.float32)), n
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    largest = max(m.weight.numel() for n, m in model.named_modules() if n.endswith("_proj"))
+    trainable = []
+    model.model.layers[0].input_layernorm.register_forward_hook(
+        lambda m, a, o: trainable.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    )
+    grouped = score_model(model, "neft", batches=batches(model), seed=5, group_bytes=1, **options)
+    assert len(trainable) == 3 * len(grouped)  # probe_steps forwards per module
+    assert max(trainable) <= largest  # never more than one module's weight trains at once
+    assert all(torch.isfinite(s).all() and (s >= 0).all() for s in grouped.values())
+    assert any(not torch.equal(grouped[n], joint[n]) for n in joint)  # an approximation, not the same scores
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_grouped_neft_refuses_probe_params_all():
+    from neurontune import NeurontuneError
+
+    with pytest.raises(NeurontuneError, match="probe_params=targets"):
+        score_model(tiny_model("tiny-llama"), "neft", batches=[], probe_mode="grouped", probe_params="all")

@@ -203,9 +203,17 @@ def _activation(mode: str = "strength") -> ScorerFn:
 
 
 @register("neft")
-def _neft(probe_steps: int = 20, probe_lr: float = 1e-4, probe_params: str = "targets") -> ScorerFn:
+def _neft(
+    probe_steps: int = 20, probe_lr: float = 1e-4, probe_params: str = "targets", probe_mode: str = "joint"
+) -> ScorerFn:
     if probe_params not in ("targets", "all"):
         raise NeurontuneError(f"neft probe_params must be 'targets' or 'all', got {probe_params!r}")
+    if probe_mode not in ("joint", "grouped"):
+        raise NeurontuneError(f"neft probe_mode must be 'joint' or 'grouped', got {probe_mode!r}")
+    if probe_mode == "grouped" and probe_params == "all":
+        raise NeurontuneError(
+            "neft probe_mode=grouped probes the target modules a group at a time: use probe_params=targets"
+        )
     if not isinstance(probe_steps, int) or probe_steps <= 0:
         raise NeurontuneError(f"neft probe_steps must be a positive integer, got {probe_steps!r}")
     if not isinstance(probe_lr, int | float) or not 0 < probe_lr < float("inf"):
@@ -218,6 +226,7 @@ def _neft(probe_steps: int = 20, probe_lr: float = 1e-4, probe_params: str = "ta
         return 1.0 - cos
 
     neft.probe_steps, neft.probe_lr, neft.probe_params = probe_steps, probe_lr, probe_params
+    neft.probe_mode = probe_mode
     return neft
 
 
@@ -358,7 +367,9 @@ def _checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
     # newer transformers name them activation_checkpointing_*, older ones (and 5.17) gradient_checkpointing_*
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
-        enable = functools.partial(model.activation_checkpointing_enable, activation_checkpointing_kwargs=kwargs)
+        enable = functools.partial(
+            model.activation_checkpointing_enable, activation_checkpointing_kwargs=kwargs
+        )
         disable = model.activation_checkpointing_disable
     else:
         enable = functools.partial(model.gradient_checkpointing_enable, gradient_checkpointing_kwargs=kwargs)
@@ -623,6 +634,8 @@ def stat_bytes(module: nn.Module, needs: Iterable[str]) -> int:
     size = 4 * n * len(needs & GRAD_STATS)
     if "grad_sq" in needs:
         size += n * (4 if is_quantized(module) else module.weight.element_size())
+    if "probe" in needs:  # a grouped NeFT probe: the weight's gradient, two AdamW moments and a snapshot
+        size += 4 * n * module.weight.element_size()
     return size
 
 
@@ -704,7 +717,11 @@ def score_model(
     recompute their activations in backward, as in a checkpointed training step. ``zo-taylor`` perturbs each weight only for its own
     forward (never in place), and its estimates are rebuilt one module at a time. The scores do not
     depend on the grouping. NeFT's probe is a fine-tune of the targets: its memory is that of full
-    fine-tuning plus one snapshot of the trained weights in their own dtype.
+    fine-tuning plus one snapshot of the trained weights in their own dtype; with
+    ``probe_mode="grouped"`` the targets are probed a group at a time (the others frozen at their
+    weights), groups of at most ``group_bytes`` of gradient, AdamW moments and snapshot: the memory of a
+    group's fine-tune, at ``probe_steps`` steps per group. That is an approximation of the joint probe
+    (each group is tuned with the rest at the base's weights), not the same scores.
     """
     fn = get_scorer(scorer_fn, **options)
     needs = fn.needs
@@ -727,16 +744,20 @@ def score_model(
         samples, eps = getattr(fn, "samples", 4), getattr(fn, "eps", 1e-3)
         record = _zo_record(model, modules, batches, samples, eps, seed, progress)
     scores: dict[str, torch.Tensor] = {}
+    budget = group_bytes if group_bytes is not None else default_group_bytes(model)
     if "probe" in needs:
         steps, lr = getattr(fn, "probe_steps", 20), getattr(fn, "probe_lr", 1e-4)
         params = getattr(fn, "probe_params", "targets")
-        with _probed(model, modules, batches, steps, lr, params, progress, probe_world(needs, batches)) as w0:
-            for n, mod in modules.items():  # one module's fp32 pair at a time
-                stats[n].weight_after = _weight_fp32(mod)
-                scores[n] = _score_one(fn, n, w0(n), stats[n])
-                _release(stats[n])
+        grouped = getattr(fn, "probe_mode", "joint") == "grouped"
+        world = probe_world(needs, batches)
+        for group in plan_groups(modules, {"probe"}, budget) if grouped else [names]:
+            part = {n: modules[n] for n in group}
+            with _probed(model, part, batches, steps, lr, params, progress, world) as w0:
+                for n, mod in part.items():  # one module's fp32 pair at a time
+                    stats[n].weight_after = _weight_fp32(mod)
+                    scores[n] = _score_one(fn, n, w0(n), stats[n])
+                    _release(stats[n])
         return scores
-    budget = group_bytes if group_bytes is not None else default_group_bytes(model)
     groups = plan_groups(modules, needs, budget) if needs & GRAD_STATS else [names]
     index = {n: i for i, n in enumerate(names)}  # zo-taylor's noise is drawn per module index
     for i, group in enumerate(groups):
