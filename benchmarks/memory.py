@@ -14,8 +14,8 @@ library calls ``neurontune finetune`` makes:
 
 - ``load``: the model alone (every weight read once);
 - ``score-<scorer>``: ``score_model`` on ``--calib-examples`` examples in batches of ``--batch-size``
-  (finetune's ``calib_batch_size``), at the default memory setting, checkpointed as training is
-  (``neft-grouped``: NeFT with ``probe_mode=grouped``);
+  (finetune's ``calib_batch_size``), at the default memory setting (``neft-grouped``: NeFT with
+  ``probe_mode=grouped``);
 - ``train-<method>``: the method's ``build`` (rows chosen by ``magnitude``, whose cost is ``score-magnitude``)
   then ``--steps`` optimizer steps of the training loop at ``--batch-size`` x ``--max-length``, with a
   checkpoint written after every step (so the checkpoint is inside this peak);
@@ -145,7 +145,7 @@ def worker(a: argparse.Namespace) -> dict:
             options = {"probe_steps": a.probe_steps} if scorer.startswith("neft") else {}
             if scorer == "neft-grouped":  # NeFT's memory-bounded probe
                 scorer, options["probe_mode"] = "neft", "grouped"
-            score_model(model, scorer, batches=calib, seed=0, gradient_checkpointing=bool(a.ckpt), **options)
+            score_model(model, scorer, batches=calib, seed=0, **options)
         elif stage.startswith("train-"):
             from neurontune.methods import get_method
             from neurontune.pipeline import count_parameters, train_args

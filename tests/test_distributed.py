@@ -156,6 +156,27 @@ def test_sharded_two_processes_equal_one_with_grad_accum_2(tmp_path, name, metho
     )  # evaluated on the gathered model
 
 
+@pytest.mark.parametrize("name", ["zero2", pytest.param("zero3", marks=SLOW)])
+def test_deepspeed_accumulation_equals_one_process(tmp_path, name):
+    """2 processes at grad_accum=2 step as 1 process at grad_accum=4: DeepSpeed owns the accumulation (a
+    step() per micro-batch, an update at its boundary), so every step updates and logs its own norm."""
+    one = finetune(1, tmp_path / "one", "steps=4", "grad_accum=4", "lr=1e-3")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = finetune(2, tmp_path / "two", "steps=4", "grad_accum=2", "lr=1e-3", env=deepspeed(int(name[-1])))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"), 1e-5 if name == "zero2" else 1e-4)
+    rows = [
+        [r.split(",") for r in (tmp_path / d / "train_log.csv").read_text().splitlines()]
+        for d in ("one", "two")
+    ]
+    assert rows[0][0] == rows[1][0] and rows[0][0][1:4] == ["loss", "lr", "grad_norm"]
+    losses = [[float(r[1]) for r in log[1:]] for log in rows]
+    norms = [[float(r[3]) for r in log[1:]] for log in rows]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert len(set(losses[1])) == 4  # every step moved the weights: no step repeats the one before
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4) and min(norms[1]) > 0
+
+
 def test_killed_two_process_run_resumes_exactly_and_refuses_another_count(tmp_path):
     full = finetune(2, tmp_path / "full", "steps=12")
     assert full.returncode == 0, full.stderr[-3000:]

@@ -699,7 +699,7 @@ def score_model(
     seed: int = 0,
     progress: bool = False,
     group_bytes: int | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool = True,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Score every output row of every target module. Restores the model's weights and grad flags.
@@ -713,8 +713,10 @@ def score_model(
     for consecutive groups of modules holding at most ``group_bytes`` of them (default
     :func:`default_group_bytes`), one pass over the calibration data per group, from the modules'
     inputs and output gradients: no weight requires grad and no weight-sized ``.grad`` exists, and
-    backward stops at the group's first module; with ``gradient_checkpointing`` the decoder layers
-    recompute their activations in backward, as in a checkpointed training step. ``zo-taylor`` perturbs each weight only for its own
+    backward stops at the group's first module; with ``gradient_checkpointing`` (the default, for
+    models that support it) the decoder layers recompute their activations in backward, so a pass holds
+    the activations of a checkpointed training step (or fewer) and the statistics on top; the scores
+    are the same either way. ``zo-taylor`` perturbs each weight only for its own
     forward (never in place), and its estimates are rebuilt one module at a time. The scores do not
     depend on the grouping. NeFT's probe is a fine-tune of the targets: its memory is that of full
     fine-tuning plus one snapshot of the trained weights in their own dtype; with

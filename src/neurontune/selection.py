@@ -243,7 +243,6 @@ def select_neurons(
         seed=cfg.seed,
         progress=verbose,
         group_bytes=cfg.score_memory_mib * 2**20 if getattr(cfg, "score_memory_mib", 0) else None,
-        gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False),
         **cfg.scorer_kwargs(),
     )
     seconds = time.perf_counter() - t0

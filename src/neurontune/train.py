@@ -613,6 +613,10 @@ def train(
                     loss = loss + penalty
                 if ds:  # DeepSpeed divides by its accumulation steps; the loss is already normalised
                     model.backward(loss * args.grad_accum)
+                    if not last:
+                        # DeepSpeed owns the accumulation: a step() after every micro-batch, which updates
+                        # only at its boundary (every grad_accum-th call; it counts the calls itself)
+                        model.step()
                 else:
                     accelerator.backward(loss)
         total = _sum_over_processes(accelerator, total)
@@ -620,6 +624,8 @@ def train(
         max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
         lr = scheduler.get_last_lr()[0]
         if ds:  # DeepSpeed clips (gradient_clipping) and updates in one call; its norm comes after
+            if not model.is_gradient_accumulation_boundary():
+                raise RuntimeError("DeepSpeed's accumulation boundary is not the step's last micro-batch")
             model.step()
             grad_norm = float(model.get_global_grad_norm() or 0.0)
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
