@@ -155,9 +155,9 @@ def worker(a: argparse.Namespace) -> dict:
             method_name = stage.removeprefix("train-")
             out = runs / f"run-{method_name}"
             cfg = FinetuneConfig(
-                model=str(a.model_dir), method=method_name, scorer="magnitude", steps=a.steps,
-                batch_size=a.batch_size, max_length=a.max_length, save_steps=1, output_dir=str(out),
-                gradient_checkpointing=bool(a.ckpt), overwrite=True,
+                model=str(a.model_dir), method=method_name, steps=a.steps, batch_size=a.batch_size,
+                max_length=a.max_length, save_steps=1, output_dir=str(out), gradient_checkpointing=bool(a.ckpt),
+                overwrite=True, **({"scorer": "magnitude"} if method_name == "rows" else {}),
             )  # fmt: skip
             method = get_method(method_name)(cfg)
             if out.exists():
@@ -204,7 +204,8 @@ def run_stage(a: argparse.Namespace, stage: str, model_dir: Path, data: Path, ck
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         why = "out of memory" if res.returncode in (-9, 137) or "out of memory" in res.stderr else "failed"
-        return {"stage": stage, "error": f"{why} (exit {res.returncode}): {res.stderr.strip()[-400:]}",
+        last = (res.stderr.strip().splitlines() or [""])[-1][-300:]
+        return {"stage": stage, "error": f"{why} (exit {res.returncode}): {last}",
                 "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -215,7 +216,7 @@ def render(r: dict) -> str:
         f"# Peak memory per stage: {', '.join(r['models'])}",
         "",
         f"Command: `{r['command']}`  ",
-        f"Code commit: {r['commit']}; device: {r['device']}; {r['versions']}; {r['date']}.",
+        f"Code commit: {r['commit']} (of the last call; each stage records its own); device: {r['device']}; {r['versions']}; {r['date']}.",
         "",
         f"Batch {r['batch_size']} x {r['max_length']} tokens for training and for the calibration passes, "
         f"{r['calib_examples']} calibration examples, {r['steps']} training steps with a checkpoint after "
@@ -233,7 +234,9 @@ def render(r: dict) -> str:
                   "| stage | peak (GiB) | ratio to train-rows | seconds | notes |", "|---|---|---|---|---|"]  # fmt: skip
         for s in block["stages"]:
             if "error" in s:
-                lines.append(f"| {s['stage']} | - | - | {s['seconds']} | {s['error'][:120]} |")
+                lines.append(
+                    f"| {s['stage']} | - | - | {s['seconds']} | {s['error'][:160].replace('|', '/')} |"
+                )
                 continue
             notes = []
             if "trainable_params" in s:
@@ -274,7 +277,8 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=Path("runs/bench-memory"))
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="memory")
-    p.add_argument("--append", action="store_true", help="add to the blocks of an existing results file")
+    p.add_argument("--append", action="store_true", help="add to an existing results file (stages measured "
+                   "again replace the earlier ones)")  # fmt: skip
     p.add_argument("--render", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -298,7 +302,7 @@ def main() -> None:
     a.runs.mkdir(parents=True, exist_ok=True)
     old = json.loads((a.out / f"{a.name}.json").read_text()) if a.append else None
     result = {
-        "command": command_line(__file__),
+        "command": (f"{old['command']}` then `" if old else "") + command_line(__file__),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "device": device_name(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
         "kind": "cuda_max_allocated" if gpu else "peak_rss", "batch_size": a.batch_size,
@@ -313,12 +317,16 @@ def main() -> None:
     for model in a.model:
         model_dir, data = make_assets(model, a.runs, a.save_dtype, a.max_length * 2)
         for ckpt in {"no": [0], "yes": [1], "both": [0, 1]}[a.grad_ckpt]:
-            block = {"model": model, "dtype": a.save_dtype, "ckpt": ckpt, "stages": []}
-            result["blocks"] = [b for b in result["blocks"] if (b["model"], b["ckpt"]) != (model, ckpt)]
-            result["blocks"].append(block)
+            # --append: a block measured before keeps its other stages; a stage measured again is replaced
+            block = next((b for b in result["blocks"] if (b["model"], b["ckpt"]) == (model, ckpt)), None)
+            if block is None:
+                block = {"model": model, "dtype": a.save_dtype, "ckpt": ckpt, "stages": []}
+                result["blocks"].append(block)
             for stage in a.stages:
                 s = run_stage(a, stage, model_dir, data, ckpt)
-                block["stages"].append(s)
+                s["commit"] = result["commit"]
+                block["stages"] = sorted([x for x in block["stages"] if x["stage"] != stage] + [s],
+                                         key=lambda x: STAGES.index(x["stage"]))  # fmt: skip
                 shown = f"{s['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in s else s["error"][:200]
                 print(f"{model} ckpt={ckpt} {stage}: {shown} ({s['seconds']} s)", flush=True)
                 write_results(a.out, a.name, result, render, echo=False)
