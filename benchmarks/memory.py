@@ -218,9 +218,8 @@ def render(r: dict) -> str:
         f"Command: `{r['command']}`  ",
         f"Code commit: {r['commit']} (of the last call; each stage records its own); device: {r['device']}; {r['versions']}; {r['date']}.",
         "",
-        f"Batch {r['batch_size']} x {r['max_length']} tokens for training and for the calibration passes, "
-        f"{r['calib_examples']} calibration examples, {r['steps']} training steps with a checkpoint after "
-        f"each, evaluation batch 16. Peak: {r['kind']} of each stage's process (GiB)"
+        "Each block gives its batch (training and calibration passes alike), calibration examples and training "
+        f"steps (a checkpoint after each); evaluation batch 16. Peak: {r['kind']} of each stage's process (GiB)"
         + (", libraries included (RSS after imports: "
            f"{r['baseline_gib']:.2f} GiB)" if r["kind"] == "peak_rss" else "") + ". "
         "`ratio` is the stage's peak over the peak of `train-rows` at the same shape and checkpointing; "
@@ -229,8 +228,11 @@ def render(r: dict) -> str:
     ]  # fmt: skip
     for block in r["blocks"]:
         ref = next((s.get("peak_bytes") for s in block["stages"] if s["stage"] == "train-rows"), None)
+        b = {**r, **block}  # blocks written before the settings were recorded per block: the file's
         lines += [f"## {block['model']}, weights {block['dtype']}, gradient checkpointing "
                   f"{'on' if block['ckpt'] else 'off'}", "",
+                  f"Batch {b['batch_size']} x {b['max_length']} tokens, {b['calib_examples']} calibration "
+                  f"examples, {b['steps']} training steps.", "",
                   "| stage | peak (GiB) | ratio to train-rows | seconds | notes |", "|---|---|---|---|---|"]  # fmt: skip
         for s in block["stages"]:
             if "error" in s:
@@ -320,13 +322,15 @@ def main() -> None:
                            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     result["baseline_gib"] = int(base.stdout.strip()) * 1024 / 2**30
+    settings = {"batch_size": a.batch_size, "max_length": a.max_length, "steps": a.steps,
+                "calib_examples": a.calib_examples}  # fmt: skip
     for model in a.model:
         model_dir, data = make_assets(model, a.runs, a.save_dtype, a.max_length * 2)
         for ckpt in {"no": [0], "yes": [1], "both": [0, 1]}[a.grad_ckpt]:
             # --append: a block measured before keeps its other stages; a stage measured again is replaced
             block = next((b for b in result["blocks"] if (b["model"], b["ckpt"]) == (model, ckpt)), None)
             if block is None:
-                block = {"model": model, "dtype": a.save_dtype, "ckpt": ckpt, "stages": []}
+                block = {"model": model, "dtype": a.save_dtype, "ckpt": ckpt, "stages": [], **settings}
                 result["blocks"].append(block)
             for stage in a.stages:
                 s = run_stage(a, stage, model_dir, data, ckpt)
