@@ -33,15 +33,19 @@ RESULTS = Path(__file__).parent / "results"
 METHODS = ["rows", "lora", "full"]
 
 
-def make_assets(model_name: str, folder: Path, n_records: int, chars: int) -> tuple[Path, Path]:
-    """The saved random-init model (fp32) and a plain-text JSONL file, made once per folder."""
+def make_assets(
+    model_name: str, folder: Path, n_records: int, chars: int, dtype: str = "float32"
+) -> tuple[Path, Path]:
+    """The saved random-init model (in ``dtype``) and a plain-text JSONL file of ``n_records`` records
+    of at least ``chars`` characters, made once per folder."""
     import torch
 
     from neurontune.models import tiny_tokenizer
 
-    model_dir, data = folder / model_name, folder / "text.jsonl"
+    model_dir = folder / (model_name if dtype == "float32" else f"{model_name}-{dtype}")
+    data = folder / f"text-{chars}.jsonl"
     if not (model_dir / "config.json").is_file():
-        model = build_model(model_name, torch.float32)
+        model = build_model(model_name, getattr(torch, dtype))
         model.save_pretrained(model_dir)
         tiny_tokenizer().save_pretrained(model_dir)
         del model

@@ -33,14 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from gpu_step import _version, build_model, device_name
+from finetune_speed import make_assets
+from gpu_step import _version, device_name
 
 from neurontune.bench import command_line, render_only, write_results
 
@@ -64,29 +64,6 @@ DEFAULT_COMMAND = ["load", "score-taylor", "train-rows", "eval"]
 
 def versions() -> str:
     return ", ".join(f"{p} {_version(p)}" for p in ("torch", "transformers", "peft", "accelerate"))
-
-
-def make_assets(model: str, folder: Path, dtype: str, chars: int, n_records: int = 400) -> tuple[Path, Path]:
-    import torch
-
-    from neurontune.models import tiny_tokenizer
-
-    model_dir, data = folder / f"{model}-{dtype}", folder / f"text-{chars}.jsonl"
-    if not (model_dir / "config.json").is_file():
-        m = build_model(model, getattr(torch, dtype))
-        m.save_pretrained(model_dir)
-        tiny_tokenizer().save_pretrained(model_dir)
-        del m
-    if not data.is_file():
-        rng = random.Random(0)
-        words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 9))) for _ in range(500)]
-        with data.open("w") as f:
-            for _ in range(n_records):
-                text = ""
-                while len(text) < chars:
-                    text += rng.choice(words) + " "
-                f.write(json.dumps({"text": text.strip()}) + "\n")
-    return model_dir, data
 
 
 def _peak() -> tuple[int, str]:
@@ -325,7 +302,7 @@ def main() -> None:
     settings = {"batch_size": a.batch_size, "max_length": a.max_length, "steps": a.steps,
                 "calib_examples": a.calib_examples}  # fmt: skip
     for model in a.model:
-        model_dir, data = make_assets(model, a.runs, a.save_dtype, a.max_length * 2)
+        model_dir, data = make_assets(model, a.runs, 400, a.max_length * 2, a.save_dtype)
         for ckpt in {"no": [0], "yes": [1], "both": [0, 1]}[a.grad_ckpt]:
             # --append: a block measured before keeps its other stages; a stage measured again is replaced
             block = next((b for b in result["blocks"] if (b["model"], b["ckpt"]) == (model, ckpt)), None)
