@@ -161,3 +161,19 @@ def test_grouped_neft_refuses_probe_params_all():
 
     with pytest.raises(NeurontuneError, match="probe_params=targets"):
         score_model(tiny_model("tiny-llama"), "neft", batches=[], probe_mode="grouped", probe_params="all")
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
+def test_checkpointed_scoring_with_padding_and_the_kv_cache_on(kind):
+    """A padded batch (an attention mask) on a model whose config has use_cache on: a layer recomputed in
+    backward must not append its keys to a cache a second time (tiny-gpt2 failed so before)."""
+    model = tiny_model(kind, seed=3)
+    model.config.use_cache = True
+    padded = batches(model)
+    for b in padded:
+        b["attention_mask"][0, -4:] = 0
+        b["labels"][0, -4:] = -100
+    plain = score_model(model, "taylor", batches=padded, gradient_checkpointing=False)
+    ckpt = score_model(model, "taylor", batches=padded, gradient_checkpointing=True)
+    assert all(torch.equal(plain[n], ckpt[n]) for n in plain)
+    assert model.config.use_cache is True

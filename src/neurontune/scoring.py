@@ -378,9 +378,16 @@ def _checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
         enable()
     for m in layers:
         m.training = True
+    # no KV cache in these passes: a layer recomputed in backward would append its keys to it a second time
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache is not None:
+        config.use_cache = False
     try:
         yield
     finally:
+        if use_cache is not None:
+            config.use_cache = use_cache
         if not was_on:
             disable()
         for m, (training, _) in zip(layers, flags, strict=True):
