@@ -175,7 +175,7 @@ def test_eval_and_merge_commands_agree_with_the_run(tmp_path, capsys):
         assert got["forgetting_ppl"] == pytest.approx(after["forgetting_ppl"], rel=1e-5)
         merged = tmp_path / f"{method}-merged"
         assert main(["merge", "--adapter", str(out / "adapter"), "--output", str(merged)]) == 0
-        assert main(["eval", "--model", str(merged), *args]) == 0
+        assert main(["eval", "--model", str(merged), *args, "--overwrite"]) == 0  # replaces the adapter's
         assert json.loads(ev.read_text())["forgetting_ppl"] == pytest.approx(
             after["forgetting_ppl"], rel=1e-4
         )

@@ -250,9 +250,9 @@ def _enospc(*args, **kwargs):
 
 
 def test_full_disk_while_checkpointing_keeps_the_earlier_checkpoint(tmp_path, capsys, monkeypatch):
-    import neurontune.io as io
+    import safetensors.torch
 
-    real, calls = io.save_file, {"n": 0}
+    real, calls = safetensors.torch.save_file, {"n": 0}
 
     def fills_up(*args, **kwargs):
         calls["n"] += 1
@@ -260,7 +260,7 @@ def test_full_disk_while_checkpointing_keeps_the_earlier_checkpoint(tmp_path, ca
             _enospc(*args, **kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(io, "save_file", fills_up)
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_up)  # neurontune.io's writer
     out = tmp_path / "run"
     assert run(out, "steps=4", "save_steps=2", "eval_before=false") == 2
     one_error_line(capsys.readouterr().err, "No space left on device")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from neurontune.errors import NeurontuneError
-from neurontune.io import atomic_path, read_json, read_safetensors
+from neurontune.io import atomic_path, read_json, read_safetensors, refuse_existing
 from neurontune.selection import overlap
 from neurontune.spec import NeuronSpec
 from neurontune.targets import get_weight
@@ -284,9 +284,10 @@ class Report:
     """A self-contained HTML page: sections of text, tables and PNG figures (embedded as data URIs
     and, with ``png_dir``, also written as files)."""
 
-    def __init__(self, title: str, png_dir: str | Path | None = None) -> None:
+    def __init__(self, title: str, png_dir: str | Path | None = None, replace: bool = True) -> None:
         self.title, self.parts, self.sections = title, [], []
         self.png_dir = Path(png_dir) if png_dir is not None else None
+        self.replace = replace  # False: no file it writes replaces an existing one
         self.pngs: list[Path] = []
 
     def section(self, title: str, text: str = "") -> None:
@@ -325,7 +326,7 @@ class Report:
         if self.png_dir is not None:
             self.png_dir.mkdir(parents=True, exist_ok=True)
             path = self.png_dir / f"{name}.png"
-            with atomic_path(path) as tmp:
+            with atomic_path(path, self.replace) as tmp:
                 tmp.write_bytes(png)
             self.pngs.append(path)
         data = base64.b64encode(png).decode()
@@ -346,7 +347,7 @@ class Report:
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
-        with atomic_path(path) as tmp:
+        with atomic_path(path, self.replace) as tmp:
             tmp.write_text(self.html(), encoding="utf-8")
         return path
 
@@ -485,7 +486,8 @@ def analyze(cfg: Any) -> Path:
     from neurontune.models import load_model
 
     out = Path(cfg.output)
-    report = Report("neurontune neuron analysis", out)
+    refuse_existing(out / "report.html", cfg.overwrite)  # and again as each file is written
+    report = Report("neurontune neuron analysis", out, replace=cfg.overwrite)
     specs = [load_spec(p) for p in cfg.spec_paths()]
     labels = cfg.spec_labels()
     runs = [Path(r) for r in cfg.run_paths()]

@@ -1,4 +1,5 @@
-"""The ``neurontune`` command line. Thin: every job lives in :mod:`neurontune.pipeline`."""
+"""The ``neurontune`` command line. Thin: every job lives in :mod:`neurontune.pipeline`, imported only
+once the arguments are parsed and checked (a test keeps torch out of ``sys.modules`` until then)."""
 
 from __future__ import annotations
 
@@ -62,15 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     ns.overrides = [*ns.overrides, *extra]
     try:
+        cfg = config_from_args(COMMANDS[ns.command], ns, ns.overrides, ns.config_file)
+        # torch and transformers are first imported here: --help, --version and every option error
+        # above answer without them
         from neurontune import analysis, export, pipeline
 
-        cfg = config_from_args(COMMANDS[ns.command], ns, ns.overrides, ns.config_file)
         job = {
             "select": pipeline.run_select,
             "finetune": pipeline.finetune,
             "eval": pipeline.run_eval,
             "merge": pipeline.run_merge,
-            "export": lambda c: export.export(c.adapter, c.to, c.output, c.per_module_rank, c.check, c.model),
+            "export": lambda c: export.export(
+                c.adapter, c.to, c.output, c.per_module_rank, c.check, c.model, c.overwrite
+            ),
             "analyze": analysis.analyze,
         }[ns.command]
         job(cfg)

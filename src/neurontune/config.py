@@ -10,27 +10,11 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from neurontune.choices import DTYPES, QUANTIZATIONS, SCHEDULERS, scorer_names
 from neurontune.errors import NeurontuneError
 from neurontune.fields import GIVEN, choices_of, is_set
 from neurontune.fields import opt as _opt
 from neurontune.methods import get_method, method_names, option_classes, registry
-from neurontune.models import DTYPES, QUANTIZATIONS
-
-
-def _scorer_names() -> tuple[str, ...]:
-    from neurontune.scoring import SCORERS
-
-    return tuple(SCORERS)  # the built-in ones and any registered from Python
-
-
-def _scheduler_names() -> tuple[str, ...]:
-    from transformers import SchedulerType
-
-    # reduce_lr_on_plateau needs a metric each step, which the training loop does not give it
-    return tuple(t.value for t in SchedulerType if t.value != "reduce_lr_on_plateau")
-
-
-_SCHEDULERS = _scheduler_names()
 
 
 @dataclass
@@ -133,7 +117,7 @@ class SelectConfig(DataConfig):
     # random rows significantly over 6 tasks x 3 seeds; magnitude, the default before, did not (+0.001)
     scorer: str = _opt(
         "taylor", "how rows are scored (custom scorers registered from Python are accepted too)",
-        _scorer_names, SEL,
+        scorer_names, SEL,
     )  # fmt: skip
     scorer_options: str = _opt(
         "",
@@ -164,6 +148,7 @@ class SelectConfig(DataConfig):
         group=SEL,
     )
     output: str = _opt("neuron_spec.json", "where to write the spec (select only)")
+    overwrite: bool = _opt(False, "replace an existing output (never replaced without it)")
 
     _positive = (*DataConfig._positive, "calib_examples", "calib_batch_size")
 
@@ -244,7 +229,7 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float | None = _opt(None, "AdamW learning rate; default: the method's own (see methods below)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (acts on trainable parameters only)")
-    lr_scheduler: str = _opt("constant", "learning-rate schedule (transformers.get_scheduler)", _SCHEDULERS)
+    lr_scheduler: str = _opt("constant", "learning-rate schedule (transformers.get_scheduler)", SCHEDULERS)
     warmup_steps: int = _opt(0, "learning-rate warm-up steps")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables")
     precision: str = _opt(
@@ -345,6 +330,7 @@ class EvalConfig(DataConfig):
     eval_batch_size: int = _opt(16, "evaluation batch size")
     forgetting_examples: int = _opt(32, "held-out news articles for perplexity; 0 to skip")
     output: str | None = _opt(None, "write the metrics to this JSON file")
+    overwrite: bool = _opt(False, "replace an existing --output file")
     lm_eval_tasks: str | None = _opt(
         None, "also run these lm-evaluation-harness tasks (comma-separated; task=none: only these)"
     )
@@ -379,6 +365,7 @@ class AnalyzeConfig:
     )
     model: str | None = _opt(None, "base model for dynamics and --full-ft (default: the first spec's base)")
     output: str = _opt("runs/analysis", "directory for report.html and the PNG figures")
+    overwrite: bool = _opt(False, "replace the report.html and figures of an earlier analysis in --output")
 
     def __post_init__(self) -> None:
         if not self.specs and not self.runs:
@@ -438,7 +425,8 @@ class ExportConfig:
     """`neurontune export`: write a row adapter as an exactly equivalent PEFT LoRA adapter."""
 
     adapter: str = _opt("", "neurontune row adapter directory")
-    output: str = _opt("", "directory for the PEFT adapter (must not exist)")
+    output: str = _opt("", "directory for the PEFT adapter")
+    overwrite: bool = _opt(False, "replace an existing --output (only once the export succeeded)")
     to: str = _opt("peft-lora", "target format", ("peft-lora",))
     per_module_rank: bool = _opt(
         False, "each module at its own rank (rank_pattern) instead of zero-padding all to the largest"

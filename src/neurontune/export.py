@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from neurontune.errors import NeurontuneError
-from neurontune.io import atomic_dir, write_json, write_safetensors
+from neurontune.io import atomic_dir, refuse_existing, write_json, write_safetensors
 from neurontune.rowtune.model import adapter_spec, read_adapter
 
 VLLM_DEFAULT_MAX_RANK = 16
@@ -71,8 +71,10 @@ def export_peft_lora(
     per_module_rank: bool = False,
     base_model: str | None = None,
     fan_in_fan_out: bool | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write the row adapter in ``adapter_dir`` as a PEFT LoRA adapter in ``output`` (atomically).
+    """Write the row adapter in ``adapter_dir`` as a PEFT LoRA adapter in ``output`` (atomically; an
+    existing ``output`` is replaced only with ``overwrite``).
 
     Returns a summary: ``ranks`` per module, ``r`` (the adapter's), ``warnings``. ``fan_in_fan_out``
     (GPT-2 ``Conv1D`` bases) is taken from the adapter's record when not given.
@@ -117,7 +119,7 @@ def export_peft_lora(
             f"--max-lora-rank {next(v for v in (32, 64, 128, 256, 320, 512) if v >= r)}"
         )
     provenance = {"exported_from": str(adapter_dir), "format": cfg.get("format"), "ranks": ranks}
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, replace=overwrite) as tmp:
         lcfg.save_pretrained(str(tmp))
         write_safetensors(tmp / "adapter_model.safetensors", weights, {"format": "pt"})
         write_json(tmp / "neurontune_export.json", provenance)
@@ -149,7 +151,10 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def export(adapter: str, to: str, output: str, per_module_rank: bool, check: bool, model: str | None) -> dict:
+def export(
+    adapter: str, to: str, output: str, per_module_rank: bool, check: bool, model: str | None,
+    overwrite: bool = False,
+) -> dict:  # fmt: skip
     """The ``neurontune export`` command."""
     from neurontune.models import load_model
     from neurontune.rowtune.model import is_row_adapter
@@ -158,8 +163,9 @@ def export(adapter: str, to: str, output: str, per_module_rank: bool, check: boo
         raise NeurontuneError(f"--to {to!r}: only peft-lora is supported")
     if not is_row_adapter(adapter):
         raise NeurontuneError(f"{adapter}: not a neurontune row adapter (only row adapters need exporting)")
-    if Path(output).exists():
-        raise NeurontuneError(f"{output} already exists; choose a new --output")
+    if Path(output).resolve() == Path(adapter).resolve():
+        raise NeurontuneError(f"--output {output} would replace the adapter {adapter} itself")
+    refuse_existing(output, overwrite)
     cfg, _ = read_adapter(adapter)
     # the base once, in the dtype finetune used (auto: the checkpoint's own on a GPU, fp32 on a CPU)
     base = load_model(model or cfg.get("base_model"), dtype="auto", device=_device())[0] if check else None
@@ -170,7 +176,7 @@ def export(adapter: str, to: str, output: str, per_module_rank: bool, check: boo
         if base is None:
             raise NeurontuneError(f"{adapter} predates the fan_in_fan_out record: export it with --check")
         fan_in_fan_out = any(isinstance(base.get_submodule(n), Conv1D) for n in cfg["modules"])
-    summary = export_peft_lora(adapter, output, per_module_rank, model, fan_in_fan_out)
+    summary = export_peft_lora(adapter, output, per_module_rank, model, fan_in_fan_out, overwrite)
     if check:
         summary["max_abs_logit_diff"] = check_export(adapter, output, base)
     for w in summary["warnings"]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import json
 import math
 import os
@@ -10,13 +13,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from neurontune.errors import NeurontuneError
+
+if TYPE_CHECKING:  # imported where used: the command line reads this module before torch is imported
+    import torch
 
 
 def cache_dir() -> Path:
@@ -43,9 +45,55 @@ def respect_umask(path: Path) -> None:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def exists_error(path: str | os.PathLike) -> NeurontuneError:
+    return NeurontuneError(f"{path} already exists; choose another path or pass --overwrite to replace it")
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
+    """The early check of a command's output (before any work): ``path`` must be new unless ``overwrite``.
+    The final rename checks again (:func:`rename_new`), so a path that appears meanwhile is not replaced."""
+    if not overwrite and os.path.lexists(path):
+        raise exists_error(path)
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+_libc: Any = None
+
+
+def rename_new(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist (not even as a dangling link), in one
+    step: Linux's ``renameat2(RENAME_NOREPLACE)``. Where the kernel or filesystem lacks it, a hard link
+    (files; fails if ``dst`` exists) or a check just before the rename (directories) stands in."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        _libc = ctypes.CDLL(name, use_errno=True) if name else False
+    fn = getattr(_libc, "renameat2", None) if _libc else None
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise exists_error(dst)
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if src.is_dir():
+        if os.path.lexists(dst):
+            raise exists_error(dst)
+        os.rename(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise exists_error(dst) from None
+    src.unlink()
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` in one step.
+def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` in one step
+    (``replace=False``: only if ``path`` does not exist by then, else :class:`NeurontuneError`).
 
     A crash or exception leaves the previous file (if any) untouched and removes the temporary one.
     """
@@ -57,7 +105,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         respect_umask(tmp_path)
-        os.replace(tmp_path, path)
+        if replace:
+            os.replace(tmp_path, path)
+        else:
+            rename_new(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -74,9 +125,13 @@ def make_dir(path: Path) -> None:
         raise NeurontuneError(f"{bad} is a file, not a directory (needed for {path})") from None
 
 
-def save_pretrained_atomic(path: str | os.PathLike, model: Any, tokenizer: Any = None) -> Path:
+def save_pretrained_atomic(
+    path: str | os.PathLike, model: Any, tokenizer: Any = None, replace: bool = True
+) -> Path:
     """``model.save_pretrained`` (and the tokenizer's) into ``path`` in one atomic step."""
-    with atomic_dir(path) as tmp:
+    from safetensors import SafetensorError
+
+    with atomic_dir(path, replace) as tmp:
         try:
             model.save_pretrained(tmp)
         except SafetensorError as e:  # e.g. "No space left on device", raised by safetensors as its own type
@@ -87,15 +142,18 @@ def save_pretrained_atomic(path: str | os.PathLike, model: Any, tokenizer: Any =
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``path`` (an existing one is swapped out last)."""
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``path`` (an existing one is swapped out last;
+    ``replace=False``: it is renamed to ``path`` only if nothing is there by then)."""
     path = Path(path)
     make_dir(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         respect_umask(tmp)
-        if path.exists() or path.is_symlink():
+        if not replace:
+            rename_new(tmp, path)
+        elif path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")
             remove(old)
             os.replace(path, old)
@@ -116,9 +174,9 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: str | os.PathLike, obj: Any, replace: bool = True) -> None:
     """Strict JSON: a NaN or infinity is written as ``null`` (bare ``NaN`` is not JSON)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, replace) as tmp:
         tmp.write_text(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
@@ -143,9 +201,12 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str], replace: bool = True
 ) -> None:
-    with atomic_path(path) as tmp:
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_path(path, replace) as tmp:
         try:
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata
@@ -158,6 +219,9 @@ def read_safetensors(path: str | os.PathLike, what: str = "safetensors file") ->
     path = Path(path)
     if not path.is_file():
         raise NeurontuneError(f"{what} not found: {path}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

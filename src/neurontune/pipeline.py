@@ -6,6 +6,7 @@ are comparable; what differs between methods lives in :mod:`neurontune.methods`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -23,7 +24,7 @@ from neurontune.evaluation import evaluate, metric_names, primary_metric
 from neurontune.io import (
     atomic_path,
     read_json,
-    remove,
+    refuse_existing,
     save_pretrained_atomic,
     write_json,
 )
@@ -104,16 +105,18 @@ def _load(cfg: SelectConfig) -> tuple[torch.nn.Module, Any, Task]:
 
 
 def run_select(cfg: SelectConfig) -> NeuronSpec:
-    from neurontune.selection import save_selection, select_neurons
+    from neurontune.selection import save_selection, scores_path, select_neurons
 
     state = process_state()
+    for path in (cfg.output, scores_path(cfg.output)):  # before minutes of scoring; again when written
+        refuse_existing(path, cfg.overwrite)
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)
     # under N processes, additive scorers split the calibration data (neurontune.scoring); rank 0 writes
     spec, scores = select_neurons(cfg, model, tok, task, verbose=state.is_main_process)
     spec.provenance["config"] = dataclasses.asdict(cfg)
     if state.is_main_process:
-        save_selection(spec, scores, cfg.output)
+        save_selection(spec, scores, cfg.output, replace=cfg.overwrite)
         print(f"wrote {cfg.output}")
     state.wait_for_everyone()
     return spec
@@ -171,14 +174,33 @@ def data_fingerprint(cfg: DataConfig) -> dict[str, Any] | None:
     return out
 
 
-def _check_output_dir(cfg: FinetuneConfig, out: Path, fingerprint: dict[str, Any] | None) -> None:
-    """Refuse to clobber a run; on resume, refuse a config or data (``fingerprint``, from
-    :func:`data_fingerprint`) that would change the trajectory."""
+def run_outputs(cfg: FinetuneConfig | None = None) -> set[str]:
+    """The names a finetune run with ``cfg`` writes in its output_dir (``None``: any run may write)."""
+    from neurontune.methods import registry
+
+    if cfg is None:
+        return set(RUN_OUTPUTS).union(*(m.outputs for m in registry().values()))
+    method = get_method(cfg.method)
+    names = {"config.json", "metrics.json", "report.md", "report.html", *method.written_outputs(cfg)}
+    if method.trains:
+        names |= {"checkpoints", "train_log.csv"}
+    if cfg.eval_steps:
+        names.add("eval_log.json")
+    if cfg.report_to != "none":
+        names.add("logs")
+    return names
+
+
+def _check_output_dir(cfg: FinetuneConfig, out: Path, fingerprint: dict[str, Any] | None) -> list[str] | None:
+    """Refuse a directory that is not a run's, and to clobber a run; on resume, refuse a config or data
+    (``fingerprint``, from :func:`data_fingerprint`) that would change the trajectory. Returns the names
+    the run already there wrote (its manifest; ``None``: a new or empty directory)."""
+    from neurontune.rundir import check_run_dir
+
     saved = out / "config.json"
-    if bad := next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None):
-        raise NeurontuneError(f"output_dir {out}: {bad} exists and is not a directory")
+    listed = check_run_dir(out, run_outputs(cfg), run_outputs())
     if cfg.resume:
-        if not saved.is_file():
+        if listed is None or not saved.is_file():
             raise NeurontuneError(f"nothing to resume: {out} has no config.json from an earlier run")
         old = read_json(saved, "run config")
         new = dataclasses.asdict(cfg)
@@ -203,20 +225,24 @@ def _check_output_dir(cfg: FinetuneConfig, out: Path, fingerprint: dict[str, Any
                 f"cannot resume {out}: the data changed since the run started ({', '.join(changed)}); "
                 "resuming would mix two datasets. Start again with --overwrite"
             )
-    elif saved.is_file() or list_checkpoints(out):
-        if not cfg.overwrite:
-            raise NeurontuneError(
-                f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it"
-            )
+    elif listed is not None and (saved.is_file() or list_checkpoints(out)) and not cfg.overwrite:
+        raise NeurontuneError(
+            f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+    return listed
 
 
-def _clear_run(out: Path) -> None:
-    """--overwrite: remove every output of an earlier run (of any method), so none is left stale."""
-    from neurontune.methods import registry
+def _on_all_processes(state: Any, error: str | None) -> None:
+    """Raise the main process's ``error`` (or nothing) on every process, so that a refusal only the main
+    process sees (the run lock) stops them all instead of leaving the others in a barrier."""
+    if state.num_processes > 1:
+        import torch.distributed as dist
 
-    names = set(RUN_OUTPUTS).union(*(m.outputs for m in registry().values()))
-    for name in sorted(names):
-        remove(out / name)
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise NeurontuneError(error)
 
 
 def train_args(cfg: FinetuneConfig, **overrides: Any) -> TrainArgs:
@@ -255,11 +281,31 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     ``train_log.csv``, the method's output (``adapter/``, ``model/`` or ``pruned/``, and for row
     selections ``neuron_spec.json``), ``metrics.json``, ``report.md`` and ``report.html``.
     """
+    from neurontune.rundir import run_lock
+
     out = Path(cfg.output_dir)
+    if bad := next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None):
+        raise NeurontuneError(f"output_dir {out}: {bad} exists and is not a directory")
     state = process_state()  # under torchrun / accelerate launch: N processes, rank 0 writes everything
+    with contextlib.ExitStack() as stack:
+        error = None
+        if state.is_main_process:  # one run per directory, held until the run returns
+            try:
+                stack.enter_context(run_lock(out))
+            except NeurontuneError as e:
+                error = str(e)
+        _on_all_processes(state, error)
+        return _finetune(cfg, out, state)
+
+
+def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
+    from neurontune.rundir import clear_run, finished_outputs, write_manifest
+
     main = state.is_main_process
     fingerprint = data_fingerprint(cfg)  # hashed once: the resume check and config.json share it
-    _check_output_dir(cfg, out, fingerprint)
+    listed = _check_output_dir(cfg, out, fingerprint)
+    # the names this run claims in its manifest (a resumed run keeps those of the run it continues)
+    claimed = run_outputs(cfg) | set(listed or [] if cfg.resume else [])
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)  # data problems surface here, before anything is written
     task = task.head(cfg.train_examples, cfg.eval_examples)
@@ -272,9 +318,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
     state.wait_for_everyone()  # every process has checked the directory before the first write
-    if main and not cfg.resume:  # a resumed run keeps the config.json it started with
-        if cfg.overwrite:
-            _clear_run(out)
+    if main and cfg.resume:
+        if not claimed <= set(listed or []):  # e.g. eval_steps or report_to added on resume
+            write_manifest(out, claimed)
+    elif main:  # a resumed run keeps the config.json it started with
+        if listed is not None:  # --overwrite, or a run that ended before training: exactly its files go
+            clear_run(out, listed)
+        write_manifest(out, claimed)  # the claim comes before anything it names
         write_json(
             out / "config.json",
             {**dataclasses.asdict(cfg), "data_fingerprint": fingerprint, "neurontune_version": __version__},
@@ -366,6 +416,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         from neurontune.analysis import run_report
 
         run_report(out, metrics, getattr(method, "spec", None))
+        write_manifest(out, finished_outputs(out, claimed))  # what the run wrote, of what it claimed
         summary = (
             f"{metric} {before[metric]:.3f} -> {after[metric]:.3f}"
             if before
@@ -413,6 +464,8 @@ def write_report(
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.lm_eval_include and not Path(cfg.lm_eval_include).is_dir():
         raise NeurontuneError(f"lm_eval_include {cfg.lm_eval_include}: not a directory")
+    if cfg.output:
+        refuse_existing(cfg.output, cfg.overwrite)
     model, tok, kind = load_adapted(cfg.adapter, cfg.model, cfg.dtype, quantization=cfg.quantization)
     metrics: dict[str, Any] = {"adapter": cfg.adapter, "adapter_kind": kind}
     if cfg.task != "none":
@@ -425,7 +478,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(model, tok, cfg)
     if cfg.output:
-        write_json(cfg.output, metrics)
+        write_json(cfg.output, metrics, replace=cfg.overwrite)
     return metrics
 
 
@@ -468,10 +521,7 @@ def run_merge(cfg: MergeConfig) -> Path:
         target.resolve()
     ):
         raise NeurontuneError(f"--output {target} would replace the adapter {cfg.adapter} itself")
-    if (target.exists() or target.is_symlink()) and not cfg.overwrite:
-        raise NeurontuneError(
-            f"{target} already exists; choose a new --output or pass --overwrite to replace it"
-        )
+    refuse_existing(target, cfg.overwrite)
     # the base in its checkpoint's dtype (fp32 when fp32 is asked for): a row delta is added to it in fp32
     # and rounded once, so merging an fp32 checkpoint and casting gives what merging in fp32 did
     load = "float32" if cfg.dtype == "float32" else "checkpoint"
@@ -480,7 +530,7 @@ def run_merge(cfg: MergeConfig) -> Path:
     merged = model.merge_and_unload()
     if cfg.dtype != "auto":
         merged = merged.to(resolve_dtype(cfg.dtype))
-    save_pretrained_atomic(cfg.output, merged, tok)
+    save_pretrained_atomic(cfg.output, merged, tok, replace=cfg.overwrite)
     dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
     how = f", dequantized from its {quantized} base" if quantized != "none" else ""
     print(

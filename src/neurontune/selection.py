@@ -289,12 +289,20 @@ def check_selection(cfg: Any, model: nn.Module) -> None:
            **cfg.budget_kwargs())  # fmt: skip
 
 
-def save_selection(spec: NeuronSpec, scores: dict[str, torch.Tensor], path: str | Path) -> None:
-    """``path`` gets the spec (JSON); ``<stem>.scores.safetensors`` beside it the raw scores."""
+def save_selection(
+    spec: NeuronSpec, scores: dict[str, torch.Tensor], path: str | Path, replace: bool = True
+) -> None:
+    """``path`` gets the spec (JSON); ``<stem>.scores.safetensors`` beside it the raw scores
+    (``replace=False``: neither replaces an existing file)."""
     from neurontune.io import write_safetensors
 
     path = Path(path)
-    spec.save(path)
     write_safetensors(
-        path.with_suffix(".scores.safetensors"), scores, {"scorer": str(spec.provenance.get("scorer"))}
+        scores_path(path), scores, {"scorer": str(spec.provenance.get("scorer"))}, replace=replace
     )
+    spec.save(path, replace=replace)
+
+
+def scores_path(spec_path: str | Path) -> Path:
+    """Where :func:`save_selection` puts the raw scores of the spec at ``spec_path``."""
+    return Path(spec_path).with_suffix(".scores.safetensors")

@@ -207,8 +207,8 @@ class NeuronSpec:
             raise SpecError(f"{source}: 'modules' must be a mapping of module name -> selection")
         return cls(dict(d["modules"]), dict(d.get("provenance", {})))
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_json(path, self.to_dict())
+    def save(self, path: str | os.PathLike, replace: bool = True) -> None:
+        write_json(path, self.to_dict(), replace=replace)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronSpec:

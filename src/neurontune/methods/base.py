@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # the registry is read by --help and the config, before torch is imported
+    import torch
+    from torch import nn
 
 
 class Method:
@@ -41,6 +42,11 @@ class Method:
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def written_outputs(cls, cfg: Any) -> tuple[str, ...]:
+        """Which of :attr:`outputs` a run with ``cfg`` writes (what its manifest claims)."""
+        return tuple(n for n in cls.outputs if n != "merged" or getattr(cfg, "save_merged", False))
 
     # ---- before the run writes anything ------------------------------------------------------------
     @classmethod

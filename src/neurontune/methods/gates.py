@@ -7,14 +7,15 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from neurontune.errors import NeurontuneError
 from neurontune.fields import is_set, opt
 from neurontune.methods.base import Method, register
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 G = "gates"
 
@@ -61,7 +62,7 @@ class GateOptions:
 
 
 def gate_config(cfg: Any) -> Any:
-    from neurontune.gates import GateConfig
+    from neurontune.gate_config import GateConfig
 
     return GateConfig(
         granularity=cfg.gate_granularity, target_sparsity=cfg.gate_sparsity, lam=cfg.gate_lambda,
@@ -83,6 +84,11 @@ class Gates(Method):
         self.info: dict[str, Any] | None = None
         self.task: Any = None
         self.saved: str = "pruned"
+
+    @classmethod
+    def written_outputs(cls, cfg: Any) -> tuple[str, ...]:
+        distill = ("recovered", "recover")
+        return tuple(n for n in super().written_outputs(cfg) if n not in distill or cfg.recover == "distill")
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from neurontune.errors import NeurontuneError
 from neurontune.fields import opt
 from neurontune.methods.base import Method, register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass

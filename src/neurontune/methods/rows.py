@@ -5,17 +5,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
+from neurontune.choices import IMPLS
 from neurontune.errors import NeurontuneError
 from neurontune.fields import is_set, opt
 from neurontune.methods.base import Method, register
-from neurontune.rowtune.layer import IMPLS
-from neurontune.scoring import DATA_PARALLEL
-from neurontune.selection import check_selection, save_selection, select_neurons
-from neurontune.spec import NeuronSpec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from neurontune.spec import NeuronSpec
 
 
 @dataclass
@@ -46,11 +46,17 @@ class Rows(Method):
         self.spec: NeuronSpec | None = None
         self.scoring_processes = 1  # how many processes shared the scoring pass
 
+    @classmethod
+    def written_outputs(cls, cfg: Any) -> tuple[str, ...]:
+        scores = "neuron_spec.scores.safetensors"  # only a scored selection has them
+        return tuple(n for n in super().written_outputs(cfg) if n != scores or not cfg.spec)
+
     def _resuming(self, out: Path) -> bool:
         return bool(self.cfg.resume and (out / "neuron_spec.json").is_file())
 
     def check(self, model: nn.Module, out: Path) -> None:
         from neurontune.rowtune.layer import check_impl
+        from neurontune.selection import check_selection
         from neurontune.targets import find_target_modules
 
         # the layer's own check, before anything is written (a dense impl on a quantized base)
@@ -82,7 +88,8 @@ class Rows(Method):
             # The main process writes the selection, and every process trains exactly the main's.
             from accelerate.utils import broadcast_object_list
 
-            from neurontune.scoring import get_scorer
+            from neurontune.scoring import DATA_PARALLEL, get_scorer
+            from neurontune.spec import NeuronSpec
 
             needs = get_scorer(self.cfg.scorer, **self.cfg.scorer_kwargs()).needs
             everyone = not self._resuming(out) and self.given is None and needs and needs <= DATA_PARALLEL
@@ -98,6 +105,9 @@ class Rows(Method):
         return get_rowtune_model(model, spec, rt)
 
     def _select(self, model: nn.Module, tok: Any, task: Any, out: Path, write: bool = True) -> NeuronSpec:
+        from neurontune.selection import save_selection, select_neurons
+        from neurontune.spec import NeuronSpec
+
         cfg, spec_path = self.cfg, out / "neuron_spec.json"
         if self._resuming(out):
             spec = NeuronSpec.load(spec_path)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from neurontune.methods.base import Method, register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register
