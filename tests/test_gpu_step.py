@@ -18,6 +18,7 @@ def _bench(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # ~1.3 min; in .ci/run
 def test_a_failed_cell_is_recorded_and_append_replaces_a_cell_measured_again(tmp_path):
     common = [
         "--precisions",

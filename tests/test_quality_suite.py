@@ -107,6 +107,7 @@ def test_the_markdown_tabulates_the_validation_curves_at_the_chosen_rates_only()
     assert "lora (0.003)" not in md  # a rate not chosen is in the JSON, not the table
 
 
+@pytest.mark.slow  # ~2.5 min; .ci/run runs it after the default run
 def test_the_suite_end_to_end_two_runs_at_once(tmp_path):
     """Sweep then test with --jobs 2: the test runs use the swept rates (DoRA LoRA's, not swept), in
     seed-major order, every run's folder and the results files are written."""
@@ -160,6 +161,7 @@ def test_a_failed_run_stops_the_suite_with_its_error(tmp_path):
     assert not (tmp_path / "out" / "quality_suite.json").exists()  # nothing finished, nothing claimed
 
 
+@pytest.mark.slow  # ~2.5 min; in .ci/run
 def test_recorded_runs_are_taken_from_an_earlier_results_file_by_their_command(tmp_path):
     """--recorded: a run an earlier results file holds with the very same command is not run again
     (its folder stays absent), a run with another command is; the markdown says which are old."""

@@ -434,7 +434,14 @@ def add_run_sections(report: Report, runs: Sequence[Path], model: nn.Module | No
         if (r / "config.json").is_file()
     }
     if len(configs) > 1:
-        skip = {"output_dir", "data_fingerprint", "neurontune_version", "overwrite", "resume"}
+        skip = {
+            "output_dir",
+            "data_fingerprint",
+            "model_fingerprint",
+            "neurontune_version",
+            "overwrite",
+            "resume",
+        }
         keys = sorted({k for c in configs.values() for k in c} - skip)
         differ = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
         report.section(
@@ -621,7 +628,10 @@ def run_report(out: Path, metrics: dict[str, Any], spec: NeuronSpec | None) -> P
         report.section("Settings", "The training hyper-parameters, and every option set to something other "
                                    "than its default; the full resolved config (config.json) below.")  # fmt: skip
         report.kv_table([(k, cfg[k]) for k in [*main, *changed] if k in cfg])
-        report.kv_table([(k, v) for k, v in cfg.items() if k != "data_fingerprint"], collapsed="all settings")
+        report.kv_table(
+            [(k, v) for k, v in cfg.items() if k not in ("data_fingerprint", "model_fingerprint")],
+            collapsed="all settings",
+        )
     log = read_train_log(out)
     if log:
         report.section("Training")

@@ -43,14 +43,21 @@ class DataConfig:
         None, "map the data's columns to our fields, e.g. prompt=question,completion=answer or text=sentence"
     )
     seed: int = _opt(0, "seed for the data split and order, random scores, tie-breaking")
-    max_length: int = _opt(128, "max tokens per example (a long prompt is cut from the left)")
+    max_length: int | None = _opt(
+        None, "max tokens per example; default: the longest example, up to the model's limit (a longer "
+        "prompt is cut from the left, with a note saying how many were)",
+    )  # fmt: skip
 
     _positive: typing.ClassVar[tuple[str, ...]] = ("max_length",)
 
     def __post_init__(self) -> None:
         self._given = GIVEN.get()  # not a field: asdict() and saved configs leave it out
+        if self.max_length is not None and self.max_length < 2:  # one token is nothing to learn from
+            raise NeurontuneError(
+                f"max_length must be at least 2 (a token to predict from and one to predict), got {self.max_length}"
+            )
         for name in self._positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise NeurontuneError(f"{name} must be positive, got {getattr(self, name)}")
         for f in dataclasses.fields(self):
             choices = choices_of(f)
@@ -62,7 +69,12 @@ class DataConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise NeurontuneError(f"{f.name}={value!r} is not one of: {', '.join(choices)}{hint}")
 
+        if not 0 <= self.seed < 2**32:  # what torch, numpy and random all take
+            raise NeurontuneError(f"seed must be between 0 and {2**32 - 1}, got {self.seed}")
         self.columns_value()  # validate early
+        words = self.label_words_value() or []
+        if dup := next((w for i, w in enumerate(words) if w in words[:i]), None):
+            raise NeurontuneError(f"label_words lists {dup!r} twice; each label needs its own word")
         if not 0.0 < self.eval_fraction < 1.0:
             raise NeurontuneError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if "{text}" not in self.template:

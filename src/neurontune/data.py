@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,34 +160,48 @@ def load_bigbench(task: str) -> dict[str, Any]:
 Record = tuple[str, dict[str, Any]]  # ("file:line", record)
 
 
-def load_records(path: str | os.PathLike) -> list[Record]:
+def reservoir(items: Iterator[tuple[int, Any]], k: int, seed: int) -> tuple[list[tuple[int, Any]], int]:
+    """A seeded uniform sample of at most ``k`` of ``items`` (``(position, item)`` pairs, read once, held
+    ``k`` at a time), in file order, and how many there were. All of them when there are ``k`` or fewer."""
+    rng = random.Random(seed)
+    sample: list[tuple[int, Any]] = []
+    n = 0
+    for n, item in enumerate(items, 1):
+        if len(sample) < k:
+            sample.append(item)
+        elif (j := rng.randrange(n)) < k:
+            sample[j] = item
+    sample.sort(key=lambda x: x[0])
+    return sample, n
+
+
+def load_records(
+    path: str | os.PathLike, sample: int | None = None, seed: int = 0, quiet: bool = False
+) -> list[Record]:
     """Read ``.json``, ``.jsonl``/``.ndjson`` or ``.csv`` into ``(where, record)`` pairs.
 
-    ``where`` is ``"file:line"`` (JSON Lines, CSV) or ``"file[i]"`` (JSON), for error messages.
+    ``where`` is ``"file:line"`` (JSON Lines, CSV) or ``"file[i]"`` (JSON), for error messages. CSV fields
+    may hold quoted newlines; JSON Lines end at ``\n`` only, so a raw U+2028 or U+0085 in a string stays.
+    With ``sample``, a file of more records gives a seeded uniform sample of ``sample`` of them (in file
+    order; a note says so): JSON Lines and CSV are streamed, so memory holds only the sample, and only the
+    sampled lines are parsed (a ``.json`` file is one document and is read whole).
     """
     path = Path(path)
     if not path.is_file():
         raise NeurontuneError(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise NeurontuneError(f"{path}: not UTF-8 text ({e})") from None
-    records: list[Record] = []
+    if suffix not in (".jsonl", ".ndjson", ".json", ".csv"):
+        raise NeurontuneError(f"{path}: unsupported data file type {suffix!r}; use .json, .jsonl or .csv")
+    k = sample if sample is not None else sys.maxsize
     if suffix in (".jsonl", ".ndjson"):
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NeurontuneError(
-                    f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})"
-                ) from None
-            records.append((f"{path}:{i}", rec))
+        with path.open("rb") as f:  # bytes: only b"\n" ends a line
+            lines, total = reservoir(((i, raw) for i, raw in enumerate(f, 1) if raw.strip()), k, seed)
+        records = [(f"{path}:{i}", _json_line(raw, f"{path}:{i}")) for i, raw in lines]
     elif suffix == ".json":
         try:
-            obj = json.loads(text)
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise NeurontuneError(f"{path}: not UTF-8 text ({e})") from None
         except json.JSONDecodeError as e:
             raise NeurontuneError(
                 f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
@@ -195,22 +210,59 @@ def load_records(path: str | os.PathLike) -> list[Record]:
             obj = obj["data"]
         if not isinstance(obj, list):
             raise NeurontuneError(f'{path}: expected a JSON list of records (or {{"data": [...]}})')
-        records = [(f"{path}[{i}]", rec) for i, rec in enumerate(obj)]
-    elif suffix == ".csv":
-        csv.field_size_limit(sys.maxsize)
-        reader = csv.DictReader(text.splitlines())
-        for rec in reader:
-            if None in rec:
-                raise NeurontuneError(f"{path}:{reader.line_num}: more fields than the header has")
-            records.append((f"{path}:{reader.line_num}", rec))
+        picked, total = reservoir(enumerate(obj), k, seed)
+        records = [(f"{path}[{i}]", rec) for i, rec in picked]
     else:
-        raise NeurontuneError(f"{path}: unsupported data file type {suffix!r}; use .json, .jsonl or .csv")
+        records, total = _csv_records(path, k, seed)
+    if total > k and not quiet:
+        print(f"{path}: {total:,} records; using a seeded random sample of {k:,} of them")
     for where, rec in records:
         if not isinstance(rec, dict):
             raise NeurontuneError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if not records:
         raise NeurontuneError(f"{path}: the dataset is empty")
     return records
+
+
+def _json_line(raw: bytes, where: str) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise NeurontuneError(f"{where}: not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise NeurontuneError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})") from None
+
+
+def _csv_records(path: Path, k: int, seed: int) -> tuple[list[Record], int]:
+    csv.field_size_limit(sys.maxsize)
+    line = 1
+    try:
+        with path.open(encoding="utf-8", newline="") as f:  # newline="": quoted newlines stay in fields
+            reader = csv.reader(f)
+            header = next(reader, None)
+
+            def rows() -> Iterator[tuple[int, list[str]]]:
+                nonlocal line
+                for row in reader:
+                    line = reader.line_num
+                    if row:
+                        yield line, row
+
+            picked, total = reservoir(rows(), k, seed)
+    except UnicodeDecodeError as e:
+        raise NeurontuneError(f"{path}:{line + 1}: not UTF-8 text ({e})") from None
+    except csv.Error as e:
+        raise NeurontuneError(f"{path}:{line + 1}: malformed CSV ({e})") from None
+    if header is None:
+        return [], 0
+    records = []
+    for i, row in picked:
+        if len(row) > len(header):
+            raise NeurontuneError(f"{path}:{i}: more fields than the header has")
+        records.append(
+            (f"{path}:{i}", dict(zip(header, [*row, *[None] * (len(header) - len(row))], strict=True)))
+        )
+    return records, total
 
 
 if __name__ == "__main__":

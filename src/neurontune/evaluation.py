@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from neurontune.tasks import IGNORE_INDEX, Example, Task, collate, encode
+from neurontune.tasks import IGNORE_INDEX, Example, Task, collate, encode, model_length_limit
 
 _NUMBER = re.compile(r"[-+]?\d+")
 
@@ -34,12 +34,22 @@ def label_token_ids(tok: PreTrainedTokenizerBase, label_words: Sequence[str]) ->
 
 @torch.no_grad()
 def _choice_logprobs(
-    model: Any, tok: PreTrainedTokenizerBase, prompts: list[list[int]], choices: Sequence[Sequence[str]]
-) -> list[torch.Tensor]:
+    model: Any, tok: PreTrainedTokenizerBase, prompts: list[list[int]], choices: Sequence[Sequence[str]],
+    max_length: int | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
     """Sum of log-probabilities of each choice's tokens (``" " + choice``) after its prompt, one tensor of
-    ``len(choices[i])`` scores per prompt; one forward for all pairs."""
+    ``len(choices[i])`` scores per prompt; one forward for all pairs. With ``max_length``, a prompt is cut
+    from the left so that prompt and choice fit in it (as training cuts them)."""
     words = [[tok(" " + c, add_special_tokens=False)["input_ids"] for c in cs] for cs in choices]
-    pairs = [(p + w, [IGNORE_INDEX] * len(p) + w) for p, ws in zip(prompts, words, strict=True) for w in ws]
+
+    def fit(p: list[int], w: list[int]) -> list[int]:
+        return p if max_length is None or len(p) + len(w) <= max_length else p[-max(1, max_length - len(w)) :]
+
+    pairs = [
+        (fit(p, w) + w, [IGNORE_INDEX] * len(fit(p, w)) + w)
+        for p, ws in zip(prompts, words, strict=True)
+        for w in ws
+    ]
     b = collate(pairs, tok.pad_token_id)
     device = next(model.parameters()).device
     logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
@@ -50,10 +60,11 @@ def _choice_logprobs(
 
 
 def _label_logprobs(
-    model: Any, tok: PreTrainedTokenizerBase, prompts: list[list[int]], label_words: Sequence[str]
-) -> torch.Tensor:
+    model: Any, tok: PreTrainedTokenizerBase, prompts: list[list[int]], label_words: Sequence[str],
+    max_length: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Sum of log-probabilities of each label word's tokens after each prompt: ``[n_prompts, n_labels]``."""
-    return torch.stack(_choice_logprobs(model, tok, prompts, [label_words] * len(prompts)))
+    return torch.stack(_choice_logprobs(model, tok, prompts, [label_words] * len(prompts), max_length))
 
 
 def choice_predictions(
@@ -70,7 +81,8 @@ def choice_predictions(
     for start in tqdm(range(0, len(examples), per_batch), desc="eval", leave=False):
         chunk = examples[start : start + per_batch]
         enc = [_prompt_ids(tok, e.prompt, max_length) for e in chunk]
-        preds += [int(s.argmax()) for s in _choice_logprobs(model, tok, enc, [e.choices for e in chunk])]
+        scores = _choice_logprobs(model, tok, enc, [e.choices for e in chunk], max_length)
+        preds += [int(s.argmax()) for s in scores]
     return preds
 
 
@@ -96,7 +108,7 @@ def classification_predictions(
         chunk = examples[start : start + batch_size]
         enc = [_prompt_ids(tok, e.prompt, max_length) for e in chunk]
         if word_ids is None:
-            scores = _label_logprobs(model, tok, enc, label_words)
+            scores = _label_logprobs(model, tok, enc, label_words, max_length)
         else:
             batch = collate([(e, e) for e in enc], tok.pad_token_id)
             logits = model(
@@ -139,9 +151,11 @@ def generate(
     """Greedy completions (left-padded batches), cut at ``stop`` if given."""
     model.eval()
     device = next(model.parameters()).device
+    limit = model_length_limit(model)  # the prompt and the new tokens must fit the position table
+    keep = min(max_length, limit - max_new_tokens) if limit and limit > max_new_tokens else max_length
     outs: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
-        enc = [_prompt_ids(tok, p, max_length) for p in prompts[start : start + batch_size]]
+        enc = [_prompt_ids(tok, p, keep) for p in prompts[start : start + batch_size]]
         batch = collate([(e, e) for e in enc], tok.pad_token_id, left=True)
         seq = model.generate(
             input_ids=batch["input_ids"].to(device),

@@ -7,11 +7,14 @@ are comparable; what differs between methods lives in :mod:`neurontune.methods`,
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import math
 import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,15 @@ from neurontune.io import (
 from neurontune.methods import get_method, load_output
 from neurontune.models import DEFAULT_MODEL, load_model, model_quantization, resolve_dtype
 from neurontune.spec import NeuronSpec
-from neurontune.tasks import StepBatches, Task, general_text, load_task
+from neurontune.tasks import (
+    Example,
+    StepBatches,
+    Task,
+    fit_max_length,
+    general_text,
+    load_task,
+    model_length_limit,
+)
 from neurontune.train import TrainArgs, launched_with, list_checkpoints, mixed_precision, train
 
 # ---- shared pieces ---------------------------------------------------------------------------------
@@ -58,12 +69,53 @@ def process_state() -> Any:
     return state
 
 
+# a data file of up to this many records is read whole (as before streaming); bigger ones are sampled
+MIN_RECORDS_READ = 10_000
+
+
+def record_budget(cfg: DataConfig) -> tuple[int | None, int | None]:
+    """How many records of the data file and of the eval file a command needs to read: twice what its
+    example counts take from each split (the held-out fraction included), at least
+    :data:`MIN_RECORDS_READ`; ``None``: all (no count bounds it)."""
+    n_train = max(getattr(cfg, "train_examples", 0) or 0, getattr(cfg, "calib_examples", 0) or 0)
+    n_eval = getattr(cfg, "eval_examples", 0) or 0
+    if cfg.eval_split == "validation":  # the validation split comes out of the train split
+        n_train, n_eval = n_train + n_eval, 0
+    if not n_train and not n_eval:
+        return None, None
+    if cfg.eval_file:
+        return max(MIN_RECORDS_READ, 2 * n_train), max(MIN_RECORDS_READ, 2 * n_eval)
+    f = cfg.eval_fraction
+    need = max(n_train / (1 - f), n_eval / f)
+    return max(MIN_RECORDS_READ, 2 * math.ceil(need)), None
+
+
 def task_from_config(cfg: DataConfig, tok: Any) -> Task:
+    sample, eval_sample = record_budget(cfg)
     task = load_task(
         cfg.task, tok, seed=cfg.seed, eval_file=cfg.eval_file, eval_fraction=cfg.eval_fraction,
         label_words=cfg.label_words_value(), template=cfg.template, columns=cfg.columns_value(),
+        sample=sample, eval_sample=eval_sample,
     )  # fmt: skip
     return task.validation(cfg.eval_fraction) if cfg.eval_split == "validation" else task
+
+
+def with_max_length(cfg: Any, examples: Sequence[Example], tok: Any, model: Any, verbose: bool = True) -> Any:
+    """A copy of ``cfg`` with ``max_length`` resolved for ``examples`` (default: the longest, up to the
+    model's limit; :func:`~neurontune.tasks.fit_max_length`), printing a note when examples are cut."""
+    n, note = fit_max_length(examples, tok, cfg.max_length, model_length_limit(model, tok))
+    if note and verbose:
+        print(note)
+    resolved = copy.copy(cfg)  # keeps what the user set (is_set)
+    resolved.max_length = n
+    return resolved
+
+
+def eval_source(cfg: DataConfig, task: Task) -> str:
+    """What the evaluation read, for the summary line: the eval file, the validation split, or the task."""
+    if cfg.eval_file:
+        return os.path.basename(cfg.eval_file)
+    return f"{task.name} validation" if cfg.eval_split == "validation" else task.name
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -112,6 +164,7 @@ def run_select(cfg: SelectConfig) -> NeuronSpec:
         refuse_existing(path, cfg.overwrite)
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)
+    cfg = with_max_length(cfg, task.train[: cfg.calib_examples], tok, model, state.is_main_process)
     # under N processes, additive scorers split the calibration data (neurontune.scoring); rank 0 writes
     spec, scores = select_neurons(cfg, model, tok, task, verbose=state.is_main_process)
     spec.provenance["config"] = dataclasses.asdict(cfg)
@@ -191,6 +244,39 @@ def run_outputs(cfg: FinetuneConfig | None = None) -> set[str]:
     return names
 
 
+def model_fingerprint(model: str) -> dict[str, Any] | None:
+    """For a local model directory, what identifies its weights without reading them all: per file its
+    size, and for safetensors the SHA-256 of its header (names, dtypes, shapes, offsets) and of 16 blocks
+    of 4 KiB spread over the data; ``None`` for a built-in or Hub model. A resume on changed weights is
+    refused with it."""
+    import hashlib
+    import struct
+
+    root = Path(model)
+    if not root.is_dir():
+        return None
+    out = {}
+    for f in sorted(root.iterdir()):
+        if not f.is_file() or not f.name.endswith((".safetensors", ".json", ".bin", ".gguf")):
+            continue
+        h, size = hashlib.sha256(), f.stat().st_size
+        with open(f, "rb") as fh:
+            if f.suffix == ".safetensors" and size >= 8:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                h.update(fh.read(min(n, 100 << 20)))
+                start = 8 + n
+            elif f.suffix == ".json":
+                h.update(fh.read(1 << 20))
+                start = size
+            else:
+                start = 0
+            for i in range(16) if size > start else ():
+                fh.seek(start + (size - start) * i // 16)
+                h.update(fh.read(4096))
+        out[f.name] = {"bytes": size, "sha256": h.hexdigest()}
+    return out
+
+
 def _check_output_dir(cfg: FinetuneConfig, out: Path, fingerprint: dict[str, Any] | None) -> list[str] | None:
     """Refuse a directory that is not a run's, and to clobber a run; on resume, refuse a config or data
     (``fingerprint``, from :func:`data_fingerprint`) that would change the trajectory. Returns the names
@@ -214,6 +300,11 @@ def _check_output_dir(cfg: FinetuneConfig, out: Path, fingerprint: dict[str, Any
         if diff:
             raise NeurontuneError(
                 f"cannot resume {out}: the config differs from the run's ({'; '.join(diff)})"
+            )
+        if old.get("model_fingerprint") != model_fingerprint(cfg.model) and "model_fingerprint" in old:
+            raise NeurontuneError(
+                f"cannot resume {out}: the base model {cfg.model} changed since the run started (its weight "
+                "files differ); resuming would train one adapter on two bases. Start again with --overwrite"
             )
         if "data_fingerprint" not in old:
             print(
@@ -309,6 +400,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model, tok, task = _load(cfg)  # data problems surface here, before anything is written
     task = task.head(cfg.train_examples, cfg.eval_examples)
+    given, cfg = cfg, with_max_length(cfg, task.train + task.eval, tok, model, verbose=main)
     method = get_method(cfg.method)(cfg)
     method.check(model, out)  # bad method input fails here, before anything is written
     if cfg.eval_steps and method.trains and (launched_with("FSDP") or launched_with("DEEPSPEED")):
@@ -327,7 +419,12 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
         write_manifest(out, claimed)  # the claim comes before anything it names
         write_json(
             out / "config.json",
-            {**dataclasses.asdict(cfg), "data_fingerprint": fingerprint, "neurontune_version": __version__},
+            {
+                **dataclasses.asdict(given),
+                "data_fingerprint": fingerprint,
+                "model_fingerprint": model_fingerprint(cfg.model),
+                "neurontune_version": __version__,
+            },
         )
 
     def run_eval(m: torch.nn.Module) -> dict[str, Any]:
@@ -400,6 +497,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             "train_seconds": train_seconds,
             "tokens_per_second": sum(r["tokens"] for r in log) / train_seconds if train_seconds else None,
             "precision": mixed_precision(cfg.precision) if method.trains else None,
+            "max_length": cfg.max_length,
             "peak_memory_mib": peak,
             "peak_memory_kind": peak_kind,
             "saved": str(saved) if saved else None,
@@ -423,7 +521,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             else f"{metric} {after[metric]:.3f}"
         )
         print(
-            f"{summary} on {len(task.eval)} {task.name} eval examples ({_fmt_metrics(after)}); wrote {out}/"
+            f"{summary} on {len(task.eval)} {eval_source(cfg, task)} eval examples ({_fmt_metrics(after)}); "
+            f"wrote {out}/"
         )
         state.wait_for_everyone()
         return metrics
@@ -470,11 +569,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {"adapter": cfg.adapter, "adapter_kind": kind}
     if cfg.task != "none":
         task = task_from_config(cfg, tok).head(None, cfg.eval_examples)
+        cfg = with_max_length(cfg, task.eval, tok, model)
         forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
         metrics.update(task=task.name, **evaluate(
             model, tok, task, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, general_text=forget
         ))  # fmt: skip
-        print(f"{task.name}: {_fmt_metrics(metrics)} on {len(task.eval)} examples")
+        print(f"{eval_source(cfg, task)}: {_fmt_metrics(metrics)} on {len(task.eval)} examples")
     if cfg.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(model, tok, cfg)
     if cfg.output:
@@ -527,6 +627,10 @@ def run_merge(cfg: MergeConfig) -> Path:
     load = "float32" if cfg.dtype == "float32" else "checkpoint"
     model, tok, kind = load_adapted(cfg.adapter, cfg.model, load, quantization=cfg.quantization)
     quantized = model_quantization(model)
+    if hasattr(model, "peft_config"):  # a PEFT adapter (row adapters refuse tied modules when trained)
+        from neurontune.methods.peft_methods import untie_adapted_weights
+
+        untie_adapted_weights(model)
     merged = model.merge_and_unload()
     if cfg.dtype != "auto":
         merged = merged.to(resolve_dtype(cfg.dtype))

@@ -55,7 +55,8 @@ def find_target_modules(
 ) -> list[str]:
     """Full names of the linear modules selected by ``target_modules`` minus ``exclude_modules``.
 
-    Raises :class:`TargetError` if nothing matches, or if an explicit name matches no module at all.
+    Raises :class:`TargetError` if nothing matches, if an explicit name matches no module at all, or if
+    an ``exclude_modules`` entry (or regex) excludes none of the targeted modules.
     """
     if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
         try:
@@ -78,6 +79,13 @@ def find_target_modules(
                     )
         chosen = [n for n, _ in linear if _matches(n, target_modules)]
     if exclude_modules:
+        patterns = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules)
+        for pat in patterns:  # a typo would exclude nothing and train what the user meant to leave out
+            if not any(_matches(n, pat if isinstance(exclude_modules, str) else [pat]) for n in chosen):
+                raise TargetError(
+                    f"exclude_modules {pat!r} matches none of the {len(chosen)} targeted modules "
+                    f"(e.g. {chosen[0] if chosen else '-'})"
+                )
         chosen = [n for n in chosen if not _matches(n, exclude_modules)]
     if not chosen:
         suffixes = sorted({n.split(".")[-1] for n, _ in linear})

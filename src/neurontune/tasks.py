@@ -268,6 +268,15 @@ def _str_field(rec: dict[str, Any], key: str, where: str, required: bool = True)
     return str(v)
 
 
+def _first_duplicate(items: Any) -> str | None:
+    seen: set[str] = set()
+    for x in items:
+        if x in seen:
+            return x
+        seen.add(x)
+    return None
+
+
 def _choice_example(rec: dict[str, Any], where: str) -> Example:
     """``{"prompt", "choices": [...], "answer": index or the right choice's text}``."""
     choices = rec["choices"]
@@ -277,6 +286,8 @@ def _choice_example(rec: dict[str, Any], where: str) -> Example:
         or not all(isinstance(c, str) and c.strip() for c in choices)
     ):
         raise NeurontuneError(f"{where}: 'choices' must be a list of two or more non-empty strings")
+    if dup := _first_duplicate(c.strip() for c in choices):  # ties go to the first: the second never wins
+        raise NeurontuneError(f"{where}: the choice {dup!r} is listed twice; each choice must be distinct")
     answer = rec["answer"]
     if isinstance(answer, int) and not isinstance(answer, bool):
         if not 0 <= answer < len(choices):
@@ -318,6 +329,8 @@ def records_to_task(
             )
     required, _ = FORMATS[fmt]
     words = tuple(label_words or ())
+    if dup := _first_duplicate(words):  # a label at the second copy could never be predicted right
+        raise NeurontuneError(f"label_words lists {dup!r} twice; each label needs its own word")
     if fmt == "classification":
         for where, rec in [*records, *(eval_records or [])]:
             if rec.get("label") is None or not str(rec["label"]).strip():
@@ -393,9 +406,13 @@ def load_task(
     label_words: Sequence[str] | None = None,
     template: str = "{text}\nLabel:",
     columns: dict[str, str] | None = None,
+    sample: int | None = None,
+    eval_sample: int | None = None,
 ) -> Task:
     """A built-in task by name (:data:`BUILTIN_TASKS`), a data file, a ``datasets`` directory
-    (``save_to_disk``) or a Hub dataset id; ``columns`` renames the data's columns to our fields."""
+    (``save_to_disk``) or a Hub dataset id; ``columns`` renames the data's columns to our fields.
+    ``sample`` / ``eval_sample``: read at most that many records of the data / eval file (a seeded uniform
+    sample of a bigger file, streamed; :func:`~neurontune.data.load_records`)."""
     if name_or_path in BUILTIN_TASKS:
         if eval_file:
             raise NeurontuneError("eval_file is for data files; built-in tasks have their own test split")
@@ -409,9 +426,9 @@ def load_task(
             "a datasets directory (save_to_disk) or a Hub dataset id (org/name)"
         )
     else:
-        records, eval_records = load_records(name_or_path), None
+        records, eval_records = load_records(name_or_path, sample, seed), None
     if eval_file:
-        eval_records = load_records(eval_file)
+        eval_records = load_records(eval_file, eval_sample, seed)
     if columns:
         records = rename_columns(records, columns)
         eval_records = rename_columns(eval_records, columns) if eval_records is not None else None
@@ -429,6 +446,41 @@ def encode(ex: Example, tok: PreTrainedTokenizerBase, max_length: int) -> tuple[
     c = c[:max_length]
     p = p[len(p) - max(0, max_length - len(c)) :] if len(p) + len(c) > max_length else p
     return p + c, [IGNORE_INDEX] * len(p) + c
+
+
+def model_length_limit(model: Any, tok: PreTrainedTokenizerBase | None = None) -> int | None:
+    """The longest sequence ``model`` takes (its position table), or the tokenizer's limit; ``None``: unknown."""
+    cfg = getattr(model, "config", None)
+    limits = [
+        getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+    ]
+    limits.append(getattr(tok, "model_max_length", None))
+    limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 10**7]
+    return min(limits) if limits else None
+
+
+def fit_max_length(
+    examples: Sequence[Example], tok: PreTrainedTokenizerBase, max_length: int | None, limit: int | None
+) -> tuple[int, str | None]:
+    """``max_length`` (``None``: the longest of ``examples`` in tokens, up to ``limit``) and a note when
+    examples are longer and lose the start of their prompt (``None``: none is cut)."""
+    lengths = [
+        (len(tok(e.prompt, add_special_tokens=False)["input_ids"]) if e.prompt else 0)
+        + len(tok(e.completion, add_special_tokens=False)["input_ids"]) + 1
+        for e in examples
+    ]  # fmt: skip
+    longest = max(lengths, default=2)
+    n = max_length if max_length is not None else min(longest, limit or longest)
+    n = max(n, 2)
+    cut = sum(length > n for length in lengths)
+    note = None
+    if cut:
+        why = "" if max_length is not None else f" (the model's limit; longest example {longest:,})"
+        note = (
+            f"note: {cut:,} of {len(lengths):,} examples are longer than max_length={n:,} tokens{why} and "
+            "lose the start of their prompt"
+        )
+    return n, note
 
 
 def collate(

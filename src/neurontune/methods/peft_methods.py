@@ -80,6 +80,7 @@ class PeftMethod(Method):
         with atomic_dir(out / "adapter") as tmp:
             self.save_adapter(model, tmp)
         if self.cfg.save_merged:
+            untie_adapted_weights(model)
             save_pretrained_atomic(out / "merged", model.merge_and_unload(), tok)
         return out / "adapter"
 
@@ -192,3 +193,32 @@ class Shira(PeftMethod):
         from peft import ShiraConfig
 
         return ShiraConfig(r=lora_rank(self.cfg), target_modules=targets, random_seed=self.cfg.seed)
+
+
+def untie_adapted_weights(peft_model: Any) -> list[str]:
+    """Before a merge: every adapted module whose base weight is shared with another module (an
+    ``lm_head`` tied to the input embeddings) gets its own copy, and the config says the weights are no
+    longer tied, so merging changes that module alone (folding B·A into a shared matrix would change the
+    embeddings too). Returns the names untied; a note says so."""
+    import torch
+
+    base = peft_model.get_base_model()
+    owners: dict[int, list[str]] = {}
+    for n, p in base.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+    untied = []
+    for name, module in base.named_modules():
+        layer = getattr(module, "base_layer", None)
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and len(owners.get(id(weight), [])) > 1:
+            layer.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+            untied.append(name)
+    if untied:
+        for cfg in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+        print(
+            f"note: {', '.join(untied)} shared its weight with the input embeddings; the merged model unties "
+            "them (tie_word_embeddings=false), so the adapter changes the output layer alone"
+        )
+    return untied
