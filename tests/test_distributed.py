@@ -81,7 +81,7 @@ def assert_close(a: dict, b: dict, rtol: float = 1e-5) -> None:
             assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("method", ["rows", "lora"])
+@pytest.mark.parametrize("method", ["rows", pytest.param("lora", marks=pytest.mark.slow)])
 def test_two_processes_equal_one_with_grad_accum_2(tmp_path, method):
     one = finetune(1, tmp_path / "one", f"method={method}", "steps=4", "grad_accum=2")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -230,7 +230,10 @@ def kill_and_resume(out: Path, full: Path, env: dict | None = None, rtol: float 
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
             break
         time.sleep(0.01)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the workers died with the launcher: none trains on
+        os.killpg(proc.pid, 0)
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
     again = finetune(2, out, "steps=12", "--resume", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -238,6 +241,7 @@ def kill_and_resume(out: Path, full: Path, env: dict | None = None, rtol: float 
     assert_close(adapter(out), adapter(full), rtol)
 
 
+@pytest.mark.slow  # ~40 s; in .ci/run (data-parallel scoring stays in the default run)
 def test_two_process_neft_probe_gives_the_one_process_scores(tmp_path):
     opts = ["scorer=neft", "scorer_options=probe_steps=4,probe_lr=1e-2", "steps=1", "calib_batch_size=4"]
     one = finetune(1, tmp_path / "one", *opts)
@@ -253,3 +257,31 @@ def test_two_process_neft_probe_gives_the_one_process_scores(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
     assert s1["modules"] == s2["modules"]
+
+
+@pytest.mark.slow  # ~40 s; in .ci/run
+def test_a_failure_only_the_main_process_sees_stops_every_process(tmp_path):
+    """The main process alone saves and reports; when that fails (here report.md is blocked by a
+    directory made while training runs), the other process stops with it instead of waiting in a
+    barrier until the launcher's timeout (30 minutes by default)."""
+    out = tmp_path / "run"
+    proc = torchrun(2, ["finetune", *RUN, f"output_dir={out}", "steps=8"], stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None and not list_checkpoints(out):
+        time.sleep(0.01)
+    (out / "report.md" / "blocked").mkdir(parents=True)
+    start = time.time()
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode != 0, stderr[-3000:]
+    assert "the main process failed after training" in stderr, stderr[-3000:]
+    assert time.time() - start < 120  # not the barrier's timeout
+    assert not (out / "metrics.json").exists() or not (out / "report.md").is_file()
+
+
+@pytest.mark.slow  # ~20 s; in .ci/run
+def test_gates_with_distillation_on_two_processes_is_refused_not_hung(tmp_path):
+    two = finetune(2, tmp_path / "two", "method=gates", "recover=distill", "steps=2")
+    assert two.returncode != 0
+    assert "recover=distill trains the pruned model on one process; this run has 2" in two.stderr
+    assert not (tmp_path / "two").exists()

@@ -436,7 +436,8 @@ def _kill_at_random(out: Path, seed: int) -> None:
         time.sleep(0.002)
     time.sleep(rng.uniform(0.0, 0.6))
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert list_checkpoints(out) and not (out / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -73,6 +73,7 @@ def _train(out, *extra) -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, load_file(out / "adapter" / "neurontune_adapter.safetensors")
 
 
+@pytest.mark.slow  # 45-80 s of compiling; in .ci/run (the compiled layer is checked in test_rowtune_precision)
 def test_torch_compile_trains_what_eager_trains(tmp_path, monkeypatch):
     """aot_eager: the graph capture and the compiled autograd, without inductor's C++ build (slow variant below)."""
     compiled = []

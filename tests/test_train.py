@@ -200,6 +200,7 @@ def test_eval_steps_under_a_sharded_launch_is_refused_before_anything_is_written
     tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
     out = tmp_path / "run"
     args = [
         "finetune",

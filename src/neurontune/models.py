@@ -21,10 +21,12 @@ directory and loaded back the same way, so it goes through exactly the path a ch
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -261,6 +263,40 @@ def _load_pretrained(path: str | Path, dtype: torch.dtype, quantization: str, de
 
 
 # ---- entry point -----------------------------------------------------------------------------------
+def first_line(e: BaseException) -> str:
+    """An exception's message in one line (transformers' are often paragraphs)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def refuse_run_dir(path: str | Path, what: str) -> None:
+    """A neurontune run directory given where a model (or adapter) belongs: say which of its outputs to use."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return
+    try:
+        run = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return
+    if not isinstance(run, dict) or "neurontune_version" not in run:
+        return
+    outputs = {
+        "adapter": "--adapter",
+        "merged": "model=",
+        "model": "model=",
+        "pruned": "model=",
+        "recovered": "model=",
+    }
+    found = [
+        f"{flag}{path / n}" if flag.endswith("=") else f"{flag} {path / n}"
+        for n, flag in outputs.items()
+        if (path / n).is_dir()
+    ]
+    hint = f"; use {' or '.join(found)}" if found else " (it holds no model output yet)"
+    raise NeurontuneError(f"{path} is a neurontune run directory, not a {what}{hint}")
+
+
 def load_model(
     name_or_path: str | None = None,
     dtype: str | torch.dtype | None = "float32",
@@ -281,14 +317,21 @@ def load_model(
     if name in TINY_MODELS and quantization != "none":
         import tempfile
 
+        from safetensors.torch import save_model
+
         with tempfile.TemporaryDirectory(prefix="neurontune-tiny-") as tmp:
-            tiny_model(name, dtype=torch_dtype).save_pretrained(tmp)
+            # written by hand: under several processes save_pretrained writes on rank 0 only, and every
+            # process loads from its own directory
+            tiny = tiny_model(name, dtype=torch_dtype)
+            tiny.config.save_pretrained(tmp)
+            save_model(tiny, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
             model, tok = _load_pretrained(tmp, torch_dtype, quantization, device), tiny_tokenizer()
         model.config._name_or_path = name
     elif name in TINY_MODELS:
         model, tok = tiny_model(name, dtype=torch_dtype), tiny_tokenizer()
     else:
         path = smollm2_path() if name == DEFAULT_MODEL else name
+        refuse_run_dir(path, "model")
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise NeurontuneError(f"{path} is not a model directory (no config.json)")
         if not Path(path).exists() and not _hub_cached(path) and (why := _hub_unreachable()):
@@ -306,6 +349,13 @@ def load_model(
                 f"could not load model {name!r}: {e}. Use a local directory, a reachable Hub id, "
                 f"{DEFAULT_MODEL!r} (bundled) or one of {TINY_MODELS}."
             ) from None
+        except (
+            ValueError,
+            KeyError,
+            RuntimeError,
+            SafetensorError,
+        ) as e:  # unknown model_type, truncated weights
+            raise NeurontuneError(f"could not load model {name!r}: {first_line(e)}") from None
         if name == DEFAULT_MODEL:
             model.config._name_or_path = DEFAULT_MODEL
     if tok.pad_token is None:

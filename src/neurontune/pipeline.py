@@ -43,7 +43,14 @@ from neurontune.tasks import (
     load_task,
     model_length_limit,
 )
-from neurontune.train import TrainArgs, launched_with, list_checkpoints, mixed_precision, train
+from neurontune.train import (
+    TrainArgs,
+    asked_processes_not_started,
+    launched_with,
+    list_checkpoints,
+    mixed_precision,
+    train,
+)
 
 # ---- shared pieces ---------------------------------------------------------------------------------
 
@@ -323,16 +330,22 @@ def _check_output_dir(cfg: FinetuneConfig, out: Path, fingerprint: dict[str, Any
     return listed
 
 
-def _on_all_processes(state: Any, error: str | None) -> None:
-    """Raise the main process's ``error`` (or nothing) on every process, so that a refusal only the main
-    process sees (the run lock) stops them all instead of leaving the others in a barrier."""
+def _share_outcome(state: Any, error: str | None) -> str | None:
+    """The main process's ``error`` (or ``None``), on every process: a collective that replaces a barrier,
+    so that a failure only the main process sees (the run lock, a full disk while saving, an evaluation
+    error) stops the others at once instead of leaving them in a barrier until the launcher's timeout."""
     if state.num_processes > 1:
         import torch.distributed as dist
 
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
-    if error:
+    return error
+
+
+def _on_all_processes(state: Any, error: str | None) -> None:
+    """Raise the main process's ``error`` (or nothing) on every process (:func:`_share_outcome`)."""
+    if error := _share_outcome(state, error):
         raise NeurontuneError(error)
 
 
@@ -393,6 +406,16 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
     from neurontune.rundir import clear_run, finished_outputs, write_manifest
 
     main = state.is_main_process
+    if n := asked_processes_not_started():
+        print(
+            f"warning: accelerate launch --cpu started 1 process, not the {n} asked for (its --cpu launcher "
+            f"runs one); for {n} CPU processes use torchrun --nproc-per-node {n} -m neurontune.cli finetune ..."
+        )
+    if launched_with("FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise NeurontuneError(
+            f"accelerate's config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; neurontune shards "
+            "with FSDP2 (fully_shard) only: set fsdp_version: 2 (examples/accelerate/fsdp2.yaml)"
+        )
     fingerprint = data_fingerprint(cfg)  # hashed once: the resume check and config.json share it
     listed = _check_output_dir(cfg, out, fingerprint)
     # the names this run claims in its manifest (a resumed run keeps those of the run it continues)
@@ -473,58 +496,65 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             )  # fmt: skip
         peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
         if not main:  # evaluation, the method's output and every report: the main process alone
-            state.wait_for_everyone()
+            if error := _share_outcome(state, None):  # waits for it; its failure stops this process too
+                raise NeurontuneError(f"the main process failed after training: {error}")
             return {}
-        after = run_eval(model) if method.trains else before
-        model, after = method.finish(model, tok, out, run_eval, after)
-        saved = method.save(model, tok, out)
-        metric = primary_metric(task)
-        train_seconds = sum(r["seconds"] for r in log)
-        metrics = {
-            "method": cfg.method,
-            "scorer": None,
-            "task": task.name,
-            "task_kind": task.kind,
-            "model": cfg.model,
-            "primary_metric": metric,
-            "before": before,
-            "after": after,
-            "trainable_params": trainable,
-            "total_params": total,
-            "steps": len(log),
-            "first_loss": log[0]["loss"] if log else None,
-            "last_loss": log[-1]["loss"] if log else None,
-            "train_seconds": train_seconds,
-            "tokens_per_second": sum(r["tokens"] for r in log) / train_seconds if train_seconds else None,
-            "precision": mixed_precision(cfg.precision) if method.trains else None,
-            "max_length": cfg.max_length,
-            "peak_memory_mib": peak,
-            "peak_memory_kind": peak_kind,
-            "saved": str(saved) if saved else None,
-            "saved_bytes": dir_bytes(saved) if saved else 0,
-            "device": device(),
-            "command": " ".join(sys.argv),
-            **method.metrics(),
-        }
-        trackers.log(after, len(log), "eval/")
-        if cfg.eval_steps and curve is not None and log:
-            curve.add(len(log), after)
-        write_json(out / "metrics.json", metrics)
-        write_report(out / "report.md", cfg, metrics, method.report_rows(metrics))
-        from neurontune.analysis import run_report
+        try:
+            after = run_eval(model) if method.trains else before
+            model, after = method.finish(model, tok, out, run_eval, after)
+            saved = method.save(model, tok, out)
+            metric = primary_metric(task)
+            train_seconds = sum(r["seconds"] for r in log)
+            metrics = {
+                "method": cfg.method,
+                "scorer": None,
+                "task": task.name,
+                "task_kind": task.kind,
+                "model": cfg.model,
+                "primary_metric": metric,
+                "before": before,
+                "after": after,
+                "trainable_params": trainable,
+                "total_params": total,
+                "steps": len(log),
+                "first_loss": log[0]["loss"] if log else None,
+                "last_loss": log[-1]["loss"] if log else None,
+                "train_seconds": train_seconds,
+                "tokens_per_second": sum(r["tokens"] for r in log) / train_seconds if train_seconds else None,
+                "precision": mixed_precision(cfg.precision) if method.trains else None,
+                "max_length": cfg.max_length,
+                "num_processes": state.num_processes,
+                "quantization": cfg.quantization,
+                "peak_memory_mib": peak,
+                "peak_memory_kind": peak_kind,
+                "saved": str(saved) if saved else None,
+                "saved_bytes": dir_bytes(saved) if saved else 0,
+                "device": device(),
+                "command": " ".join(sys.argv),
+                **method.metrics(),
+            }
+            trackers.log(after, len(log), "eval/")
+            if cfg.eval_steps and curve is not None and log:
+                curve.add(len(log), after)
+            write_json(out / "metrics.json", metrics)
+            write_report(out / "report.md", cfg, metrics, method.report_rows(metrics))
+            from neurontune.analysis import run_report
 
-        run_report(out, metrics, getattr(method, "spec", None))
-        write_manifest(out, finished_outputs(out, claimed))  # what the run wrote, of what it claimed
-        summary = (
-            f"{metric} {before[metric]:.3f} -> {after[metric]:.3f}"
-            if before
-            else f"{metric} {after[metric]:.3f}"
-        )
-        print(
-            f"{summary} on {len(task.eval)} {eval_source(cfg, task)} eval examples ({_fmt_metrics(after)}); "
-            f"wrote {out}/"
-        )
-        state.wait_for_everyone()
+            run_report(out, metrics, getattr(method, "spec", None))
+            write_manifest(out, finished_outputs(out, claimed))  # what the run wrote, of what it claimed
+            summary = (
+                f"{metric} {before[metric]:.3f} -> {after[metric]:.3f}"
+                if before
+                else f"{metric} {after[metric]:.3f}"
+            )
+            print(
+                f"{summary} on {len(task.eval)} {eval_source(cfg, task)} eval examples ({_fmt_metrics(after)}); "
+                f"wrote {out}/"
+            )
+        except BaseException as e:
+            _share_outcome(state, f"{type(e).__name__}: {e}".splitlines()[0] or type(e).__name__)
+            raise
+        _share_outcome(state, None)
         return metrics
 
 
@@ -626,6 +656,11 @@ def run_merge(cfg: MergeConfig) -> Path:
     # and rounded once, so merging an fp32 checkpoint and casting gives what merging in fp32 did
     load = "float32" if cfg.dtype == "float32" else "checkpoint"
     model, tok, kind = load_adapted(cfg.adapter, cfg.model, load, quantization=cfg.quantization)
+    if not hasattr(model, "merge_and_unload"):
+        raise NeurontuneError(
+            f"{cfg.adapter} is a whole model (a full fine-tune, or a merged or pruned export), not an adapter: "
+            f"there is nothing to merge; use it as it is (model={cfg.adapter})"
+        )
     quantized = model_quantization(model)
     if hasattr(model, "peft_config"):  # a PEFT adapter (row adapters refuse tied modules when trained)
         from neurontune.methods.peft_methods import untie_adapted_weights

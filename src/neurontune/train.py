@@ -185,6 +185,8 @@ def load_checkpoint(
         raise NeurontuneError(f"{path}: trainable parameters differ from this run's (e.g. {diff})")
     tensors = read_safetensors(path / "state.safetensors", "checkpoint tensors")
     for n, p in named.items():
+        if f"param.{n}" not in tensors:
+            raise NeurontuneError(f"{path}: the checkpoint holds no value for {n}")
         t = tensors[f"param.{n}"]
         if t.shape != layout.shape(p):
             raise NeurontuneError(
@@ -195,6 +197,17 @@ def load_checkpoint(
         if key.startswith("optim."):
             _, i, k = key.split(".", 2)
             opt_state.setdefault(int(i), {})[k] = t
+    params = list(named.items())
+    for i, st in opt_state.items():  # a moment of the wrong shape would fail deep inside AdamW's step
+        if not 0 <= i < len(params):
+            raise NeurontuneError(f"{path}: optimizer state for parameter {i}; the run has {len(params)}")
+        n, p = params[i]
+        for k, t in st.items():
+            if k != "step" and t.shape != layout.shape(p):
+                raise NeurontuneError(
+                    f"{path}: the optimizer's {k} of {n} has shape {tuple(t.shape)}, expected "
+                    f"{tuple(layout.shape(p))}"
+                )
     layout.load(named, {n: tensors[f"param.{n}"] for n in named}, optimizer, opt_state, state["param_groups"])
     scheduler.load_state_dict(state["scheduler"])
     suffix = "" if rank == 0 else f".{rank}"
@@ -256,6 +269,32 @@ def _sharding_on_cpu(accelerator: Any, mixed: str) -> None:
         state.deepspeed_plugins, state.distributed_type = ds, DistributedType.DEEPSPEED
         state._mixed_precision = "no"  # DeepSpeed's config carries the precision, as accelerate does
         accelerator.deepspeed_engine_wrapped = None
+
+
+def asked_processes_not_started() -> int | None:
+    """``accelerate launch --cpu --num_processes N`` starts one process whatever N is (its simple launcher):
+    the N asked for, read from the launcher's command line, when this process is alone; else ``None``."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "WORLD_SIZE" in os.environ:
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for i, a in enumerate(argv):
+        for flag in ("--num_processes", "--num-processes"):
+            value = (
+                a.split("=", 1)[1]
+                if a.startswith(flag + "=")
+                else argv[i + 1]
+                if a == flag and i + 1 < len(argv)
+                else None
+            )
+            if value is not None and value.isdigit() and int(value) > 1:
+                return int(value)
+    return None
 
 
 def launched_with(kind: str) -> bool:

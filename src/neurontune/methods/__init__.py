@@ -46,10 +46,12 @@ def load_output(
 ) -> tuple[Any, Any, str]:  # fmt: skip
     """``(model, tokenizer, method name)`` for a saved adapter of any registered method."""
     from neurontune.io import read_json
+    from neurontune.models import refuse_run_dir
 
     path = Path(path)
     if not path.is_dir():
         raise NeurontuneError(f"adapter directory not found: {path}")
+    refuse_run_dir(path, "adapter")
     cfg_file = path / "adapter_config.json"
     cfg = read_json(cfg_file, "adapter config") if cfg_file.is_file() else None
     for name, method in registry().items():

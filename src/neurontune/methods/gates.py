@@ -110,6 +110,14 @@ class Gates(Method):
             raise NeurontuneError("recover_lr must be positive and distill_general >= 0")
 
     def check(self, model: nn.Module, out: Path) -> None:
+        if self.cfg.recover == "distill":
+            from accelerate import PartialState
+
+            if (n := PartialState().num_processes) > 1:  # finish() runs on the main process alone
+                raise NeurontuneError(
+                    f"recover=distill trains the pruned model on one process; this run has {n}. Run the gates "
+                    "on several processes with recover=none, then distill on one"
+                )
         if self.cfg.gate_granularity == "structured":
             from neurontune.gates import check_structured
 
