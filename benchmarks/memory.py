@@ -125,9 +125,9 @@ def worker(a: argparse.Namespace) -> dict:
             score_model(model, scorer, batches=calib, seed=0, **options)
         elif stage.startswith("train-"):
             from neurontune.methods import get_method
-            from neurontune.pipeline import count_parameters, train_args
+            from neurontune.runtime import count_parameters
             from neurontune.tasks import StepBatches
-            from neurontune.train import train
+            from neurontune.train import train, train_args
 
             method_name = stage.removeprefix("train-")
             out = runs / f"run-{method_name}"

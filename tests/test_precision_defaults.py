@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from neurontune.cli import main
 from neurontune.config import EvalConfig, FinetuneConfig, MergeConfig, SelectConfig
 from neurontune.models import checkpoint_dtype, load_dtype, load_model, tiny_model, tiny_tokenizer
-from neurontune.rowtune.model import read_adapter
+from neurontune.spec import read_adapter
 from neurontune.tasks import Example, StepBatches
 from neurontune.train import TrainArgs, train
 

@@ -23,7 +23,7 @@ from torch import nn
 from neurontune.errors import NeurontuneError
 from neurontune.io import atomic_path, read_json, read_safetensors, refuse_existing
 from neurontune.selection import overlap
-from neurontune.spec import NeuronSpec
+from neurontune.spec import NeuronSpec, load_spec
 from neurontune.targets import get_weight
 from neurontune.train import list_checkpoints
 
@@ -31,21 +31,6 @@ MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # ---- loading ---------------------------------------------------------------------------------------
-def load_spec(path: str | Path) -> NeuronSpec:
-    """A NeuronSpec from a spec JSON file, a neurontune adapter directory or a run directory."""
-    p = Path(path)
-    if p.is_file():
-        return NeuronSpec.load(p)
-    if (p / "neuron_spec.json").is_file():
-        return NeuronSpec.load(p / "neuron_spec.json")
-    from neurontune.rowtune.model import adapter_spec, is_row_adapter, read_adapter
-
-    if p.is_dir() and is_row_adapter(p):
-        cfg, tensors = read_adapter(p)
-        return adapter_spec(cfg, tensors, p)
-    raise NeurontuneError(f"{p}: not a NeuronSpec file, a neurontune adapter or a run directory with one")
-
-
 def _layer_and_type(name: str) -> tuple[int | None, str]:
     layer = next((int(p) for p in name.split(".") if p.isdigit()), None)
     return layer, name.split(".")[-1]

@@ -29,7 +29,7 @@ import torch
 
 from neurontune.errors import NeurontuneError
 from neurontune.io import atomic_dir, refuse_existing, write_json, write_safetensors
-from neurontune.rowtune.model import adapter_spec, read_adapter
+from neurontune.spec import adapter_spec, read_adapter
 
 VLLM_DEFAULT_MAX_RANK = 16
 VLLM_MAX_RANK = 512
@@ -157,7 +157,7 @@ def export(
 ) -> dict:  # fmt: skip
     """The ``neurontune export`` command."""
     from neurontune.models import load_model
-    from neurontune.rowtune.model import is_row_adapter
+    from neurontune.spec import is_row_adapter
 
     if to != "peft-lora":
         raise NeurontuneError(f"--to {to!r}: only peft-lora is supported")

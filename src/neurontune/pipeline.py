@@ -33,6 +33,7 @@ from neurontune.io import (
 )
 from neurontune.methods import get_method, load_output
 from neurontune.models import DEFAULT_MODEL, load_model, model_quantization, resolve_dtype
+from neurontune.runtime import count_parameters, describe_parameters, device, process_state
 from neurontune.spec import NeuronSpec
 from neurontune.tasks import (
     Example,
@@ -44,36 +45,15 @@ from neurontune.tasks import (
     model_length_limit,
 )
 from neurontune.train import (
-    TrainArgs,
     asked_processes_not_started,
     launched_with,
     list_checkpoints,
     mixed_precision,
     train,
+    train_args,
 )
 
 # ---- shared pieces ---------------------------------------------------------------------------------
-
-
-def device() -> str:
-    """This process's device: its own GPU under torchrun / accelerate launch, else cuda or cpu."""
-    return str(process_state().device)
-
-
-def process_state() -> Any:
-    """accelerate's ``PartialState``: this process's rank and device, the process group if launched
-    with several (torchrun, accelerate launch), and a barrier. One process: rank 0 of 1."""
-    from accelerate import PartialState
-
-    # cpu=True is what makes accelerate start a gloo process group for CPU-only processes
-    state = PartialState(cpu=not torch.cuda.is_available())
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and state.num_processes != launched:  # N copies that would all act as rank 0
-        raise NeurontuneError(
-            f"launched as one of {launched} processes, but no process group of {launched} started "
-            f"(accelerate sees {state.num_processes}); launch with torchrun or accelerate launch --multi_gpu"
-        )
-    return state
 
 
 # a data file of up to this many records is read whole (as before streaming); bigger ones are sampled
@@ -123,21 +103,6 @@ def eval_source(cfg: DataConfig, task: Task) -> str:
     if cfg.eval_file:
         return os.path.basename(cfg.eval_file)
     return f"{task.name} validation" if cfg.eval_split == "validation" else task.name
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """``(trainable, total)``; an adapter's own parameters count in the total, as PEFT does."""
-    counter = getattr(model, "get_nb_trainable_parameters", None)
-    if counter is not None:
-        return counter()
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(
-        p.numel() for p in model.parameters()
-    )
-
-
-def describe_parameters(model: torch.nn.Module) -> str:
-    trainable, total = count_parameters(model)
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
 def peak_memory_mib() -> tuple[float, str]:
@@ -347,12 +312,6 @@ def _on_all_processes(state: Any, error: str | None) -> None:
     """Raise the main process's ``error`` (or nothing) on every process (:func:`_share_outcome`)."""
     if error := _share_outcome(state, error):
         raise NeurontuneError(error)
-
-
-def train_args(cfg: FinetuneConfig, **overrides: Any) -> TrainArgs:
-    """The run's :class:`TrainArgs` (``overrides`` for a second training, e.g. gates' recovery)."""
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainArgs)}
-    return TrainArgs(**{**fields, **overrides})
 
 
 class EvalCurve:

@@ -13,12 +13,13 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from neurontune.errors import SpecError
-from neurontune.io import read_json, write_json
+from neurontune.errors import AdapterError, NeurontuneError, SpecError
+from neurontune.io import read_json, read_safetensors, write_json
 
 SPEC_FORMAT = "neurontune.neuron_spec/1"
 
@@ -213,3 +214,103 @@ class NeuronSpec:
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronSpec:
         return cls.from_dict(read_json(path, "neuron spec"), source=str(path))
+
+
+# ---- row adapters: the spec and its deltas on disk (written by neurontune.rowtune) -----------------
+# Our own file names: PEFT's names would make PEFT and transformers' `load_adapter` take the directory
+# for a PEFT adapter and fail on a missing `peft_type`. A PEFT LoRA copy: `neurontune export --to peft-lora`.
+ADAPTER_CONFIG = "neurontune_adapter.json"
+ADAPTER_WEIGHTS = "neurontune_adapter.safetensors"
+LEGACY_FILES = ("adapter_config.json", "adapter_model.safetensors")  # neurontune <= 0.1 used PEFT's names
+ADAPTER_FORMAT = "neurontune.rowtune/1"
+
+
+def adapter_files(adapter_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """The (config, weights) files of a row adapter: ours, or the PEFT-named ones of older versions."""
+    d = Path(adapter_dir)
+    if not (d / ADAPTER_CONFIG).is_file() and (d / LEGACY_FILES[0]).is_file():
+        return d / LEGACY_FILES[0], d / LEGACY_FILES[1]
+    return d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
+
+
+def is_row_adapter(adapter_dir: str | os.PathLike) -> bool:
+    """Whether ``adapter_dir`` holds a neurontune row adapter (either file naming)."""
+    cfg_file, _ = adapter_files(adapter_dir)
+    if not cfg_file.is_file():
+        return False
+    try:
+        cfg = read_json(cfg_file, "adapter config")
+    except NeurontuneError:
+        return cfg_file.name == ADAPTER_CONFIG  # ours but broken: read_adapter says what is wrong
+    return isinstance(cfg, dict) and cfg.get("format") == ADAPTER_FORMAT
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and sanity-check an adapter directory (JSON + safetensors only; nothing is unpickled)."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"adapter directory not found: {adapter_dir}")
+    cfg_file, weights_file = adapter_files(adapter_dir)
+    if not cfg_file.is_file():
+        raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a neurontune row adapter")
+    try:
+        cfg = read_json(cfg_file, "adapter config")
+        tensors = read_safetensors(weights_file, "adapter weights")
+    except NeurontuneError as e:
+        raise AdapterError(str(e)) from None
+    if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
+        got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+        hint = (
+            " (this looks like a PEFT adapter; load it with peft)"
+            if isinstance(cfg, dict) and "peft_type" in cfg
+            else ""
+        )
+        raise AdapterError(f"{cfg_file}: not a neurontune row adapter (format={got!r}){hint}")
+    if not isinstance(cfg.get("modules"), dict) or not cfg["modules"]:
+        raise AdapterError(f"{cfg_file}: no 'modules' listed")
+    return cfg, tensors
+
+
+def adapter_spec(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: Any = "adapter") -> NeuronSpec:
+    """Rebuild the :class:`NeuronSpec` an adapter was trained with from its config and index tensors."""
+    expected: set[str] = set()
+    modules: dict[str, dict[str, Any]] = {}
+    for name, info in cfg["modules"].items():
+        keys = [f"{name}.delta"] + [f"{name}.{k}" for k in ("rows", "cols") if info.get(k)]
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise AdapterError(f"adapter {where}: tensors {missing} missing from {ADAPTER_WEIGHTS}")
+        expected.update(keys)
+        for k in ("rows", "cols"):
+            t = tensors.get(f"{name}.{k}")
+            if t is not None and t.is_floating_point():
+                raise AdapterError(f"adapter {where}: {name}.{k} must be an integer tensor, got {t.dtype}")
+        if not torch.isfinite(tensors[f"{name}.delta"]).all():
+            raise AdapterError(
+                f"adapter {where}: {name}.delta holds NaN or infinite values (from a diverged run?)"
+            )
+        modules[name] = {
+            "rows": tensors.get(f"{name}.rows") if info.get("rows") else None,
+            "cols": tensors.get(f"{name}.cols") if info.get("cols") else None,
+            "shape": info.get("shape"),
+        }
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise AdapterError(f"adapter {where}: unexpected tensors {extra[:5]} in {ADAPTER_WEIGHTS}")
+    try:
+        return NeuronSpec(modules, cfg.get("provenance", {}))
+    except SpecError as e:
+        raise AdapterError(f"adapter {where}: {e}") from None
+
+
+def load_spec(path: str | Path) -> NeuronSpec:
+    """A NeuronSpec from a spec JSON file, a neurontune adapter directory or a run directory."""
+    p = Path(path)
+    if p.is_file():
+        return NeuronSpec.load(p)
+    if (p / "neuron_spec.json").is_file():
+        return NeuronSpec.load(p / "neuron_spec.json")
+    if p.is_dir() and is_row_adapter(p):
+        cfg, tensors = read_adapter(p)
+        return adapter_spec(cfg, tensors, p)
+    raise NeurontuneError(f"{p}: not a NeuronSpec file, a neurontune adapter or a run directory with one")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import io
 import math
@@ -269,6 +270,12 @@ def _sharding_on_cpu(accelerator: Any, mixed: str) -> None:
         state.deepspeed_plugins, state.distributed_type = ds, DistributedType.DEEPSPEED
         state._mixed_precision = "no"  # DeepSpeed's config carries the precision, as accelerate does
         accelerator.deepspeed_engine_wrapped = None
+
+
+def train_args(cfg: Any, **overrides: Any) -> TrainArgs:
+    """The run's :class:`TrainArgs` (``overrides`` for a second training, e.g. gates' recovery)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainArgs)}
+    return TrainArgs(**{**fields, **overrides})
 
 
 def asked_processes_not_started() -> int | None:

@@ -148,7 +148,7 @@ class Gates(Method):
         evaluate the export."""
         from neurontune.gates import count_prunable, export_pruned, fold_linear_gates
         from neurontune.io import save_pretrained_atomic, write_safetensors
-        from neurontune.pipeline import count_parameters
+        from neurontune.runtime import count_parameters
 
         cfg = self.cfg
         model.eval()
@@ -200,9 +200,9 @@ class Gates(Method):
         from neurontune.distill import attended_tokens, distill_loss, kl_to_teacher
         from neurontune.io import save_pretrained_atomic
         from neurontune.models import load_model
-        from neurontune.pipeline import device, train_args
+        from neurontune.runtime import device
         from neurontune.tasks import Example, StepBatches, fixed_batches, general_train_text
-        from neurontune.train import train
+        from neurontune.train import train, train_args
 
         cfg = self.cfg
         teacher = load_model(cfg.distill_teacher or cfg.model, dtype=cfg.dtype, device=device())[0]

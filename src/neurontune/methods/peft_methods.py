@@ -107,7 +107,7 @@ class PeftMethod(Method):
 
         from neurontune.io import read_json
         from neurontune.models import DEFAULT_MODEL, load_model
-        from neurontune.pipeline import device
+        from neurontune.runtime import device
 
         if not (path / "adapter_model.safetensors").is_file():
             raise NeurontuneError(

@@ -70,15 +70,15 @@ class Rows(Method):
         if self._resuming(out):
             return
         if self.cfg.spec:
-            from neurontune.analysis import load_spec
+            from neurontune.spec import load_spec
 
             self.given = load_spec(self.cfg.spec).validate(model)
         else:
             check_selection(self.cfg, model)
 
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
-        from neurontune.pipeline import process_state
         from neurontune.rowtune import RowTuneConfig, get_rowtune_model
+        from neurontune.runtime import process_state
 
         state = process_state()
         if state.num_processes > 1:
@@ -142,7 +142,7 @@ class Rows(Method):
 
     @classmethod
     def can_load(cls, path: Path, adapter_config: dict[str, Any] | None) -> bool:
-        from neurontune.rowtune.model import is_row_adapter
+        from neurontune.spec import is_row_adapter
 
         return is_row_adapter(path)
 
@@ -156,8 +156,9 @@ class Rows(Method):
         quantization: str | None = None,
     ) -> tuple[nn.Module, Any]:
         from neurontune.models import DEFAULT_MODEL, load_model
-        from neurontune.pipeline import device
-        from neurontune.rowtune.model import RowTuneModel, read_adapter
+        from neurontune.rowtune.model import RowTuneModel
+        from neurontune.runtime import device
+        from neurontune.spec import read_adapter
 
         cfg, _ = read_adapter(path)
         base, tok = load_model(

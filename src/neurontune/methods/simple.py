@@ -40,7 +40,7 @@ class Full(Method):
         quantization: str | None = None,
     ) -> tuple[nn.Module, Any]:
         from neurontune.models import load_model
-        from neurontune.pipeline import device
+        from neurontune.runtime import device
 
         if model_name is not None:
             from neurontune.errors import NeurontuneError

@@ -2,6 +2,7 @@
 
 from neurontune.rowtune.config import RowTuneConfig
 from neurontune.rowtune.layer import RowSparseLinear
-from neurontune.rowtune.model import RowTuneModel, get_rowtune_model, read_adapter
+from neurontune.rowtune.model import RowTuneModel, get_rowtune_model
+from neurontune.spec import read_adapter
 
 __all__ = ["RowSparseLinear", "RowTuneConfig", "RowTuneModel", "get_rowtune_model", "read_adapter"]

@@ -21,19 +21,20 @@ from transformers.pytorch_utils import Conv1D
 
 from neurontune import __version__
 from neurontune.errors import AdapterError, NeurontuneError, SpecError, TargetError
-from neurontune.io import atomic_dir, read_json, read_safetensors, write_json, write_safetensors
+from neurontune.io import atomic_dir, write_json, write_safetensors
 from neurontune.models import model_quantization
 from neurontune.rowtune.config import RowTuneConfig
 from neurontune.rowtune.layer import RowSparseLinear
-from neurontune.spec import NeuronSpec
+from neurontune.spec import (  # the adapter format: neurontune.spec reads it, this module writes it
+    ADAPTER_CONFIG,
+    ADAPTER_FORMAT,
+    ADAPTER_WEIGHTS,
+    NeuronSpec,
+    adapter_spec,
+    read_adapter,
+)
 from neurontune.targets import ModelWrapper, refuse_tied_weights, set_submodule
 
-# Our own file names: PEFT's names would make PEFT and transformers' `load_adapter` take the directory
-# for a PEFT adapter and fail on a missing `peft_type`. A PEFT LoRA copy: `neurontune export --to peft-lora`.
-ADAPTER_CONFIG = "neurontune_adapter.json"
-ADAPTER_WEIGHTS = "neurontune_adapter.safetensors"
-LEGACY_FILES = ("adapter_config.json", "adapter_model.safetensors")  # neurontune <= 0.1 used PEFT's names
-ADAPTER_FORMAT = "neurontune.rowtune/1"
 ADAPTER_README = """# neurontune row adapter
 
 Trained rows (fp32 deltas) and their indices, for the base model named in `neurontune_adapter.json`.
@@ -43,26 +44,6 @@ into an exactly equivalent PEFT LoRA adapter (for PEFT, vLLM, TGI, llama.cpp) wi
 
     neurontune export --adapter this_dir --to peft-lora --output OUT
 """
-
-
-def adapter_files(adapter_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """The (config, weights) files of a row adapter: ours, or the PEFT-named ones of older versions."""
-    d = Path(adapter_dir)
-    if not (d / ADAPTER_CONFIG).is_file() and (d / LEGACY_FILES[0]).is_file():
-        return d / LEGACY_FILES[0], d / LEGACY_FILES[1]
-    return d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
-
-
-def is_row_adapter(adapter_dir: str | os.PathLike) -> bool:
-    """Whether ``adapter_dir`` holds a neurontune row adapter (either file naming)."""
-    cfg_file, _ = adapter_files(adapter_dir)
-    if not cfg_file.is_file():
-        return False
-    try:
-        cfg = read_json(cfg_file, "adapter config")
-    except NeurontuneError:
-        return cfg_file.name == ADAPTER_CONFIG  # ours but broken: read_adapter says what is wrong
-    return isinstance(cfg, dict) and cfg.get("format") == ADAPTER_FORMAT
 
 
 def _model_id(model: nn.Module) -> str | None:
@@ -259,64 +240,6 @@ class RowTuneModel(ModelWrapper):
             for layer in wrapped.rowtune_layers().values():
                 layer.delta.requires_grad_(True)
         return wrapped
-
-
-def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and sanity-check an adapter directory (JSON + safetensors only; nothing is unpickled)."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise AdapterError(f"adapter directory not found: {adapter_dir}")
-    cfg_file, weights_file = adapter_files(adapter_dir)
-    if not cfg_file.is_file():
-        raise AdapterError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a neurontune row adapter")
-    try:
-        cfg = read_json(cfg_file, "adapter config")
-        tensors = read_safetensors(weights_file, "adapter weights")
-    except NeurontuneError as e:
-        raise AdapterError(str(e)) from None
-    if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
-        got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
-        hint = (
-            " (this looks like a PEFT adapter; load it with peft)"
-            if isinstance(cfg, dict) and "peft_type" in cfg
-            else ""
-        )
-        raise AdapterError(f"{cfg_file}: not a neurontune row adapter (format={got!r}){hint}")
-    if not isinstance(cfg.get("modules"), dict) or not cfg["modules"]:
-        raise AdapterError(f"{cfg_file}: no 'modules' listed")
-    return cfg, tensors
-
-
-def adapter_spec(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: Any = "adapter") -> NeuronSpec:
-    """Rebuild the :class:`NeuronSpec` an adapter was trained with from its config and index tensors."""
-    expected: set[str] = set()
-    modules: dict[str, dict[str, Any]] = {}
-    for name, info in cfg["modules"].items():
-        keys = [f"{name}.delta"] + [f"{name}.{k}" for k in ("rows", "cols") if info.get(k)]
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            raise AdapterError(f"adapter {where}: tensors {missing} missing from {ADAPTER_WEIGHTS}")
-        expected.update(keys)
-        for k in ("rows", "cols"):
-            t = tensors.get(f"{name}.{k}")
-            if t is not None and t.is_floating_point():
-                raise AdapterError(f"adapter {where}: {name}.{k} must be an integer tensor, got {t.dtype}")
-        if not torch.isfinite(tensors[f"{name}.delta"]).all():
-            raise AdapterError(
-                f"adapter {where}: {name}.delta holds NaN or infinite values (from a diverged run?)"
-            )
-        modules[name] = {
-            "rows": tensors.get(f"{name}.rows") if info.get("rows") else None,
-            "cols": tensors.get(f"{name}.cols") if info.get("cols") else None,
-            "shape": info.get("shape"),
-        }
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        raise AdapterError(f"adapter {where}: unexpected tensors {extra[:5]} in {ADAPTER_WEIGHTS}")
-    try:
-        return NeuronSpec(modules, cfg.get("provenance", {}))
-    except SpecError as e:
-        raise AdapterError(f"adapter {where}: {e}") from None
 
 
 def get_rowtune_model(

@@ -1,0 +1,48 @@
+"""What every layer needs of the run's process and model: this process's device and distributed state
+(accelerate's ``PartialState``) and parameter counts. Below :mod:`neurontune.methods` and
+:mod:`neurontune.pipeline`, so that methods never import the orchestrator."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from neurontune.errors import NeurontuneError
+
+
+def device() -> str:
+    """This process's device: its own GPU under torchrun / accelerate launch, else cuda or cpu."""
+    return str(process_state().device)
+
+
+def process_state() -> Any:
+    """accelerate's ``PartialState``: this process's rank and device, the process group if launched
+    with several (torchrun, accelerate launch), and a barrier. One process: rank 0 of 1."""
+    from accelerate import PartialState
+
+    # cpu=True is what makes accelerate start a gloo process group for CPU-only processes
+    state = PartialState(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes != launched:  # N copies that would all act as rank 0
+        raise NeurontuneError(
+            f"launched as one of {launched} processes, but no process group of {launched} started "
+            f"(accelerate sees {state.num_processes}); launch with torchrun or accelerate launch --multi_gpu"
+        )
+    return state
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)``; an adapter's own parameters count in the total, as PEFT does."""
+    counter = getattr(model, "get_nb_trainable_parameters", None)
+    if counter is not None:
+        return counter()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+def describe_parameters(model: torch.nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
