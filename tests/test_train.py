@@ -213,3 +213,19 @@ def test_eval_steps_under_a_sharded_launch_is_refused_before_anything_is_written
     assert main(args) == 2
     assert "eval_steps: the model is sharded during FSDP/DeepSpeed training" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_precision_auto_follows_the_accelerate_config(monkeypatch):
+    from neurontune.errors import NeurontuneError
+    from neurontune.train import mixed_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # mixed_precision: bf16 in the config
+    assert mixed_precision("auto") == "bf16" and mixed_precision("fp32") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # also a launch without any config
+    assert mixed_precision("auto") == (
+        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    )
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(NeurontuneError, match="fp16 needs a CUDA GPU"):
+            mixed_precision("auto")

@@ -62,9 +62,19 @@ class TrainArgs:
 
 
 def mixed_precision(precision: str) -> str:
+    """accelerate's ``mixed_precision`` for ``precision``. ``auto``: bf16 or fp16 when the accelerate config
+    asks for it (``mixed_precision:``, exported by ``accelerate launch`` as ``ACCELERATE_MIXED_PRECISION``;
+    its ``no`` is also what a launch without a config exports, so it is not taken as a request), else
+    bf16 on a GPU that has it and fp32 otherwise."""
+    import os
+
     choices = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
     if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+        if launched in ("bf16", "fp16"):
+            precision = launched
+        else:
+            return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if precision not in choices:
         raise NeurontuneError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision == "fp16" and not torch.cuda.is_available():
