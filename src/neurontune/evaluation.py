@@ -232,8 +232,10 @@ def evaluate(
     batch_size: int = 16,
     general_text: Sequence[str] = (),
     samples: int = 5,
+    general_length: int | None = None,
 ) -> dict[str, Any]:
-    """Task metrics on ``task.eval`` (plus ``forgetting_ppl`` on ``general_text`` if given)."""
+    """Task metrics on ``task.eval`` (plus ``forgetting_ppl`` on ``general_text`` if given, over windows
+    of ``general_length`` tokens; default ``max_length``)."""
     t0 = time.perf_counter()
     out: dict[str, Any] = {"eval_examples": len(task.eval)}
     if task.kind == "classification":
@@ -266,7 +268,9 @@ def evaluate(
             for e, p in zip(task.eval[:samples], preds[:samples], strict=True)
         ]
     if general_text:
-        out["forgetting_ppl"] = perplexity(model, tok, [Example("", t) for t in general_text], max_length)
+        out["forgetting_ppl"] = perplexity(
+            model, tok, [Example("", t) for t in general_text], general_length or max_length
+        )
     out["eval_seconds"] = time.perf_counter() - t0
     return out
 

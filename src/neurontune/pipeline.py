@@ -98,6 +98,16 @@ def with_max_length(cfg: Any, examples: Sequence[Example], tok: Any, model: Any,
     return resolved
 
 
+# forgetting_ppl's window when max_length is not set (the former default max_length): the general text is
+# not the task's, so its window does not follow the task's examples, and the figure stays comparable
+FORGETTING_LENGTH = 128
+
+
+def forgetting_length(cfg: Any) -> int:
+    """Tokens per window of the forgetting perplexity: ``max_length`` as the user set it, else 128."""
+    return cfg.max_length if cfg.max_length is not None else FORGETTING_LENGTH
+
+
 def eval_source(cfg: DataConfig, task: Task) -> str:
     """What the evaluation read, for the summary line: the eval file, the validation split, or the task."""
     if cfg.eval_file:
@@ -411,7 +421,13 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
 
     def run_eval(m: torch.nn.Module) -> dict[str, Any]:
         return evaluate(
-            m, tok, task, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, general_text=forget
+            m,
+            tok,
+            task,
+            max_length=cfg.max_length,
+            batch_size=cfg.eval_batch_size,
+            general_text=forget,
+            general_length=forgetting_length(given),
         )
 
     from neurontune.tracking import Trackers
@@ -558,10 +574,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {"adapter": cfg.adapter, "adapter_kind": kind}
     if cfg.task != "none":
         task = task_from_config(cfg, tok).head(None, cfg.eval_examples)
-        cfg = with_max_length(cfg, task.eval, tok, model)
+        given, cfg = cfg, with_max_length(cfg, task.eval, tok, model)
         forget = general_text(cfg.forgetting_examples) if cfg.forgetting_examples else []
         metrics.update(task=task.name, **evaluate(
-            model, tok, task, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, general_text=forget
+            model, tok, task, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, general_text=forget,
+            general_length=forgetting_length(given),
         ))  # fmt: skip
         print(f"{eval_source(cfg, task)}: {_fmt_metrics(metrics)} on {len(task.eval)} examples")
     if cfg.lm_eval_tasks:
