@@ -175,9 +175,7 @@ def reservoir(items: Iterator[tuple[int, Any]], k: int, seed: int) -> tuple[list
     return sample, n
 
 
-def load_records(
-    path: str | os.PathLike, sample: int | None = None, seed: int = 0, quiet: bool = False
-) -> list[Record]:
+def load_records(path: str | os.PathLike, sample: int | None = None, seed: int = 0) -> list[Record]:
     """Read ``.json``, ``.jsonl``/``.ndjson`` or ``.csv`` into ``(where, record)`` pairs.
 
     ``where`` is ``"file:line"`` (JSON Lines, CSV) or ``"file[i]"`` (JSON), for error messages. CSV fields
@@ -214,7 +212,7 @@ def load_records(
         records = [(f"{path}[{i}]", rec) for i, rec in picked]
     else:
         records, total = _csv_records(path, k, seed)
-    if total > k and not quiet:
+    if total > k:
         print(f"{path}: {total:,} records; using a seeded random sample of {k:,} of them")
     for where, rec in records:
         if not isinstance(rec, dict):

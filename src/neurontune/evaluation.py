@@ -46,9 +46,10 @@ def _choice_logprobs(
         return p if max_length is None or len(p) + len(w) <= max_length else p[-max(1, max_length - len(w)) :]
 
     pairs = [
-        (fit(p, w) + w, [IGNORE_INDEX] * len(fit(p, w)) + w)
+        (q + w, [IGNORE_INDEX] * len(q) + w)
         for p, ws in zip(prompts, words, strict=True)
         for w in ws
+        for q in (fit(p, w),)
     ]
     b = collate(pairs, tok.pad_token_id)
     device = next(model.parameters()).device

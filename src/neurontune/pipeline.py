@@ -639,10 +639,11 @@ def run_merge(cfg: MergeConfig) -> Path:
         )
     quantized = model_quantization(model)
     if hasattr(model, "peft_config"):  # a PEFT adapter (row adapters refuse tied modules when trained)
-        from neurontune.methods.peft_methods import untie_adapted_weights
+        from neurontune.methods.peft_methods import merge_untied
 
-        untie_adapted_weights(model)
-    merged = model.merge_and_unload()
+        merged = merge_untied(model)
+    else:
+        merged = model.merge_and_unload()
     if cfg.dtype != "auto":
         merged = merged.to(resolve_dtype(cfg.dtype))
     save_pretrained_atomic(cfg.output, merged, tok, replace=cfg.overwrite)

@@ -66,6 +66,24 @@ def foreign_entries(out: Path, owned: Iterable[str]) -> list[str]:
     )
 
 
+def refuse_run_dir(path: str | Path, what: str) -> None:
+    """A run directory (:func:`manifest`) given where a model or adapter belongs: say which of its outputs
+    to use instead."""
+    path = Path(path)
+    if not path.is_dir() or manifest(path) is None:
+        return
+    flags = {
+        "adapter": "--adapter ",
+        "merged": "model=",
+        "model": "model=",
+        "pruned": "model=",
+        "recovered": "model=",
+    }
+    found = [f"{flag}{path / n}" for n, flag in flags.items() if (path / n).is_dir()]
+    hint = f"; use {' or '.join(found)}" if found else " (it holds no model output yet)"
+    raise NeurontuneError(f"{path} is a neurontune run directory, not a {what}{hint}")
+
+
 def check_run_dir(out: Path, names: Iterable[str], legacy_names: Iterable[str]) -> list[str] | None:
     """Refuse an ``output_dir`` that holds files no neurontune run wrote; returns its manifest's names
     (``None``: a new or empty directory). ``names``: what this run may write; one of them held by a file
@@ -113,32 +131,13 @@ def finished_outputs(out: Path, names: Iterable[str]) -> list[str]:
 def run_lock(out: Path) -> Iterator[None]:
     """Hold ``out``'s advisory lock for the block; a second holder gets one line naming the first.
     The lock file is removed when the block ends (it exists only while a run holds it)."""
-    import fcntl
-
     created = not out.exists()
     make_dir(out)
     path = out / LOCK
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise NeurontuneError(
-                f"output_dir {out} is in use by another neurontune run ({_holder(path)}); wait for it to end "
-                "or choose another output_dir"
-            ) from None
-        except OSError as e:  # a filesystem without flock: run unlocked rather than not at all
-            print(f"warning: cannot lock {out} ({e.strerror}); nothing stops a second run there")
-            os.close(fd)
-            yield
-            return
-        try:  # the file we locked may have been removed by a holder that just ended: lock the new one
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    fd = _lock(out, path)
+    if fd is None:  # a filesystem without flock: run unlocked rather than not at all
+        yield
+        return
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
@@ -150,6 +149,32 @@ def run_lock(out: Path) -> Iterator[None]:
         if created:  # refused before writing anything: leave no empty directory behind
             with contextlib.suppress(OSError):
                 out.rmdir()
+
+
+def _lock(out: Path, path: Path) -> int | None:
+    """The descriptor of ``path``, exclusively locked (``None``: the filesystem cannot lock)."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NeurontuneError(
+                f"output_dir {out} is in use by another neurontune run ({_holder(path)}); wait for it to end "
+                "or choose another output_dir"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            print(f"warning: cannot lock {out} ({e.strerror}); nothing stops a second run there")
+            return None
+        try:  # the file we locked may have been removed by a holder that just ended: lock the new one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _holder(path: Path) -> str:

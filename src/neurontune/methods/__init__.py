@@ -46,7 +46,7 @@ def load_output(
 ) -> tuple[Any, Any, str]:  # fmt: skip
     """``(model, tokenizer, method name)`` for a saved adapter of any registered method."""
     from neurontune.io import read_json
-    from neurontune.models import refuse_run_dir
+    from neurontune.rundir import refuse_run_dir
 
     path = Path(path)
     if not path.is_dir():

@@ -111,9 +111,9 @@ class Gates(Method):
 
     def check(self, model: nn.Module, out: Path) -> None:
         if self.cfg.recover == "distill":
-            from accelerate import PartialState
+            from neurontune.runtime import process_state
 
-            if (n := PartialState().num_processes) > 1:  # finish() runs on the main process alone
+            if (n := process_state().num_processes) > 1:  # finish() runs on the main process alone
                 raise NeurontuneError(
                     f"recover=distill trains the pruned model on one process; this run has {n}. Run the gates "
                     "on several processes with recover=none, then distill on one"

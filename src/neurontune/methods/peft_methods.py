@@ -80,8 +80,7 @@ class PeftMethod(Method):
         with atomic_dir(out / "adapter") as tmp:
             self.save_adapter(model, tmp)
         if self.cfg.save_merged:
-            untie_adapted_weights(model)
-            save_pretrained_atomic(out / "merged", model.merge_and_unload(), tok)
+            save_pretrained_atomic(out / "merged", merge_untied(model), tok)
         return out / "adapter"
 
     def save_adapter(self, model: nn.Module, path: Path) -> None:
@@ -193,6 +192,13 @@ class Shira(PeftMethod):
         from peft import ShiraConfig
 
         return ShiraConfig(r=lora_rank(self.cfg), target_modules=targets, random_seed=self.cfg.seed)
+
+
+def merge_untied(peft_model: Any) -> Any:
+    """``peft_model.merge_and_unload()`` after :func:`untie_adapted_weights`: the plain model that computes
+    what the adapter did, a tied ``lm_head`` included."""
+    untie_adapted_weights(peft_model)
+    return peft_model.merge_and_unload()
 
 
 def untie_adapted_weights(peft_model: Any) -> list[str]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from neurontune.choices import IMPLS
 from neurontune.errors import NeurontuneError
-from neurontune.rowtune.layer import IMPLS
 
 _DTYPES = {
     "float32": torch.float32,

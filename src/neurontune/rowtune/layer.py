@@ -85,11 +85,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurontune.choices import IMPLS as _IMPLS
+from neurontune.choices import IMPLS
 from neurontune.targets import as_out_in, dense_weight, get_weight, is_quantized, linear_shape
 
 Impl = Literal["auto", "merged", "fused", "index_add"]
-IMPLS: tuple[str, ...] = _IMPLS
 
 Span = tuple[int, int] | None  # (start, stop) when the indices are a contiguous range, else None
 
