@@ -40,7 +40,7 @@ def test_a_run_directory_where_a_model_or_adapter_belongs_names_its_output(runs,
     assert rc == 2
     one_error_line(
         capsys.readouterr().err,
-        f"{rundir} is a neurontune run directory, not a {where}",
+        f"{rundir} is a neurontune run directory, not {'an' if where == 'adapter' else 'a'} {where}",
         f"--adapter {rundir}/adapter",
     )
 

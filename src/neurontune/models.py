@@ -303,7 +303,7 @@ def load_model(
         model, tok = tiny_model(name, dtype=torch_dtype), tiny_tokenizer()
     else:
         path = smollm2_path() if name == DEFAULT_MODEL else name
-        refuse_run_dir(path, "model")
+        refuse_run_dir(path, "a model")
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise NeurontuneError(f"{path} is not a model directory (no config.json)")
         if not Path(path).exists() and not _hub_cached(path) and (why := _hub_unreachable()):

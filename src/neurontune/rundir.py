@@ -81,7 +81,7 @@ def refuse_run_dir(path: str | Path, what: str) -> None:
     }
     found = [f"{flag}{path / n}" for n, flag in flags.items() if (path / n).is_dir()]
     hint = f"; use {' or '.join(found)}" if found else " (it holds no model output yet)"
-    raise NeurontuneError(f"{path} is a neurontune run directory, not a {what}{hint}")
+    raise NeurontuneError(f"{path} is a neurontune run directory, not {what}{hint}")
 
 
 def check_run_dir(out: Path, names: Iterable[str], legacy_names: Iterable[str]) -> list[str] | None:

@@ -51,7 +51,7 @@ def load_output(
     path = Path(path)
     if not path.is_dir():
         raise NeurontuneError(f"adapter directory not found: {path}")
-    refuse_run_dir(path, "adapter")
+    refuse_run_dir(path, "an adapter")
     cfg_file = path / "adapter_config.json"
     cfg = read_json(cfg_file, "adapter config") if cfg_file.is_file() else None
     for name, method in registry().items():
