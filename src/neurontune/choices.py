@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from neurontune.errors import NeurontuneError
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # "auto": the checkpoint's own dtype on a GPU, fp32 on a CPU (finetune, select, eval, merge)
 DTYPES = ("auto", *DTYPE_NAMES)
@@ -25,3 +27,28 @@ def scorer_names() -> tuple[str, ...]:
     scoring = sys.modules.get("neurontune.scoring")
     registered = tuple(getattr(scoring, "SCORERS", ())) if scoring is not None else ()
     return tuple(dict.fromkeys((*BUILTIN_SCORERS, *registered)))
+
+
+BUDGETS = {
+    "rows": ("rows_per_module", int),
+    "ratio": ("ratio", float),
+    "lora": ("match_lora_rank", int),
+    "lora-global": ("global_lora_rank", int),
+}
+
+
+def parse_budget(budget: str) -> dict[str, int | float]:
+    """``"lora:8"`` -> ``{"match_lora_rank": 8}``: the keyword of :func:`neurontune.selection.select`."""
+    kind, _, value = str(budget).partition(":")
+    if kind not in BUDGETS or not value:
+        raise NeurontuneError(f"budget {budget!r}: expected rows:K, ratio:P, lora:R or lora-global:R")
+    key, typ = BUDGETS[kind]
+    try:
+        number = typ(value)
+    except ValueError:
+        what = "an integer" if typ is int else "a number"
+        raise NeurontuneError(f"budget {budget!r}: {value!r} is not {what}") from None
+    if not (0.0 < number <= 1.0 if typ is float else number >= 1):  # refused before any scoring pass
+        want = "in (0, 1]" if typ is float else "at least 1"
+        raise NeurontuneError(f"budget {budget!r}: {value} must be {want}")
+    return {key: number}

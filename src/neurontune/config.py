@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from neurontune.choices import DTYPES, QUANTIZATIONS, SCHEDULERS, scorer_names
+from neurontune.choices import DTYPES, QUANTIZATIONS, SCHEDULERS, parse_budget, scorer_names
 from neurontune.errors import NeurontuneError
 from neurontune.fields import GIVEN, choices_of, is_set
 from neurontune.fields import opt as _opt
@@ -171,27 +171,7 @@ class SelectConfig(DataConfig):
             raise NeurontuneError(f"score_memory_mib={self.score_memory_mib}: must be 0 (automatic) or more")
 
     def budget_kwargs(self) -> dict[str, Any]:
-        kind, _, value = self.budget.partition(":")
-        kinds = {
-            "rows": ("rows_per_module", int),
-            "ratio": ("ratio", float),
-            "lora": ("match_lora_rank", int),
-            "lora-global": ("global_lora_rank", int),
-        }
-        if kind not in kinds or not value:
-            raise NeurontuneError(
-                f"budget {self.budget!r}: expected rows:K, ratio:P, lora:R or lora-global:R"
-            )
-        key, typ = kinds[kind]
-        try:
-            number = typ(value)
-        except ValueError:
-            what = "an integer" if typ is int else "a number"
-            raise NeurontuneError(f"budget {self.budget!r}: {value!r} is not {what}") from None
-        if not (0.0 < number <= 1.0 if typ is float else number >= 1):  # refused before any scoring pass
-            want = "in (0, 1]" if typ is float else "at least 1"
-            raise NeurontuneError(f"budget {self.budget!r}: {value} must be {want}")
-        return {key: number}
+        return parse_budget(self.budget)
 
     def scorer_kwargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -155,7 +155,10 @@ class NeuronSpec:
                 raise SpecError(f"spec names module {name!r}, which the model does not have{hint}")
             if hasattr(named[name], "base_layer") and hasattr(named[name], "delta"):
                 raise SpecError(f"{name} is already wrapped by neurontune; unload the first adapter")
-            shape = linear_shape(named[name])
+            module = named[name]
+            if callable(getattr(module, "get_base_layer", None)):  # a PEFT tuner layer: its base decides
+                module = module.get_base_layer()
+            shape = linear_shape(module)
             if shape is None:
                 raise SpecError(
                     f"spec names {name!r}, a {type(named[name]).__name__}, which is not a linear layer"

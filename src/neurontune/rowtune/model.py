@@ -186,7 +186,7 @@ class RowTuneModel(ModelWrapper):
             "neurontune_version": __version__,
             "base_model": _model_id(self.base_model),
             "base_quantization": model_quantization(self.base_model),  # load the base the same way
-            "rowtune_config": self.rowtune_config.to_dict(),
+            "rowtune_config": self.rowtune_config.legacy_dict(),
             "provenance": self.neuron_spec.provenance,
             # GPT-2 style Conv1D bases store weights as (in, out): PEFT's LoRA needs fan_in_fan_out then
             "fan_in_fan_out": any(isinstance(m.base_layer, Conv1D) for m in layers.values()),
