@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from neurontune.analysis import (
     full_ft_recall,
@@ -19,7 +18,7 @@ from neurontune.analysis import (
 )
 from neurontune.cli import main
 from neurontune.models import tiny_model
-from neurontune.spec import NeuronSpec
+from neurontune.spec import NeuronSpec, read_adapter
 
 Q, UP = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"
 
@@ -91,7 +90,7 @@ def test_dynamics_follow_the_checkpoints_to_the_saved_adapter(tmp_path):
     assert [d["step"] for d in dyn] == [2, 4, 6]
     assert dyn[0]["cosine"] > dyn[-1]["cosine"] and dyn[0]["delta_norm"] < dyn[-1]["delta_norm"]
     # the last checkpoint holds the saved adapter's deltas: its mean row-change norm, computed directly
-    deltas = load_file(tmp_path / "run" / "adapter" / "neurontune_adapter.safetensors")
+    _, deltas = read_adapter(tmp_path / "run" / "adapter")  # the PEFT-format files, in either's terms
     norms = torch.cat([t.norm(dim=1) for k, t in deltas.items() if k.endswith(".delta")])
     assert dyn[-1]["delta_norm"] == pytest.approx(norms.mean().item(), rel=1e-5)
 

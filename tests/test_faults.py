@@ -125,13 +125,14 @@ def test_metrics_json_is_strict_json(tmp_path):
 
 
 def test_an_adapter_with_nan_values_is_refused(finished, capsys):
-    f = finished / "adapter" / "neurontune_adapter.safetensors"
+    f = finished / "adapter" / "adapter_model.safetensors"
     t = load_file(f)
-    name = next(k for k in t if k.endswith(".delta"))
-    t[name][0, 0] = float("nan")
+    key = next(k for k in t if k.endswith(".rowtune_delta"))
+    t[key][0, 0] = float("nan")
     save_file(t, f)
     assert main(["eval", "--adapter", str(finished / "adapter"), "model=tiny-llama"]) == 2
-    one_error_line(capsys.readouterr().err, "NaN or infinite", name)
+    module = key.removeprefix("base_model.model.").removesuffix(".rowtune_delta")
+    one_error_line(capsys.readouterr().err, "NaN or infinite", module)
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -324,8 +325,8 @@ def test_truncated_files_give_one_line(tmp_path, capsys, target, command, expect
         "checkpoint-tensors": lambda: list_checkpoints(out)[-1] / "state.safetensors",
         "config": lambda: out / "config.json",
         "spec": lambda: out / "neuron_spec.json",
-        "adapter-config": lambda: out / "adapter" / "neurontune_adapter.json",
-        "adapter-tensors": lambda: out / "adapter" / "neurontune_adapter.safetensors",
+        "adapter-config": lambda: out / "adapter" / "adapter_config.json",
+        "adapter-tensors": lambda: out / "adapter" / "adapter_model.safetensors",
     }[target]()
     _truncate(path)
     before = snapshot(out)
@@ -392,7 +393,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "adapter" / "neurontune_adapter.safetensors")
+    return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.fixture(scope="module")

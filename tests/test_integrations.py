@@ -70,7 +70,7 @@ def _train(out, *extra) -> tuple[list[float], dict[str, torch.Tensor]]:
     assert main(["finetune", *TINY, "eval_before=false", f"output_dir={out}", *extra]) == 0
     with open(out / "train_log.csv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
-    return losses, load_file(out / "adapter" / "neurontune_adapter.safetensors")
+    return losses, load_file(out / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.mark.slow  # 45-80 s of compiling; in .ci/run (the compiled layer is checked in test_rowtune_precision)

@@ -63,10 +63,10 @@ def test_the_manifest_lists_what_the_run_wrote(finished):
 
 def test_overwrite_removes_exactly_the_runs_files(finished, capsys):
     (finished / "notes.txt").write_text("the user's")
-    old_adapter = (finished / "adapter" / "neurontune_adapter.safetensors").read_bytes()
+    old_adapter = (finished / "adapter" / "adapter_model.safetensors").read_bytes()
     assert run(finished, "lr=1e-2", "--overwrite") == 0
     assert (finished / "notes.txt").read_text() == "the user's"
-    assert (finished / "adapter" / "neurontune_adapter.safetensors").read_bytes() != old_adapter
+    assert (finished / "adapter" / "adapter_model.safetensors").read_bytes() != old_adapter
     assert "notes.txt" not in _manifest(finished)["outputs"]
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors import safe_open
 import neurontune
 from neurontune import RowTuneConfig, get_rowtune_model, select_rows
 from neurontune.errors import AdapterError, NeurontuneError, TargetError
+from neurontune.export import export
 from neurontune.models import tiny_model
 from neurontune.rowtune.tuner import RowTuneLayer
 from neurontune.scoring import score_model
@@ -311,3 +313,51 @@ def test_sft_trainer_with_peft_config_checkpoints_the_adapter_and_resumes_exactl
 
     loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a" / "checkpoint-4")
     torch.testing.assert_close(_logits(loaded), _logits(pm), rtol=0, atol=0)
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy_row_adapter"
+
+
+def _legacy_reference_logits():
+    """The committed legacy adapter's function, computed by hand: each delta added into its block."""
+    from safetensors.torch import load_file
+
+    model = tiny_model("tiny-llama", seed=0)
+    tensors = load_file(LEGACY / "neurontune_adapter.safetensors")
+    cfg = json.loads((LEGACY / "neurontune_adapter.json").read_text())
+    with torch.no_grad():
+        for name in cfg["modules"]:
+            w = model.get_submodule(name).weight
+            rows = tensors.get(f"{name}.rows", torch.arange(w.shape[0])).long()
+            cols = tensors.get(f"{name}.cols", torch.arange(w.shape[1])).long()
+            w[rows[:, None], cols[None, :]] += tensors[f"{name}.delta"]
+    return _logits(model)
+
+
+def test_committed_legacy_adapter_still_loads(tmp_path):
+    from neurontune.methods import load_output
+
+    expected = _legacy_reference_logits()
+    model, _, kind = load_output(LEGACY, None, "float32")
+    assert kind == "rows"
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-5)
+
+
+def test_legacy_adapter_converts_to_the_peft_format_exactly(tmp_path, capsys):
+    from neurontune.cli import main
+    from neurontune.methods import load_output
+
+    expected = _legacy_reference_logits()
+    out = tmp_path / "peft"
+    assert main(["export", "--adapter", str(LEGACY), "--to", "peft-rowtune", "--output", str(out)]) == 0
+    assert '"max_abs_logit_diff": 0.0' in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = PeftModel.from_pretrained(tiny_model("tiny-llama", seed=0), out)
+    torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=1e-5)
+    model, _, kind = load_output(out, None, "float32")  # the CLI's loader takes it too
+    assert kind == "rows" and isinstance(model, PeftModel)
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=1e-5)
+    with pytest.raises(NeurontuneError, match="PEFT format already"):
+        export(
+            str(out), "peft-rowtune", str(tmp_path / "again"), per_module_rank=False, check=False, model=None
+        )

@@ -14,6 +14,7 @@ from neurontune.errors import NeurontuneError, TargetError
 from neurontune.models import load_model, model_quantization
 from neurontune.rowtune import RowTuneConfig, RowTuneModel, get_rowtune_model
 from neurontune.scoring import _weight_grads, score_model
+from neurontune.spec import read_adapter
 from neurontune.targets import dense_weight, find_target_modules, is_quantized
 from tests.conftest import make_batch
 from tests.helpers import random_spec
@@ -185,7 +186,7 @@ def test_finetune_eval_merge_on_a_4bit_base(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", *TINY, "scorer=taylor", f"output_dir={out}"]) == 0
     adapter = out / "adapter"
-    assert json.loads((adapter / "neurontune_adapter.json").read_text())["base_quantization"] == "nf4"
+    assert read_adapter(adapter)[0]["base_quantization"] == "nf4"  # the PEFT adapter's provenance
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2
     assert main(["eval", f"--adapter={adapter}", "eval_examples=4", "forgetting_examples=0",

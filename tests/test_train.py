@@ -79,8 +79,7 @@ def _cmd(out, method):
 
 
 def _adapter(out):
-    rows = out / "adapter" / "neurontune_adapter.safetensors"
-    return load_file(rows if rows.is_file() else out / "adapter" / "adapter_model.safetensors")
+    return load_file(out / "adapter" / "adapter_model.safetensors")  # rows and LoRA: PEFT adapters
 
 
 @pytest.mark.parametrize("method", ["rows", "lora"])
@@ -138,8 +137,8 @@ def test_run_dir_is_never_clobbered(tmp_path, capsys):
     assert after == before  # three refused commands, not a byte changed
 
     assert main([*base, "--resume"]) == 0  # a finished run resumes to the same result
-    assert (out / "adapter" / "neurontune_adapter.safetensors").read_bytes() == before[
-        out / "adapter" / "neurontune_adapter.safetensors"
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before[
+        out / "adapter" / "adapter_model.safetensors"
     ]
 
 

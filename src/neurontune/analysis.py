@@ -95,7 +95,12 @@ def rows_dynamics(model: nn.Module, run_dir: str | Path) -> list[dict[str, Any]]
         per_type: dict[str, list[torch.Tensor]] = {}
         norms: dict[str, list[torch.Tensor]] = {}
         for name, sel in spec.modules.items():
-            key = f"param.base_model.{name}.delta"
+            # a PEFT row model's parameter (finetune since the PEFT method), or RowTuneModel's
+            peft_key, own_key = (
+                f"param.base_model.model.{name}.rowtune_delta.default",
+                f"param.base_model.{name}.delta",
+            )
+            key = peft_key if peft_key in tensors else own_key
             if key not in tensors:
                 raise NeurontuneError(f"{ck}: no delta for {name}; is this the run that made the spec?")
             w = get_weight(model.get_submodule(name)).detach()  # (out, in), Conv1D included

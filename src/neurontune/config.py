@@ -419,7 +419,12 @@ class ExportConfig:
     adapter: str = _opt("", "neurontune row adapter directory")
     output: str = _opt("", "directory for the PEFT adapter")
     overwrite: bool = _opt(False, "replace an existing --output (only once the export succeeded)")
-    to: str = _opt("peft-lora", "target format", ("peft-lora",))
+    to: str = _opt(
+        "peft-lora",
+        "target format: peft-lora (an exact LoRA, for any LoRA loader or server) | peft-rowtune (the same row "
+        "adapter in the PEFT format, e.g. an adapter written before neurontune had its PEFT method)",
+        ("peft-lora", "peft-rowtune"),
+    )
     per_module_rank: bool = _opt(
         False, "each module at its own rank (rank_pattern) instead of zero-padding all to the largest"
     )

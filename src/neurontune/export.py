@@ -126,11 +126,50 @@ def export_peft_lora(
     return {"r": r, "ranks": ranks, "warnings": warnings, "per_module_rank": per_module_rank}
 
 
-def check_export(adapter_dir: str | os.PathLike, lora_dir: str | os.PathLike, model: Any) -> float:
-    """Largest absolute difference between the logits of the row adapter and of the exported LoRA
-    adapter, both applied to ``model``'s weights, on a fixed batch of token ids. One copy of the base:
+def export_peft_rowtune(
+    adapter_dir: str | os.PathLike, output: str | os.PathLike, base_model: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Write the row adapter in ``adapter_dir`` (either format) in the PEFT format of the registered
+    ``rowtune`` method: ``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
+    ``PeftModel`` / ``AutoPeftModelForCausalLM`` in a process that imported neurontune. The deltas and
+    indices are copied bit for bit."""
+    from neurontune.rowtune import RowTuneConfig
+
+    cfg, tensors = read_adapter(adapter_dir)
+    spec = adapter_spec(cfg, tensors, adapter_dir)
+    modules = {
+        n: {
+            "rows": None if sel.rows is None else len(sel.rows),
+            "cols": None if sel.cols is None else len(sel.cols),
+            "shape": list(sel.shape) if sel.shape else None,
+        }
+        for n, sel in spec.modules.items()
+    }
+    provenance = {**cfg.get("provenance", {}), "base_quantization": cfg.get("base_quantization", "none")}
+    provenance["converted_from"] = {"path": str(adapter_dir), "format": cfg.get("format")}
+    config = RowTuneConfig(
+        task_type="CAUSAL_LM", base_model_name_or_path=base_model or cfg.get("base_model"), modules=modules,
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out")), provenance=provenance,
+        **cfg.get("rowtune_config", {}),
+    )  # fmt: skip
+    weights = {}
+    for name in spec.modules:
+        for part in ("delta", "rows", "cols"):
+            if f"{name}.{part}" in tensors:
+                t = tensors[f"{name}.{part}"]
+                weights[f"base_model.model.{name}.rowtune_{part}"] = t if part == "delta" else t.long()
+    with atomic_dir(output, replace=overwrite) as tmp:
+        config.save_pretrained(str(tmp))
+        write_safetensors(tmp / "adapter_model.safetensors", weights, {"format": "pt"})
+    return {"modules": len(modules), "params": spec.num_params()}
+
+
+def check_export(adapter_dir: str | os.PathLike, peft_dir: str | os.PathLike, model: Any) -> float:
+    """Largest absolute difference between the logits of the row adapter and of the exported PEFT
+    adapter (LoRA or rowtune), both applied to ``model``'s weights, on a fixed batch of token ids. One copy of the base:
     the row adapter is put into ``model``, run, and taken out again (its layers give back the very
-    modules they wrapped) before the LoRA adapter goes in."""
+    modules they wrapped) before the PEFT adapter goes in."""
     from peft import PeftModel
 
     from neurontune.rowtune import RowTuneModel
@@ -141,7 +180,7 @@ def check_export(adapter_dir: str | os.PathLike, lora_dir: str | os.PathLike, mo
     with torch.no_grad():
         a = rows(input_ids=ids).logits.float()
     base = rows.unload()
-    lora = PeftModel.from_pretrained(base, str(lora_dir)).eval()
+    lora = PeftModel.from_pretrained(base, str(peft_dir)).eval()
     with torch.no_grad():
         b = lora(input_ids=ids).logits.float()
     return float((a - b).abs().max())
@@ -159,14 +198,23 @@ def export(
     from neurontune.models import load_model
     from neurontune.spec import is_row_adapter
 
-    if to != "peft-lora":
-        raise NeurontuneError(f"--to {to!r}: only peft-lora is supported")
+    if to not in ("peft-lora", "peft-rowtune"):
+        raise NeurontuneError(f"--to {to!r}: peft-lora or peft-rowtune")
     if not is_row_adapter(adapter):
         raise NeurontuneError(f"{adapter}: not a neurontune row adapter (only row adapters need exporting)")
     if Path(output).resolve() == Path(adapter).resolve():
         raise NeurontuneError(f"--output {output} would replace the adapter {adapter} itself")
     refuse_existing(output, overwrite)
     cfg, _ = read_adapter(adapter)
+    if to == "peft-rowtune":
+        if cfg.get("peft"):
+            raise NeurontuneError(f"{adapter} is in the PEFT format already; load it with PeftModel")
+        summary = export_peft_rowtune(adapter, output, model, overwrite)
+        if check:
+            base = load_model(model or cfg.get("base_model"), dtype="auto", device=_device())[0]
+            summary["max_abs_logit_diff"] = check_export(adapter, output, base)
+        print(f"wrote {output}/ (PEFT rowtune, {json.dumps(summary)})")
+        return summary
     # the base once, in the dtype finetune used (auto: the checkpoint's own on a GPU, fp32 on a CPU)
     base = load_model(model or cfg.get("base_model"), dtype="auto", device=_device())[0] if check else None
     fan_in_fan_out = None  # from the adapter's record; adapters of neurontune <= 0.1 have none:

@@ -219,25 +219,36 @@ class NeuronSpec:
         return cls.from_dict(read_json(path, "neuron spec"), source=str(path))
 
 
-# ---- row adapters: the spec and its deltas on disk (written by neurontune.rowtune) -----------------
-# Our own file names: PEFT's names would make PEFT and transformers' `load_adapter` take the directory
-# for a PEFT adapter and fail on a missing `peft_type`. A PEFT LoRA copy: `neurontune export --to peft-lora`.
+# ---- row adapters: the spec and its deltas on disk ------------------------------------------------
+# Two formats are read. Since the PEFT method (neurontune.rowtune.tuner), finetune writes PEFT's files:
+# `adapter_config.json` with peft_type "ROWTUNE" and `adapter_model.safetensors` holding
+# `base_model.model.<module>.rowtune_{delta,rows,cols}`. Before it, `neurontune.rowtune.RowTuneModel`
+# wrote (and still writes) our own names, `neurontune_adapter.json` + `neurontune_adapter.safetensors`
+# with `<module>.{delta,rows,cols}`; neurontune <= 0.1 wrote that format under PEFT's file names.
+# `read_adapter` gives both in the second one's terms, so export, analysis and the loaders read either.
 ADAPTER_CONFIG = "neurontune_adapter.json"
 ADAPTER_WEIGHTS = "neurontune_adapter.safetensors"
-LEGACY_FILES = ("adapter_config.json", "adapter_model.safetensors")  # neurontune <= 0.1 used PEFT's names
+LEGACY_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's names
 ADAPTER_FORMAT = "neurontune.rowtune/1"
+PEFT_TYPE = "ROWTUNE"
+PEFT_PREFIX = "base_model.model."
 
 
 def adapter_files(adapter_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """The (config, weights) files of a row adapter: ours, or the PEFT-named ones of older versions."""
+    """The (config, weights) files of a row adapter: ours, or PEFT's names (the PEFT format, or the
+    neurontune format of older versions)."""
     d = Path(adapter_dir)
     if not (d / ADAPTER_CONFIG).is_file() and (d / LEGACY_FILES[0]).is_file():
         return d / LEGACY_FILES[0], d / LEGACY_FILES[1]
     return d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
 
 
+def is_peft_row_config(cfg: Any) -> bool:
+    return isinstance(cfg, dict) and cfg.get("peft_type") == PEFT_TYPE
+
+
 def is_row_adapter(adapter_dir: str | os.PathLike) -> bool:
-    """Whether ``adapter_dir`` holds a neurontune row adapter (either file naming)."""
+    """Whether ``adapter_dir`` holds a neurontune row adapter (either format, either file naming)."""
     cfg_file, _ = adapter_files(adapter_dir)
     if not cfg_file.is_file():
         return False
@@ -245,11 +256,14 @@ def is_row_adapter(adapter_dir: str | os.PathLike) -> bool:
         cfg = read_json(cfg_file, "adapter config")
     except NeurontuneError:
         return cfg_file.name == ADAPTER_CONFIG  # ours but broken: read_adapter says what is wrong
-    return isinstance(cfg, dict) and cfg.get("format") == ADAPTER_FORMAT
+    return isinstance(cfg, dict) and (cfg.get("format") == ADAPTER_FORMAT or is_peft_row_config(cfg))
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and sanity-check an adapter directory (JSON + safetensors only; nothing is unpickled)."""
+    """Read and sanity-check an adapter directory (JSON + safetensors only; nothing is unpickled).
+
+    Returns the config and tensors in the ``neurontune_adapter`` terms (``<module>.delta`` etc.),
+    whichever format is on disk; ``cfg["peft"]`` says whether it was the PEFT one."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter directory not found: {adapter_dir}")
@@ -261,6 +275,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         tensors = read_safetensors(weights_file, "adapter weights")
     except NeurontuneError as e:
         raise AdapterError(str(e)) from None
+    if is_peft_row_config(cfg):
+        return _from_peft_format(cfg, tensors, cfg_file)
     if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
         got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
         hint = (
@@ -272,6 +288,53 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     if not isinstance(cfg.get("modules"), dict) or not cfg["modules"]:
         raise AdapterError(f"{cfg_file}: no 'modules' listed")
     return cfg, tensors
+
+
+def _from_peft_format(
+    cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    modules = cfg.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise AdapterError(f"{where}: no 'modules' listed")
+    out: dict[str, torch.Tensor] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name, m in modules.items():
+        if not isinstance(m, dict):
+            raise AdapterError(f"{where}: modules[{name!r}] must be an object, got {type(m).__name__}")
+        key = f"{PEFT_PREFIX}{name}.rowtune_delta"
+        if key not in tensors:
+            raise AdapterError(f"adapter {where.parent}: tensor {key} missing from {LEGACY_FILES[1]}")
+        out[f"{name}.delta"] = tensors.pop(key)
+        for part in ("rows", "cols"):
+            if m.get(part) is not None:
+                key = f"{PEFT_PREFIX}{name}.rowtune_{part}"
+                if key not in tensors:
+                    raise AdapterError(f"adapter {where.parent}: tensor {key} missing from {LEGACY_FILES[1]}")
+                out[f"{name}.{part}"] = tensors.pop(key)
+        info[name] = {
+            "shape": m.get("shape"),
+            "delta_shape": list(out[f"{name}.delta"].shape),
+            "rows": m.get("rows") is not None,
+            "cols": m.get("cols") is not None,
+        }
+    if tensors:
+        raise AdapterError(
+            f"adapter {where.parent}: unexpected tensors {sorted(tensors)[:5]} in {LEGACY_FILES[1]}"
+        )
+    provenance = cfg.get("provenance") or {}
+    legacy = {
+        "format": ADAPTER_FORMAT,
+        "peft": True,
+        "base_model": cfg.get("base_model_name_or_path"),
+        "base_quantization": provenance.get("base_quantization", "none"),
+        "rowtune_config": {
+            k: cfg[k] for k in ("target_modules", "exclude_modules", "delta_dtype", "impl") if k in cfg
+        },
+        "provenance": provenance,
+        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+        "modules": info,
+    }
+    return legacy, out
 
 
 def adapter_spec(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: Any = "adapter") -> NeuronSpec:

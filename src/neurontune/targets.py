@@ -120,6 +120,16 @@ def is_quantized(module: nn.Module) -> bool:
     )
 
 
+def drop_quantization(model: nn.Module) -> None:
+    """After some quantized layers were replaced by dequantized ones: dequantize the others too, and make
+    the config no longer say "quantized" (what ``save_pretrained`` writes)."""
+    if any(is_quantized(m) for m in model.modules()):
+        model.dequantize()
+    elif getattr(model, "hf_quantizer", None) is not None:
+        # transformers' dequantize() fails when no quantized layer is left; do its clean-up
+        model.hf_quantizer.remove_quantization_config(model)
+
+
 def dense_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A ``(out_features, in_features)`` copy of the weight in ``dtype``; a quantized weight is
     dequantized (transformers' own bitsandbytes helper), one module at a time."""

@@ -77,7 +77,9 @@ class Rows(Method):
             check_selection(self.cfg, model)
 
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
-        from neurontune.rowtune import RowTuneConfig, get_rowtune_model
+        from peft import get_peft_model
+
+        from neurontune.rowtune import RowTuneConfig
         from neurontune.runtime import process_state
 
         state = process_state()
@@ -101,8 +103,12 @@ class Rows(Method):
         else:
             spec = self._select(model, tok, task, out)
         self.spec = spec
-        rt = RowTuneConfig(target_modules=self.cfg.target_modules_value(), impl=self.cfg.impl)
-        return get_rowtune_model(model, spec, rt)
+        # the registered PEFT method: the run trains, checkpoints and saves a PEFT model
+        config = RowTuneConfig(
+            task_type="CAUSAL_LM", rows=spec, target_modules=self.cfg.target_modules_value(),
+            exclude_modules=self.cfg.exclude_modules_value(), impl=self.cfg.impl, seed=self.cfg.seed,
+        )  # fmt: skip
+        return get_peft_model(model, config)
 
     def _select(self, model: nn.Module, tok: Any, task: Any, out: Path, write: bool = True) -> NeuronSpec:
         from neurontune.selection import save_selection, select_neurons
@@ -126,9 +132,11 @@ class Rows(Method):
         return spec
 
     def save(self, model: nn.Module, tok: Any, out: Path) -> Path:
-        from neurontune.io import save_pretrained_atomic
+        from neurontune.io import atomic_dir, save_pretrained_atomic
 
-        model.save_pretrained(out / "adapter")
+        model.peft_config["default"].base_model_name_or_path = self.cfg.model  # what load() reloads
+        with atomic_dir(out / "adapter") as tmp:
+            model.save_pretrained(tmp, save_embedding_layers=False)  # deltas and indices: no Hub lookup
         if self.cfg.save_merged:
             save_pretrained_atomic(out / "merged", model.merge_and_unload(), tok)
         return out / "adapter"
@@ -158,14 +166,35 @@ class Rows(Method):
         from neurontune.models import DEFAULT_MODEL, load_model
         from neurontune.rowtune.model import RowTuneModel
         from neurontune.runtime import device
-        from neurontune.spec import read_adapter
+        from neurontune.spec import adapter_spec, read_adapter
 
-        cfg, _ = read_adapter(path)
+        cfg, tensors = read_adapter(path)  # either format, checked before the base is loaded
+        adapter_spec(cfg, tensors, path)  # integer indices, finite deltas
         base, tok = load_model(
             model_name or cfg.get("base_model") or DEFAULT_MODEL, dtype=dtype, device=device(),
             quantization=quantization or cfg.get("base_quantization", "none"),
         )  # fmt: skip
+        if cfg.get("peft"):
+            return load_peft_rows(base, path, is_trainable), tok
         return RowTuneModel.from_pretrained(base, path, is_trainable=is_trainable), tok
+
+
+def load_peft_rows(base: nn.Module, path: Path, is_trainable: bool = False) -> nn.Module:
+    """``PeftModel.from_pretrained`` for a PEFT-format row adapter, with a misfit said in one line."""
+    from peft import PeftModel
+
+    import neurontune.rowtune  # noqa: F401  (registers the PEFT method)
+    from neurontune.errors import AdapterError
+
+    try:
+        return PeftModel.from_pretrained(base, path, is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        if isinstance(e, NeurontuneError):
+            raise
+        lines = str(e).strip().splitlines()
+        raise AdapterError(
+            f"row adapter {path} does not fit the base model: {lines[-1].strip() if lines else type(e).__name__}"
+        ) from None
 
 
 @register

@@ -71,8 +71,9 @@ class RowTuneConfig(PeftConfig):
 
     rows: Any = field(default=None, metadata={"help": "module -> row indices, or a NeuronSpec (not saved)"})
     cols: dict[str, list[int]] | None = field(default=None, metadata={"help": "module -> column indices"})
-    modules: dict[str, dict[str, int | None]] | None = field(
-        default=None, metadata={"help": "module -> {'rows': k or None, 'cols': c or None}: the delta shapes"}
+    modules: dict[str, dict[str, Any]] | None = field(
+        default=None,
+        metadata={"help": "module -> {'rows': k or None, 'cols': c or None, 'shape': [out, in]}: the deltas"},
     )
     target_modules: str | list[str] | None = field(
         default="all-linear",
@@ -87,6 +88,10 @@ class RowTuneConfig(PeftConfig):
     seed: int = field(default=0, metadata={"help": "seed of the scorer and of tie-breaking"})
     delta_dtype: str = field(default="float32", metadata={"help": "dtype of the trainable deltas"})
     impl: str = field(default="auto", metadata={"help": "row-delta formulation"})
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "set when the targets are GPT-2 Conv1D layers (weights stored (in, out))"},
+    )
     provenance: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "where the selection came from"}
     )

@@ -165,6 +165,26 @@ def effective_weight(
     return w
 
 
+@torch.no_grad()
+def dequantized_linear(
+    base: nn.Module,
+    blocks: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``dequant(W)`` of a (quantized) ``base`` with each ``(rows, cols,
+    delta)`` added in fp32, in ``dtype`` (default: the base's compute dtype), frozen."""
+    dtype = dtype or getattr(base, "compute_dtype", None) or torch.float32
+    w = dense_weight(base, torch.float32)
+    for rows, cols, delta in blocks:
+        put_block(w, rows, cols, get_block(w, rows, cols) + delta.float())
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=base.bias is not None)
+    layer = layer.to(device=w.device, dtype=dtype)
+    layer.weight.copy_(w)
+    if base.bias is not None:
+        layer.bias.copy_(base.bias)
+    return layer.requires_grad_(False)
+
+
 class _FusedRowLinear(torch.autograd.Function):
     """``F.linear(x, W, b)`` with ``D x[..., cols]`` added into output rows ``rows``; W and b frozen."""
 
@@ -393,20 +413,10 @@ class RowSparseLinear(nn.Module):
     def reset_delta(self) -> None:
         self.delta.zero_()
 
-    @torch.no_grad()
     def dequantized(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain ``nn.Linear`` with ``dequant(W) + D`` in ``dtype`` (default: the layer's compute
         dtype), for a quantized base: the function that was trained, in a layer anything can load."""
-        base = self.base_layer
-        dtype = dtype or getattr(base, "compute_dtype", None) or torch.float32
-        w = dense_weight(base, torch.float32)
-        put_block(w, self.rows, self.cols, get_block(w, self.rows, self.cols) + self.delta.float())
-        layer = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
-        layer = layer.to(device=w.device, dtype=dtype)
-        layer.weight.copy_(w)
-        if base.bias is not None:
-            layer.bias.copy_(base.bias)
-        return layer.requires_grad_(False)
+        return dequantized_linear(self.base_layer, [(self.rows, self.cols, self.delta)], dtype)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

@@ -33,7 +33,7 @@ from neurontune.spec import (  # the adapter format: neurontune.spec reads it, t
     adapter_spec,
     read_adapter,
 )
-from neurontune.targets import ModelWrapper, refuse_tied_weights, set_submodule
+from neurontune.targets import ModelWrapper, drop_quantization, refuse_tied_weights, set_submodule
 
 ADAPTER_README = """# neurontune row adapter
 
@@ -144,13 +144,8 @@ class RowTuneModel(ModelWrapper):
                 layer.unmerge()
             layer._merged_block = None
             set_submodule(self.base_model, name, layer.base_layer)
-        if quantized:  # the other quantized layers too, and the config no longer says "quantized"
-            from neurontune.targets import is_quantized
-
-            if any(is_quantized(m) for m in self.base_model.modules()):
-                self.base_model.dequantize()
-            else:  # transformers' dequantize() fails when no quantized layer is left; do its clean-up
-                self.base_model.hf_quantizer.remove_quantization_config(self.base_model)
+        if quantized:
+            drop_quantization(self.base_model)
         return self.base_model
 
     def merge_and_unload(self) -> nn.Module:

@@ -23,18 +23,21 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from neurontune.errors import AdapterError, NeurontuneError, SpecError, TargetError
+from neurontune.models import model_quantization
 from neurontune.rowtune.config import RowTuneConfig, selection_from
 from neurontune.rowtune.layer import (
     _FUNCTIONS,
     _span,
     check_impl,
     compute_dtype,
+    dequantized_linear,
     get_block,
     put_block,
 )
-from neurontune.targets import get_weight, is_quantized, linear_shape, refuse_tied_weights
+from neurontune.targets import drop_quantization, get_weight, is_quantized, linear_shape, refuse_tied_weights
 
 PREFIX = "rowtune_"
 DATA_FREE = ("magnitude", "random")  # scorers that need no calibration data
@@ -192,6 +195,24 @@ class RowTuneLayer(nn.Module, BaseTunerLayer):
             put_block(w, rows, cols, block)
             self.merged_adapters.remove(a)
 
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: list[str] | None
+    ) -> nn.Module:
+        """What replaces this layer at ``merge_and_unload`` / ``unload``: the base layer (with the deltas
+        merged in); a quantized base becomes a plain ``nn.Linear`` holding ``dequant(W) + D`` (what was
+        trained, in the layer's compute dtype)."""
+        if merge and self.quantized:
+            names = check_adapters_to_merge(self, adapter_names)
+            blocks = [
+                (*self._indices(a)[:2], self.rowtune_delta[a]) for a in names if a in self.rowtune_delta
+            ]
+            return dequantized_linear(self.base_layer, blocks)
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        else:
+            self.unmerge()
+        return self.base_layer
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The dense ``(out, in)`` update of one adapter (zero outside its rows and columns)."""
         rows, cols, _, _ = self._indices(adapter)
@@ -219,6 +240,24 @@ class RowTuneTuner(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = RowTuneLayer
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}
+
+    def _replace_module(
+        self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module
+    ) -> None:
+        if isinstance(child, RowTuneLayer) and child.quantized and not isinstance(new_module, BaseTunerLayer):
+            if (
+                new_module is not child.base_layer
+            ):  # the dequantized merge: PEFT would put the 4-bit weight back
+                setattr(parent, child_name, new_module)
+                return
+        super()._replace_module(parent, child_name, new_module, child)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        quantized = merge and any(isinstance(m, RowTuneLayer) and m.quantized for m in self.model.modules())
+        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        if quantized:  # the other quantized layers are dequantized too: one plain model
+            drop_quantization(model)
+        return model
 
     def _prepare_adapter_config(self, peft_config: RowTuneConfig, model_config: dict) -> RowTuneConfig:
         return peft_config  # the selection, not target_modules, says what is wrapped
@@ -259,6 +298,10 @@ class RowTuneTuner(BaseTuner):
         self._replace_module(parent, target_name, new, target)
 
 
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
 def _indices(given: list[int] | None, count: int | None) -> torch.Tensor | None:
     """The index tensor of a selection, or placeholders (-1, refused by the forward) that loading fills."""
     if count is None:
@@ -285,33 +328,38 @@ def resolve_selection(model: nn.Module, config: RowTuneConfig) -> None:
                 f"(or use one of {', '.join(DATA_FREE)})"
             )
         spec = _score_and_select(model, config, None)
-    if spec is not None:
-        try:
-            spec.validate(model)
-        except SpecError as e:
-            raise TargetError(f"RowTuneConfig selection does not fit this model: {e}") from None
-        refuse_tied_weights(model, spec.modules)
-        config._spec = spec
-        config.modules = {
-            n: {
-                "rows": None if s.rows is None else len(s.rows),
-                "cols": None if s.cols is None else len(s.cols),
-            }
-            for n, s in spec.modules.items()
-        }
-        if not config.provenance:
-            config.provenance = {k: v for k, v in spec.provenance.items() if k != "config"}
+    if spec is None:  # loading: the config lists the modules, the weights file brings the indices
+        named = dict(model.named_modules())
+        for name, info in config.modules.items():
+            module = named.get(name)
+            shape = linear_shape(_base(module)) if module is not None else None
+            if shape is None:
+                raise AdapterError(
+                    f"the adapter names {name!r}, which this model does not have as a linear layer"
+                )
+            if info.get("shape") is not None and tuple(info["shape"]) != shape:
+                raise AdapterError(
+                    f"the adapter was made for {name} of shape {tuple(info['shape'])}; this model's is {shape}"
+                )
         return
-    named = dict(model.named_modules())
-    for name in config.modules:
-        module = named.get(name)
-        if (
-            module is None
-            or linear_shape(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module) is None
-        ):
-            raise AdapterError(
-                f"the adapter names module {name!r}, which this model does not have as a linear layer"
-            )
+    try:
+        spec.validate(model)
+    except SpecError as e:
+        raise TargetError(f"RowTuneConfig selection does not fit this model: {e}") from None
+    refuse_tied_weights(model, spec.modules)
+    if not config.provenance:
+        config.provenance = {k: v for k, v in spec.provenance.items() if k != "config"}
+    config.provenance.setdefault("base_quantization", model_quantization(model))
+    config._spec = spec
+    config.modules = {
+        n: {
+            "rows": None if s.rows is None else len(s.rows),
+            "cols": None if s.cols is None else len(s.cols),
+            "shape": list(s.shape),
+        }
+        for n, s in spec.modules.items()
+    }
+    config.fan_in_fan_out = any(isinstance(_base(model.get_submodule(n)), Conv1D) for n in spec.modules)
 
 
 def _score_and_select(model: nn.Module, config: RowTuneConfig, batches: Any) -> Any:
