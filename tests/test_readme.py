@@ -30,5 +30,6 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
         exec(compile(code.replace('"smollm2-135m"', '"tiny-llama"'), "README.md", "exec"), {})
     assert (tmp_path / "my-adapter" / "neurontune_adapter.safetensors").is_file()
     assert (tmp_path / "merged" / "config.json").is_file()
-    assert (tmp_path / "sft-adapter" / "neurontune_adapter.safetensors").is_file()
+    assert (tmp_path / "sft-adapter" / "adapter_model.safetensors").is_file()  # the PEFT method's
+    assert "ROWTUNE" in (tmp_path / "sft-adapter" / "adapter_config.json").read_text()
     assert "trainable params:" in capsys.readouterr().out
