@@ -30,13 +30,13 @@ python -c "import torch, transformers, peft, accelerate; print(torch.__version__
 part 240 memory-8b python memory.py --model llama-3-8b --grad-ckpt yes --calib-examples 16 \
     --stages load score-taylor train-rows train-lora eval --out "$OUT" --runs /tmp/bench-memory
 # 2. #29 item 6: a fair LoRA baseline (PEFT's autocast_adapter_dtype=False beside its default), 3 repeats
-part 150 gpu-step python gpu_step.py --models llama-3-8b --precisions bf16 --methods rows-auto lora lora-nocast \
+part 180 gpu-step python gpu_step.py --models llama-3-8b --precisions bf16 --methods rows-auto rows-peft lora lora-nocast \
     --repeats 3 --steps 8 --warmup 2 --out "$OUT"
 # 3. #29 item 6: end to end with the default scorer (where did rows' 2.5 s first step go?)
 part 110 finetune-speed python finetune_speed.py --model llama-3.2-1b --scorer taylor --steps 20 \
     --out "$OUT" --runs /tmp/bench-finetune-speed
 # 4. #29 item 5: every stage at the Llama-3.2-1B shape, with and without checkpointing
-part 90 memory-1b python memory.py --model llama-3.2-1b --grad-ckpt both --calib-examples 16 --append \
+part 60 memory-1b python memory.py --model llama-3.2-1b --grad-ckpt both --calib-examples 16 --append \
     --stages load score-magnitude score-wanda score-taylor score-fisher score-zo-taylor train-rows train-lora train-full eval merge export \
     --out "$OUT" --runs /tmp/bench-memory
 ls -la "$OUT" >>"$LOG"

@@ -46,7 +46,17 @@ from neurontune.bench import command_line, render_only, run_worker, write_result
 RESULTS = Path(__file__).parent / "results"
 # lora-nocast: PEFT's get_peft_model(..., autocast_adapter_dtype=False), the adapter kept in the base's dtype
 # (PEFT's default upcasts it to fp32 on a bf16 base), the fairer baseline for pure-bf16 rows
-METHODS = ["rows-auto", "rows-merged", "rows-fused", "rows-index_add", "lora", "lora-nocast", "full"]
+# rows-peft: the PEFT method's layer (what `finetune` trains since #32), impl auto; rows-*: RowTuneModel's
+METHODS = [
+    "rows-auto",
+    "rows-merged",
+    "rows-fused",
+    "rows-index_add",
+    "rows-peft",
+    "lora",
+    "lora-nocast",
+    "full",
+]
 # Llama-family shapes (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings)
 SHAPES = {
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True),
@@ -120,7 +130,12 @@ def worker(a: argparse.Namespace) -> dict:
     import psutil
 
     rss0 = psutil.Process().memory_info().rss
-    if method.startswith("rows"):
+    if method == "rows-peft":
+        from peft import get_peft_model
+
+        spec = select(model, score_model(model, "magnitude"), match_lora_rank=a.rank)
+        model = get_peft_model(model, RowTuneConfig(rows=spec))
+    elif method.startswith("rows"):
         spec = select(model, score_model(model, "magnitude"), match_lora_rank=a.rank)
         model = get_rowtune_model(model, spec, RowTuneConfig(impl=method.split("-", 1)[1]))
         layer = next(iter(model.rowtune_layers().values()))
