@@ -237,7 +237,7 @@ def test_a_config_without_its_weights_refuses_to_run(tmp_path):
         _logits(bare)
 
 
-def test_quantized_style_paths_and_autocast_use_the_engine():
+def test_autocast_forward_matches_the_row_engine():
     """Under bf16 autocast on fp32 weights the forward matches RowSparseLinear's (impl auto: merged)."""
     spec = random_spec(tiny_model("tiny-llama"), k=3)
     old = get_rowtune_model(tiny_model("tiny-llama"), spec)
@@ -361,3 +361,33 @@ def test_legacy_adapter_converts_to_the_peft_format_exactly(tmp_path, capsys):
         export(
             str(out), "peft-rowtune", str(tmp_path / "again"), per_module_rank=False, check=False, model=None
         )
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_on_a_quantized_base_trains_and_merges_dequantized(kind, tmp_path):
+    """QLoRA-style: a bitsandbytes base computes through its own kernels, the deltas train in fp32, and
+    merge_and_unload gives a plain model holding dequant(W) + D (what was trained)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from neurontune.models import load_model, model_quantization
+    from neurontune.targets import is_quantized
+
+    model = load_model("tiny-llama", quantization=kind)[0]
+    pm = get_peft_model(model, RowTuneConfig(rows=random_spec(model, k=3, seed=2)))
+    assert pm.peft_config["default"].provenance["base_quantization"] == kind
+    _train(pm, lr=5e-2)
+    trained = _logits(pm)
+    with pm.disable_adapter():
+        assert (trained - _logits(pm)).abs().max() > 1e-3
+    with pytest.raises(NeurontuneError, match="cannot be merged into the quantized"):
+        pm.merge_adapter()
+    merged = pm.merge_and_unload()
+    assert not any(is_quantized(m) for m in merged.modules() if hasattr(m, "weight"))
+    assert model_quantization(merged) == "none"
+    tol = 0.05 if kind == "int8" else 1e-4  # int8's forward quantizes the activations, the merged one not
+    assert (_logits(merged) - trained).abs().max() < tol
+    merged.save_pretrained(tmp_path / "m")
+    torch.testing.assert_close(
+        _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m")), _logits(merged), rtol=0, atol=0
+    )
