@@ -16,3 +16,7 @@ class SpecError(NeurontuneError):
 
 class AdapterError(NeurontuneError):
     """An adapter directory is missing, corrupted, or does not fit the base model."""
+
+
+class MainProcessError(NeurontuneError):
+    """Raised on the other processes of a multi-process run when the main process failed (its message)."""

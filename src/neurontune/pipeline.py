@@ -22,7 +22,7 @@ import torch
 
 from neurontune import __version__
 from neurontune.config import DataConfig, EvalConfig, FinetuneConfig, MergeConfig, SelectConfig
-from neurontune.errors import NeurontuneError
+from neurontune.errors import MainProcessError, NeurontuneError
 from neurontune.evaluation import evaluate, metric_names, primary_metric
 from neurontune.io import (
     atomic_path,
@@ -34,6 +34,7 @@ from neurontune.io import (
 from neurontune.methods import get_method, load_output
 from neurontune.models import DEFAULT_MODEL, load_model, model_quantization, resolve_dtype
 from neurontune.runtime import count_parameters, describe_parameters, device, process_state
+from neurontune.runtime import share_outcome as _share_outcome
 from neurontune.spec import NeuronSpec
 from neurontune.tasks import (
     Example,
@@ -305,21 +306,8 @@ def _check_output_dir(cfg: FinetuneConfig, out: Path, fingerprint: dict[str, Any
     return listed
 
 
-def _share_outcome(state: Any, error: str | None) -> str | None:
-    """The main process's ``error`` (or ``None``), on every process: a collective that replaces a barrier,
-    so that a failure only the main process sees (the run lock, a full disk while saving, an evaluation
-    error) stops the others at once instead of leaving them in a barrier until the launcher's timeout."""
-    if state.num_processes > 1:
-        import torch.distributed as dist
-
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    return error
-
-
 def _on_all_processes(state: Any, error: str | None) -> None:
-    """Raise the main process's ``error`` (or nothing) on every process (:func:`_share_outcome`)."""
+    """Raise the main process's ``error`` (or nothing) on every process (:func:`share_outcome`)."""
     if error := _share_outcome(state, error):
         raise NeurontuneError(error)
 
@@ -471,8 +459,16 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             )  # fmt: skip
         peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
         if not main:  # evaluation, the method's output and every report: the main process alone
+            if method.finishes_on_every_process():  # a finish that trains again (gates' distillation)
+                try:
+                    method.finish(model, tok, out, lambda _model: {}, None)
+                except MainProcessError:
+                    raise  # the main process's failure, already taken from it
+                except BaseException:
+                    _share_outcome(state, None)  # take the main process's outcome, as below, then stop
+                    raise
             if error := _share_outcome(state, None):  # waits for it; its failure stops this process too
-                raise NeurontuneError(f"the main process failed after training: {error}")
+                raise MainProcessError(f"the main process failed after training: {error}")
             return {}
         try:
             after = run_eval(model) if method.trains else before

@@ -33,6 +33,19 @@ def process_state() -> Any:
     return state
 
 
+def share_outcome(state: Any, error: str | None) -> str | None:
+    """The main process's ``error`` (or ``None``), on every process: a collective that replaces a barrier,
+    so that a failure only the main process sees (the run lock, a full disk while saving, an evaluation
+    error) stops the others at once instead of leaving them in a barrier until the launcher's timeout."""
+    if state.num_processes > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    return error
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """``(trainable, total)``; an adapter's own parameters count in the total, as PEFT does."""
     counter = getattr(model, "get_nb_trainable_parameters", None)

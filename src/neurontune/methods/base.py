@@ -83,6 +83,12 @@ class Method:
         returns it and its metrics (``after`` unchanged by default)."""
         return model, after
 
+    def finishes_on_every_process(self) -> bool:
+        """Whether :meth:`finish` runs on every process of a multi-process run (it trains again, which
+        takes them all); then it writes and evaluates on the main process only (``evaluate`` gives
+        ``{}`` elsewhere). By default it runs on the main process alone."""
+        return False
+
     def save(self, model: nn.Module, tok: Any, out: Path) -> Path | None:
         """Write the run's model output under ``out`` and return its path (``None``: nothing to save)."""
         return None

@@ -110,14 +110,6 @@ class Gates(Method):
             raise NeurontuneError("recover_lr must be positive and distill_general >= 0")
 
     def check(self, model: nn.Module, out: Path) -> None:
-        if self.cfg.recover == "distill":
-            from neurontune.runtime import process_state
-
-            if (n := process_state().num_processes) > 1:  # finish() runs on the main process alone
-                raise NeurontuneError(
-                    f"recover=distill trains the pruned model on one process; this run has {n}. Run the gates "
-                    "on several processes with recover=none, then distill on one"
-                )
         if self.cfg.gate_granularity == "structured":
             from neurontune.gates import check_structured
 
@@ -142,19 +134,26 @@ class Gates(Method):
     def step_stats(self, model: nn.Module) -> Callable[[], dict[str, float]]:
         return model.sparsity
 
+    def finishes_on_every_process(self) -> bool:
+        return self.cfg.recover == "distill"  # the distillation trains on every process
+
     def finish(self, model, tok, out, evaluate, after):
         """Save the trained gates, make the export shape uniform, remove what is shut, write
         ``output_dir/pruned`` (a plain transformers model), report the parameters removed, and
-        evaluate the export."""
+        evaluate the export. With ``recover=distill`` on several processes every process prunes the
+        same way (the trained gates are the same on all) and distils; the main one alone writes."""
         from neurontune.gates import count_prunable, export_pruned, fold_linear_gates
         from neurontune.io import save_pretrained_atomic, write_safetensors
-        from neurontune.runtime import count_parameters
+        from neurontune.runtime import count_parameters, process_state
 
         cfg = self.cfg
+        main = process_state().is_main_process
+        say = print if main else _quiet
         model.eval()
         info: dict[str, Any] = {"gated": after, "achieved_sparsity": model.sparsity()}
         gates = {k: v.contiguous() for k, v in model.state_dict_gates().items()}
-        write_safetensors(out / "gates.safetensors", gates, {"config": json.dumps(model.config_dict())})
+        if main:
+            write_safetensors(out / "gates.safetensors", gates, {"config": json.dumps(model.config_dict())})
         total_before = count_parameters(model.base_model)[1] - sum(v.numel() for v in gates.values())
         if cfg.gate_granularity == "structured":
             prunable_before = count_prunable(model.base_model)
@@ -173,15 +172,16 @@ class Gates(Method):
                     "gate_force=true to cut them anyway (reported in metrics.json)"
                 )
             if forced:
-                print(f"warning: the export cuts {what} although their gates were open ({forced:.1%} forced)")
-            plain = export_pruned(model, out / "pruned", tok)
+                say(f"warning: the export cuts {what} although their gates were open ({forced:.1%} forced)")
+            plain = export_pruned(model, out / "pruned" if main else None, tok)
             info["prunable_params"] = [prunable_before, count_prunable(plain)]
             info["removed_fraction_of_prunable"] = 1 - info["prunable_params"][1] / prunable_before
         else:  # linear gates: folded, same shapes (shut rows/columns become zeros)
             plain = fold_linear_gates(model)
-            save_pretrained_atomic(out / "pruned", plain, tok)
+            if main:
+                save_pretrained_atomic(out / "pruned", plain, tok)
         info["total_params"] = [total_before, count_parameters(plain)[1]]
-        print(
+        say(
             f"pruned: {info['total_params'][0]:,} -> {info['total_params'][1]:,} parameters "
             f"({1 - info['total_params'][1] / info['total_params'][0]:.1%} removed); wrote {out / 'pruned'}/"
         )
@@ -198,19 +198,27 @@ class Gates(Method):
         """Recover the pruned model by logit distillation from the unpruned one (neurontune.distill);
         writes ``output_dir/recovered`` (a plain transformers model) and records the KL before/after."""
         from neurontune.distill import attended_tokens, distill_loss, kl_to_teacher
+        from neurontune.errors import MainProcessError
         from neurontune.io import save_pretrained_atomic
         from neurontune.models import load_model
-        from neurontune.runtime import device
+        from neurontune.runtime import device, process_state, share_outcome
         from neurontune.tasks import Example, StepBatches, fixed_batches, general_train_text
         from neurontune.train import train, train_args
 
         cfg = self.cfg
+        state = process_state()
+        main = state.is_main_process
+        say = print if main else _quiet
+        # every process arrives here; the main one only once the evaluation and the pruned export are
+        # written: its failure there reaches the others now, not as a hang in the training's collectives
+        if error := share_outcome(state, None):
+            raise MainProcessError(f"the main process failed before distillation: {error}")
         teacher = load_model(cfg.distill_teacher or cfg.model, dtype=cfg.dtype, device=device())[0]
         teacher.requires_grad_(False).eval()
         examples = list(self.task.train) + [Example("", t) for t in general_train_text(cfg.distill_general)]
         held_out = fixed_batches(self.task.eval[:16], tok, cfg.eval_batch_size, cfg.max_length)
         pruned.eval()
-        kl_before = kl_to_teacher(pruned, teacher, held_out)
+        kl_before = kl_to_teacher(pruned, teacher, held_out) if main else float("nan")
         if cfg.recover_params == "rows":
             from neurontune.rowtune import get_rowtune_model
             from neurontune.scoring import score_model
@@ -220,8 +228,8 @@ class Gates(Method):
             student = get_rowtune_model(pruned, select(pruned, scores, **cfg.budget_kwargs()))
         else:
             student = pruned.requires_grad_(True)
-        print(f"recover: distilling {cfg.distill_teacher or cfg.model} into the pruned model for "
-              f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f})")  # fmt: skip
+        say(f"recover: distilling {cfg.distill_teacher or cfg.model} into the pruned model for "
+            f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f})")  # fmt: skip
         args = train_args(cfg, steps=cfg.recover_steps, lr=cfg.recover_lr or cfg.lr)
         data = StepBatches(examples, tok, cfg.batch_size, cfg.max_length, cfg.seed)
         train(student, data, args, out / "recover", resume=cfg.resume,
@@ -229,6 +237,8 @@ class Gates(Method):
               count_fn=attended_tokens)  # fmt: skip
         recovered = student.merge_and_unload() if cfg.recover_params == "rows" else student
         recovered.requires_grad_(False).eval()
+        if not main:
+            return recovered
         kl_after = kl_to_teacher(recovered, teacher, held_out)
         self.info["distill_kl"] = [kl_before, kl_after]
         print(f"recover: KL to the teacher {kl_before:.4f} -> {kl_after:.4f}; wrote {out / 'recovered'}/")
@@ -253,3 +263,7 @@ class Gates(Method):
         ] + ([(f"{key} of the export before recovery", f"{g['exported'][key]:.4g}"),
               ("KL to the teacher, before -> after distillation", "{:.4f} -> {:.4f}".format(*g["distill_kl"]))]
              if "recovered" in g else [])  # fmt: skip
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """``print`` on the processes that are not the main one."""

@@ -65,10 +65,12 @@ class RowTuneLayer(nn.Module, BaseTunerLayer):
         self.rowtune_rows = BufferDict({}, persistent=True)
         self.rowtune_cols = BufferDict({}, persistent=True)
         self.rowtune_impl: dict[str, str] = {}
-        self._spans: dict[str, tuple[Any, Any, Any]] = {}
+        self._spans: dict[str, tuple[Any, Any]] = {}  # adapter -> (row span, column span)
         self._merged_blocks: list[tuple[str, torch.Tensor]] = []  # (adapter, original block), in merge order
         self._disable_adapters = False
         self.merged_adapters = []
+        self._active_adapter = adapter_name
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.update_layer(adapter_name, **kwargs)
 
     # ---- adapters ------------------------------------------------------------------------------
@@ -94,6 +96,7 @@ class RowTuneLayer(nn.Module, BaseTunerLayer):
         if cols is not None:
             self.rowtune_cols[adapter_name] = cols.to(device=device, dtype=torch.long)
         self.rowtune_impl[adapter_name] = impl
+        self._refresh_spans(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _apply(self, fn, recurse=True):
@@ -112,23 +115,33 @@ class RowTuneLayer(nn.Module, BaseTunerLayer):
                     p.grad = p.grad.to(target)
         return self
 
-    def _indices(self, adapter: str) -> tuple[Any, Any, Any, Any]:
-        """``(rows, cols, row_span, col_span)`` of an adapter; the spans are recomputed (one host sync)
-        only when an index buffer changed (loaded, moved)."""
+    def _refresh_spans(self, adapter: str) -> None:
+        """Check an adapter's indices and note whether they are contiguous ranges (one host sync; at
+        creation and after every ``load_state_dict``, never in the forward, so it compiles without
+        graph breaks). Placeholder indices (a config loaded without its weights) leave no spans."""
         rows = self.rowtune_rows[adapter] if adapter in self.rowtune_rows else None
         cols = self.rowtune_cols[adapter] if adapter in self.rowtune_cols else None
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in (rows, cols))
-        cached = self._spans.get(adapter)
-        if cached is None or cached[0] != key:
-            for t, size, what in ((rows, self.out_features, "row"), (cols, self.in_features, "column")):
-                if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= size):
-                    raise AdapterError(
-                        f"adapter {adapter!r}: {what} indices not loaded or out of range [0, {size}) "
-                        "(a RowTuneConfig read from adapter_config.json alone has no indices: load the "
-                        "adapter with PeftModel.from_pretrained)"
-                    )
-            cached = self._spans[adapter] = (key, _span(rows), _span(cols))
-        return rows, cols, cached[1], cached[2]
+        self._spans.pop(adapter, None)
+        for t, size, what in ((rows, self.out_features, "row"), (cols, self.in_features, "column")):
+            if t is None or not t.numel():
+                continue
+            if bool((t < 0).all()):  # placeholders, not loaded (yet)
+                return
+            if int(t.min()) < 0 or int(t.max()) >= size:
+                raise AdapterError(f"adapter {adapter!r}: {what} index out of range [0, {size})")
+        self._spans[adapter] = (_span(rows), _span(cols))
+
+    def _indices(self, adapter: str) -> tuple[Any, Any, Any, Any]:
+        """``(rows, cols, row_span, col_span)`` of an adapter."""
+        spans = self._spans.get(adapter)
+        if spans is None:
+            raise AdapterError(
+                f"adapter {adapter!r}: its row indices were never loaded (a RowTuneConfig read from "
+                "adapter_config.json alone has none: load the adapter with PeftModel.from_pretrained)"
+            )
+        rows = self.rowtune_rows[adapter] if adapter in self.rowtune_rows else None
+        cols = self.rowtune_cols[adapter] if adapter in self.rowtune_cols else None
+        return rows, cols, spans[0], spans[1]
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -232,6 +245,11 @@ class RowTuneLayer(nn.Module, BaseTunerLayer):
             for a, d in self.rowtune_delta.items()
         ]
         return ", ".join(parts)
+
+
+def _refresh_after_load(layer: RowTuneLayer, incompatible_keys: Any) -> None:
+    for adapter in layer.rowtune_delta:  # the loaded indices (PEFT loads them with the deltas)
+        layer._refresh_spans(adapter)
 
 
 class RowTuneTuner(BaseTuner):
