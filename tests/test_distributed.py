@@ -5,7 +5,9 @@ from an FSDP config)."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -279,30 +281,32 @@ def test_a_failure_only_the_main_process_sees_stops_every_process(tmp_path):
     assert not (out / "metrics.json").exists() or not (out / "report.md").is_file()
 
 
-@pytest.mark.slow  # ~1 min; in .ci/run
-def test_gates_with_distillation_on_two_processes_equal_one_with_grad_accum_2(tmp_path):
-    """recover=distill trains the pruned model again: every process prunes the same way and distils
-    data-parallel; the main process alone evaluates and writes."""
+@pytest.mark.slow  # ~40 s; in .ci/run
+def test_gates_with_distillation_on_two_processes(tmp_path):
+    """recover=distill trains the pruned model again: every process prunes the same way (DDP refuses
+    models that differ in shape) and distils on its half of each batch; the main process alone
+    evaluates and writes. Not compared weight for weight with one process: the gates sample their
+    noise per process, so 2 processes draw other noise than 1 process's 2 micro-batches."""
     gates = ["method=gates", "gate_sparsity=0.5", "gate_force=true", "steps=2", "recover=distill",
              "recover_steps=4", "recover_lr=3e-3", "distill_general=4"]  # fmt: skip
     one = finetune(1, tmp_path / "one", *gates, "grad_accum=2")
     assert one.returncode == 0, one.stderr[-3000:]
     two = finetune(2, tmp_path / "two", *gates, "grad_accum=1", logs=tmp_path / "logs")
     assert two.returncode == 0, two.stderr[-3000:]
-    assert_close(load_file(tmp_path / "two" / "pruned" / "model.safetensors"),
-                 load_file(tmp_path / "one" / "pruned" / "model.safetensors"))  # fmt: skip
-    assert_close(load_file(tmp_path / "two" / "recovered" / "model.safetensors"),
-                 load_file(tmp_path / "one" / "recovered" / "model.safetensors"))  # fmt: skip
-    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert m2["num_processes"] == 2 and m2["saved"] == str(tmp_path / "two" / "recovered")
-    for a, b in zip(m1["gates"]["distill_kl"], m2["gates"]["distill_kl"], strict=True):
-        assert a == pytest.approx(b, rel=1e-4)
-    log1 = (tmp_path / "one" / "recover" / "train_log.csv").read_text().splitlines()
-    log2 = (tmp_path / "two" / "recover" / "train_log.csv").read_text().splitlines()
-    assert len(log1) == len(log2) == 5
+    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m["num_processes"] == 2 and m["saved"] == str(tmp_path / "two" / "recovered")
+    assert all(math.isfinite(v) for v in m["gates"]["distill_kl"])  # measured before and after, on rank 0
+    assert (tmp_path / "two" / "recovered" / "model.safetensors").is_file()
+    logs = [
+        list(csv.DictReader(open(r / "recover" / "train_log.csv")))
+        for r in (tmp_path / "one", tmp_path / "two")
+    ]
+    assert len(logs[0]) == len(logs[1]) == 4
+    # the two processes together saw what one process saw in its two micro-batches, at every step
+    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
     rank_out = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stdout.log")}
     assert "wrote" in rank_out["0"] and "wrote" not in rank_out["1"] and "recover:" not in rank_out["1"]
+    assert not [p for p in (tmp_path / "two").rglob(".*")]  # no temporary leftovers from a race
 
 
 @pytest.mark.slow  # ~45 s each; in .ci/run
