@@ -185,6 +185,17 @@ def dequantized_linear(
     return layer.requires_grad_(False)
 
 
+@torch.no_grad()
+def follow_device(p: nn.Parameter, fn) -> None:
+    """Move ``p`` (and its gradient) to the device that ``Module._apply``'s ``fn`` sends a tensor of
+    ``p``'s dtype to, keeping its dtype and values: how the row deltas take part in ``.to()``."""
+    target = fn(torch.empty(0, dtype=p.dtype, device=p.device)).device
+    if target != p.device:
+        p.data = p.data.to(target)
+        if p.grad is not None:
+            p.grad = p.grad.to(target)
+
+
 class _FusedRowLinear(torch.autograd.Function):
     """``F.linear(x, W, b)`` with ``D x[..., cols]`` added into output rows ``rows``; W and b frozen."""
 
@@ -324,12 +335,7 @@ class RowSparseLinear(nn.Module):
             super()._apply(fn, recurse)
         finally:
             self._parameters["delta"] = delta
-        target = fn(torch.empty(0, dtype=delta.dtype, device=delta.device)).device
-        if target != delta.device:
-            with torch.no_grad():
-                delta.data = delta.data.to(target)
-                if delta.grad is not None:
-                    delta.grad = delta.grad.to(target)
+        follow_device(delta, fn)
         if delta.dtype != self.delta_dtype:
             delta.data = delta.data.to(self.delta_dtype)
         return self

@@ -34,6 +34,7 @@ from neurontune.rowtune.layer import (
     check_impl,
     compute_dtype,
     dequantized_linear,
+    follow_device,
     get_block,
     put_block,
 )
@@ -108,11 +109,7 @@ class RowTuneLayer(nn.Module, BaseTunerLayer):
         finally:
             self._modules["rowtune_delta"] = deltas
         for p in deltas.values():
-            target = fn(torch.empty(0, dtype=p.dtype, device=p.device)).device
-            if target != p.device:
-                p.data = p.data.to(target)
-                if p.grad is not None:
-                    p.grad = p.grad.to(target)
+            follow_device(p, fn)
         return self
 
     def _refresh_spans(self, adapter: str) -> None:
