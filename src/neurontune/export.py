@@ -29,7 +29,7 @@ import torch
 
 from neurontune.errors import NeurontuneError
 from neurontune.io import atomic_dir, refuse_existing, write_json, write_safetensors
-from neurontune.spec import adapter_spec, read_adapter
+from neurontune.spec import adapter_spec, peft_key, read_adapter
 
 VLLM_DEFAULT_MAX_RANK = 16
 VLLM_MAX_RANK = 512
@@ -138,14 +138,7 @@ def export_peft_rowtune(
 
     cfg, tensors = read_adapter(adapter_dir)
     spec = adapter_spec(cfg, tensors, adapter_dir)
-    modules = {
-        n: {
-            "rows": None if sel.rows is None else len(sel.rows),
-            "cols": None if sel.cols is None else len(sel.cols),
-            "shape": list(sel.shape) if sel.shape else None,
-        }
-        for n, sel in spec.modules.items()
-    }
+    modules = {n: sel.layout() for n, sel in spec.modules.items()}
     provenance = {**cfg.get("provenance", {}), "base_quantization": cfg.get("base_quantization", "none")}
     provenance["converted_from"] = {"path": str(adapter_dir), "format": cfg.get("format")}
     config = RowTuneConfig(
@@ -158,7 +151,7 @@ def export_peft_rowtune(
         for part in ("delta", "rows", "cols"):
             if f"{name}.{part}" in tensors:
                 t = tensors[f"{name}.{part}"]
-                weights[f"base_model.model.{name}.rowtune_{part}"] = t if part == "delta" else t.long()
+                weights[peft_key(name, part)] = t if part == "delta" else t.long()
     with atomic_dir(output, replace=overwrite) as tmp:
         config.save_pretrained(str(tmp))
         write_safetensors(tmp / "adapter_model.safetensors", weights, {"format": "pt"})

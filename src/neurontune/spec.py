@@ -93,6 +93,15 @@ class ModuleSelection:
     def to_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "cols": self.cols, "shape": list(self.shape) if self.shape else None}
 
+    def layout(self) -> dict[str, Any]:
+        """What a PEFT row adapter's config keeps of the selection: how many rows and columns (``None``:
+        all), and the module shape; the indices travel in the weights file."""
+        return {
+            "rows": None if self.rows is None else len(self.rows),
+            "cols": None if self.cols is None else len(self.cols),
+            "shape": list(self.shape) if self.shape else None,
+        }
+
 
 @dataclass
 class NeuronSpec:
@@ -232,6 +241,13 @@ LEGACY_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's na
 ADAPTER_FORMAT = "neurontune.rowtune/1"
 PEFT_TYPE = "ROWTUNE"
 PEFT_PREFIX = "base_model.model."
+# what `neurontune_adapter.json` keeps of a RowTuneConfig (its `rowtune_config`)
+ROWTUNE_CONFIG_KEYS = ("target_modules", "exclude_modules", "delta_dtype", "impl")
+
+
+def peft_key(module: str, part: str) -> str:
+    """The name of a module's ``delta`` / ``rows`` / ``cols`` in a PEFT row adapter's weights file."""
+    return f"{PEFT_PREFIX}{module}.rowtune_{part}"
 
 
 def adapter_files(adapter_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -301,13 +317,13 @@ def _from_peft_format(
     for name, m in modules.items():
         if not isinstance(m, dict):
             raise AdapterError(f"{where}: modules[{name!r}] must be an object, got {type(m).__name__}")
-        key = f"{PEFT_PREFIX}{name}.rowtune_delta"
+        key = peft_key(name, "delta")
         if key not in tensors:
             raise AdapterError(f"adapter {where.parent}: tensor {key} missing from {LEGACY_FILES[1]}")
         out[f"{name}.delta"] = tensors.pop(key)
         for part in ("rows", "cols"):
             if m.get(part) is not None:
-                key = f"{PEFT_PREFIX}{name}.rowtune_{part}"
+                key = peft_key(name, part)
                 if key not in tensors:
                     raise AdapterError(f"adapter {where.parent}: tensor {key} missing from {LEGACY_FILES[1]}")
                 out[f"{name}.{part}"] = tensors.pop(key)
@@ -327,9 +343,7 @@ def _from_peft_format(
         "peft": True,
         "base_model": cfg.get("base_model_name_or_path"),
         "base_quantization": provenance.get("base_quantization", "none"),
-        "rowtune_config": {
-            k: cfg[k] for k in ("target_modules", "exclude_modules", "delta_dtype", "impl") if k in cfg
-        },
+        "rowtune_config": {k: cfg[k] for k in ROWTUNE_CONFIG_KEYS if k in cfg},
         "provenance": provenance,
         "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
         "modules": info,

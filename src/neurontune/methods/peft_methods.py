@@ -102,8 +102,6 @@ class PeftMethod(Method):
         is_trainable: bool,
         quantization: str | None = None,
     ) -> tuple[nn.Module, Any]:
-        from peft import PeftModel
-
         from neurontune.io import read_json
         from neurontune.models import DEFAULT_MODEL, load_model
         from neurontune.runtime import device
@@ -115,14 +113,7 @@ class PeftMethod(Method):
         cfg = read_json(path / "adapter_config.json", "adapter config")
         base_name = model_name or cfg.get("base_model_name_or_path") or DEFAULT_MODEL
         base, tok = load_model(base_name, dtype=dtype, device=device(), quantization=quantization)
-        try:
-            return PeftModel.from_pretrained(base, path, is_trainable=is_trainable), tok
-        except (RuntimeError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()
-            raise NeurontuneError(
-                f"PEFT adapter {path} does not fit the base model {base_name!r}: "
-                f"{first[1].strip() if len(first) > 1 else first[0] if first else type(e).__name__}"
-            ) from None
+        return load_peft_adapter(base, path, is_trainable, base_name), tok
 
 
 @register
@@ -192,6 +183,23 @@ class Shira(PeftMethod):
         from peft import ShiraConfig
 
         return ShiraConfig(r=lora_rank(self.cfg), target_modules=targets, random_seed=self.cfg.seed)
+
+
+def load_peft_adapter(base: nn.Module, path: Path, is_trainable: bool, base_name: str) -> nn.Module:
+    """``PeftModel.from_pretrained(base, path)``, a misfit said in one line (our own errors, a row
+    adapter's, pass as they are)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, path, is_trainable=is_trainable)
+    except NeurontuneError:
+        raise
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()
+        raise NeurontuneError(
+            f"PEFT adapter {path} does not fit the base model {base_name!r}: "
+            f"{first[1].strip() if len(first) > 1 else first[0] if first else type(e).__name__}"
+        ) from None
 
 
 def merge_untied(peft_model: Any) -> Any:

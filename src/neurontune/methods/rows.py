@@ -170,31 +170,16 @@ class Rows(Method):
 
         cfg, tensors = read_adapter(path)  # either format, checked before the base is loaded
         adapter_spec(cfg, tensors, path)  # integer indices, finite deltas
+        base_name = model_name or cfg.get("base_model") or DEFAULT_MODEL
         base, tok = load_model(
-            model_name or cfg.get("base_model") or DEFAULT_MODEL, dtype=dtype, device=device(),
-            quantization=quantization or cfg.get("base_quantization", "none"),
+            base_name, dtype=dtype, device=device(), quantization=quantization or cfg.get("base_quantization", "none")
         )  # fmt: skip
         if cfg.get("peft"):
-            return load_peft_rows(base, path, is_trainable), tok
+            import neurontune.rowtune  # noqa: F401  (registers the PEFT method)
+            from neurontune.methods.peft_methods import load_peft_adapter
+
+            return load_peft_adapter(base, path, is_trainable, base_name), tok
         return RowTuneModel.from_pretrained(base, path, is_trainable=is_trainable), tok
-
-
-def load_peft_rows(base: nn.Module, path: Path, is_trainable: bool = False) -> nn.Module:
-    """``PeftModel.from_pretrained`` for a PEFT-format row adapter, with a misfit said in one line."""
-    from peft import PeftModel
-
-    import neurontune.rowtune  # noqa: F401  (registers the PEFT method)
-    from neurontune.errors import AdapterError
-
-    try:
-        return PeftModel.from_pretrained(base, path, is_trainable=is_trainable)
-    except (RuntimeError, ValueError, KeyError) as e:
-        if isinstance(e, NeurontuneError):
-            raise
-        lines = str(e).strip().splitlines()
-        raise AdapterError(
-            f"row adapter {path} does not fit the base model: {lines[-1].strip() if lines else type(e).__name__}"
-        ) from None
 
 
 @register

@@ -16,6 +16,7 @@ from peft.utils import PeftType
 
 from neurontune.choices import IMPLS, parse_budget
 from neurontune.errors import NeurontuneError
+from neurontune.spec import ROWTUNE_CONFIG_KEYS
 
 PEFT_TYPE = "ROWTUNE"
 
@@ -25,9 +26,6 @@ _DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-
-# what the legacy `neurontune_adapter.json` kept of a config (`rowtune_config`); still read and written
-LEGACY_KEYS = ("target_modules", "exclude_modules", "delta_dtype", "impl")
 
 
 def _peft_type() -> PeftType:
@@ -127,7 +125,7 @@ class RowTuneConfig(PeftConfig):
 
     def legacy_dict(self) -> dict[str, Any]:
         """The ``rowtune_config`` entry of a ``neurontune_adapter.json``."""
-        return {k: getattr(self, k) for k in LEGACY_KEYS}
+        return {k: getattr(self, k) for k in ROWTUNE_CONFIG_KEYS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RowTuneConfig:

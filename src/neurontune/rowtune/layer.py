@@ -185,6 +185,32 @@ def dequantized_linear(
     return layer.requires_grad_(False)
 
 
+def resolve_impl(impl: str, base_layer: nn.Module, quantized: bool, x: torch.Tensor) -> str:
+    """The formulation a forward with input ``x`` uses, ``auto`` resolved by the rule of the module
+    docstring; ``index_add`` whenever the base is quantized or trainable."""
+    weight, bias = base_layer.weight, base_layer.bias
+    if quantized or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return "index_add"
+    if impl != "auto":
+        return impl
+    return "merged" if weight.dtype != compute_dtype(x) else "fused"
+
+
+def add_delta(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    rows: torch.Tensor | None,
+    cols: torch.Tensor | None,
+) -> torch.Tensor:
+    """``index_add``: ``y`` (the base output) with ``delta x[..., cols]`` added into ``rows``, in the
+    compute dtype, by plain autograd."""
+    xs = x if cols is None else x.index_select(-1, cols)
+    cd = compute_dtype(x)
+    d = F.linear(xs.to(cd), delta.to(cd)).to(y.dtype)
+    return y + d if rows is None else y.index_add(-1, rows, d)
+
+
 @torch.no_grad()
 def follow_device(p: nn.Parameter, fn) -> None:
     """Move ``p`` (and its gradient) to the device that ``Module._apply``'s ``fn`` sends a tensor of
@@ -360,14 +386,7 @@ class RowSparseLinear(nn.Module):
     def resolved_impl(self, x: torch.Tensor) -> str:
         """The formulation a forward with input ``x`` uses, ``auto`` resolved (the rule is in the module
         docstring); depends on the autocast state, so ask inside the same autocast context."""
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        if self.quantized or weight.requires_grad or (bias is not None and bias.requires_grad):
-            return "index_add"
-        if self.impl != "auto":
-            return self.impl
-        if weight.dtype != compute_dtype(x):
-            return "merged"
-        return "fused"
+        return resolve_impl(self.impl, self.base_layer, self.quantized, x)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,11 +394,7 @@ class RowSparseLinear(nn.Module):
             return self.base_layer(x)
         impl = self.resolved_impl(x)
         if impl == "index_add":
-            y = self.base_layer(x)
-            xs = x if self.cols is None else x.index_select(-1, self.cols)
-            cd = compute_dtype(x)
-            d = F.linear(xs.to(cd), self.delta.to(cd)).to(y.dtype)
-            return y + d if self.rows is None else y.index_add(-1, self.rows, d)
+            return add_delta(self.base_layer(x), x, self.delta, self.rows, self.cols)
         return _FUNCTIONS[impl].apply(
             x,
             get_weight(self.base_layer),

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -31,12 +30,13 @@ from neurontune.rowtune.config import RowTuneConfig, selection_from
 from neurontune.rowtune.layer import (
     _FUNCTIONS,
     _span,
+    add_delta,
     check_impl,
-    compute_dtype,
     dequantized_linear,
     follow_device,
     get_block,
     put_block,
+    resolve_impl,
 )
 from neurontune.targets import drop_quantization, get_weight, is_quantized, linear_shape, refuse_tied_weights
 
@@ -112,12 +112,16 @@ class RowTuneLayer(nn.Module, BaseTunerLayer):
             follow_device(p, fn)
         return self
 
+    def _index_buffers(self, adapter: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """An adapter's row and column index buffers (``None``: every row / column)."""
+        rows = self.rowtune_rows[adapter] if adapter in self.rowtune_rows else None
+        return rows, self.rowtune_cols[adapter] if adapter in self.rowtune_cols else None
+
     def _refresh_spans(self, adapter: str) -> None:
         """Check an adapter's indices and note whether they are contiguous ranges (one host sync; at
         creation and after every ``load_state_dict``, never in the forward, so it compiles without
         graph breaks). Placeholder indices (a config loaded without its weights) leave no spans."""
-        rows = self.rowtune_rows[adapter] if adapter in self.rowtune_rows else None
-        cols = self.rowtune_cols[adapter] if adapter in self.rowtune_cols else None
+        rows, cols = self._index_buffers(adapter)
         self._spans.pop(adapter, None)
         for t, size, what in ((rows, self.out_features, "row"), (cols, self.in_features, "column")):
             if t is None or not t.numel():
@@ -136,9 +140,7 @@ class RowTuneLayer(nn.Module, BaseTunerLayer):
                 f"adapter {adapter!r}: its row indices were never loaded (a RowTuneConfig read from "
                 "adapter_config.json alone has none: load the adapter with PeftModel.from_pretrained)"
             )
-        rows = self.rowtune_rows[adapter] if adapter in self.rowtune_rows else None
-        cols = self.rowtune_cols[adapter] if adapter in self.rowtune_cols else None
-        return rows, cols, spans[0], spans[1]
+        return (*self._index_buffers(adapter), *spans)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -149,26 +151,25 @@ class RowTuneLayer(nn.Module, BaseTunerLayer):
         active = [a for a in self.active_adapters if a in self.rowtune_delta]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        weight = self.base_layer.weight
-        bias = self.base_layer.bias
-        base_trains = weight.requires_grad or (bias is not None and bias.requires_grad)
-        if len(active) == 1 and not self.quantized and not base_trains:
+        if len(active) == 1:
             a = active[0]
-            impl = self.rowtune_impl[a]
-            if impl == "auto":
-                impl = "merged" if weight.dtype != compute_dtype(x) else "fused"
+            impl = resolve_impl(self.rowtune_impl[a], self.base_layer, self.quantized, x)
             if impl in _FUNCTIONS:
                 rows, cols, rs, cs = self._indices(a)
                 return _FUNCTIONS[impl].apply(
-                    x, get_weight(self.base_layer), bias, self.rowtune_delta[a], rows, cols, rs, cs
+                    x,
+                    get_weight(self.base_layer),
+                    self.base_layer.bias,
+                    self.rowtune_delta[a],
+                    rows,
+                    cols,
+                    rs,
+                    cs,
                 )
         y = self.base_layer(x, *args, **kwargs)
-        cd = compute_dtype(x)
         for a in active:
             rows, cols, _, _ = self._indices(a)
-            xs = x if cols is None else x.index_select(-1, cols)
-            d = F.linear(xs.to(cd), self.rowtune_delta[a].to(cd)).to(y.dtype)
-            y = y + d if rows is None else y.index_add(-1, rows, d)
+            y = add_delta(y, x, self.rowtune_delta[a], rows, cols)
         return y
 
     # ---- merge / unmerge -----------------------------------------------------------------------
@@ -259,12 +260,12 @@ class RowTuneTuner(BaseTuner):
     def _replace_module(
         self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module
     ) -> None:
-        if isinstance(child, RowTuneLayer) and child.quantized and not isinstance(new_module, BaseTunerLayer):
-            if (
-                new_module is not child.base_layer
-            ):  # the dequantized merge: PEFT would put the 4-bit weight back
-                setattr(parent, child_name, new_module)
-                return
+        dequantized = new_module is not getattr(child, "base_layer", None) and not isinstance(
+            new_module, BaseTunerLayer
+        )
+        if isinstance(child, RowTuneLayer) and child.quantized and dequantized:
+            setattr(parent, child_name, new_module)  # PEFT would put the 4-bit weight back into the new layer
+            return
         super()._replace_module(parent, child_name, new_module, child)
 
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
@@ -366,14 +367,7 @@ def resolve_selection(model: nn.Module, config: RowTuneConfig) -> None:
         config.provenance = {k: v for k, v in spec.provenance.items() if k != "config"}
     config.provenance.setdefault("base_quantization", model_quantization(model))
     config._spec = spec
-    config.modules = {
-        n: {
-            "rows": None if s.rows is None else len(s.rows),
-            "cols": None if s.cols is None else len(s.cols),
-            "shape": list(s.shape),
-        }
-        for n, s in spec.modules.items()
-    }
+    config.modules = {n: sel.layout() for n, sel in spec.modules.items()}
     config.fan_in_fan_out = any(isinstance(_base(model.get_submodule(n)), Conv1D) for n in spec.modules)
 
 
