@@ -16,14 +16,25 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from neurontune.tasks import IGNORE_INDEX, Example, Task, collate, encode, model_length_limit
+from neurontune.tasks import (
+    IGNORE_INDEX,
+    Example,
+    Task,
+    collate,
+    cut_prompt,
+    encode,
+    model_length_limit,
+    prompt_ids,
+    special_prefix,
+)
 
 _NUMBER = re.compile(r"[-+]?\d+")
 
 
 def _prompt_ids(tok: PreTrainedTokenizerBase, prompt: str, max_length: int) -> list[int]:
-    ids = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    return ids[-max_length:] or [tok.eos_token_id]
+    """The prompt's ids (the tokenizer's BOS first, if it adds one) cut to ``max_length`` from the left."""
+    ids = cut_prompt(prompt_ids(tok, prompt), max_length, len(special_prefix(tok)))
+    return ids or [tok.eos_token_id]
 
 
 def label_token_ids(tok: PreTrainedTokenizerBase, label_words: Sequence[str]) -> list[int] | None:
@@ -41,9 +52,10 @@ def _choice_logprobs(
     ``len(choices[i])`` scores per prompt; one forward for all pairs. With ``max_length``, a prompt is cut
     from the left so that prompt and choice fit in it (as training cuts them)."""
     words = [[tok(" " + c, add_special_tokens=False)["input_ids"] for c in cs] for cs in choices]
+    n_special = len(special_prefix(tok))
 
     def fit(p: list[int], w: list[int]) -> list[int]:
-        return p if max_length is None or len(p) + len(w) <= max_length else p[-max(1, max_length - len(w)) :]
+        return p if max_length is None else cut_prompt(p, max(1, max_length - len(w)), n_special)
 
     pairs = [
         (q + w, [IGNORE_INDEX] * len(q) + w)

@@ -18,8 +18,10 @@ of the shapes of :data:`FORMATS` works too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,12 +441,50 @@ def load_task(
 
 
 # ---- encoding and batching -------------------------------------------------------------------------
+_PREFIXES: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+
+
+def special_prefix(tok: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens ``tok`` puts before a text of its own accord: Llama-3's ``<|begin_of_text|>``,
+    Mistral's and Gemma's ``<s>``/``<bos>``; ``[]`` for GPT-2 or SmolLM2, which add none. Every prompt
+    starts with them, as the model saw in pre-training and as ``tok(text)`` and chat templates give."""
+    try:
+        return _PREFIXES[tok]
+    except (KeyError, TypeError):
+        pass
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a")["input_ids"]
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+    prefix = list(full[:at])
+    with contextlib.suppress(TypeError):  # a tokenizer that takes no weak reference is asked each time
+        _PREFIXES[tok] = prefix
+    return prefix
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """A prompt's token ids after the tokenizer's :func:`special_prefix`, once: a prompt that already
+    starts with it (a chat template that writes ``{{ bos_token }}``, as Llama-3's does) gets no second."""
+    prefix = special_prefix(tok)
+    body = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return body if prefix and body[: len(prefix)] == prefix else prefix + body
+
+
+def cut_prompt(ids: list[int], room: int, keep: int = 0) -> list[int]:
+    """``ids`` cut from the left to at most ``room`` tokens, keeping its first ``keep`` (the special prefix)
+    and then its end (the cue next to the answer)."""
+    if len(ids) <= room:
+        return ids
+    keep = min(keep, room)
+    return ids[:keep] + ids[len(ids) - (room - keep) :] if room > keep else ids[:keep]
+
+
 def encode(ex: Example, tok: PreTrainedTokenizerBase, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels; the prompt is cut from the left (keeping its end, the cue), never the answer."""
-    p = tok(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []
+    """Token ids and labels; the prompt (after the tokenizer's BOS, if it adds one) is cut from the left,
+    keeping its end (the cue), never the answer."""
+    p = prompt_ids(tok, ex.prompt)
     c = tok(ex.completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     c = c[:max_length]
-    p = p[len(p) - max(0, max_length - len(c)) :] if len(p) + len(c) > max_length else p
+    p = cut_prompt(p, max(0, max_length - len(c)), len(special_prefix(tok)))
     return p + c, [IGNORE_INDEX] * len(p) + c
 
 
@@ -465,10 +505,9 @@ def fit_max_length(
     """``max_length`` (``None``: the longest of ``examples`` in tokens, up to ``limit``) and a note when
     examples are longer and lose the start of their prompt (``None``: none is cut)."""
     lengths = [
-        (len(tok(e.prompt, add_special_tokens=False)["input_ids"]) if e.prompt else 0)
-        + len(tok(e.completion, add_special_tokens=False)["input_ids"]) + 1
+        len(prompt_ids(tok, e.prompt)) + len(tok(e.completion, add_special_tokens=False)["input_ids"]) + 1
         for e in examples
-    ]  # fmt: skip
+    ]
     longest = max(lengths, default=2)
     n = max_length if max_length is not None else min(longest, limit or longest)
     n = max(n, 2)
