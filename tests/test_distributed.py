@@ -141,6 +141,8 @@ def test_sharded_two_processes_equal_one_with_grad_accum_2(tmp_path, name, metho
     assert two.returncode == 0, two.stderr[-3000:]
     said = "FSDP2: parameters and optimizer state" if name == "fsdp2" else f"DeepSpeed ZeRO-{name[-1]}:"
     assert f"{said} sharded over 2 processes" in two.stdout
+    if name == "fsdp2":  # a built-in tiny model has no checkpoint to read shards from: said, not hidden
+        assert "note: every process loads the whole base before FSDP2 shards it: tiny-llama" in two.stdout
     # the final output (gathered from the shards) and every checkpoint (whole tensors) match one process
     assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"), rtol)
     for c1, c2 in zip(list_checkpoints(tmp_path / "one"), list_checkpoints(tmp_path / "two"), strict=True):
@@ -156,6 +158,62 @@ def test_sharded_two_processes_equal_one_with_grad_accum_2(tmp_path, name, metho
     assert numbers and {k: m2["after"][k] for k in numbers} == pytest.approx(
         {k: m1["after"][k] for k in numbers}, rel=1e-4
     )  # evaluated on the gathered model
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """tiny-llama saved as a model directory (safetensors), for runs that read it shard by shard."""
+    from neurontune.models import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("base")
+    tiny_model("tiny-llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "method", ["rows", pytest.param("lora", marks=SLOW), pytest.param("rows-spec", marks=SLOW)]
+)
+def test_fsdp2_sharded_load_equals_one_process_and_each_reads_only_its_shards(tmp_path, base_dir, method):
+    """Under FSDP2 a model directory is built without its weights and every process reads only the rows
+    of its own shards (rows with magnitude or a given spec, LoRA): no process holds the whole base, yet
+    the run trains, evaluates (sharded, every process) and saves exactly as one process does."""
+    opts = [f"model={base_dir}", "steps=4", "lr=1e-3", "eval_before=true"]
+    opts.append("method=lora" if method == "lora" else "scorer=magnitude")
+    one = finetune(1, tmp_path / "one", *opts, "grad_accum=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    if method == "rows-spec":
+        opts = [*opts[:-1], f"spec={tmp_path / 'one' / 'neuron_spec.json'}"]
+    two = finetune(2, tmp_path / "two", *opts, env=FSDP)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "FSDP2 sharded load: each of 2 processes read" in two.stdout
+    assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["after"]["accuracy"] == m1["after"]["accuracy"]
+    assert m2["before"]["accuracy"] == m1["before"]["accuracy"]  # evaluated sharded, before and after
+    # what each process read and holds: its half of every tensor (rows padded to equal chunks)
+    from safetensors import safe_open
+
+    with safe_open(base_dir / "model.safetensors", "pt") as f:
+        sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+    half = sum(math.ceil(s[0] / 2) * math.prod(s[1:]) * 4 for s in sizes)
+    largest = max(math.ceil(s[0] / 2) * math.prod(s[1:]) * 4 for s in sizes)
+    load = m2["sharded_load"]
+    assert load["checkpoint_bytes"] == (base_dir / "model.safetensors").stat().st_size
+    assert len(load["processes"]) == 2
+    for p in load["processes"]:
+        assert p["tensors"] == len(sizes) and p["bytes_read"] <= half
+        assert p["largest_local_bytes"] <= largest  # no parameter whole on any process
+    assert sum(p["bytes_read"] for p in load["processes"]) == sum(math.prod(s) * 4 for s in sizes)
+
+
+@pytest.mark.slow
+def test_killed_fsdp2_sharded_load_run_resumes_exactly(tmp_path, base_dir):
+    opts = [f"model={base_dir}", "scorer=magnitude"]
+    one = finetune(1, tmp_path / "one", "steps=12", "grad_accum=2", *opts)
+    assert one.returncode == 0, one.stderr[-3000:]
+    kill_and_resume(tmp_path / "killed", full=tmp_path / "one", env=FSDP, extra=opts)
 
 
 @pytest.mark.parametrize("name", ["zero2", pytest.param("zero3", marks=SLOW)])
@@ -220,11 +278,13 @@ def test_killed_sharded_run_resumes_exactly(tmp_path, name):
     )
 
 
-def kill_and_resume(out: Path, full: Path, env: dict | None = None, rtol: float = 1e-5) -> None:
-    """Kill a 2-process run of 12 steps once it has a checkpoint at step 4 or later, resume it on 2
-    processes, and compare the adapter with ``full``'s (an uninterrupted run)."""
-    proc = torchrun(2, ["finetune", *RUN, f"output_dir={out}", "steps=12"], env=env, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+def kill_and_resume(
+    out: Path, full: Path, env: dict | None = None, rtol: float = 1e-5, extra: list[str] = ()
+) -> None:
+    """Kill a 2-process run of 12 steps (options ``extra``) once it has a checkpoint at step 4 or later,
+    resume it on 2 processes, and compare the adapter with ``full``'s (an uninterrupted run)."""
+    proc = torchrun(2, ["finetune", *RUN, f"output_dir={out}", "steps=12", *extra], env=env,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 200
     while time.time() < deadline and proc.poll() is None:
         done = list_checkpoints(out)
@@ -237,7 +297,7 @@ def kill_and_resume(out: Path, full: Path, env: dict | None = None, rtol: float 
     with pytest.raises(ProcessLookupError):  # the workers died with the launcher: none trains on
         os.killpg(proc.pid, 0)
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
-    again = finetune(2, out, "steps=12", "--resume", env=env)
+    again = finetune(2, out, "steps=12", *extra, "--resume", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout
     assert_close(adapter(out), adapter(full), rtol)

@@ -274,10 +274,15 @@ def load_model(
     dtype: str | torch.dtype | None = "float32",
     device: str | None = None,
     quantization: str | None = "none",
+    empty: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)``. See the module docstring for the names understood and ``quantization``;
-    ``dtype`` as :func:`load_dtype` resolves it (``auto``: the checkpoint's own on a GPU, fp32 on a CPU)."""
+    ``dtype`` as :func:`load_dtype` resolves it (``auto``: the checkpoint's own on a GPU, fp32 on a CPU).
+    ``empty``: the model without its weights, to be loaded shard by shard
+    (:func:`neurontune.sharded.empty_model`; a local or bundled safetensors model only)."""
     name = name_or_path or DEFAULT_MODEL
+    if empty and (name in TINY_MODELS or quantization not in (None, "none")):
+        raise NeurontuneError(f"a sharded load needs an unquantized model directory, not {name!r}")
     if dtype not in ("auto", "checkpoint"):
         resolve_dtype(dtype)  # an unknown name fails before anything is read
     quantization = quantization or "none"
@@ -315,7 +320,12 @@ def load_model(
         try:
             AutoConfig.from_pretrained(path)
             tok = AutoTokenizer.from_pretrained(path)
-            model = _load_pretrained(path, torch_dtype, quantization, device)
+            if empty:
+                from neurontune.sharded import empty_model
+
+                model = empty_model(path, torch_dtype, device)
+            else:
+                model = _load_pretrained(path, torch_dtype, quantization, device)
         except OSError as e:
             raise NeurontuneError(
                 f"could not load model {name!r}: {e}. Use a local directory, a reachable Hub id, "
@@ -332,6 +342,6 @@ def load_model(
             model.config._name_or_path = DEFAULT_MODEL
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if device and quantization == "none":  # a quantized model was placed by device_map
+    if device and quantization == "none" and not empty:  # a quantized model was placed by device_map
         model = model.to(device)
     return model.eval(), tok

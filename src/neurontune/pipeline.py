@@ -50,6 +50,7 @@ from neurontune.train import (
     launched_with,
     list_checkpoints,
     mixed_precision,
+    shard_model,
     train,
     train_args,
 )
@@ -128,15 +129,40 @@ def dir_bytes(path: Path) -> int:
 
 
 # ---- select ----------------------------------------------------------------------------------------
-def _load(cfg: SelectConfig) -> tuple[torch.nn.Module, Any, Task]:
+def _load(cfg: SelectConfig, empty: bool = False) -> tuple[torch.nn.Module, Any, Task]:
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device(), quantization=cfg.quantization)
+    model, tok = load_model(
+        cfg.model, dtype=cfg.dtype, device=device(), quantization=cfg.quantization, empty=empty
+    )
     task = task_from_config(cfg, tok)
+    how = "without its weights (each process reads its shards later)" if empty else "loaded"
     process_state().print(
-        f"model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s; task {task.name} ({task.kind}, "
+        f"model {cfg.model} {how} in {time.perf_counter() - t0:.1f}s; task {task.name} ({task.kind}, "
         f"{len(task.train)} train / {len(task.eval)} eval examples)"
     )
     return model, tok, task
+
+
+def loads_sharded(cfg: FinetuneConfig, state: Any) -> bool:
+    """Whether this run builds its model without the base's weights and lets each process read only
+    its own FSDP2 shards of them (:mod:`neurontune.sharded`): under FSDP2 on several processes, for a
+    model directory (or the bundled model) and a method whose adapter needs nothing of the base to start
+    (rows with spec= or magnitude/random, LoRA). Otherwise every process loads the whole base before it
+    is sharded, and the main process says why."""
+    from neurontune.models import TINY_MODELS
+
+    if not (launched_with("FSDP") and state.num_processes > 1):
+        return False
+    method = get_method(cfg.method)(cfg)
+    why = None if method.trains else "it does not train"
+    why = why or method.sharded_load_refused()
+    if why is None and cfg.model in TINY_MODELS:
+        why = f"{cfg.model} is built in memory, not read from a checkpoint"
+    elif why is None and cfg.save_merged:
+        why = "save_merged merges the adapter into the whole base"
+    if why:
+        state.print(f"note: every process loads the whole base before FSDP2 shards it: {why}")
+    return why is None
 
 
 def run_select(cfg: SelectConfig) -> NeuronSpec:
@@ -378,7 +404,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
     # the names this run claims in its manifest (a resumed run keeps those of the run it continues)
     claimed = run_outputs(cfg) | set(listed or [] if cfg.resume else [])
     torch.manual_seed(cfg.seed)
-    model, tok, task = _load(cfg)  # data problems surface here, before anything is written
+    sharded = loads_sharded(cfg, state)
+    model, tok, task = _load(cfg, sharded)  # data problems surface here, before anything is written
     task = task.head(cfg.train_examples, cfg.eval_examples)
     given, cfg = cfg, with_max_length(cfg, task.train + task.eval, tok, model, verbose=main)
     method = get_method(cfg.method)(cfg)
@@ -422,7 +449,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
 
     # the trackers are closed (their files flushed) however the run ends
     with Trackers(cfg.report_to if main else "none", out, dataclasses.asdict(cfg)) as trackers:
-        before = run_eval(model) if main and (cfg.eval_before or not method.trains) else None
+        before = run_eval(model) if main and not sharded and (cfg.eval_before or not method.trains) else None
         if before:
             trackers.log(before, 0, "eval_before/")
         if cfg.quantization != "none" and method.trains:
@@ -436,6 +463,13 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 warnings.simplefilter("ignore", FutureWarning)
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = method.build(model, tok, task, out)
+        loading = None
+        if sharded:  # every process takes its shards and reads them; then evaluates, sharded, with the others
+            model, loading = _shard_and_read(model, cfg, state)
+            if cfg.eval_before:  # the adapter starts as the identity (rows: zero deltas; LoRA: B = 0)
+                before = run_eval(model)
+                if main:
+                    trackers.log(before, 0, "eval_before/")
         trainable, total = count_parameters(model)
         if main:
             print(describe_parameters(model))
@@ -458,6 +492,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 on_step=on_step,
             )  # fmt: skip
         peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
+        if sharded:  # the model stays sharded: every process evaluates it and gathers the adapter (only)
+            from neurontune.sharded import gather_adapter_state
+
+            after = run_eval(model)
+            method.sharded_state = gather_adapter_state(model)
         if not main:  # evaluation, the method's output and every report: the main process alone
             if method.finishes_on_every_process():  # a finish that trains again (gates' distillation)
                 try:
@@ -471,7 +510,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 raise MainProcessError(f"the main process failed after training: {error}")
             return {}
         try:
-            after = run_eval(model) if method.trains else before
+            if not sharded:
+                after = run_eval(model) if method.trains else before
             model, after = method.finish(model, tok, out, run_eval, after)
             saved = method.save(model, tok, out)
             metric = primary_metric(task)
@@ -498,6 +538,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 "quantization": cfg.quantization,
                 "peak_memory_mib": peak,
                 "peak_memory_kind": peak_kind,
+                "sharded_load": loading,
                 "saved": str(saved) if saved else None,
                 "saved_bytes": dir_bytes(saved) if saved else 0,
                 "device": device(),
@@ -527,6 +568,28 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             raise
         _share_outcome(state, None)
         return metrics
+
+
+def _shard_and_read(model: torch.nn.Module, cfg: FinetuneConfig, state: Any) -> tuple[torch.nn.Module, dict]:
+    """FSDP2-shard a model built without its base weights and fill each process's shards from the
+    checkpoint; returns it and, per process, what it read (``{"processes": [{"tensors", "bytes_read",
+    "largest_local_bytes"}, ...], "checkpoint_bytes": ...}``)."""
+    from accelerate.utils import gather_object
+
+    from neurontune.sharded import weight_source
+
+    source = weight_source(model)
+    t0 = time.perf_counter()
+    model = shard_model(model, train_args(cfg))
+    read = source.fill(model)
+    read["seconds"] = round(time.perf_counter() - t0, 3)
+    per_process = gather_object([read])
+    total = sum(f.stat().st_size for f in set(source.files.values()))
+    state.print(
+        f"FSDP2 sharded load: each of {state.num_processes} processes read "
+        f"{max(r['bytes_read'] for r in per_process) / 2**20:,.0f} MiB of the {total / 2**20:,.0f} MiB checkpoint"
+    )
+    return model, {"processes": per_process, "checkpoint_bytes": total}
 
 
 def write_report(

@@ -707,6 +707,7 @@ def score_model(
     progress: bool = False,
     group_bytes: int | None = None,
     gradient_checkpointing: bool = True,
+    weights: Callable[[str, nn.Module], torch.Tensor] | None = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """Score every output row of every target module. Restores the model's weights and grad flags.
@@ -731,9 +732,18 @@ def score_model(
     weights), groups of at most ``group_bytes`` of gradient, AdamW moments and snapshot: the memory of a
     group's fine-tune, at ``probe_steps`` steps per group. That is an approximation of the joint probe
     (each group is tuned with the rest at the base's weights), not the same scores.
+
+    ``weights(name, module)``: each target's weight as stored, for a model whose weights are not in it
+    (:func:`neurontune.sharded.empty_model` reads them from the checkpoint one at a time); only for
+    scorers that need no data.
     """
     fn = get_scorer(scorer_fn, **options)
     needs = fn.needs
+    if weights is not None and needs:
+        raise NeurontuneError(
+            f"scorer {getattr(fn, 'scorer_name', 'custom')!r} needs the model's weights in it (it runs the "
+            "calibration data through the model); only magnitude and random score a model loaded sharded"
+        )
     names = find_target_modules(model, target_modules, exclude_modules)
     modules = {n: model.get_submodule(n) for n in names}
     torch.manual_seed(seed)
@@ -790,7 +800,8 @@ def score_model(
             if record is not None:
                 w = get_weight(mod)
                 st.zo_grad, st.n_grad = _zo_estimate(w.shape, index[n], record).to(w.device), len(record)
-            scores[n] = _score_one(fn, n, _weight_fp32(mod), st)
+            w = _weight_fp32(mod) if weights is None else as_out_in(weights(n, mod), mod).float()
+            scores[n] = _score_one(fn, n, w, st)
             _release(st)
     return scores
 

@@ -228,6 +228,7 @@ def select_neurons(
     Returns the spec and the raw scores (module name -> one score per row).
     """
     from neurontune.scoring import score_model
+    from neurontune.sharded import module_weights
     from neurontune.tasks import fixed_batches
 
     # finetune scores in micro-batches no larger than its training ones, so scoring fits where training does
@@ -243,6 +244,7 @@ def select_neurons(
         seed=cfg.seed,
         progress=verbose,
         group_bytes=cfg.score_memory_mib * 2**20 if getattr(cfg, "score_memory_mib", 0) else None,
+        weights=module_weights(model),  # a model loaded sharded: its weights are read from the checkpoint
         **cfg.scorer_kwargs(),
     )
     seconds = time.perf_counter() - t0

@@ -326,6 +326,31 @@ def _is_fsdp(accelerator: Any) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: torch.nn.Module, args: TrainArgs) -> torch.nn.Module:
+    """``fully_shard`` ``model`` now, as :func:`train`'s ``accelerate.prepare`` would (accelerate's FSDP2
+    plugin from the launch config, the run's precision), for a model loaded without its weights
+    (:mod:`neurontune.sharded`): each process then fills its own shards from the checkpoint. A model
+    sharded before :func:`train` stays sharded after it (its caller evaluates and saves it sharded)."""
+    from accelerate.utils import fsdp2_prepare_model
+
+    accelerator = _accelerator(
+        mixed_precision(args.precision), args.torch_compile_backend if args.torch_compile else None
+    )
+    if not _is_fsdp(accelerator):
+        raise NeurontuneError(
+            "a sharded load needs an FSDP2 launch (accelerate launch --config_file fsdp2.yaml)"
+        )
+    # accelerate's own low-memory load broadcasts rank 0's whole copy; the checkpoint is read per shard instead
+    accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
+    return fsdp2_prepare_model(accelerator, model)
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2 shard (a collective: every process calls it), else ``t``."""
     from torch.distributed.tensor import DTensor
@@ -616,10 +641,19 @@ def train(
             "FSDP and DeepSpeed do not shard a quantized (bitsandbytes) base here; use DDP (no FSDP or "
             "DeepSpeed config)"
         )
+    sharded_before = fsdp and _is_sharded(model)  # by shard_model: the caller keeps it sharded
     stage = _configure_deepspeed(accelerator, data.batch_size, args) if ds else 0
     index = {id(p): i for i, p in enumerate(named.values())}
     members = [[index[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded_before:  # prepare() leaves an FSDP module as it is, but would look for the layers to wrap
+        plugin = accelerator.state.fsdp_plugin
+        policy, plugin.auto_wrap_policy = plugin.auto_wrap_policy, None
+        try:
+            model, optimizer = accelerator.prepare(model, optimizer)
+        finally:
+            plugin.auto_wrap_policy = policy
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     layout: Layout = (
         FSDPLayout() if fsdp else DeepSpeedLayout(optimizer.optimizer, members) if ds else Layout()
     )
@@ -720,7 +754,7 @@ def train(
             accelerator.wait_for_everyone()
     if out is not None and main:
         write_log_csv(out / "train_log.csv", log)
-    if fsdp:
+    if fsdp and not sharded_before:
         _unshard_for_good(accelerator.unwrap_model(model))
     if ds:
         _gather_deepspeed_for_good(model)

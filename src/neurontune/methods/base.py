@@ -42,6 +42,21 @@ class Method:
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+        # after a run loaded sharded (neurontune.sharded): the adapter's state, gathered whole from the
+        # processes' shards, for save() (the model itself stays sharded)
+        self.sharded_state: dict[str, torch.Tensor] | None = None
+
+    def sharded_load_refused(self) -> str | None:
+        """Why this run cannot build its model on a base loaded shard by shard under FSDP2 (then every
+        process loads the whole base before it is sharded); ``None``: it can. Only methods whose
+        trainable state is a PEFT adapter initialised without the base's weights can."""
+        return f"method={self.name} needs the whole base to build its model"
+
+    def save_peft_adapter(self, model: nn.Module, path: Path) -> None:
+        """``model.save_pretrained(path)`` of a PEFT model (only linears are adapted; no Hub lookup),
+        from :attr:`sharded_state` after a sharded run."""
+        state = {"state_dict": self.sharded_state} if self.sharded_state is not None else {}
+        model.save_pretrained(path, save_embedding_layers=False, **state)
 
     @classmethod
     def written_outputs(cls, cfg: Any) -> tuple[str, ...]:

@@ -84,7 +84,7 @@ class PeftMethod(Method):
         return out / "adapter"
 
     def save_adapter(self, model: nn.Module, path: Path) -> None:
-        model.save_pretrained(path, save_embedding_layers=False)  # only linears are adapted; no Hub lookup
+        self.save_peft_adapter(model, path)
 
     def metrics(self) -> dict[str, Any]:
         return {"lora_r": lora_rank(self.cfg)}
@@ -125,6 +125,9 @@ class Lora(PeftMethod):
 
     def peft_config(self, targets: list[str]) -> Any:
         return self.lora_config(targets)
+
+    def sharded_load_refused(self) -> str | None:
+        return None  # A random, B zero: nothing read from the base
 
 
 @register

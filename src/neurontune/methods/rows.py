@@ -76,6 +76,13 @@ class Rows(Method):
         else:
             check_selection(self.cfg, model)
 
+    def sharded_load_refused(self) -> str | None:
+        from neurontune.scoring import get_scorer
+
+        if self.cfg.spec or not get_scorer(self.cfg.scorer, **self.cfg.scorer_kwargs()).needs:
+            return None
+        return f"scorer={self.cfg.scorer} runs calibration data through the whole model (spec= or magnitude do not)"
+
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
         from peft import get_peft_model
 
@@ -136,7 +143,7 @@ class Rows(Method):
 
         model.peft_config["default"].base_model_name_or_path = self.cfg.model  # what load() reloads
         with atomic_dir(out / "adapter") as tmp:
-            model.save_pretrained(tmp, save_embedding_layers=False)  # deltas and indices: no Hub lookup
+            self.save_peft_adapter(model, tmp)  # deltas and indices
         if self.cfg.save_merged:
             save_pretrained_atomic(out / "merged", model.merge_and_unload(), tok)
         return out / "adapter"

@@ -1,0 +1,183 @@
+"""Sharded from the start (FSDP2): a base model that no process ever holds whole.
+
+A sharded ``finetune`` builds the model without its weights (:func:`empty_model`: every parameter a
+zero-storage placeholder of its shape and dtype; buffers such as rotary tables are real), builds the
+method on it (a PEFT adapter's own parameters are ordinary tensors, initialised as usual), lets
+``fully_shard`` give each process its shard, and then fills each shard from the checkpoint's
+safetensors files (:meth:`CheckpointReader.fill`): a process reads only the rows of each tensor that its
+shard holds. Row selection with a scorer that needs no data (``magnitude``, ``random``) reads each
+target weight from the file in turn (:func:`weight_source`), one tensor at a time.
+
+The placeholders are ``torch.zeros(()).expand(shape)``: a real CPU tensor of the right shape, dtype and
+device type whose storage is one element, so ``fully_shard`` (which copies each parameter's chunk into a
+fresh shard) and PEFT (which places its adapters on the base layer's device) work on them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from neurontune.errors import NeurontuneError
+
+PEFT_PREFIX = "base_model.model."
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, CheckpointReader] = weakref.WeakKeyDictionary()
+
+
+def checkpoint_key(name: str) -> str:
+    """The checkpoint's key for a parameter of the (possibly PEFT-wrapped) model: PEFT's
+    ``base_model.model.`` prefix and ``.base_layer`` segments dropped."""
+    name = name.removeprefix(PEFT_PREFIX)
+    return name.replace(".base_layer.", ".")
+
+
+class CheckpointReader:
+    """The safetensors files of a model directory (``model.safetensors`` or an index of shards), read a
+    slice at a time. Counts the bytes it read (``bytes_read``) so that a run can show each process read
+    about 1/N of the weights."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.files = {k: self.path / f for k, f in weight_map.items()}
+        elif (self.path / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(self.path / "model.safetensors", "pt") as f:
+                self.files = {k: self.path / "model.safetensors" for k in f.keys()}
+        else:
+            raise NeurontuneError(f"{self.path} has no model.safetensors (or its index) to load sharded")
+        self.bytes_read = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``key`` (rows ``start:stop`` of its first dimension if given)."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], "pt") as f:
+            if start is None:
+                t = f.get_tensor(key)
+            else:
+                t = f.get_slice(key)[start:stop]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def fill(self, model: nn.Module) -> dict[str, int]:
+        """Copy each placeholder parameter's data from the checkpoint: for an FSDP2 shard (a DTensor
+        sharded on dim 0) only its own rows; a parameter the checkpoint lacks keeps its value (a PEFT
+        adapter's). A placeholder the checkpoint lacks is an error. Returns ``{"tensors": n,
+        "bytes_read": b, "largest_local_bytes": m}``: what this call read, and the largest parameter
+        (its local shard) this process holds."""
+        from torch.distributed.tensor import DTensor
+
+        filled, largest, before = 0, 0, self.bytes_read
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                key = checkpoint_key(name)
+                local = p.to_local() if isinstance(p, DTensor) else p
+                largest = max(largest, local.numel() * local.element_size())
+                if key not in self:
+                    if _is_placeholder(local):
+                        raise NeurontuneError(f"sharded load: {key} is not in {self.path}")
+                    continue
+                if isinstance(p, DTensor):
+                    start, rows = _row_range(p)
+                    part = self.read(key, start, start + rows) if rows else None
+                    if part is not None:
+                        local[:rows].copy_(part.to(local.dtype))
+                else:
+                    local.data = self.read(key).to(local.dtype)
+                filled += 1
+        return {"tensors": filled, "bytes_read": self.bytes_read - before, "largest_local_bytes": largest}
+
+
+def _row_range(p: Any) -> tuple[int, int]:
+    """``(first row, rows)`` of the global tensor that this process's shard of ``p`` holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if any(o for o in offset[1:]) or tuple(shape[1:]) != tuple(p.shape[1:]):
+        raise NeurontuneError(
+            "sharded load: only shards along the first dimension are read (FSDP2's Shard(0))"
+        )
+    return int(offset[0]), int(shape[0])
+
+
+def _is_placeholder(t: torch.Tensor) -> bool:
+    return t.numel() > 1 and t.untyped_storage().nbytes() <= t.element_size()
+
+
+def placeholder(
+    like: torch.Tensor, dtype: torch.dtype | None = None, device: str | None = None
+) -> torch.Tensor:
+    """A tensor of ``like``'s shape that stores one element (on ``device``, default CPU)."""
+    return torch.zeros((), dtype=dtype or like.dtype, device=device).expand(like.shape)
+
+
+def empty_model(path: str | Path, dtype: torch.dtype, device: str | None = None) -> nn.Module:
+    """The causal LM of ``path``'s config with placeholder parameters (see the module docstring) in
+    ``dtype`` on ``device`` (so that ``fully_shard`` moves nothing whole), buffers real, tied weights
+    tied; :func:`weight_source` gives its checkpoint reader."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    seen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in seen:
+                seen[id(p)] = nn.Parameter(placeholder(p, dtype, device), requires_grad=p.requires_grad)
+            module._parameters[name] = seen[id(p)]
+    if device:
+        model.to(device)  # the buffers; the placeholders are there already
+    _SOURCES[model] = CheckpointReader(path)
+    return model.eval()
+
+
+def weight_source(model: nn.Module) -> CheckpointReader | None:
+    """The checkpoint an :func:`empty_model` (or the PEFT model built on it) reads its weights from."""
+    if model in _SOURCES:
+        return _SOURCES[model]
+    get_base = getattr(model, "get_base_model", None)  # a PeftModel: the transformers model it wraps
+    return _SOURCES.get(get_base()) if get_base is not None else None
+
+
+def module_weights(model: nn.Module) -> Callable[[str, nn.Module], torch.Tensor] | None:
+    """For an :func:`empty_model`: ``fn(module_name, module)``, that module's weight as stored, read from
+    the checkpoint (one tensor at a time, for scorers that need no data); ``None`` for a loaded model."""
+    source = weight_source(model)
+    if source is None:
+        return None
+
+    def read(name: str, module: nn.Module) -> torch.Tensor:
+        return source.read(checkpoint_key(f"{name}.weight")).to(module.weight.dtype)
+
+    return read
+
+
+def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter entries of a sharded PEFT model's ``state_dict`` (keys holding its tuner's prefix:
+    ``lora_``, ``rowtune_``), each gathered whole: a collective that every process calls, holding only
+    the adapter whole, never the base. ``save_pretrained(state_dict=...)`` writes it."""
+    from torch.distributed.tensor import DTensor
+
+    prefix = model.base_model.prefix
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+        for k, v in model.state_dict().items()
+        if prefix in k
+    }

@@ -1,0 +1,78 @@
+"""Sharded from the start, in one process: a model built without its weights holds none of them, a
+scorer that needs no data reads each weight from the checkpoint and scores exactly as on the loaded
+model, and the checkpoint reader reads only the rows asked for."""
+
+import pytest
+import torch
+
+from neurontune.errors import NeurontuneError
+from neurontune.models import load_model, tiny_model, tiny_tokenizer
+from neurontune.scoring import score_model
+from neurontune.sharded import CheckpointReader, checkpoint_key, empty_model, module_weights, weight_source
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    tiny_model("tiny-llama", seed=3).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_an_empty_model_stores_no_weight_and_reads_each_from_the_checkpoint(base_dir):
+    loaded, _ = load_model(str(base_dir))
+    empty, _ = load_model(str(base_dir), empty=True)
+    assert [n for n, _ in empty.named_parameters()] == [n for n, _ in loaded.named_parameters()]
+    for (name, p), q in zip(empty.named_parameters(), loaded.parameters(), strict=True):
+        assert p.shape == q.shape and p.dtype == q.dtype, name
+        assert p.untyped_storage().nbytes() <= p.element_size(), name  # one element, whatever the shape
+    for (name, b), c in zip(empty.named_buffers(), loaded.buffers(), strict=True):
+        assert torch.equal(b, c), name  # rotary tables are real
+    read = module_weights(empty)
+    assert module_weights(loaded) is None
+    w = read("model.layers.1.mlp.down_proj", empty.get_submodule("model.layers.1.mlp.down_proj"))
+    assert torch.equal(w, loaded.get_submodule("model.layers.1.mlp.down_proj").weight)
+
+
+@pytest.mark.parametrize("scorer", ["magnitude", "random"])
+def test_scores_read_from_the_checkpoint_equal_the_loaded_models(base_dir, scorer):
+    loaded, _ = load_model(str(base_dir))
+    empty = empty_model(base_dir, torch.float32)
+    ref = score_model(loaded, scorer, seed=1)
+    got = score_model(empty, scorer, seed=1, weights=module_weights(empty))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    with pytest.raises(NeurontuneError, match="needs the model's weights"):
+        score_model(empty, "taylor", batches=[{}], weights=module_weights(empty))
+
+
+def test_the_reader_reads_only_the_rows_asked_for(base_dir):
+    reader = CheckpointReader(base_dir)
+    full = reader.read("model.layers.0.mlp.gate_proj.weight")
+    n = reader.bytes_read
+    part = reader.read("model.layers.0.mlp.gate_proj.weight", 10, 20)
+    assert torch.equal(part, full[10:20])
+    assert reader.bytes_read - n == part.numel() * part.element_size()
+    with pytest.raises(NeurontuneError, match="no model.safetensors"):
+        CheckpointReader(base_dir / "nowhere")
+
+
+def test_peft_names_map_to_the_checkpoints_and_the_source_follows_the_peft_model(base_dir):
+    from peft import LoraConfig, get_peft_model
+
+    assert checkpoint_key("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == (
+        "model.layers.0.self_attn.q_proj.weight"
+    )
+    empty = empty_model(base_dir, torch.float32)
+    peft_model = get_peft_model(empty, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert weight_source(peft_model) is weight_source(empty) is not None
+    lora_a = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert (
+        lora_a.untyped_storage().nbytes() == lora_a.numel() * 4 and lora_a.abs().sum() > 0
+    )  # real, initialised
+
+
+def test_a_tiny_or_quantized_model_cannot_load_empty():
+    with pytest.raises(NeurontuneError, match="unquantized model directory"):
+        load_model("tiny-llama", empty=True)
