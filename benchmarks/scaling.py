@@ -1,14 +1,21 @@
-"""Data-parallel scaling: training samples per second of ``neurontune finetune`` on 1 and 2 processes.
+"""Data-parallel scaling and capacity: step time and per-process peak memory of ``neurontune finetune``
+on 1, 2 and 4 processes under DDP, FSDP2 and ZeRO-3.
 
     python benchmarks/scaling.py                       # CPU: 1 vs 2 processes (DDP, FSDP2, ZeRO-2, ZeRO-3)
+    python benchmarks/scaling.py --model llama-3.2-1b --cells 1:ddp,2:fsdp2,4:fsdp2,2:zero3 ...
     python benchmarks/scaling.py --procs 1 --model ... # on a GPU machine: the single-GPU baseline
 
-Each run is ``neurontune finetune`` (rows, magnitude, lora:8 budget) in a fresh launch: plain for one
+Each run is ``neurontune finetune`` (rows, ``--scorer``, lora:8 budget) in a fresh launch: plain for one
 process, ``torchrun --standalone --nproc-per-node N`` otherwise (with the variables ``accelerate
 launch`` exports for an FSDP2 or DeepSpeed config, for ``--sharding``), with ``OMP_NUM_THREADS=1`` on
 a CPU so that N processes use N cores. Every process takes ``--batch-size`` examples per step, so N
 processes train N times the samples of one per step; samples/s = steps x batch x N / train seconds
-(the main process's summed step times, from ``metrics.json``). Writes ``results/scaling.{json,md}``.
+(the main process's summed step times, from ``metrics.json``). ``--model`` is a model name or one of
+the random-init shapes of ``gpu_step.py`` (``llama-3.2-1b``: saved once as a safetensors directory, so
+FSDP2 can read it shard by shard). Memory: the main process's peak RSS through loading, selection and
+training (``metrics.json``), and the largest process's peak RSS over the whole run, load to exit
+(``RUSAGE_CHILDREN`` of a wrapper around the launch), with glibc's mmap threshold fixed (see ``run``).
+Writes ``results/scaling.{json,md}``.
 """
 
 from __future__ import annotations
@@ -36,11 +43,28 @@ SHARDING = {  # what `accelerate launch --config_file examples/accelerate/<name>
 }  # fmt: skip
 
 
+# runs the launch and prints the largest peak RSS (KiB) of the processes it waited for, itself excepted
+PEAK = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); " \
+       "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)"  # fmt: skip
+
+
+def model_path(name: str, folder: Path) -> str:
+    """``name``, or for a shape of gpu_step.py its random-init model saved under ``folder`` (once)."""
+    from gpu_step import SHAPES
+
+    if name not in SHAPES:
+        return name
+    from finetune_speed import make_assets
+
+    return str(make_assets(name, folder, 16, 64)[0])
+
+
 def run(n: int, a: argparse.Namespace, out: Path, sharding: str = "ddp") -> dict:
     args = [
-        "finetune", f"model={a.model}", "method=rows", "budget=lora:8", f"steps={a.steps}",
-        f"batch_size={a.batch_size}", f"max_length={a.max_length}", "eval_before=false", "eval_examples=8",
-        "forgetting_examples=0", "save_steps=0", f"output_dir={out}", "--overwrite",
+        "finetune", f"model={a.model_path}", "method=rows", f"scorer={a.scorer}", "budget=lora:8",
+        f"steps={a.steps}", f"batch_size={a.batch_size}", f"max_length={a.max_length}", "eval_before=false",
+        f"eval_examples={a.eval_examples}", "forgetting_examples=0", "save_steps=0",
+        f"gradient_checkpointing={str(a.gradient_checkpointing).lower()}", f"output_dir={out}", "--overwrite",
     ]  # fmt: skip
     launch = [sys.executable, "-m", "neurontune.cli"]
     if n > 1:
@@ -49,10 +73,18 @@ def run(n: int, a: argparse.Namespace, out: Path, sharding: str = "ddp") -> dict
     env = {**os.environ, "TQDM_DISABLE": "1", **(SHARDING[sharding] if n > 1 else {})}
     if not a.gpu:
         env["OMP_NUM_THREADS"] = str(a.threads)
+        # glibc's malloc raises its mmap threshold as big blocks are freed, then keeps later freed blocks in
+        # its heap, so RSS stays at a high-water mark of allocator retention, not of use. A fixed threshold
+        # returns big blocks to the OS when freed: RSS then follows what is allocated (as CUDA's
+        # max_memory_allocated does on a GPU), in every run alike.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     t0 = time.perf_counter()
-    res = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", PEAK, *launch, *args], env=env, capture_output=True, text=True, check=False
+    )
     if res.returncode != 0:
         sys.exit(f"run failed ({n} processes, {sharding}):\n{res.stderr[-3000:]}")
+    largest_kib = int(res.stderr.strip().splitlines()[-1])
     m = json.loads((out / "metrics.json").read_text())
     log = (out / "train_log.csv").read_text().splitlines()[1:]
     steady = [float(r.split(",")[-1]) for r in log[a.warmup :]]  # step seconds after warm-up
@@ -65,47 +97,71 @@ def run(n: int, a: argparse.Namespace, out: Path, sharding: str = "ddp") -> dict
         "wall_seconds": time.perf_counter() - t0,
         "trainable_params": m["trainable_params"],
         "peak_memory_mib": m["peak_memory_mib"],
+        "largest_process_peak_mib": largest_kib / 1024,
+        "sharded_load": m.get("sharded_load"),
+        "loaded": "shards" if m.get("sharded_load") else "whole",
     }
 
 
 def render(result: dict) -> str:
     s = result["settings"]
     lines = [
-        "# Data-parallel scaling: samples per second on 1 and N processes",
+        "# Scaling and capacity: step time and per-process memory on 1 and N processes",
         "",
         f"Command: `{result['command']}`  ",
-        f"Device: {result['device']}; torch {result['torch']}; {result['date']}  ",
-        f"`neurontune finetune` model `{s['model']}`, rows at the lora:8 budget, batch {s['batch_size']} per "
-        f"process x {s['max_length']} tokens max, {s['steps']} steps; samples/s from the mean step time after "
-        f"{s['warmup']} warm-up steps (main process). CPU runs use {s['threads']} thread(s) per process.",
+        f"Device: {result['device']}; torch {result['torch']}; {result['date']}"
+        + (f"; code {result['commit']}" if result.get("commit") else "")
+        + "  ",
+        f"`neurontune finetune` model `{s['model']}`, rows ({s.get('scorer', 'taylor')}) at the lora:8 budget, "
+        f"batch {s['batch_size']} per process x {s['max_length']} tokens max, {s['steps']} steps"
+        f"{', gradient checkpointing' if s.get('gradient_checkpointing') else ''}; samples/s from the mean step "
+        f"time after {s['warmup']} warm-up steps (main process). CPU runs use {s['threads']} thread(s) per process.",
         "",
-        "| processes | sharding | mean step (s) | samples/s | speed-up | peak RSS, main process (MiB) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| processes | sharding | base loaded | mean step (s) | samples/s | speed-up | peak RSS, main process "
+        "through training (MiB) | peak RSS, largest process, whole run (MiB) | vs 1 process |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    base = result["runs"][0]["samples_per_s"]
+    base = result["runs"][0]
     for r in result["runs"]:
+        largest = r.get("largest_process_peak_mib")
+        ratio = f"{largest / base['largest_process_peak_mib']:.2f}x" if largest and base.get(
+            "largest_process_peak_mib") else "-"  # fmt: skip
         lines.append(
-            f"| {r['processes']} | {r.get('sharding', '-')} | {r['steady_step_s']:.3f} | {r['samples_per_s']:.2f} | "
-            f"{r['samples_per_s'] / base:.2f}x | {r.get('peak_memory_mib', float('nan')):.0f} |"
+            f"| {r['processes']} | {r.get('sharding', '-')} | {r.get('loaded', 'whole')} | {r['steady_step_s']:.3f} | "
+            f"{r['samples_per_s']:.2f} | {r['samples_per_s'] / base['samples_per_s']:.2f}x | "
+            f"{r.get('peak_memory_mib', float('nan')):.0f} | "
+            f"{'-' if largest is None else f'{largest:.0f}'} | {ratio} |"
         )
     if result.get("note"):
         lines += ["", result["note"]]
     lines += [
         "",
-        "Peak RSS is the main process's high-water mark through loading, selection and training: every",
-        "process loads the whole model before FSDP2 / ZeRO-3 shard it, and gathers it whole again after",
-        "training, so on one machine these modes cannot show a lower peak; what they shard is the memory",
-        "of the steps (parameters, gradients and AdamW state), which for a 135M model on a CPU is small",
-        "next to the per-layer all-gathers over gloo that make them slower here.",
+        '"shards": the base was built without its weights and each process read only its FSDP2 shards from',
+        'the checkpoint (`neurontune.sharded`); "whole": every process loaded the whole base before it was',
+        "sharded (DDP always; ZeRO-3 still; FSDP2 for a data scorer, a built-in tiny model or save_merged).",
     ]
+    if result.get("capacity"):
+        lines += ["", result["capacity"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="a model, or a shape of gpu_step.py (llama-3.2-1b)"
+    )
     p.add_argument("--procs", default="1,2")
     p.add_argument("--sharding", default="ddp,fsdp2,zero2,zero3", help="for N > 1: " + ", ".join(SHARDING))
+    p.add_argument(
+        "--cells", default="", help="N:sharding,... in this order (instead of --procs x --sharding)"
+    )
+    p.add_argument("--scorer", default="magnitude")
+    p.add_argument("--eval-examples", type=int, default=8)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--assets", type=Path, default=Path("runs/bench-assets"))
+    p.add_argument(
+        "--capacity", type=Path, help="a markdown file appended to the results (the capacity table)"
+    )
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=4)
@@ -121,24 +177,48 @@ def main() -> None:
     import torch
 
     a.gpu = torch.cuda.is_available()
+    a.model_path = model_path(a.model, a.assets)
+    cells = (
+        [(int(c.split(":")[0]), c.split(":")[1]) for c in a.cells.split(",")]
+        if a.cells
+        else [
+            (n, s)
+            for n in map(int, a.procs.split(","))
+            for s in (a.sharding.split(",") if n > 1 else ["ddp"])
+        ]
+    )
     runs = []
-    for n in (int(x) for x in a.procs.split(",")):
-        for sharding in a.sharding.split(",") if n > 1 else ["ddp"]:
-            print(f"{n} process(es), {sharding} ...", flush=True)
-            runs.append(run(n, a, a.runs / f"p{n}-{sharding}", sharding))
-            print(f"    {runs[-1]['samples_per_s']:.2f} samples/s", flush=True)
+    for n, sharding in cells:
+        print(f"{n} process(es), {sharding} ...", flush=True)
+        runs.append(run(n, a, a.runs / f"p{n}-{sharding}", sharding))
+        print(f"    {runs[-1]['samples_per_s']:.2f} samples/s, largest process "
+              f"{runs[-1]['largest_process_peak_mib']:.0f} MiB", flush=True)  # fmt: skip
     device = torch.cuda.get_device_name(0) if a.gpu else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     result = {
         "command": command_line(__file__),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "device": device,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "settings": {
             k: getattr(a, k)
-            for k in ("model", "steps", "warmup", "batch_size", "max_length", "threads", "sharding")
+            for k in (
+                "model",
+                "steps",
+                "warmup",
+                "batch_size",
+                "max_length",
+                "threads",
+                "cells",
+                "scorer",
+                "gradient_checkpointing",
+            )
         },
         "runs": runs,
         "note": a.note,
+        "capacity": a.capacity.read_text() if a.capacity else "",
     }
     write_results(a.out, "scaling", result, render)
 

@@ -172,14 +172,21 @@ def base_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    "method", ["rows", pytest.param("lora", marks=SLOW), pytest.param("rows-spec", marks=SLOW)]
+    "method",
+    [
+        "rows-taylor",
+        pytest.param("rows-magnitude", marks=SLOW),
+        pytest.param("lora", marks=SLOW),
+        pytest.param("rows-spec", marks=SLOW),
+    ],
 )
 def test_fsdp2_sharded_load_equals_one_process_and_each_reads_only_its_shards(tmp_path, base_dir, method):
     """Under FSDP2 a model directory is built without its weights and every process reads only the rows
-    of its own shards (rows with magnitude or a given spec, LoRA): no process holds the whole base, yet
-    the run trains, evaluates (sharded, every process) and saves exactly as one process does."""
+    of its own shards (rows scored by taylor on a sharded copy or by magnitude from the file, rows of a
+    given spec, LoRA): no process holds the whole base, yet the run selects the same rows, trains,
+    evaluates (sharded, every process) and saves exactly as one process does."""
     opts = [f"model={base_dir}", "steps=4", "lr=1e-3", "eval_before=true"]
-    opts.append("method=lora" if method == "lora" else "scorer=magnitude")
+    opts.append({"lora": "method=lora", "rows-spec": "scorer=magnitude"}.get(method, f"scorer={method[5:]}"))
     one = finetune(1, tmp_path / "one", *opts, "grad_accum=2")
     assert one.returncode == 0, one.stderr[-3000:]
     if method == "rows-spec":
@@ -187,6 +194,9 @@ def test_fsdp2_sharded_load_equals_one_process_and_each_reads_only_its_shards(tm
     two = finetune(2, tmp_path / "two", *opts, env=FSDP)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "FSDP2 sharded load: each of 2 processes read" in two.stdout
+    if method.startswith("rows"):
+        s1 = json.loads((tmp_path / "one" / "neuron_spec.json").read_text())["modules"]
+        assert json.loads((tmp_path / "two" / "neuron_spec.json").read_text())["modules"] == s1
     assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())

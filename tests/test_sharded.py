@@ -43,7 +43,7 @@ def test_scores_read_from_the_checkpoint_equal_the_loaded_models(base_dir, score
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
-    with pytest.raises(NeurontuneError, match="needs the model's weights"):
+    with pytest.raises(NeurontuneError, match="does not hold its weights"):
         score_model(empty, "taylor", batches=[{}], weights=module_weights(empty))
 
 

@@ -576,12 +576,11 @@ def _shard_and_read(model: torch.nn.Module, cfg: FinetuneConfig, state: Any) -> 
     "largest_local_bytes"}, ...], "checkpoint_bytes": ...}``)."""
     from accelerate.utils import gather_object
 
-    from neurontune.sharded import weight_source
+    from neurontune.sharded import shard_and_fill, weight_source
 
     source = weight_source(model)
     t0 = time.perf_counter()
-    model = shard_model(model, train_args(cfg))
-    read = source.fill(model)
+    model, read = shard_and_fill(model, lambda m: shard_model(m, train_args(cfg)))
     read["seconds"] = round(time.perf_counter() - t0, 3)
     per_process = gather_object([read])
     total = sum(f.stat().st_size for f in set(source.files.values()))

@@ -654,6 +654,14 @@ def default_group_bytes(model: nn.Module) -> int:
     return max(MIN_GROUP_BYTES, total // GROUP_FRACTION)
 
 
+def _fsdp_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed support
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def plan_groups(modules: dict[str, nn.Module], needs: Iterable[str], budget: int) -> list[list[str]]:
     """The target modules in model order, cut into consecutive groups whose :func:`stat_bytes` add up to
     at most ``budget`` (a module larger than the budget alone makes a group). Each group is one pass
@@ -733,16 +741,25 @@ def score_model(
     group's fine-tune, at ``probe_steps`` steps per group. That is an approximation of the joint probe
     (each group is tuned with the rest at the base's weights), not the same scores.
 
-    ``weights(name, module)``: each target's weight as stored, for a model whose weights are not in it
-    (:func:`neurontune.sharded.empty_model` reads them from the checkpoint one at a time); only for
-    scorers that need no data.
+    ``weights(name, module)``: each target's weight as stored, read when the module is scored, for a
+    model that does not hold its weights whole (:mod:`neurontune.sharded` reads them from the
+    checkpoint one at a time): one built without them (scorers that need no data only), or one sharded
+    by FSDP2 over the processes. A sharded model scores with every process running every calibration
+    batch (each pass is collective), so each process gathers the whole statistics itself and nothing is
+    summed over processes; additive statistics only.
     """
     fn = get_scorer(scorer_fn, **options)
     needs = fn.needs
-    if weights is not None and needs:
+    sharded = _fsdp_sharded(model)
+    if sharded and (weights is None or not needs <= ADDITIVE):
         raise NeurontuneError(
-            f"scorer {getattr(fn, 'scorer_name', 'custom')!r} needs the model's weights in it (it runs the "
-            "calibration data through the model); only magnitude and random score a model loaded sharded"
+            f"scorer {getattr(fn, 'scorer_name', 'custom')!r} cannot score an FSDP2-sharded model "
+            "(magnitude, random, taylor, fisher, wanda and activation can, given its weights' reader)"
+        )
+    if weights is not None and needs and not sharded:
+        raise NeurontuneError(
+            f"scorer {getattr(fn, 'scorer_name', 'custom')!r} runs the calibration data through the model, "
+            "which does not hold its weights: shard it (FSDP2) and fill its shards first"
         )
     names = find_target_modules(model, target_modules, exclude_modules)
     modules = {n: model.get_submodule(n) for n in names}
@@ -751,7 +768,7 @@ def score_model(
     stats = {n: _new_stats(n, mod, needs, seed) for n, mod in modules.items()}
     if needs:
         batches = _check_batches(batches, getattr(fn, "scorer_name", "custom"))
-    world = shardable_world(needs, batches)
+    world = 1 if sharded else shardable_world(needs, batches)
     if world > 1:  # each process gathers over its share of the batches; the sums are added up below
         batches = batches[torch.distributed.get_rank() :: world]
     if needs & {"act_in", "act_out"}:

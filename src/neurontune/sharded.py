@@ -56,6 +56,9 @@ class CheckpointReader:
         else:
             raise NeurontuneError(f"{self.path} has no model.safetensors (or its index) to load sharded")
         self.bytes_read = 0
+        self.base_keys: set[str] = set()  # the parameters empty_model left to be read
+        self.dtype: torch.dtype | None = None  # what empty_model built (another_empty_model builds it again)
+        self.device: str | None = None
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
@@ -80,16 +83,21 @@ class CheckpointReader:
         (its local shard) this process holds."""
         from torch.distributed.tensor import DTensor
 
+        names: dict[int, list[str]] = {}  # a tied weight has several names; any of them may be stored
+        params: dict[int, nn.Parameter] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(checkpoint_key(name))
+            params[id(p)] = p
         filled, largest, before = 0, 0, self.bytes_read
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                key = checkpoint_key(name)
+            for i, p in params.items():
                 local = p.to_local() if isinstance(p, DTensor) else p
                 largest = max(largest, local.numel() * local.element_size())
-                if key not in self:
-                    if _is_placeholder(local):
-                        raise NeurontuneError(f"sharded load: {key} is not in {self.path}")
-                    continue
+                key = next((k for k in names[i] if k in self), None)
+                if key is None:
+                    if any(k in self.base_keys for k in names[i]):  # the base's, yet not in the files
+                        raise NeurontuneError(f"sharded load: {names[i][0]} is not in {self.path}")
+                    continue  # an adapter's own parameter
                 if isinstance(p, DTensor):
                     start, rows = _row_range(p)
                     part = self.read(key, start, start + rows) if rows else None
@@ -99,6 +107,44 @@ class CheckpointReader:
                     local.data = self.read(key).to(local.dtype)
                 filled += 1
         return {"tensors": filled, "bytes_read": self.bytes_read - before, "largest_local_bytes": largest}
+
+
+def shard_and_fill(model: nn.Module, shard: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, dict]:
+    """``shard(model)`` (``fully_shard``) with the base's placeholders on the meta device, so that
+    sharding allocates nothing of them; then each process's shards are allocated (``to_empty``, FSDP2's
+    way of materialising a meta-device model: only the local shards) and filled from the checkpoint.
+    The adapter's own parameters and every buffer keep their values. Returns the model and
+    :meth:`CheckpointReader.fill`'s record."""
+    from torch.distributed.tensor import DTensor
+
+    source = weight_source(model)
+    if source is None:
+        raise NeurontuneError("not a model built without its weights")
+    metas: dict[int, nn.Parameter] = {}
+    for module in model.modules():  # the base's placeholders become meta tensors (tied ones stay tied)
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.numel() > 1 and 0 in p.stride():
+                if id(p) not in metas:
+                    metas[id(p)] = nn.Parameter(
+                        torch.empty_like(p, device="meta"), requires_grad=p.requires_grad
+                    )
+                module._parameters[name] = metas[id(p)]
+    model = shard(model)
+    device = torch.device(source.device or "cpu")
+    kept = {  # the adapter's shards (small) and the buffers, which to_empty would leave uninitialised
+        n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+        for n, p in model.named_parameters()
+        if p.device.type != "meta"
+    }
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in kept:
+                (p.to_local() if isinstance(p, DTensor) else p).copy_(kept[n])
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    return model, source.fill(model)
 
 
 def _row_range(p: Any) -> tuple[int, int]:
@@ -111,10 +157,6 @@ def _row_range(p: Any) -> tuple[int, int]:
             "sharded load: only shards along the first dimension are read (FSDP2's Shard(0))"
         )
     return int(offset[0]), int(shape[0])
-
-
-def _is_placeholder(t: torch.Tensor) -> bool:
-    return t.numel() > 1 and t.untyped_storage().nbytes() <= t.element_size()
 
 
 def placeholder(
@@ -134,6 +176,7 @@ def empty_model(path: str | Path, dtype: torch.dtype, device: str | None = None)
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # as from_pretrained does: a tied head is the embedding, one tensor
     seen: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
@@ -142,10 +185,25 @@ def empty_model(path: str | Path, dtype: torch.dtype, device: str | None = None)
             if id(p) not in seen:
                 seen[id(p)] = nn.Parameter(placeholder(p, dtype, device), requires_grad=p.requires_grad)
             module._parameters[name] = seen[id(p)]
-    if device:
-        model.to(device)  # the buffers; the placeholders are there already
-    _SOURCES[model] = CheckpointReader(path)
+    if device:  # the buffers; not model.to(), which copies a placeholder whole when "cpu:0" != "cpu"
+        for module in model.modules():
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = b.to(device)
+    reader = CheckpointReader(path)
+    reader.dtype, reader.device = dtype, device
+    reader.base_keys = {checkpoint_key(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    _SOURCES[model] = reader
     return model.eval()
+
+
+def another_empty_model(model: nn.Module) -> nn.Module:
+    """A new :func:`empty_model` of the checkpoint, dtype and device ``model`` (an empty model, or one
+    built on it) was made from: a scoring pass shards one copy, and training builds on another."""
+    source = weight_source(model)
+    if source is None:
+        raise NeurontuneError("not a model built without its weights")
+    return empty_model(source.path, source.dtype, source.device)
 
 
 def weight_source(model: nn.Module) -> CheckpointReader | None:

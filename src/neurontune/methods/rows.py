@@ -77,11 +77,37 @@ class Rows(Method):
             check_selection(self.cfg, model)
 
     def sharded_load_refused(self) -> str | None:
-        from neurontune.scoring import get_scorer
+        from neurontune.scoring import ADDITIVE, get_scorer
 
-        if self.cfg.spec or not get_scorer(self.cfg.scorer, **self.cfg.scorer_kwargs()).needs:
+        if self.cfg.spec or get_scorer(self.cfg.scorer, **self.cfg.scorer_kwargs()).needs <= ADDITIVE:
             return None
-        return f"scorer={self.cfg.scorer} runs calibration data through the whole model (spec= or magnitude do not)"
+        return f"scorer={self.cfg.scorer} perturbs or fine-tunes the weights on the main process alone"
+
+    def _score_sharded(
+        self, model: nn.Module, tok: Any, task: Any, out: Path
+    ) -> tuple[nn.Module, NeuronSpec]:
+        """A data scorer on a base built without its weights (a sharded load): this copy is sharded and its
+        shards filled, every process runs the calibration passes through it (each reads the target
+        weights from the checkpoint to reduce them to row scores), and training builds on a new copy."""
+        import gc
+
+        from neurontune.sharded import another_empty_model, shard_and_fill
+        from neurontune.train import shard_model, train_args
+
+        model.requires_grad_(False)
+        # in the model's own dtype, as a 1-process run scores before training's mixed precision starts
+        scoring, _ = shard_and_fill(model, lambda m: shard_model(m, train_args(self.cfg, precision="fp32")))
+        spec = self._select(scoring, tok, task, out, write=self._main())
+        fresh = another_empty_model(scoring)
+        del scoring, model
+        gc.collect()
+        return fresh, spec
+
+    @staticmethod
+    def _main() -> bool:
+        from neurontune.runtime import process_state
+
+        return process_state().is_main_process
 
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
         from peft import get_peft_model
@@ -98,13 +124,17 @@ class Rows(Method):
             from accelerate.utils import broadcast_object_list
 
             from neurontune.scoring import DATA_PARALLEL, get_scorer
+            from neurontune.sharded import weight_source
             from neurontune.spec import NeuronSpec
 
             needs = get_scorer(self.cfg.scorer, **self.cfg.scorer_kwargs()).needs
             everyone = not self._resuming(out) and self.given is None and needs and needs <= DATA_PARALLEL
             self.scoring_processes = state.num_processes if everyone else 1
-            spec = self._select(model, tok, task, out, write=state.is_main_process) if (
-                everyone or state.is_main_process) else None  # fmt: skip
+            if everyone and weight_source(model) is not None:  # loaded sharded: score on a sharded copy
+                model, spec = self._score_sharded(model, tok, task, out)
+            else:
+                spec = self._select(model, tok, task, out, write=state.is_main_process) if (
+                    everyone or state.is_main_process) else None  # fmt: skip
             shared = broadcast_object_list([spec.to_dict() if state.is_main_process else None])
             spec = NeuronSpec.from_dict(shared[0])
         else:
