@@ -82,9 +82,13 @@ def run(n: int, a: argparse.Namespace, out: Path, sharding: str = "ddp") -> dict
     res = subprocess.run(
         [sys.executable, "-c", PEAK, *launch, *args], env=env, capture_output=True, text=True, check=False
     )
-    if res.returncode != 0:
-        sys.exit(f"run failed ({n} processes, {sharding}):\n{res.stderr[-3000:]}")
     largest_kib = int(res.stderr.strip().splitlines()[-1])
+    if res.returncode != 0:  # recorded, and the other cells still run
+        killed = "exitcode: -9" in res.stderr or res.returncode in (-9, 137)
+        why = "killed (out of memory)" if killed else f"failed (exit {res.returncode})"
+        print(f"run failed ({n} processes, {sharding}): {why}\n{res.stderr[-1500:]}", file=sys.stderr)
+        return {"processes": n, "sharding": sharding, "error": why, "largest_process_peak_mib": largest_kib / 1024,
+                "wall_seconds": time.perf_counter() - t0}  # fmt: skip
     m = json.loads((out / "metrics.json").read_text())
     log = (out / "train_log.csv").read_text().splitlines()[1:]
     steady = [float(r.split(",")[-1]) for r in log[a.warmup :]]  # step seconds after warm-up
@@ -101,6 +105,72 @@ def run(n: int, a: argparse.Namespace, out: Path, sharding: str = "ddp") -> dict
         "sharded_load": m.get("sharded_load"),
         "loaded": "shards" if m.get("sharded_load") else "whole",
     }
+
+
+# (hidden, intermediate, layers, kv heads x head dim, vocab, tied) of the models users shard
+CAPACITY_SHAPES = {
+    "Llama-3-8B": (4096, 14336, 32, 8 * 128, 128256, False),
+    "Llama-3-70B": (8192, 28672, 80, 8 * 128, 128256, False),
+}
+
+
+def capacity(runs: list[dict], gpus: int = 8, gib: int = 80, rank: int = 16) -> str:
+    """The capacity table: per-GPU memory of FSDP2 training for 8B and 70B on ``gpus`` x ``gib`` GiB,
+    computed from the shapes and per-parameter byte costs (bf16 base, fp32 trainable state), with the
+    measured per-process figures of ``runs`` (the CPU cells) as the check that the sharded weights
+    divide by N."""
+    lines = [
+        f"## Capacity on {gpus} x {gib} GiB (computed, not measured)",
+        "",
+        "Per GPU under FSDP2 with the base loaded sharded: the base's bf16 shard (2 B/param / N); the units "
+        "FSDP holds whole while they compute (one decoder layer, twice for the prefetch of the next, and "
+        "the output head, which accelerate keeps unsharded from its forward to its backward); the trainable "
+        f"state at the LoRA-r{rank} budget (fp32 delta, gradient and two AdamW moments: 16 B per trainable "
+        "param, sharded). What is left of the card is for activations, which do not shard (they follow the "
+        "per-GPU micro-batch). DDP (every GPU holds the whole base) is the column beside it.",
+        "",
+        "| model | params | bf16 base | shard (1/N) | layer x2 + head | trainable state / N | total before "
+        "activations | left for activations | DDP: whole base per GPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, (h, inter, layers, kv, vocab, tied) in CAPACITY_SHAPES.items():
+        attn = 2 * h * h + 2 * h * kv
+        mlp = 3 * h * inter
+        layer = attn + mlp
+        embed = vocab * h
+        params = layers * layer + embed * (1 if tied else 2) + (2 * layers + 1) * h
+        trainable = layers * rank * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
+        g = 2**30
+        shard = 2 * params / gpus / g
+        held = (2 * 2 * layer + 2 * embed) / g
+        state = 16 * trainable / gpus / g
+        total = shard + held + state
+        whole = 2 * params / g
+        lines.append(
+            f"| {name} | {params / 1e9:.1f} B | {whole:.1f} GiB | {shard:.1f} GiB | {held:.1f} GiB | {state:.2f} GiB | "
+            f"{total:.1f} GiB | {gib - total:.1f} GiB | {whole:.1f} GiB{' (does not fit)' if whole > gib else ''} |"
+        )
+    fsdp = {r["processes"]: r for r in runs if r.get("loaded") == "shards"}
+    one = next((r for r in runs if r["processes"] == 1), None)
+    if one and fsdp:
+        parts = ", ".join(
+            f"{n}: {r['largest_process_peak_mib'] / one['largest_process_peak_mib']:.2f}x"
+            for n, r in sorted(fsdp.items())
+        )
+        lines += [
+            "",
+            f"Measured above (CPU, the 1B shape in fp32), the largest process's whole-run peak against 1 "
+            f"process: {parts}. What does not divide by N there: the libraries (~0.5 GiB per process), the "
+            "tied 128k x 2048 embedding (1 GiB in fp32), held whole by every process from the head's forward "
+            "to its backward, and the activations of each process's own micro-batch.",
+        ]
+    lines += [
+        "",
+        "Activations measured on an H100 (`results/gpu_step.md`): Llama-3-8B, rows, bf16, batch 2 x 1024, "
+        "no gradient checkpointing, 14.9 GB above the weights (deltas, gradients and AdamW included). "
+        "Checkpointing cuts that further; at 70B it was not measured (no multi-GPU machine in these sessions).",
+    ]
+    return "\n".join(lines)
 
 
 def render(result: dict) -> str:
@@ -124,6 +194,11 @@ def render(result: dict) -> str:
     base = result["runs"][0]
     for r in result["runs"]:
         largest = r.get("largest_process_peak_mib")
+        if "error" in r:
+            lines.append(
+                f"| {r['processes']} | {r['sharding']} | whole | {r['error']} | | | | {largest:.0f} (when killed) | |"
+            )
+            continue
         ratio = f"{largest / base['largest_process_peak_mib']:.2f}x" if largest and base.get(
             "largest_process_peak_mib") else "-"  # fmt: skip
         lines.append(
@@ -191,8 +266,9 @@ def main() -> None:
     for n, sharding in cells:
         print(f"{n} process(es), {sharding} ...", flush=True)
         runs.append(run(n, a, a.runs / f"p{n}-{sharding}", sharding))
-        print(f"    {runs[-1]['samples_per_s']:.2f} samples/s, largest process "
-              f"{runs[-1]['largest_process_peak_mib']:.0f} MiB", flush=True)  # fmt: skip
+        if "error" not in runs[-1]:
+            print(f"    {runs[-1]['samples_per_s']:.2f} samples/s, largest process "
+                  f"{runs[-1]['largest_process_peak_mib']:.0f} MiB", flush=True)  # fmt: skip
     device = torch.cuda.get_device_name(0) if a.gpu else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     result = {
         "command": command_line(__file__),
@@ -218,8 +294,8 @@ def main() -> None:
         },
         "runs": runs,
         "note": a.note,
-        "capacity": a.capacity.read_text() if a.capacity else "",
     }
+    result["capacity"] = capacity(runs)
     write_results(a.out, "scaling", result, render)
 
 

@@ -141,8 +141,9 @@ def test_sharded_two_processes_equal_one_with_grad_accum_2(tmp_path, name, metho
     assert two.returncode == 0, two.stderr[-3000:]
     said = "FSDP2: parameters and optimizer state" if name == "fsdp2" else f"DeepSpeed ZeRO-{name[-1]}:"
     assert f"{said} sharded over 2 processes" in two.stdout
-    if name == "fsdp2":  # a built-in tiny model has no checkpoint to read shards from: said, not hidden
-        assert "note: every process loads the whole base before FSDP2 shards it: tiny-llama" in two.stdout
+    if name == "fsdp2":  # said, not hidden: a built-in tiny model has no checkpoint to read shards from
+        why = "method=full needs the whole base" if method == "full" else "tiny-llama is built in memory"
+        assert f"note: every process loads the whole base before FSDP2 shards it: {why}" in two.stdout
     # the final output (gathered from the shards) and every checkpoint (whole tensors) match one process
     assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"), rtol)
     for c1, c2 in zip(list_checkpoints(tmp_path / "one"), list_checkpoints(tmp_path / "two"), strict=True):
@@ -215,6 +216,7 @@ def test_fsdp2_sharded_load_equals_one_process_and_each_reads_only_its_shards(tm
     for p in load["processes"]:
         assert p["tensors"] == len(sizes) and p["bytes_read"] <= half
         assert p["largest_local_bytes"] <= largest  # no parameter whole on any process
+        assert p["base_bytes_held_before_sharding"] == 0  # nor any of the base before it was sharded
     assert sum(p["bytes_read"] for p in load["processes"]) == sum(math.prod(s) * 4 for s in sizes)
 
 

@@ -147,8 +147,8 @@ def loads_sharded(cfg: FinetuneConfig, state: Any) -> bool:
     """Whether this run builds its model without the base's weights and lets each process read only
     its own FSDP2 shards of them (:mod:`neurontune.sharded`): under FSDP2 on several processes, for a
     model directory (or the bundled model) and a method whose adapter needs nothing of the base to start
-    (rows with spec= or magnitude/random, LoRA). Otherwise every process loads the whole base before it
-    is sharded, and the main process says why."""
+    (rows with spec= or a scorer that leaves the weights alone, LoRA). Otherwise every process loads
+    the whole base before it is sharded, and the main process says why."""
     from neurontune.models import TINY_MODELS
 
     if not (launched_with("FSDP") and state.num_processes > 1):

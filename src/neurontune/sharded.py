@@ -114,21 +114,24 @@ def shard_and_fill(model: nn.Module, shard: Callable[[nn.Module], nn.Module]) ->
     sharding allocates nothing of them; then each process's shards are allocated (``to_empty``, FSDP2's
     way of materialising a meta-device model: only the local shards) and filled from the checkpoint.
     The adapter's own parameters and every buffer keep their values. Returns the model and
-    :meth:`CheckpointReader.fill`'s record."""
+    :meth:`CheckpointReader.fill`'s record, with ``base_bytes_held_before_sharding``: what of the base
+    was real (not a placeholder) when sharding began, 0 unless something materialised it."""
     from torch.distributed.tensor import DTensor
 
     source = weight_source(model)
     if source is None:
         raise NeurontuneError("not a model built without its weights")
     metas: dict[int, nn.Parameter] = {}
-    for module in model.modules():  # the base's placeholders become meta tensors (tied ones stay tied)
+    held = 0  # bytes of the base's parameters held whole here before sharding: 0 unless something copied one
+    for prefix, module in model.named_modules():  # the base's placeholders become meta tensors (tied: one)
         for name, p in list(module._parameters.items()):
-            if p is not None and p.numel() > 1 and 0 in p.stride():
-                if id(p) not in metas:
-                    metas[id(p)] = nn.Parameter(
-                        torch.empty_like(p, device="meta"), requires_grad=p.requires_grad
-                    )
-                module._parameters[name] = metas[id(p)]
+            if p is None or checkpoint_key(f"{prefix}.{name}".lstrip(".")) not in source.base_keys:
+                continue  # an adapter's own parameter
+            if id(p) not in metas:
+                if not (p.numel() <= 1 or 0 in p.stride()):
+                    held += p.numel() * p.element_size()
+                metas[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            module._parameters[name] = metas[id(p)]
     model = shard(model)
     device = torch.device(source.device or "cpu")
     kept = {  # the adapter's shards (small) and the buffers, which to_empty would leave uninitialised
@@ -144,7 +147,7 @@ def shard_and_fill(model: nn.Module, shard: Callable[[nn.Module], nn.Module]) ->
                 (p.to_local() if isinstance(p, DTensor) else p).copy_(kept[n])
         for n, b in model.named_buffers():
             b.copy_(buffers[n])
-    return model, source.fill(model)
+    return model, {**source.fill(model), "base_bytes_held_before_sharding": held}
 
 
 def _row_range(p: Any) -> tuple[int, int]:

@@ -81,7 +81,7 @@ class Rows(Method):
 
         if self.cfg.spec or get_scorer(self.cfg.scorer, **self.cfg.scorer_kwargs()).needs <= ADDITIVE:
             return None
-        return f"scorer={self.cfg.scorer} perturbs or fine-tunes the weights on the main process alone"
+        return f"scorer={self.cfg.scorer} changes the weights to score them (zo-taylor perturbs, NeFT fine-tunes)"
 
     def _score_sharded(
         self, model: nn.Module, tok: Any, task: Any, out: Path
