@@ -161,8 +161,10 @@ def capacity(runs: list[dict], gpus: int = 8, gib: int = 80, rank: int = 16) -> 
             "",
             f"Measured above (CPU, the 1B shape in fp32), the largest process's whole-run peak against 1 "
             f"process: {parts}. What does not divide by N there: the libraries (~0.5 GiB per process), the "
-            "tied 128k x 2048 embedding (1 GiB in fp32), held whole by every process from the head's forward "
-            "to its backward, and the activations of each process's own micro-batch.",
+            "tied 128k x 2048 embedding (1 GiB in fp32; it is the head too), which accelerate puts in the tail "
+            "unit that FSDP2 keeps whole from the forward's first lookup to the end of the backward (and holds "
+            "twice while it gathers it: all-gather output and copy-out), and the activations of each "
+            "process's own micro-batch.",
         ]
     lines += [
         "",

@@ -175,7 +175,8 @@ def base_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "method",
     [
-        "rows-taylor",
+        # ~45 s each, so in .ci/run's slow pass; tests/test_sharded.py covers the parts in one process
+        pytest.param("rows-taylor", marks=SLOW),
         pytest.param("rows-magnitude", marks=SLOW),
         pytest.param("lora", marks=SLOW),
         pytest.param("rows-spec", marks=SLOW),
@@ -218,6 +219,21 @@ def test_fsdp2_sharded_load_equals_one_process_and_each_reads_only_its_shards(tm
         assert p["largest_local_bytes"] <= largest  # no parameter whole on any process
         assert p["base_bytes_held_before_sharding"] == 0  # nor any of the base before it was sharded
     assert sum(p["bytes_read"] for p in load["processes"]) == sum(math.prod(s) * 4 for s in sizes)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_under_other_names_loads_whole_with_a_note(tmp_path, base_dir):
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(base_dir, other)
+    tensors = load_file(other / "model.safetensors")
+    tensors["renamed.norm.weight"] = tensors.pop("model.norm.weight")
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    run = finetune(2, tmp_path / "run", f"model={other}", "scorer=magnitude", "steps=1", env=FSDP)
+    assert "are stored under other names (e.g. model.norm.weight)" in run.stdout
+    # the whole load is from_pretrained's, which reports the tensor it did not find and initialises it
+    assert "FSDP2 sharded load" not in run.stdout
 
 
 @pytest.mark.slow

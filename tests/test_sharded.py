@@ -76,3 +76,21 @@ def test_peft_names_map_to_the_checkpoints_and_the_source_follows_the_peft_model
 def test_a_tiny_or_quantized_model_cannot_load_empty():
     with pytest.raises(NeurontuneError, match="unquantized model directory"):
         load_model("tiny-llama", empty=True)
+
+
+def test_a_checkpoint_under_other_names_is_found_before_loading(base_dir, tmp_path):
+    """A model directory whose tensors are stored under names the model does not use (an older layout
+    that from_pretrained renames) is noticed from the names alone, so the run can load it whole."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(base_dir, other)
+    tensors = load_file(other / "model.safetensors")
+    tensors["renamed.norm.weight"] = tensors.pop("model.norm.weight")
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    same = empty_model(base_dir, torch.float32)
+    assert weight_source(same).missing(same) == []
+    empty = empty_model(other, torch.float32)
+    assert weight_source(empty).missing(empty) == ["model.norm.weight"]

@@ -165,6 +165,12 @@ def loads_sharded(cfg: FinetuneConfig, state: Any) -> bool:
     return why is None
 
 
+def _not_in_checkpoint(model: torch.nn.Module) -> list[str]:
+    from neurontune.sharded import weight_source
+
+    return weight_source(model).missing(model)
+
+
 def run_select(cfg: SelectConfig) -> NeuronSpec:
     from neurontune.selection import save_selection, scores_path, select_neurons
 
@@ -406,6 +412,13 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     sharded = loads_sharded(cfg, state)
     model, tok, task = _load(cfg, sharded)  # data problems surface here, before anything is written
+    if sharded and (missing := _not_in_checkpoint(model)):
+        state.print(
+            f"note: every process loads the whole base before FSDP2 shards it: {len(missing)} of its tensors "
+            f"are stored under other names (e.g. {missing[0]})"
+        )
+        sharded = False
+        model, tok, task = _load(cfg)
     task = task.head(cfg.train_examples, cfg.eval_examples)
     given, cfg = cfg, with_max_length(cfg, task.train + task.eval, tok, model, verbose=main)
     method = get_method(cfg.method)(cfg)

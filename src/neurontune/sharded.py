@@ -75,6 +75,18 @@ class CheckpointReader:
         self.bytes_read += t.numel() * t.element_size()
         return t
 
+    def missing(self, model: nn.Module) -> list[str]:
+        """The base parameters of ``model`` whose tensors are not in the files under any of their names
+        (a checkpoint saved under other names, which ``from_pretrained`` would rename on loading)."""
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(checkpoint_key(name))
+        return [
+            ks[0]
+            for ks in names.values()
+            if any(k in self.base_keys for k in ks) and not any(k in self for k in ks)
+        ]
+
     def fill(self, model: nn.Module) -> dict[str, int]:
         """Copy each placeholder parameter's data from the checkpoint: for an FSDP2 shard (a DTensor
         sharded on dim 0) only its own rows; a parameter the checkpoint lacks keeps its value (a PEFT
