@@ -222,6 +222,33 @@ def test_fsdp2_sharded_load_equals_one_process_and_each_reads_only_its_shards(tm
 
 
 @pytest.mark.slow
+def test_fsdp2_sharded_load_generates_as_one_process(tmp_path, base_dir):
+    """A generation task evaluated sharded: generate() runs FSDP's hooks (register_fsdp_forward_method;
+    without it the first evaluation failed on a DTensor) and gives one process's predictions."""
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1?\nA:", "completion": f" {i + 1}"}) + "\n"
+                            for i in range(40)))  # fmt: skip
+    opts = [
+        f"model={base_dir}",
+        f"task={data}",
+        "scorer=magnitude",
+        "steps=2",
+        "eval_examples=6",
+        "eval_before=true",
+    ]
+    one = finetune(1, tmp_path / "one", *opts, "grad_accum=2")
+    two = finetune(2, tmp_path / "two", *opts, env=FSDP)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert "FSDP2 sharded load" in two.stdout
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for when in ("before", "after"):
+        assert [s["prediction"] for s in m2[when]["samples"]] == [
+            s["prediction"] for s in m1[when]["samples"]
+        ]
+
+
+@pytest.mark.slow
 def test_a_checkpoint_under_other_names_loads_whole_with_a_note(tmp_path, base_dir):
     from safetensors.torch import save_file
 

@@ -145,6 +145,10 @@ def shard_and_fill(model: nn.Module, shard: Callable[[nn.Module], nn.Module]) ->
                 metas[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
             module._parameters[name] = metas[id(p)]
     model = shard(model)
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    # generate() reaches the layers without the root's forward: FSDP's hooks must run around it too
+    register_fsdp_forward_method(model, "generate")
     device = torch.device(source.device or "cpu")
     kept = {  # the adapter's shards (small) and the buffers, which to_empty would leave uninitialised
         n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
