@@ -165,12 +165,6 @@ def loads_sharded(cfg: FinetuneConfig, state: Any) -> bool:
     return why is None
 
 
-def _not_in_checkpoint(model: torch.nn.Module) -> list[str]:
-    from neurontune.sharded import weight_source
-
-    return weight_source(model).missing(model)
-
-
 def run_select(cfg: SelectConfig) -> NeuronSpec:
     from neurontune.selection import save_selection, scores_path, select_neurons
 
@@ -410,9 +404,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
     # the names this run claims in its manifest (a resumed run keeps those of the run it continues)
     claimed = run_outputs(cfg) | set(listed or [] if cfg.resume else [])
     torch.manual_seed(cfg.seed)
+    from neurontune.sharded import weight_source
+
     sharded = loads_sharded(cfg, state)
     model, tok, task = _load(cfg, sharded)  # data problems surface here, before anything is written
-    if sharded and (missing := _not_in_checkpoint(model)):
+    if sharded and (missing := weight_source(model).missing(model)):
         state.print(
             f"note: every process loads the whole base before FSDP2 shards it: {len(missing)} of its tensors "
             f"are stored under other names (e.g. {missing[0]})"

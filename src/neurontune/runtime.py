@@ -46,6 +46,15 @@ def share_outcome(state: Any, error: str | None) -> str | None:
     return error
 
 
+def is_fsdp_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) has been applied to ``model`` or any module in it."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed support
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """``(trainable, total)``; an adapter's own parameters count in the total, as PEFT does."""
     counter = getattr(model, "get_nb_trainable_parameters", None)

@@ -52,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neurontune.errors import NeurontuneError
+from neurontune.runtime import is_fsdp_sharded
 from neurontune.targets import (
     as_out_in,
     dense_weight,
@@ -654,14 +655,6 @@ def default_group_bytes(model: nn.Module) -> int:
     return max(MIN_GROUP_BYTES, total // GROUP_FRACTION)
 
 
-def _fsdp_sharded(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch without distributed support
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
 def plan_groups(modules: dict[str, nn.Module], needs: Iterable[str], budget: int) -> list[list[str]]:
     """The target modules in model order, cut into consecutive groups whose :func:`stat_bytes` add up to
     at most ``budget`` (a module larger than the budget alone makes a group). Each group is one pass
@@ -750,7 +743,7 @@ def score_model(
     """
     fn = get_scorer(scorer_fn, **options)
     needs = fn.needs
-    sharded = _fsdp_sharded(model)
+    sharded = is_fsdp_sharded(model)
     if sharded and (weights is None or not needs <= ADDITIVE):
         raise NeurontuneError(
             f"scorer {getattr(fn, 'scorer_name', 'custom')!r} cannot score an FSDP2-sharded model "

@@ -2,15 +2,16 @@
 
 A sharded ``finetune`` builds the model without its weights (:func:`empty_model`: every parameter a
 zero-storage placeholder of its shape and dtype; buffers such as rotary tables are real), builds the
-method on it (a PEFT adapter's own parameters are ordinary tensors, initialised as usual), lets
-``fully_shard`` give each process its shard, and then fills each shard from the checkpoint's
-safetensors files (:meth:`CheckpointReader.fill`): a process reads only the rows of each tensor that its
-shard holds. Row selection with a scorer that needs no data (``magnitude``, ``random``) reads each
-target weight from the file in turn (:func:`weight_source`), one tensor at a time.
+method on it (a PEFT adapter's own parameters are ordinary tensors, initialised as usual), and then
+:func:`shard_and_fill`: the placeholders go to the meta device, ``fully_shard`` gives each process its
+shard, ``to_empty`` allocates only those, and each is filled from the checkpoint's safetensors files
+(:meth:`CheckpointReader.fill`): a process reads only the rows of each tensor that its shard holds.
+Row selection with a scorer that needs no data (``magnitude``, ``random``) reads each target weight
+from the file in turn (:func:`module_weights`); the data scorers run on a sharded copy.
 
-The placeholders are ``torch.zeros(()).expand(shape)``: a real CPU tensor of the right shape, dtype and
-device type whose storage is one element, so ``fully_shard`` (which copies each parameter's chunk into a
-fresh shard) and PEFT (which places its adapters on the base layer's device) work on them unchanged.
+The placeholders are ``torch.zeros(()).expand(shape)``: a real tensor of the right shape, dtype and
+device whose storage is one element, so that PEFT (which places its adapters on the base layer's
+device) builds on them unchanged.
 """
 
 from __future__ import annotations
@@ -78,12 +79,9 @@ class CheckpointReader:
     def missing(self, model: nn.Module) -> list[str]:
         """The base parameters of ``model`` whose tensors are not in the files under any of their names
         (a checkpoint saved under other names, which ``from_pretrained`` would rename on loading)."""
-        names: dict[int, list[str]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(checkpoint_key(name))
         return [
             ks[0]
-            for ks in names.values()
+            for _, ks in _keys_by_parameter(model)
             if any(k in self.base_keys for k in ks) and not any(k in self for k in ks)
         ]
 
@@ -95,20 +93,15 @@ class CheckpointReader:
         (its local shard) this process holds."""
         from torch.distributed.tensor import DTensor
 
-        names: dict[int, list[str]] = {}  # a tied weight has several names; any of them may be stored
-        params: dict[int, nn.Parameter] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(checkpoint_key(name))
-            params[id(p)] = p
         filled, largest, before = 0, 0, self.bytes_read
         with torch.no_grad():
-            for i, p in params.items():
+            for p, keys in _keys_by_parameter(model):
                 local = p.to_local() if isinstance(p, DTensor) else p
                 largest = max(largest, local.numel() * local.element_size())
-                key = next((k for k in names[i] if k in self), None)
+                key = next((k for k in keys if k in self), None)
                 if key is None:
-                    if any(k in self.base_keys for k in names[i]):  # the base's, yet not in the files
-                        raise NeurontuneError(f"sharded load: {names[i][0]} is not in {self.path}")
+                    if any(k in self.base_keys for k in keys):  # the base's, yet not in the files
+                        raise NeurontuneError(f"sharded load: {keys[0]} is not in {self.path}")
                     continue  # an adapter's own parameter
                 if isinstance(p, DTensor):
                     start, rows = _row_range(p)
@@ -119,6 +112,15 @@ class CheckpointReader:
                     local.data = self.read(key).to(local.dtype)
                 filled += 1
         return {"tensors": filled, "bytes_read": self.bytes_read - before, "largest_local_bytes": largest}
+
+
+def _keys_by_parameter(model: nn.Module) -> list[tuple[nn.Parameter, list[str]]]:
+    """Each parameter once, with the checkpoint keys of all its names (a tied weight has several, and
+    a checkpoint may store it under any one of them)."""
+    keys: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        keys.setdefault(id(p), (p, []))[1].append(checkpoint_key(name))
+    return list(keys.values())
 
 
 def shard_and_fill(model: nn.Module, shard: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, dict]:

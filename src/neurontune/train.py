@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from neurontune.errors import NeurontuneError
 from neurontune.io import atomic_dir, atomic_path, read_json, read_safetensors, write_json, write_safetensors
+from neurontune.runtime import is_fsdp_sharded
 from neurontune.tasks import IGNORE_INDEX, StepBatches
 
 CHECKPOINT_FORMAT = "neurontune.checkpoint/1"
@@ -324,12 +325,6 @@ def launched_with(kind: str) -> bool:
 
 def _is_fsdp(accelerator: Any) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def shard_model(model: torch.nn.Module, args: TrainArgs) -> torch.nn.Module:
@@ -641,7 +636,7 @@ def train(
             "FSDP and DeepSpeed do not shard a quantized (bitsandbytes) base here; use DDP (no FSDP or "
             "DeepSpeed config)"
         )
-    sharded_before = fsdp and _is_sharded(model)  # by shard_model: the caller keeps it sharded
+    sharded_before = fsdp and is_fsdp_sharded(model)  # by shard_model: the caller keeps it sharded
     stage = _configure_deepspeed(accelerator, data.batch_size, args) if ds else 0
     index = {id(p): i for i, p in enumerate(named.values())}
     members = [[index[id(p)] for p in g["params"]] for g in optimizer.param_groups]

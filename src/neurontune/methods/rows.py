@@ -84,7 +84,7 @@ class Rows(Method):
         return f"scorer={self.cfg.scorer} changes the weights to score them (zo-taylor perturbs, NeFT fine-tunes)"
 
     def _score_sharded(
-        self, model: nn.Module, tok: Any, task: Any, out: Path
+        self, model: nn.Module, tok: Any, task: Any, out: Path, write: bool
     ) -> tuple[nn.Module, NeuronSpec]:
         """A data scorer on a base built without its weights (a sharded load): this copy is sharded and its
         shards filled, every process runs the calibration passes through it (each reads the target
@@ -97,17 +97,11 @@ class Rows(Method):
         model.requires_grad_(False)
         # in the model's own dtype, as a 1-process run scores before training's mixed precision starts
         scoring, _ = shard_and_fill(model, lambda m: shard_model(m, train_args(self.cfg, precision="fp32")))
-        spec = self._select(scoring, tok, task, out, write=self._main())
+        spec = self._select(scoring, tok, task, out, write=write)
         fresh = another_empty_model(scoring)
         del scoring, model
         gc.collect()
         return fresh, spec
-
-    @staticmethod
-    def _main() -> bool:
-        from neurontune.runtime import process_state
-
-        return process_state().is_main_process
 
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
         from peft import get_peft_model
@@ -131,7 +125,7 @@ class Rows(Method):
             everyone = not self._resuming(out) and self.given is None and needs and needs <= DATA_PARALLEL
             self.scoring_processes = state.num_processes if everyone else 1
             if everyone and weight_source(model) is not None:  # loaded sharded: score on a sharded copy
-                model, spec = self._score_sharded(model, tok, task, out)
+                model, spec = self._score_sharded(model, tok, task, out, write=state.is_main_process)
             else:
                 spec = self._select(model, tok, task, out, write=state.is_main_process) if (
                     everyone or state.is_main_process) else None  # fmt: skip
