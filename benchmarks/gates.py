@@ -49,25 +49,35 @@ TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL"}
 
 def common(args: argparse.Namespace, task: str, seed: int) -> list[str]:
     return [
-        f"task={task}", f"seed={seed}", f"batch_size={args.batch_size}", f"model={args.model}",
+        f"task={task}", f"seed={seed}", f"batch_size={args.batch_size}",
         f"train_examples={args.train_examples}", f"eval_examples={args.eval_examples}",
         f"forgetting_examples={args.forgetting_examples}", "eval_before=false", "save_steps=0",
-        "budget=lora:8", "lr=3e-4",
+        "budget=lora:8",
     ]  # fmt: skip
 
 
-def unpruned(args: argparse.Namespace) -> list[str]:
-    return ["method=rows", "scorer=magnitude", f"steps={args.gate_steps + args.recover_steps}"]
+def total_steps(args: argparse.Namespace) -> int:
+    """Every training step of a gates pipeline (the teacher's included): the unpruned reference's."""
+    return args.gate_steps + args.recover_steps + (args.teacher_steps if args.recipe == "teacher" else 0)
 
 
-def gates(args: argparse.Namespace, sparsity: float) -> list[str]:
-    return [
+def rows(args: argparse.Namespace, steps: int) -> list[str]:
+    return [f"model={args.model}", "method=rows", "scorer=magnitude", "lr=3e-4", f"steps={steps}"]
+
+
+def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> list[str]:
+    run = [
         "method=gates", f"gate_sparsity={sparsity}", "prune_heads=true", "gate_lr=0.05",
         f"gate_lambda={args.gate_lambda}", f"steps={args.gate_steps}", "gate_force=true",
         "recover=distill", f"recover_steps={args.recover_steps}", "recover_params=full",
         f"recover_lr={args.recover_lr}", f"distill_alpha={args.distill_alpha}",
         f"distill_general={args.distill_general}",
     ]  # fmt: skip
+    if teacher is None:
+        return [f"model={args.model}", "lr=3e-4", *run]
+    # the task-tuned dense model is both the model gated and the teacher of both distillations
+    return [f"model={teacher}", f"lr={args.low_rank_lr}", *run, f"gate_ramp={args.gate_ramp}",
+            "gate_distill=true", f"gate_low_rank={args.gate_low_rank}"]  # fmt: skip
 
 
 def training_runs(args: argparse.Namespace) -> list[dict]:
@@ -77,10 +87,17 @@ def training_runs(args: argparse.Namespace) -> list[dict]:
     for seed in args.seeds:
         for task in dict.fromkeys(t for t, _ in plan):
             metric = TASKS[task]
-            base, out = common(args, task, seed), args.runs / task / f"seed{seed}"
-            jobs = [("rows (unpruned)", 0.0, unpruned(args), "rows")]
+            base, out = common(args, task, seed), args.runs / args.recipe / task / f"seed{seed}"
+            jobs = [("rows (unpruned)", 0.0, rows(args, total_steps(args)), "rows")]
+            teacher = None
+            if args.recipe == "teacher":
+                teacher = out / "teacher" / "merged"
+                jobs.insert(0, ("teacher (rows)", 0.0, [*rows(args, args.teacher_steps), "save_merged=true"],
+                                "teacher"))  # fmt: skip
             jobs += [
-                (f"gates {s:.0%} + distill", s, gates(args, s), f"gates-{s}") for t, s in plan if t == task
+                (f"gates {s:.0%} + distill", s, gates(args, s, teacher), f"gates-{s}")
+                for t, s in plan
+                if t == task
             ]
             for name, sparsity, overrides, folder in jobs:
                 m = finetune_run([*base, *overrides], out / folder, reuse=args.reuse)
@@ -189,7 +206,7 @@ def summary(runs: list[dict], speed: list[dict], target: float = 0.3) -> dict:
         g = [
             m for m in runs if m["task"] == task and m["method"] == "gates" and m["target_sparsity"] == target
         ]
-        u = [m for m in runs if m["task"] == task and m["method"] == "rows"]
+        u = [m for m in runs if m["task"] == task and m["name"] == "rows (unpruned)"]
         if not g:
             continue
         sp = next((r for r in speed if r["label"].startswith(g[0]["name"])), None)
@@ -292,6 +309,16 @@ def main() -> None:
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-general", type=int, default=200)
     p.add_argument("--speed-repeats", type=int, default=10)
+    p.add_argument(
+        "--recipe", choices=("teacher", "base"), default="teacher",
+        help="teacher: tune the dense model first (rows, --teacher-steps), gate it with low-rank terms and a "
+        "ramped target, distilling it during gating and after the export; base: gate the base model alone "
+        "and distil the unpruned base after the export",
+    )  # fmt: skip
+    p.add_argument("--teacher-steps", type=int, default=100)
+    p.add_argument("--gate-ramp", type=float, default=0.5)
+    p.add_argument("--gate-low-rank", type=int, default=8)
+    p.add_argument("--low-rank-lr", type=float, default=1e-3)
     add_run_args(p, "runs/bench-gates", RESULTS, "gates")
     args = p.parse_args()
     if args.render:

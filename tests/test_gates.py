@@ -263,3 +263,98 @@ def test_distillation_recovers_the_pruned_model_towards_the_teacher(tmp_path, ca
         == 2
     )
     assert "recover_steps is for recover=distill" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cfg", [GateConfig(prune_heads=True, low_rank=2), GateConfig(granularity="linear", low_rank=3)],
+                         ids=["structured", "linear"])  # fmt: skip
+def test_dense_computes_the_ungated_base_and_the_gates_return_after_it(cfg):
+    base = logits(tiny_model("tiny-llama"))
+    gated = GatedModel(tiny_model("tiny-llama"), cfg)
+    randomize(gated)
+    gated.eval()
+    with_gates = logits(gated)
+    assert not torch.allclose(with_gates, base, atol=1e-3)
+    with gated.dense():
+        assert torch.equal(logits(gated), base)
+    assert torch.equal(gated.dense_forward(input_ids=IDS).logits.detach(), base)
+    assert torch.equal(logits(gated), with_gates)
+    gated.train()  # the training noise is off in the dense model too
+    with torch.no_grad(), gated.dense():
+        assert torch.equal(gated(input_ids=IDS).logits, base)
+
+
+def test_the_ramp_asks_for_a_growing_share_of_the_target_then_all_of_it():
+    gated = GatedModel(
+        tiny_model("tiny-llama"), GateConfig(target_sparsity=0.5, prune_heads=True, ramp_steps=10)
+    )
+    randomize(gated)
+    assert [gated.ramp(s) for s in (0, 4, 9, 30, None)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    with torch.no_grad():
+        reg = [gated.regularization(s).item() for s in (0, 4, 9, 30, None)]
+    assert 0 < reg[0] < reg[1] < reg[2] == reg[3] == reg[4]
+    flat = GatedModel(tiny_model("tiny-llama"), GateConfig(target_sparsity=0.5, prune_heads=True))
+    randomize(flat)
+    with torch.no_grad():
+        assert flat.regularization(0).item() == reg[2]  # no ramp: the whole target from the first step
+
+
+def test_a_ramped_run_still_shuts_exactly_what_the_export_removes(tokenizer):
+    gated = GatedModel(
+        tiny_model("tiny-llama"), GateConfig(target_sparsity=0.5, prune_heads=True, lr=0.05, ramp_steps=40)
+    )
+    data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
+    log = train(gated, data, TrainArgs(steps=80, lr=1e-3, max_grad_norm=0), progress=False,
+                **gated.training_hooks(1e-3))  # fmt: skip
+    mlp = [r["sparsity_mlp"] for r in log]
+    assert mlp[9] < 0.5 <= mlp[-1] <= 0.55, mlp  # part of the target early on, all of it at the end
+    gated.eval()
+    assert gated.finalize()["forced_fraction"] == 0.0
+
+
+def test_finetune_gate_distill_trains_on_the_kl_to_the_ungated_model(tmp_path, capsys):
+    from neurontune.cli import main
+
+    run = ["finetune", "model=tiny-llama", "method=gates", "gate_sparsity=0.5", "steps=4", "gate_force=true",
+           "train_examples=16", "eval_examples=4", "forgetting_examples=0", "eval_before=false"]  # fmt: skip
+    assert main([*run, f"output_dir={tmp_path / 'ce'}"]) == 0
+    assert (
+        main(
+            [*run, "gate_distill=true", "distill_general=3", "gate_ramp=0.5", f"output_dir={tmp_path / 'kl'}"]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert (
+        "gates: distilling the ungated model during gate training (T=2, task loss weight 0, 3 news articles)"
+        in printed
+    )
+    ce = json.loads((tmp_path / "ce" / "metrics.json").read_text())
+    kl = json.loads((tmp_path / "kl" / "metrics.json").read_text())
+    # the first step: the task loss of a random model is about ln(vocab); the KL of a model whose gates are
+    # all open (only the training noise differs) to the ungated model is close to 0
+    assert ce["first_loss"] > 4.0 and kl["first_loss"] < 0.05, (ce["first_loss"], kl["first_loss"])
+    # the loss counts every attended next token (the news articles' too), not only the labelled ones
+    import csv
+
+    def tokens(run):
+        with open(tmp_path / run / "train_log.csv") as f:
+            return [int(r["tokens"]) for r in csv.DictReader(f)]
+
+    assert all(k > 5 * c for k, c in zip(tokens("kl"), tokens("ce"), strict=True)), (
+        tokens("kl"),
+        tokens("ce"),
+    )
+
+
+def test_distill_options_need_a_distillation(tmp_path, capsys):
+    from neurontune.cli import main
+
+    run = ["finetune", "model=tiny-llama", "method=gates", f"output_dir={tmp_path / 'x'}"]
+    assert main([*run, "distill_general=4"]) == 2
+    assert "distill_general is for recover=distill or gate_distill=true; add it or drop distill_general" in (
+        capsys.readouterr().err
+    )
+    assert main([*run, "gate_distill=true", "distill_temperature=0"]) == 2
+    assert "distillation needs distill_temperature > 0" in capsys.readouterr().err
+    assert main([*run, "gate_ramp=1.0"]) == 2
+    assert "gate_ramp must be in [0, 1)" in capsys.readouterr().err

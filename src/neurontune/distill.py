@@ -12,6 +12,7 @@ loss.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ def _kl_sum(
 
 
 def distill_loss(
-    teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.0
+    teacher: Callable[..., Any], temperature: float = 2.0, alpha: float = 0.0
 ) -> Callable[[nn.Module, dict[str, torch.Tensor], int], torch.Tensor]:
     """A ``loss_fn`` for :func:`neurontune.train.train` (with ``count_fn=attended_tokens``)."""
 

@@ -27,6 +27,9 @@ class GateConfig:
     width_multiple: int = 64  # kept MLP width rounded to a multiple of this (if the width is >= 4x it)
     tolerance: float = 0.02  # share of the structure the export removes that may still be open at the end
     force: bool = False  # export even when more than `tolerance` must be cut open (reported)
+    # optimizer steps over which the share of gates the penalty pushes shut ramps linearly from 0 to
+    # the target (0: the whole target from the first step); CoFi and Sheared-LLaMA warm their target up
+    ramp_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.granularity not in ("structured", "linear"):
@@ -45,5 +48,7 @@ class GateConfig:
             raise NeurontuneError(f"gate lr must be positive, got {self.lr}")
         if self.sigma <= 0 or self.tau <= 0 or self.lam < 0 or self.low_rank < 0:
             raise NeurontuneError("gate sigma and tau must be > 0, lambda >= 0 and low_rank >= 0")
+        if self.ramp_steps < 0:
+            raise NeurontuneError(f"gate ramp_steps must be >= 0, got {self.ramp_steps}")
         if self.width_multiple < 1 or not 0.0 <= self.tolerance <= 1.0:
             raise NeurontuneError("gate width_multiple must be >= 1 and tolerance in [0, 1]")

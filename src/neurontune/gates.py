@@ -39,6 +39,7 @@ gates of every target linear; export folds it into the weights. The base weights
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -108,11 +109,14 @@ class GaussianGate(nn.Module):
         self.a = nn.Parameter(torch.full((n,), a))
         self.sigma = sigma
         self.register_buffer("keep", torch.ones(n, dtype=torch.bool))
+        self.bypass = False  # GatedModel.dense(): every gate exactly open
 
     def mu(self) -> torch.Tensor:
         return torch.tanh(self.a)
 
     def forward(self) -> torch.Tensor:
+        if self.bypass:
+            return torch.ones_like(self.a)
         z = self.mu() + 0.5
         if self.training:
             z = z + self.sigma * torch.randn_like(z)
@@ -137,11 +141,14 @@ class LowRank(nn.Module):
         self.B = nn.Parameter(torch.zeros(base.out_features, r))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale = (alpha if alpha is not None else 2 * r) / r
+        self.bypass = False  # GatedModel.dense(): the frozen linear alone
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.B @ self.A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.base(x)
         return self.base(x) + self.scale * ((x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype))
 
 
@@ -240,6 +247,24 @@ class GatedModel(ModelWrapper):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
 
+    @contextlib.contextmanager
+    def dense(self) -> Iterator[GatedModel]:
+        """Within it the model computes the ungated base: every gate open, the low-rank terms off (the
+        teacher of gate-phase distillation, without a second copy of the model)."""
+        switched = [m for m in self.modules() if isinstance(m, GaussianGate | LowRank)]
+        for m in switched:
+            m.bypass = True
+        try:
+            yield self
+        finally:
+            for m in switched:
+                m.bypass = False
+
+    def dense_forward(self, **inputs: Any) -> Any:
+        """A forward of the ungated base (:meth:`dense`), as a distillation teacher."""
+        with self.dense():
+            return self(**inputs)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         return (
             sum(p.numel() for p in self.parameters() if p.requires_grad),
@@ -265,16 +290,25 @@ class GatedModel(ModelWrapper):
         }
 
     # ---- sparsity ------------------------------------------------------------------------------
-    def regularization(self) -> torch.Tensor:
-        """The sparsity-target penalty (see the module docstring), averaged over gate groups."""
+    def ramp(self, step: int | None) -> float:
+        """The share of the target the penalty asks for at optimizer step ``step`` (0-based; ``None``:
+        all of it): ``(step + 1) / ramp_steps`` up to 1."""
+        r = self.gate_config.ramp_steps
+        return 1.0 if step is None or r <= 0 else min(1.0, (step + 1) / r)
+
+    def regularization(self, step: int | None = None) -> torch.Tensor:
+        """The sparsity-target penalty (see the module docstring) at optimizer step ``step`` (the target
+        ramps up over ``ramp_steps``), averaged over gate groups."""
         cfg = self.gate_config
+        share = self.ramp(step)
         terms = []
         for key, g in self.groups.items():
             if cfg.penalty == "mean":
-                terms.append((g.open_prob().mean() - (1.0 - cfg.target_sparsity)).abs())
+                terms.append((g.open_prob().mean() - (1.0 - share * cfg.target_sparsity)).abs())
             else:  # push shut exactly what the export removes: the lowest gates, per layer (and KV group)
                 p, mu = g.open_prob(cfg.tau), g.mu().detach()
-                groups, shut = self._to_shut(key)
+                groups, full = self._to_shut(key)
+                shut = round(share * full)
                 lowest = mu.view(groups, -1).argsort(dim=1)[:, :shut]
                 terms.append(p.view(groups, -1).gather(1, lowest).sum() / p.numel())
         return cfg.lam * torch.stack(terms).mean()

@@ -494,11 +494,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
 
         if method.trains:
             args = train_args(cfg)
-            data = StepBatches(task.train, tok, cfg.batch_size, cfg.max_length, cfg.seed)
+            data = StepBatches(method.training_examples(task), tok, cfg.batch_size, cfg.max_length, cfg.seed)
             log = train(
                 model, data, args, out, resume=cfg.resume, param_groups=method.param_groups(model, cfg.lr),
                 regularization=method.regularization(model), step_stats=method.step_stats(model),
-                on_step=on_step,
+                on_step=on_step, **method.training_loss(model),
             )  # fmt: skip
         peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
         if sharded:  # the model stays sharded: every process evaluates it and gathers the adapter (only)

@@ -591,7 +591,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     param_groups: list[dict[str, Any]] | None = None,
-    regularization: Callable[[], torch.Tensor] | None = None,
+    regularization: Callable[[int], torch.Tensor] | None = None,
     step_stats: Callable[[], dict[str, float]] | None = None,
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor], int], torch.Tensor] | None = None,
     count_fn: Callable[[dict[str, torch.Tensor]], int] | None = None,
@@ -602,7 +602,7 @@ def train(
     With ``output_dir``, checkpoints go to ``output_dir/checkpoints`` every ``save_steps`` steps and
     ``train_log.csv`` is kept up to date; ``resume`` continues from the newest checkpoint there.
     ``param_groups`` (default: every trainable parameter at ``args.lr``) are AdamW's groups;
-    ``regularization()`` is added to the loss once per step; ``step_stats()`` adds numbers to each log row.
+    ``regularization(step)`` (``step``: the optimizer step, from 0) is added to the loss once per step; ``step_stats()`` adds numbers to each log row.
     ``loss_fn(model, batch, n)`` (default :func:`token_loss`) is a micro-batch's summed loss divided by
     ``n``, the step's count of ``count_fn(batch)`` (default: labelled next tokens) over all its
     micro-batches and processes. ``on_step(row)`` sees every log row on the main process (trackers).
@@ -693,7 +693,7 @@ def train(
                 # the gradient sync averages over processes; the loss is a sum over all of them
                 loss = loss * world
                 if last and regularization is not None:
-                    penalty = regularization()  # the same on every process, so the average is itself
+                    penalty = regularization(step)  # the same on every process, so the average is itself
                     reg = penalty.item()
                     loss = loss + penalty
                 if ds:  # DeepSpeed divides by its accumulation steps; the loss is already normalised

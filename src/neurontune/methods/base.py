@@ -81,9 +81,19 @@ class Method:
         """Optimizer parameter groups; ``None``: all trainable parameters in one group at ``lr``."""
         return None
 
-    def regularization(self, model: nn.Module) -> Callable[[], torch.Tensor] | None:
-        """A penalty added to the loss once per optimizer step, if the method has one."""
+    def regularization(self, model: nn.Module) -> Callable[[int], torch.Tensor] | None:
+        """A penalty added to the loss once per optimizer step (called with the step, from 0), if the
+        method has one."""
         return None
+
+    def training_examples(self, task: Any) -> list[Any]:
+        """What the run trains on (by default the task's training examples)."""
+        return list(task.train)
+
+    def training_loss(self, model: nn.Module) -> dict[str, Callable[..., Any]]:
+        """``loss_fn`` / ``count_fn`` for :func:`neurontune.train.train` when the method's loss is not the
+        task's token loss (``{}``: it is)."""
+        return {}
 
     def step_stats(self, model: nn.Module) -> Callable[[], dict[str, float]] | None:
         """Extra numbers logged with every step (e.g. gate sparsity)."""

@@ -46,6 +46,18 @@ class GateOptions:
     gate_force: bool = opt(
         False, "export even when more than gate_tolerance must be cut open (reported)", group=G
     )
+    gate_ramp: float = opt(
+        0.0,
+        "fraction of the steps over which the share of gates pushed shut ramps from 0 to gate_sparsity",
+        group=G,
+    )
+    gate_distill: bool = opt(
+        False,
+        "train the gates on recover's KL to the teacher (distill_teacher, default the ungated model itself, "
+        "no second copy; distill_temperature, distill_alpha) over the task data plus distill_general news "
+        "articles, instead of the task loss",
+        group=G,
+    )
     recover: str = opt("none", "after the export: distil the unpruned model into the pruned one",
                        ("none", "distill"), G)  # fmt: skip
     recover_steps: int = opt(100, "recover=distill: optimizer steps", group=G)
@@ -64,11 +76,16 @@ class GateOptions:
 def gate_config(cfg: Any) -> Any:
     from neurontune.gate_config import GateConfig
 
+    if not 0.0 <= cfg.gate_ramp < 1.0:
+        raise NeurontuneError(
+            f"gate_ramp must be in [0, 1) (the target is reached before the end), got {cfg.gate_ramp}"
+        )
     return GateConfig(
         granularity=cfg.gate_granularity, target_sparsity=cfg.gate_sparsity, lam=cfg.gate_lambda,
         sigma=cfg.gate_sigma, tau=cfg.gate_tau, penalty=cfg.gate_penalty, prune_heads=cfg.prune_heads,
         low_rank=cfg.gate_low_rank, target_modules=cfg.target_modules_value(), lr=cfg.gate_lr,
         width_multiple=cfg.gate_width_multiple, tolerance=cfg.gate_tolerance, force=cfg.gate_force,
+        ramp_steps=round(cfg.gate_ramp * cfg.steps),
     )  # fmt: skip
 
 
@@ -98,16 +115,22 @@ class Gates(Method):
         recover_opts = [
             f for f in dataclasses.fields(GateOptions) if f.name.startswith(("recover_", "distill_"))
         ]
-        if cfg.recover == "none":
-            for f in recover_opts:
-                if is_set(cfg, f.name):
-                    raise NeurontuneError(f"{f.name} is for recover=distill; set recover=distill or drop it")
-        elif cfg.recover_steps <= 0 or not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_temperature <= 0:
-            raise NeurontuneError(
-                "recover=distill needs recover_steps > 0, distill_temperature > 0, distill_alpha in [0, 1]"
-            )
-        elif (cfg.recover_lr is not None and cfg.recover_lr <= 0) or cfg.distill_general < 0:
-            raise NeurontuneError("recover_lr must be positive and distill_general >= 0")
+        distills = cfg.recover == "distill" or cfg.gate_distill
+        for f in recover_opts:
+            if is_set(cfg, f.name) and not (
+                cfg.recover == "distill" or (distills and f.name.startswith("distill_"))
+            ):
+                what = "recover=distill" + ("" if f.name.startswith("recover_") else " or gate_distill=true")
+                raise NeurontuneError(f"{f.name} is for {what}; add it or drop {f.name}")
+        if cfg.recover == "distill" and (
+            cfg.recover_steps <= 0 or (cfg.recover_lr is not None and cfg.recover_lr <= 0)
+        ):
+            raise NeurontuneError("recover=distill needs recover_steps > 0 and a positive recover_lr")
+        if distills and (
+            cfg.distill_temperature <= 0 or not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_general < 0
+        ):
+            raise NeurontuneError("distillation needs distill_temperature > 0, distill_alpha in [0, 1] and "
+                                  "distill_general >= 0")  # fmt: skip
 
     def check(self, model: nn.Module, out: Path) -> None:
         if self.cfg.gate_granularity == "structured":
@@ -127,6 +150,28 @@ class Gates(Method):
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         return model.param_groups(lr)  # gates at their own lr, no weight decay
+
+    def training_examples(self, task: Any) -> list[Any]:
+        """With ``gate_distill``: the task's examples plus ``distill_general`` news articles (the KL to
+        the unpruned model on general text is what keeps the language model)."""
+        return list(task.train) + (
+            _general_examples(self.cfg.distill_general) if self.cfg.gate_distill else []
+        )
+
+    def training_loss(self, model: nn.Module) -> dict[str, Callable[..., Any]]:
+        """With ``gate_distill``: recover's KL loss, to ``distill_teacher`` or to the ungated model
+        (:meth:`~neurontune.gates.GatedModel.dense`: the same weights, gates open, low-rank terms off)."""
+        if not self.cfg.gate_distill:
+            return {}
+        from neurontune.distill import attended_tokens, distill_loss
+
+        cfg = self.cfg
+        teacher = _teacher(cfg) if cfg.distill_teacher else model.dense_forward
+        print(f"gates: distilling {cfg.distill_teacher or 'the ungated model'} during gate training "
+              f"(T={cfg.distill_temperature:g}, task loss weight {cfg.distill_alpha:g}, "
+              f"{cfg.distill_general} news articles)")  # fmt: skip
+        return {"loss_fn": distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
+                "count_fn": attended_tokens}  # fmt: skip
 
     def regularization(self, model: nn.Module) -> Callable[[], torch.Tensor]:
         return model.regularization
@@ -200,9 +245,8 @@ class Gates(Method):
         from neurontune.distill import attended_tokens, distill_loss, kl_to_teacher
         from neurontune.errors import MainProcessError
         from neurontune.io import save_pretrained_atomic
-        from neurontune.models import load_model
-        from neurontune.runtime import device, process_state, share_outcome
-        from neurontune.tasks import Example, StepBatches, fixed_batches, general_train_text
+        from neurontune.runtime import process_state, share_outcome
+        from neurontune.tasks import StepBatches, fixed_batches
         from neurontune.train import train, train_args
 
         cfg = self.cfg
@@ -213,9 +257,8 @@ class Gates(Method):
         # written: its failure there reaches the others now, not as a hang in the training's collectives
         if error := share_outcome(state, None):
             raise MainProcessError(f"the main process failed before distillation: {error}")
-        teacher = load_model(cfg.distill_teacher or cfg.model, dtype=cfg.dtype, device=device())[0]
-        teacher.requires_grad_(False).eval()
-        examples = list(self.task.train) + [Example("", t) for t in general_train_text(cfg.distill_general)]
+        teacher = _teacher(cfg)
+        examples = list(self.task.train) + _general_examples(cfg.distill_general)
         held_out = fixed_batches(self.task.eval[:16], tok, cfg.eval_batch_size, cfg.max_length)
         pruned.eval()
         kl_before = kl_to_teacher(pruned, teacher, held_out) if main else float("nan")
@@ -263,6 +306,22 @@ class Gates(Method):
         ] + ([(f"{key} of the export before recovery", f"{g['exported'][key]:.4g}"),
               ("KL to the teacher, before -> after distillation", "{:.4f} -> {:.4f}".format(*g["distill_kl"]))]
              if "recovered" in g else [])  # fmt: skip
+
+
+def _teacher(cfg: Any) -> nn.Module:
+    """The distillation teacher: ``distill_teacher``, or the unpruned ``model``, frozen, in eval mode."""
+    from neurontune.models import load_model
+    from neurontune.runtime import device
+
+    teacher = load_model(cfg.distill_teacher or cfg.model, dtype=cfg.dtype, device=device())[0]
+    return teacher.requires_grad_(False).eval()
+
+
+def _general_examples(n: int) -> list[Any]:
+    """``n`` news articles as prompt-less examples (every token labelled)."""
+    from neurontune.tasks import Example, general_train_text
+
+    return [Example("", t) for t in general_train_text(n)]
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
