@@ -181,7 +181,16 @@ def test_export_plan_rounds_heads_to_the_grouping_and_widths_to_the_multiple():
     )
     tiny = export_plan(SimpleNamespace(num_key_value_heads=2, num_attention_heads=4, hidden_size=32), 64,
                        GateConfig(target_sparsity=0.3))  # fmt: skip
-    assert tiny.width_multiple == 1 and tiny.mlp_keep == 45 and tiny.heads_keep is None  # 64 < 4 x 64
+    # 64 < 4 x 64: no rounding. 9,216 prunable parameters per layer, 96 per channel: 30 % is 28.8 channels
+    assert tiny.width_multiple == 1 and tiny.mlp_keep == 64 - 29 and tiny.heads_keep is None
+    assert tiny.removed_fraction == 29 * 96 / 9216 >= 0.3
+    # the target counts parameters: the heads removed leave the MLP the rest (here 2,654,208 + 884,736 per
+    # layer; 6 of 9 heads remove 221,184, and 30 % needs 486.4 more channels: 1536 - 487 -> 1024)
+    at30 = export_plan(smol, 1536, GateConfig(target_sparsity=0.3, prune_heads=True))
+    assert (at30.mlp_keep, at30.heads_keep, at30.removed_fraction) == (1024, 2, 0.3125)
+    assert at30.describe(0.3).endswith(": 31.2% of the MLP+attention parameters (target 30%)")
+    mlp_only = export_plan(smol, 1536, GateConfig(target_sparsity=0.3))
+    assert mlp_only.mlp_keep == 896 and mlp_only.removed_fraction >= 0.3
 
 
 def test_trained_gates_shut_exactly_what_the_export_removes(tokenizer, tmp_path):
@@ -195,8 +204,11 @@ def test_trained_gates_shut_exactly_what_the_export_removes(tokenizer, tmp_path)
     before = logits(gated)
     shape = gated.finalize()
     assert shape["forced_fraction"] == 0.0, shape
-    assert shape["removed_channels"] == 2 * (64 - 32) and shape["removed_heads"] == 2 * 2
+    # 50 % of 9,216 per layer: 2 of 4 heads remove 1,024, 37.3 channels of 96 the rest: 38 of 64
+    assert shape["removed_channels"] == 2 * 38 and shape["removed_heads"] == 2 * 2
+    prunable = count_prunable(gated)
     pruned = export_pruned(gated, tmp_path / "pruned")
+    assert 1 - count_prunable(pruned) / prunable == gated.plan.removed_fraction >= 0.5
     torch.testing.assert_close(logits(pruned), before, rtol=0, atol=1e-5)
 
 
@@ -208,13 +220,13 @@ def test_a_run_short_of_its_target_stops_or_reports_what_was_forced(tmp_path, ca
     assert main([*run, f"output_dir={tmp_path / 'a'}"]) == 2
     err = capsys.readouterr().err
     assert (
-        "the gates did not reach the target: 64 of the 64 MLP channels that the export removes are still open"
+        "the gates did not reach the target: 96 of the 96 MLP channels that the export removes are still open"
         in err
     )
     assert (tmp_path / "a" / "gates.safetensors").is_file() and not (tmp_path / "a" / "pruned").exists()
     assert main([*run, "gate_force=true", f"output_dir={tmp_path / 'b'}"]) == 0
     assert (
-        "warning: the export cuts 64 of the 64 MLP channels although their gates were open"
+        "warning: the export cuts 96 of the 96 MLP channels although their gates were open"
         in capsys.readouterr().out
     )
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
@@ -249,7 +261,7 @@ def test_distillation_recovers_the_pruned_model_towards_the_teacher(tmp_path, ca
     from transformers import AutoModelForCausalLM
 
     rec = AutoModelForCausalLM.from_pretrained(out / "recovered")
-    assert rec.config.intermediate_size == 32  # still the pruned shape
+    assert rec.config.intermediate_size == 16  # still the pruned shape (50 % of the parameters: 48 of 64)
     assert (
         main(
             [
@@ -306,7 +318,7 @@ def test_a_ramped_run_still_shuts_exactly_what_the_export_removes(tokenizer):
     log = train(gated, data, TrainArgs(steps=80, lr=1e-3, max_grad_norm=0), progress=False,
                 **gated.training_hooks(1e-3))  # fmt: skip
     mlp = [r["sparsity_mlp"] for r in log]
-    assert mlp[9] < 0.5 <= mlp[-1] <= 0.55, mlp  # part of the target early on, all of it at the end
+    assert mlp[9] < 38 / 64 <= mlp[-1] <= 0.65, mlp  # part of the target early on, all of it at the end
     gated.eval()
     assert gated.finalize()["forced_fraction"] == 0.0
 

@@ -25,7 +25,9 @@ Granularities (``GateConfig.granularity``):
   with ``prune_heads``, one per attention head (q rows + o columns; grouped KV heads are respected
   by keeping the same number of query heads in every KV group). :func:`export_pruned` removes the
   closed channels/heads, folds the open gate values into ``down_proj`` / ``o_proj`` and writes a
-  model that plain ``transformers`` loads: every layer keeps the same number of channels and heads
+  model that plain ``transformers`` loads. The target is a share of the MLP+attention parameters
+  (:func:`export_plan`: the heads nearest to it, then the MLP channels the rest needs). Every layer
+  keeps the same number of channels and heads
   (the per-layer penalty makes the layers agree; :meth:`GatedModel.finalize` picks exactly that many
   per layer), so the standard config with a smaller ``intermediate_size`` / ``num_attention_heads``
   and an explicit ``head_dim`` describes it.
@@ -66,6 +68,7 @@ class ExportPlan:
     kv_heads: int
     heads_per_group: int
     heads_keep: int | None  # query heads kept per KV group (None: heads are not pruned)
+    removed_fraction: float = 0.0  # of the MLP+attention parameters (what count_prunable counts)
 
     def describe(self, target: float) -> str:
         mult = f", a multiple of {self.width_multiple}" if self.width_multiple > 1 else ""
@@ -79,23 +82,39 @@ class ExportPlan:
                 f"; query heads {n} -> {k} ({1 - k / n:.1%} removed), the nearest that {self.kv_heads} KV "
                 f"groups of {self.heads_per_group} allow to {target:.0%}"
             )
-        return text
+        return text + f": {self.removed_fraction:.1%} of the MLP+attention parameters (target {target:.0%})"
 
 
 def export_plan(model_config: Any, mlp_width: int, cfg: GateConfig) -> ExportPlan:
-    """How many MLP channels and query heads per KV group the uniform export keeps at ``cfg``'s target."""
-    s = cfg.target_sparsity
-    m = cfg.width_multiple if mlp_width >= 4 * cfg.width_multiple else 1
-    mlp_keep = min(mlp_width, max(m, round((1 - s) * mlp_width / m) * m))
-    kv = model_config.num_key_value_heads
-    per_group = model_config.num_attention_heads // kv
+    """The uniform export that removes at least ``cfg.target_sparsity`` of the MLP+attention parameters:
+    with ``prune_heads`` the query heads per KV group nearest to the target's share, then as many MLP
+    channels as the rest of the target needs (rounded to the multiple, down, so the target is met)."""
+    mc, s = model_config, cfg.target_sparsity
+    hidden, kv, heads = mc.hidden_size, mc.num_key_value_heads, mc.num_attention_heads
+    head_dim = getattr(mc, "head_dim", None) or hidden // heads
+    mb, ab = int(bool(getattr(mc, "mlp_bias", False))), int(bool(getattr(mc, "attention_bias", False)))
+    per_channel = 3 * hidden + 2 * mb  # gate and up rows (and biases), a down column
+    per_head = 2 * hidden * head_dim + ab * head_dim  # q rows (and bias), o columns
+    total = (
+        mlp_width * per_channel
+        + mb * hidden
+        + heads * per_head
+        + 2 * kv * head_dim * (hidden + ab)
+        + ab * hidden
+    )
+    per_group = heads // kv
     heads_keep = None
     if cfg.prune_heads:
         want = (1 - s) * per_group
         # LlamaConfig insists on hidden_size % num_attention_heads == 0: the counts that fit
-        fits = [h for h in range(1, per_group + 1) if model_config.hidden_size % (h * kv) == 0]
+        fits = [h for h in range(1, per_group + 1) if hidden % (h * kv) == 0]
         heads_keep = min(fits, key=lambda h: (abs(h - want), -h))
-    return ExportPlan(mlp_width, mlp_keep, m, kv, per_group, heads_keep)
+    heads_removed = (per_group - (heads_keep or per_group)) * kv * per_head
+    m = cfg.width_multiple if mlp_width >= 4 * cfg.width_multiple else 1
+    channels = max(0, math.ceil((s * total - heads_removed) / per_channel - 1e-9))
+    mlp_keep = min(mlp_width, max(m, (mlp_width - channels) // m * m))
+    removed = (mlp_width - mlp_keep) * per_channel + heads_removed
+    return ExportPlan(mlp_width, mlp_keep, m, kv, per_group, heads_keep, removed / total)
 
 
 class GaussianGate(nn.Module):

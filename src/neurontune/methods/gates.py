@@ -22,7 +22,12 @@ G = "gates"
 
 @dataclass
 class GateOptions:
-    gate_sparsity: float = opt(0.3, "target fraction of MLP channels (and heads) to remove", group=G)
+    gate_sparsity: float = opt(
+        0.3,
+        "target fraction of the MLP+attention parameters to remove (MLP channels, and query heads with "
+        "prune_heads; linear granularity: of every row and column gate group)",
+        group=G,
+    )
     gate_lambda: float = opt(1000.0, "weight of the sparsity penalty", group=G)
     gate_lr: float | None = opt(
         None, "learning rate of the gates (default: lr; low-rank terms use lr)", group=G
