@@ -44,7 +44,7 @@ import torch
 from neurontune.bench import add_run_args, command_line, finetune_run, machine, render_only, write_results
 
 RESULTS = Path(__file__).parent / "results"
-TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL"}
+TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL", "hyperbaton": "accuracy"}
 
 
 def common(args: argparse.Namespace, task: str, seed: int) -> list[str]:
@@ -81,8 +81,8 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
 
 
 def training_runs(args: argparse.Namespace) -> list[dict]:
-    plan = [(t, s) for t, ss in (("rotten_tomatoes", args.sparsities), ("e2e_nlg", args.gen_sparsities))
-            for s in ss]  # fmt: skip
+    plan = [(t, s) for t, ss in (("rotten_tomatoes", args.sparsities), ("e2e_nlg", args.gen_sparsities),
+                                  ("hyperbaton", args.mc_sparsities)) for s in ss]  # fmt: skip
     done = []
     for seed in args.seeds:
         for task in dict.fromkeys(t for t, _ in plan):
@@ -200,7 +200,7 @@ def _mean(xs: list[float]) -> float | None:
 
 def summary(runs: list[dict], speed: list[dict], target: float = 0.3) -> dict:
     """Per task, means over seeds at ``target``: what the issue asks to be machine-readable."""
-    base = speed[0]
+    base = speed[0] if speed else None
     out: dict[str, dict] = {}
     for task, metric in TASKS.items():
         g = [
@@ -226,11 +226,78 @@ def summary(runs: list[dict], speed: list[dict], target: float = 0.3) -> dict:
                 "exported": [m["gates"]["exported"][metric] for m in g],
                 "recovered": [m["after"][metric] for m in g],
             },
-            "decode_speedup": sp["decode_tokens_per_s"] / base["decode_tokens_per_s"] if sp else None,
+            "decode_speedup": sp["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            if sp and base
+            else None,
             "forgetting_ppl": _mean([m["after"]["forgetting_ppl"] for m in g]),
             "forgetting_ppl_unpruned": _mean([m["after"]["forgetting_ppl"] for m in u]),
         }
     return out
+
+
+def curve(result: dict, path: Path) -> None:
+    """Score against the share of MLP+attention parameters removed, per task (mean over seeds; the
+    unpruned reference at 0), one panel per task: ``gates_curve.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    tasks = [t for t in TASKS if any(m["task"] == t and m["method"] == "gates" for m in runs)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        metric = TASKS[task]
+        ref = [m["after"][metric] for m in runs if m["task"] == task and m["name"] == "rows (unpruned)"]
+        points = {}
+        for m in runs:
+            if m["task"] == task and m["method"] == "gates":
+                points.setdefault(m["target_sparsity"], []).append(m)
+        xs = [0.0] + [
+            statistics.mean(m["gates"]["removed_fraction_of_prunable"] for m in ms) for ms in points.values()
+        ]
+        ys = [statistics.mean(ref)] + [
+            statistics.mean(m["after"][metric] for m in ms) for ms in points.values()
+        ]
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        ax.plot([100 * xs[i] for i in order], [ys[i] for i in order], marker="o", label="gates + distill")
+        ax.axhline(statistics.mean(ref), color="grey", linestyle="--", linewidth=1, label="unpruned")
+        ax.set(title=task, xlabel="MLP+attention parameters removed (%)", ylabel=metric)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def recipe_text(s: dict) -> str:
+    """The settings of a result, in words."""
+    teacher = s.get("recipe", "base") == "teacher"
+    total = s["gate_steps"] + s["recover_steps"] + (s["teacher_steps"] if teacher else 0)
+    text = (
+        f"Teacher: rows (magnitude, LoRA r=8 budget, lr 3e-4) for {s['teacher_steps']} steps, merged; it is the "
+        "model gated and the teacher of both distillations. "
+        if teacher
+        else ""
+    )
+    text += (
+        f"Gates: {s['gate_steps']} steps (gate lr 0.05, ranked penalty, lambda {s['gate_lambda']:g}"
+        + (
+            f", target ramped over the first {s['gate_ramp']:.0%} of the steps, low-rank terms r={s['gate_low_rank']} at "
+            f"lr {s['low_rank_lr']:g}, loss: KL to the ungated teacher at T=2 + {s['distill_alpha']:g} x task loss "
+            f"on the task data and {s['distill_general']} news articles"
+            if teacher
+            else ""
+        )
+        + "), MLP channels and query heads, export widths rounded to multiples of 64. "
+    )
+    text += (
+        f"Distillation: {s['recover_steps']} steps, all weights of the export, lr {s['recover_lr']:g}, KL at T=2 + "
+        f"{s['distill_alpha']:g} x task loss, {s['distill_general']} news articles mixed in. Unpruned reference: rows "
+        f"(magnitude, LoRA r=8 budget, lr 3e-4) for {total} steps (every step of the gates pipeline)."
+    )
+    return text
 
 
 def render(result: dict) -> str:
@@ -241,11 +308,7 @@ def render(result: dict) -> str:
         f"`{result['command']}` on {result['machine']}; {result['date']}. Model `{s['model']}`, batch "
         f"{s['batch_size']} from the first {s['train_examples']} training examples, seeds {s['seeds']}, eval on "
         f"{s['eval_examples']} held-out examples, forgetting = perplexity on {s['forgetting_examples']} news "
-        f"articles. Gates: {s['gate_steps']} steps (gate lr 0.05, ranked penalty, lambda {s['gate_lambda']:g}), MLP "
-        f"channels and query heads, export widths rounded to multiples of 64. Distillation: {s['recover_steps']} steps, "
-        f"all weights of the export, lr {s['recover_lr']:g}, KL at T=2 + {s['distill_alpha']:g} x task loss, "
-        f"{s['distill_general']} news articles mixed in. Unpruned reference: rows (magnitude, LoRA r=8 budget, lr 3e-4) "
-        f"for {s['gate_steps'] + s['recover_steps']} steps.",
+        f"articles. {recipe_text(s)}",
         "",
         "| task | seed | run | MLP+attn params removed | forced open | gated | exported | after distill / score "
         "| forgetting ppl | wall s |",
@@ -301,6 +364,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sparsities", default="0.3", help="targets run on rotten_tomatoes")
     p.add_argument("--gen-sparsities", default="0.3", help="targets run on e2e_nlg ('' to skip the task)")
+    p.add_argument("--mc-sparsities", default="0.3", help="targets run on hyperbaton, a multiple-choice task "
+                   "of the quality suite ('' to skip the task)")  # fmt: skip
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--gate-steps", type=int, default=100)
     p.add_argument("--gate-lambda", type=float, default=1000.0)
@@ -326,6 +391,7 @@ def main() -> None:
         return
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
     args.gen_sparsities = [float(s) for s in args.gen_sparsities.split(",") if s]
+    args.mc_sparsities = [float(s) for s in args.mc_sparsities.split(",") if s]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     runs = training_runs(args)
     speed = speeds(speed_models(args, runs), args.speed_repeats)
@@ -344,6 +410,7 @@ def main() -> None:
     import json
 
     (args.out / "gates_summary.json").write_text(json.dumps(result["summary"], indent=2) + "\n")
+    curve(result, args.out / "gates_curve.png")
 
 
 if __name__ == "__main__":
