@@ -111,8 +111,28 @@ def training_runs(args: argparse.Namespace) -> list[dict]:
                 )  # fmt: skip
                 print(f"{task} seed {seed} {name}: {metric} {got:.3f}{extra} wall {m['wall_seconds'] or 0:.0f}s",
                       flush=True)  # fmt: skip
+                m["loss_curves"] = {
+                    phase: curve
+                    for phase, log in (("train", out / folder / "train_log.csv"),
+                                       ("recover", out / folder / "recover" / "train_log.csv"))
+                    if (curve := loss_curve(log))
+                }  # fmt: skip
                 done.append(m)
     return done
+
+
+def loss_curve(path: Path, windows: int = 10) -> list[float] | None:
+    """A training log's loss as ``windows`` means over equal spans of its steps (when it flattens)."""
+    import csv
+
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    if not losses:
+        return None
+    n = max(1, len(losses) // windows)
+    return [statistics.mean(losses[i : i + n]) for i in range(0, len(losses) - n + 1, n)][:windows]
 
 
 # ---- speed ----------------------------------------------------------------------------------------
@@ -325,6 +345,16 @@ def render(result: dict) -> str:
             f"{fmt(g['gated'][metric]) if g else '-'} | {fmt(g['exported'][metric]) if g else '-'} | "
             f"{metric} {fmt(m['after'][metric])} | {m['after']['forgetting_ppl']:.2f} | {m['wall_seconds'] or 0:.0f} |"
         )
+    curves = [m for m in result["runs"] if m.get("loss_curves") and m["method"] == "gates"]
+    if curves:
+        lines += ["", "Loss by tenths of each phase (gate training: the KL to the teacher with `--recipe teacher`, "
+                  "else the task loss; recovery: the KL after the export), where it flattens:", "",
+                  "| task | seed | run | phase | loss, mean of each tenth of the steps |", "|---|---|---|---|---|"]  # fmt: skip
+        for m in curves:
+            for phase, c in m["loss_curves"].items():
+                lines.append(
+                    f"| {m['task']} | {m['seed']} | {m['name']} | {phase} | {' '.join(f'{v:.3g}' for v in c)} |"
+                )
     lines += ["", "Means over seeds at the 30 % target (`gates_summary.json`):", "",
               "| task | metric | removed | unpruned | gated | exported | recovered | recovered - unpruned "
               "| decode speed-up | forgetting ppl (unpruned) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -3,6 +3,7 @@
 import json
 import shlex
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +29,36 @@ def test_write_results_keeps_the_old_files_when_rendering_fails(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1}
     assert (tmp_path / "r.md").read_text() == "x = 1\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+
+
+@pytest.mark.slow  # ~3 min; in .ci/run
+def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
+    """benchmarks/gates.py on the tiny model: per task a teacher, the unpruned reference with every step
+    of the pipeline, and a gates run per target gating the teacher; JSON, markdown, summary and curve."""
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "gates.py"), "--model", "tiny-llama", "--gate-steps", "4",
+           "--recover-steps", "2", "--teacher-steps", "2", "--seeds", "0", "--eval-examples", "4",
+           "--forgetting-examples", "2", "--speed-repeats", "1", "--distill-general", "2", "--train-examples", "16",
+           "--sparsities", "0.2,0.4", "--gen-sparsities", "", "--mc-sparsities", "0.3",
+           "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "gates.json").read_text())
+    names = [(m["task"], m["name"]) for m in result["runs"]]
+    assert names == [
+        ("rotten_tomatoes", "teacher (rows)"), ("rotten_tomatoes", "rows (unpruned)"),
+        ("rotten_tomatoes", "gates 20% + distill"), ("rotten_tomatoes", "gates 40% + distill"),
+        ("hyperbaton", "teacher (rows)"), ("hyperbaton", "rows (unpruned)"), ("hyperbaton", "gates 30% + distill"),
+    ]  # fmt: skip
+    by = {(m["task"], m["name"]): m for m in result["runs"]}
+    assert by["rotten_tomatoes", "rows (unpruned)"]["steps"] == 2 + 4 + 2  # every step of the gates pipeline
+    gated = by["rotten_tomatoes", "gates 40% + distill"]
+    teacher = tmp_path / "runs" / "teacher" / "rotten_tomatoes" / "seed0" / "teacher" / "merged"
+    assert gated["model"] == str(teacher)  # the tuned dense model is the one gated
+    assert gated["gates"]["removed_fraction_of_prunable"] >= 0.4
+    summary = json.loads((tmp_path / "out" / "gates_summary.json").read_text())
+    assert set(summary) == {"hyperbaton"} and summary["hyperbaton"]["removed_fraction"] >= 0.3
+    assert (tmp_path / "out" / "gates_curve.png").stat().st_size > 1000
+    assert "Teacher: rows" in (tmp_path / "out" / "gates.md").read_text()

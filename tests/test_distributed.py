@@ -400,10 +400,11 @@ def test_a_failure_only_the_main_process_sees_stops_every_process(tmp_path):
 def test_gates_with_distillation_on_two_processes(tmp_path):
     """recover=distill trains the pruned model again: every process prunes the same way (DDP refuses
     models that differ in shape) and distils on its half of each batch; the main process alone
-    evaluates and writes. Not compared weight for weight with one process: the gates sample their
-    noise per process, so 2 processes draw other noise than 1 process's 2 micro-batches."""
+    evaluates and writes. The gates train on the KL to the ungated model (gate_distill: its forward
+    outside DDP's wrapper, with the same weights). Not compared weight for weight with one process: the
+    gates sample their noise per process, so 2 processes draw other noise than 1 process's 2 micro-batches."""
     gates = ["method=gates", "gate_sparsity=0.5", "gate_force=true", "steps=2", "recover=distill",
-             "recover_steps=4", "recover_lr=3e-3", "distill_general=4"]  # fmt: skip
+             "recover_steps=4", "recover_lr=3e-3", "distill_general=4", "gate_distill=true", "gate_low_rank=2"]  # fmt: skip
     one = finetune(1, tmp_path / "one", *gates, "grad_accum=2")
     assert one.returncode == 0, one.stderr[-3000:]
     two = finetune(2, tmp_path / "two", *gates, "grad_accum=1", logs=tmp_path / "logs")
@@ -417,6 +418,13 @@ def test_gates_with_distillation_on_two_processes(tmp_path):
         for r in (tmp_path / "one", tmp_path / "two")
     ]
     assert len(logs[0]) == len(logs[1]) == 4
+    gate_logs = [
+        list(csv.DictReader(open(r / "train_log.csv"))) for r in (tmp_path / "one", tmp_path / "two")
+    ]
+    assert [r["tokens"] for r in gate_logs[0]] == [
+        r["tokens"] for r in gate_logs[1]
+    ]  # attended, news included
+    assert all(float(r["loss"]) < 1.0 for g in gate_logs for r in g)  # a KL near 0, not a task loss near 5
     # the two processes together saw what one process saw in its two micro-batches, at every step
     assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
     rank_out = {p.parent.name: p.read_text() for p in (tmp_path / "logs").rglob("stdout.log")}

@@ -370,3 +370,36 @@ def test_distill_options_need_a_distillation(tmp_path, capsys):
     assert "distillation needs distill_temperature > 0" in capsys.readouterr().err
     assert main([*run, "gate_ramp=1.0"]) == 2
     assert "gate_ramp must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_distill_loss_weighs_a_per_token_kl_against_a_per_token_task_loss(tokenizer):
+    """alpha=1 is the task's mean cross-entropy per labelled token, alpha=0 the KL per attended position,
+    whatever the ratio of the two counts (one labelled token per example against a whole prompt)."""
+    from neurontune.distill import attended_tokens, distill_loss
+    from neurontune.train import labelled_tokens, token_loss
+
+    student, teacher = tiny_model("tiny-llama"), tiny_model("tiny-llama")
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(3.0)
+    batch = StepBatches(
+        [Example(f"a long prompt number {i} " * 3, " x") for i in range(4)], tokenizer, 4, 64, 0
+    )[0]
+    n = attended_tokens(batch)
+    assert n > 10 * labelled_tokens(batch)
+    with torch.no_grad():
+        task = token_loss(student, batch, labelled_tokens(batch))
+        assert torch.allclose(distill_loss(teacher, alpha=1.0)(student, batch, n), task)
+        kl, half = (
+            distill_loss(teacher, alpha=0.0)(student, batch, n),
+            distill_loss(teacher, alpha=0.5)(student, batch, n),
+        )
+        assert kl > 0 and torch.allclose(half, 0.5 * kl + 0.5 * task)
+        # two micro-batches of one step: each weighed by its share of the positions
+        a, b = ({k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()})
+        split = sum(distill_loss(teacher, alpha=1.0)(student, m, n) for m in (a, b))
+        wa = attended_tokens(a) / n
+        assert torch.allclose(
+            split,
+            wa * token_loss(student, a, labelled_tokens(a))
+            + (1 - wa) * token_loss(student, b, labelled_tokens(b)),
+        )

@@ -3,10 +3,12 @@ recovers width-pruned models::
 
     loss = (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T)) + alpha * CE(s, labels)
 
-summed over every next-token position that has a real next token (not only the labelled completion:
-a classification example has one labelled token but a whole prompt of teacher distribution), and
-divided by the step's count of such positions. ``T`` is the temperature; ``alpha`` mixes in the task
-loss.
+The KL is summed over every next-token position that has a real next token (not only the labelled
+completion: a classification example has one labelled token but a whole prompt of teacher
+distribution) and divided by the step's count of such positions. The task loss is a mean over each
+micro-batch's labelled tokens, weighted by the micro-batch's share of the step's positions, so ``alpha``
+weighs a per-token KL against a per-token task loss (a sum over one labelled token per example
+divided by some sixty positions would leave the task loss almost no weight). ``T`` is the temperature.
 """
 
 from __future__ import annotations
@@ -50,13 +52,14 @@ def distill_loss(
         with torch.no_grad():
             t_logits = teacher(**inputs).logits[:, :-1]
         s_logits = model(**inputs).logits[:, :-1]
-        total = (1 - alpha) * _kl_sum(s_logits, t_logits, next_token_positions(batch), temperature)
-        if alpha:
-            total = total + alpha * F.cross_entropy(
-                s_logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                ignore_index=IGNORE_INDEX, reduction="sum",
-            )  # fmt: skip
-        return total / n
+        mask = next_token_positions(batch)
+        total = (1 - alpha) * _kl_sum(s_logits, t_logits, mask, temperature) / n
+        labels = batch["labels"][:, 1:]
+        if alpha and (labelled := int((labels != IGNORE_INDEX).sum())):
+            ce = F.cross_entropy(s_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="sum") / labelled  # fmt: skip
+            total = total + alpha * ce * (int(mask.sum()) / n)
+        return total
 
     return loss
 
