@@ -347,8 +347,9 @@ def render(result: dict) -> str:
         )
     curves = [m for m in result["runs"] if m.get("loss_curves") and m["method"] == "gates"]
     if curves:
-        lines += ["", "Loss by tenths of each phase (gate training: the KL to the teacher with `--recipe teacher`, "
-                  "else the task loss; recovery: the KL after the export), where it flattens:", "",
+        lines += ["", "Loss by tenths of each phase, to see where it flattens (gate training: with `--recipe teacher` "
+                  "the distillation loss, T^2 KL to the teacher + alpha x task loss, else the task loss; recovery: "
+                  "the distillation loss after the export):", "",
                   "| task | seed | run | phase | loss, mean of each tenth of the steps |", "|---|---|---|---|---|"]  # fmt: skip
         for m in curves:
             for phase, c in m["loss_curves"].items():
