@@ -7,9 +7,10 @@ differentiable L0 surrogate. Gates start exactly open (``z = 1``), so training s
 Two sparsity-target penalties (``GateConfig.penalty``), averaged over gate groups (one group per layer
 and kind):
 
-- ``"ranked"`` (default): ``lambda * sum(Phi(z / tau) over the round(target * n) gates of lowest z) / n``.
-  It pushes the gates the task values least shut and leaves the rest to the task loss, so the
-  achieved (eval) sparsity converges to the target. ``tau`` (0.5) is wider than the noise ``sigma``
+- ``"ranked"`` (default): ``lambda * sum(Phi(z / tau) over the k gates of lowest z) / n``, ``k`` the
+  export plan's count to remove from the group (structured; linear: ``round(target * n)``), ramped up
+  from 0 over ``ramp_steps``. It pushes the gates the task values least shut and leaves the rest to the
+  task loss, so the achieved (eval) sparsity converges to the target. ``tau`` (0.5) is wider than the noise ``sigma``
   (0.1): ``Phi(z / 0.1)`` is flat for every gate above ``z = 0.4``, so it would never start closing an
   open gate, while noise as wide as 0.5 on every channel wrecks a pretrained model (SmolLM2-135M's
   first-step loss on Rotten Tomatoes: 5.0 ungated, 5.3 with sigma 0.1, 11.2 with sigma 0.5).
