@@ -169,16 +169,18 @@ class Gates(Method):
         if not self.cfg.gate_distill:
             return {}
         from neurontune.distill import attended_tokens, distill_loss
+        from neurontune.runtime import process_state
 
         cfg = self.cfg
         teacher = _teacher(cfg) if cfg.distill_teacher else model.dense_forward
-        print(f"gates: distilling {cfg.distill_teacher or 'the ungated model'} during gate training "
+        say = print if process_state().is_main_process else _quiet
+        say(f"gates: distilling {cfg.distill_teacher or 'the ungated model'} during gate training "
               f"(T={cfg.distill_temperature:g}, task loss weight {cfg.distill_alpha:g}, "
               f"{cfg.distill_general} news articles)")  # fmt: skip
         return {"loss_fn": distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
                 "count_fn": attended_tokens}  # fmt: skip
 
-    def regularization(self, model: nn.Module) -> Callable[[], torch.Tensor]:
+    def regularization(self, model: nn.Module) -> Callable[[int], torch.Tensor]:
         return model.regularization
 
     def step_stats(self, model: nn.Module) -> Callable[[], dict[str, float]]:
