@@ -405,3 +405,18 @@ def test_distill_loss_weighs_a_per_token_kl_against_a_per_token_task_loss(tokeni
             wa * token_loss(student, a, labelled_tokens(a))
             + (1 - wa) * token_loss(student, b, labelled_tokens(b)),
         )
+
+
+def test_the_mean_penalty_aims_at_the_share_the_export_removes():
+    """gate_sparsity counts parameters; FineGates' mean penalty still asks each group for the share of
+    gates the export plan shuts (29 of 64 channels at 30 % on the tiny model), not 30 % of them."""
+    gated = GatedModel(tiny_model("tiny-llama"), GateConfig(target_sparsity=0.3, penalty="mean", lam=1.0))
+    target = 1 - 29 / 64
+    with torch.no_grad():
+        for g in gated.groups.values():  # every gate open with probability 1 - 29/64: the penalty is 0
+            lo, hi = -3.0, 3.0
+            for _ in range(60):  # bisect a (open_prob grows with it)
+                g.a.fill_((lo + hi) / 2)
+                lo, hi = ((lo + hi) / 2, hi) if g.open_prob().mean().item() < target else (lo, (lo + hi) / 2)
+            assert abs(g.open_prob().mean().item() - target) < 1e-4
+        assert gated.regularization().item() < 1e-3

@@ -323,11 +323,12 @@ class GatedModel(ModelWrapper):
         share = self.ramp(step)
         terms = []
         for key, g in self.groups.items():
-            if cfg.penalty == "mean":
-                terms.append((g.open_prob().mean() - (1.0 - share * cfg.target_sparsity)).abs())
+            groups, full = self._to_shut(key)
+            if cfg.penalty == "mean":  # the expected share open: the export plan's share kept in the group
+                target = cfg.target_sparsity if self.plan is None else groups * full / g.a.numel()
+                terms.append((g.open_prob().mean() - (1.0 - share * target)).abs())
             else:  # push shut exactly what the export removes: the lowest gates, per layer (and KV group)
                 p, mu = g.open_prob(cfg.tau), g.mu().detach()
-                groups, full = self._to_shut(key)
                 shut = round(share * full)
                 lowest = mu.view(groups, -1).argsort(dim=1)[:, :shut]
                 terms.append(p.view(groups, -1).gather(1, lowest).sum() / p.numel())
