@@ -94,3 +94,38 @@ def test_a_checkpoint_under_other_names_is_found_before_loading(base_dir, tmp_pa
     assert weight_source(same).missing(same) == []
     empty = empty_model(other, torch.float32)
     assert weight_source(empty).missing(empty) == ["model.norm.weight"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_embedding_in_pieces_reads_its_rows_and_computes_as_the_whole(tmp_path, tied):
+    """split_embeddings cuts the embedding (and a head, tied or its own) into pieces no larger than a
+    decoder layer; each piece reads its rows of the stored tensor, and the model computes the same
+    logits and loss as the loaded one."""
+    from transformers import AutoModelForCausalLM
+
+    from neurontune.sharded import EmbeddingPiece, PiecewiseEmbedding, PiecewiseHead, split_embeddings
+
+    config = tiny_model("tiny-llama").config
+    config.tie_word_embeddings, config.vocab_size = tied, 1000  # the tokenizer's 259 ids and unused rows
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded, _ = load_model(str(tmp_path))
+    empty = empty_model(tmp_path, torch.float32)
+    block = sum(p.numel() for p in empty.model.layers[0].parameters())
+    pieces = split_embeddings(empty, block)
+    per = block // config.hidden_size
+    assert len(pieces) == (1 if tied else 2) * -(-1000 // per)  # a tied head projects onto the same pieces
+    assert all(p.weight.numel() <= block for p in pieces)
+    assert isinstance(empty.get_input_embeddings(), PiecewiseEmbedding)
+    assert isinstance(empty.get_output_embeddings(), PiecewiseHead)
+    assert sum(isinstance(m, EmbeddingPiece) for m in empty.modules()) == len(pieces)
+    reader = weight_source(empty)
+    assert reader.missing(empty) == []
+    reader.fill(empty)
+    ids = torch.tensor([[1, 5, 258, 7, 0, 100]])
+    a, b = empty(input_ids=ids, labels=ids), loaded(input_ids=ids, labels=ids)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.loss, b.loss)
+    stored = loaded.get_input_embeddings().weight
+    torch.testing.assert_close(pieces[1].weight, stored[per : 2 * per])  # a piece holds its rows

@@ -48,6 +48,7 @@ from neurontune.tasks import (
 from neurontune.train import (
     asked_processes_not_started,
     launched_with,
+    launched_zero_stage,
     list_checkpoints,
     mixed_precision,
     shard_model,
@@ -145,13 +146,13 @@ def _load(cfg: SelectConfig, empty: bool = False) -> tuple[torch.nn.Module, Any,
 
 def loads_sharded(cfg: FinetuneConfig, state: Any) -> bool:
     """Whether this run builds its model without the base's weights and lets each process read only
-    its own FSDP2 shards of them (:mod:`neurontune.sharded`): under FSDP2 on several processes, for a
-    model directory (or the bundled model) and a method whose adapter needs nothing of the base to start
-    (rows with spec= or a scorer that leaves the weights alone, LoRA). Otherwise every process loads
-    the whole base before it is sharded, and the main process says why."""
+    its own shards of them (:mod:`neurontune.sharded`): under FSDP2 or DeepSpeed ZeRO-3 on several
+    processes, for a model directory (or the bundled model) and a method whose adapter needs nothing of
+    the base to start (rows with spec= or a scorer that leaves the weights alone, LoRA). Otherwise every
+    process loads the whole base before it is sharded, and the main process says why."""
     from neurontune.models import TINY_MODELS
 
-    if not (launched_with("FSDP") and state.num_processes > 1):
+    if not ((launched_with("FSDP") or launched_zero_stage() == 3) and state.num_processes > 1):
         return False
     method = get_method(cfg.method)(cfg)
     why = None if method.trains else "it does not train"
@@ -161,7 +162,7 @@ def loads_sharded(cfg: FinetuneConfig, state: Any) -> bool:
     elif why is None and cfg.save_merged:
         why = "save_merged merges the adapter into the whole base"
     if why:
-        state.print(f"note: every process loads the whole base before FSDP2 shards it: {why}")
+        state.print(f"note: every process loads the whole base before it is sharded: {why}")
     return why is None
 
 
@@ -410,7 +411,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
     model, tok, task = _load(cfg, sharded)  # data problems surface here, before anything is written
     if sharded and (missing := weight_source(model).missing(model)):
         state.print(
-            f"note: every process loads the whole base before FSDP2 shards it: {len(missing)} of its tensors "
+            f"note: every process loads the whole base before it is sharded: {len(missing)} of its tensors "
             f"are stored under other names (e.g. {missing[0]})"
         )
         sharded = False
@@ -473,12 +474,23 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = method.build(model, tok, task, out)
         loading = None
-        if sharded:  # every process takes its shards and reads them; then evaluates, sharded, with the others
-            model, loading = _shard_and_read(model, cfg, state)
+        zero3 = sharded and not launched_with("FSDP")  # ZeRO-3 partitions it in train(), then it is read
+
+        def evaluate_before(m: torch.nn.Module) -> None:  # sharded: every process, with the others
+            nonlocal before
             if cfg.eval_before:  # the adapter starts as the identity (rows: zero deltas; LoRA: B = 0)
-                before = run_eval(model)
+                before = run_eval(m)
                 if main:
                     trackers.log(before, 0, "eval_before/")
+
+        def filled(m: torch.nn.Module) -> None:  # ZeRO-3: what each process read, then the evaluation
+            nonlocal loading
+            loading = _reading_record(weight_source(m), {**weight_source(m).filled}, "ZeRO-3", state)
+            evaluate_before(m)
+
+        if sharded and not zero3:  # every process takes its shards and reads them
+            model, loading = _shard_and_read(model, cfg, state)
+            evaluate_before(model)
         trainable, total = count_parameters(model)
         if main:
             print(describe_parameters(model))
@@ -498,7 +510,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             log = train(
                 model, data, args, out, resume=cfg.resume, param_groups=method.param_groups(model, cfg.lr),
                 regularization=method.regularization(model), step_stats=method.step_stats(model),
-                on_step=on_step, **method.training_loss(model),
+                on_step=on_step, on_prepared=filled if zero3 else None, **method.training_loss(model),
             )  # fmt: skip
         peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
         if sharded:  # the model stays sharded: every process evaluates it and gathers the adapter (only)
@@ -583,21 +595,26 @@ def _shard_and_read(model: torch.nn.Module, cfg: FinetuneConfig, state: Any) -> 
     """FSDP2-shard a model built without its base weights and fill each process's shards from the
     checkpoint; returns it and, per process, what it read (``{"processes": [{"tensors", "bytes_read",
     "largest_local_bytes"}, ...], "checkpoint_bytes": ...}``)."""
-    from accelerate.utils import gather_object
-
     from neurontune.sharded import shard_and_fill, weight_source
 
     source = weight_source(model)
     t0 = time.perf_counter()
     model, read = shard_and_fill(model, lambda m: shard_model(m, train_args(cfg)))
     read["seconds"] = round(time.perf_counter() - t0, 3)
+    return model, _reading_record(source, read, "FSDP2", state)
+
+
+def _reading_record(source: Any, read: dict, how: str, state: Any) -> dict:
+    """Every process's ``read`` record (a collective), printed by the main process, for metrics.json."""
+    from accelerate.utils import gather_object
+
     per_process = gather_object([read])
     total = sum(f.stat().st_size for f in set(source.files.values()))
     state.print(
-        f"FSDP2 sharded load: each of {state.num_processes} processes read "
+        f"{how} sharded load: each of {state.num_processes} processes read "
         f"{max(r['bytes_read'] for r in per_process) / 2**20:,.0f} MiB of the {total / 2**20:,.0f} MiB checkpoint"
     )
-    return model, {"processes": per_process, "checkpoint_bytes": total}
+    return {"processes": per_process, "checkpoint_bytes": total}
 
 
 def write_report(

@@ -60,13 +60,22 @@ class CheckpointReader:
         self.base_keys: set[str] = set()  # the parameters empty_model left to be read
         self.dtype: torch.dtype | None = None  # what empty_model built (another_empty_model builds it again)
         self.device: str | None = None
+        self.filled: dict[str, int] | None = None  # zero3_fill's record, for the run's metrics
+        self.largest_whole = 0  # zero3_partition: the largest module it held whole
+        self.pieces: dict[
+            str, tuple[str, int, int]
+        ] = {}  # split_embeddings: key -> (stored key, first row, rows)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.files
+        return key in self.files or key in self.pieces
 
     def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Tensor ``key`` (rows ``start:stop`` of its first dimension if given)."""
         from safetensors import safe_open
+
+        if key in self.pieces:  # rows of a stored tensor (split_embeddings)
+            stored, first, n = self.pieces[key]
+            return self.read(stored, first + (start or 0), first + (n if stop is None else stop))
 
         with safe_open(self.files[key], "pt") as f:
             if start is None:
@@ -135,6 +144,9 @@ def shard_and_fill(model: nn.Module, shard: Callable[[nn.Module], nn.Module]) ->
     source = weight_source(model)
     if source is None:
         raise NeurontuneError("not a model built without its weights")
+    split_embeddings(
+        model, _block_params(model)
+    )  # FSDP2 gathers them a piece at a time, no larger than a block
     metas: dict[int, nn.Parameter] = {}
     held = 0  # bytes of the base's parameters held whole here before sharding: 0 unless something copied one
     for prefix, module in model.named_modules():  # the base's placeholders become meta tensors (tied: one)
@@ -151,6 +163,8 @@ def shard_and_fill(model: nn.Module, shard: Callable[[nn.Module], nn.Module]) ->
 
     # generate() reaches the layers without the root's forward: FSDP's hooks must run around it too
     register_fsdp_forward_method(model, "generate")
+    for piece in embedding_pieces(model):  # the head projects onto a piece through project()
+        register_fsdp_forward_method(piece, "project")
     device = torch.device(source.device or "cpu")
     kept = {  # the adapter's shards (small) and the buffers, which to_empty would leave uninitialised
         n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
@@ -250,13 +264,274 @@ def module_weights(model: nn.Module) -> Callable[[str, nn.Module], torch.Tensor]
 
 def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter entries of a sharded PEFT model's ``state_dict`` (keys holding its tuner's prefix:
-    ``lora_``, ``rowtune_``), each gathered whole: a collective that every process calls, holding only
-    the adapter whole, never the base. ``save_pretrained(state_dict=...)`` writes it."""
+    ``lora_``, ``rowtune_``), each gathered whole (FSDP2 shards or ZeRO-3 partitions): a collective that
+    every process calls, holding only the adapter whole, never the base. ``save_pretrained(state_dict=...)``
+    writes it."""
     from torch.distributed.tensor import DTensor
 
     prefix = model.base_model.prefix
-    return {
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
-        for k, v in model.state_dict().items()
-        if prefix in k
+    adapter = {n: p for n, p in model.named_parameters() if prefix in n}
+    zero3 = {n: p for n, p in adapter.items() if hasattr(p, "ds_id")}
+    with _zero3_gathered(list(zero3.values())):  # ZeRO-3 partitions: whole here
+        state = {
+            k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+            for k, v in model.state_dict().items()
+            if prefix in k
+        }
+    if (
+        zero3
+    ):  # a trained parameter's fp32 master copy (the module's own is in bf16/fp16 under mixed precision)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for n, p in zero3.items():
+            master = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if master is not None and n in state:
+                state[n] = master.detach().cpu().reshape(state[n].shape)
+    return state
+
+
+def _zero3_gathered(params: list[nn.Parameter]) -> Any:
+    """``deepspeed.zero.GatheredParameters(params)`` (read only), or nothing to do without them."""
+    import contextlib
+
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def fsdp2_shard(model: nn.Module) -> nn.Module:
+    """``fully_shard`` each block the model keeps whole (transformers' ``_no_split_modules``: its decoder
+    layers), then the model: FSDP2 without accelerate's plugin, for a scoring copy under a launch that
+    trains with something else (DeepSpeed ZeRO-3)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = _block_names(model) | {EmbeddingPiece.__name__}
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def _block_names(model: nn.Module) -> set[str]:
+    """The class names of the blocks transformers keeps whole (``_no_split_modules``), PEFT-wrapped or not."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if get_base is not None else model
+    return set(getattr(base, "_no_split_modules", None) or [])
+
+
+def _block_params(model: nn.Module) -> int:
+    """The base parameters (an adapter's left out) of the model's largest block (a decoder layer); 0
+    without any."""
+    names, source = _block_names(model), weight_source(model)
+    sizes = [
+        sum(p.numel() for n, p in m.named_parameters(prefix=prefix) if checkpoint_key(n) in source.base_keys)
+        for prefix, m in model.named_modules()
+        if type(m).__name__ in names
+    ]
+    return max(sizes, default=0)
+
+
+def embedding_pieces(model: nn.Module) -> list[EmbeddingPiece]:
+    """The :class:`EmbeddingPiece` s of a model (:func:`split_embeddings`), each once."""
+    return [m for m in model.modules() if isinstance(m, EmbeddingPiece)]
+
+
+def _drop_auto(conf: Any) -> Any:
+    """A DeepSpeed config without its ``"auto"`` entries (accelerate fills those from the model when
+    it initialises the engine; ``zero.Init`` needs only the ZeRO section and the precision)."""
+    if isinstance(conf, dict):
+        return {k: _drop_auto(v) for k, v in conf.items() if v != "auto"}
+    return conf
+
+
+def zero3_partition(model: nn.Module, ds_config: dict) -> int:
+    """Partition a model built without its weights under DeepSpeed ZeRO-3, one module at a time, before
+    ``deepspeed.initialize``: each module's placeholders become zeros (in the config's bf16/fp16 if it
+    asks for one, the dtype DeepSpeed would cast to) and ``deepspeed.zero.Init(module=...)`` partitions
+    them at once, so a process holds at most one module's parameters whole, briefly. The adapter's own
+    parameters are cast alike and left for the engine to partition. Each process then fills its
+    partitions from the checkpoint (:func:`zero3_fill`). Returns the bytes of the largest module held
+    whole (kept for :func:`zero3_fill`'s record)."""
+    import deepspeed
+
+    source = weight_source(model)
+    if source is None:
+        raise NeurontuneError("not a model built without its weights")
+    conf = _drop_auto(ds_config)
+    for k in ("train_batch_size", "gradient_accumulation_steps"):  # the micro-batch alone is consistent
+        conf.pop(k, None)  # with any world size (DeepSpeed's own comm may not know it yet)
+    dtype = (
+        torch.bfloat16
+        if conf.get("bf16", {}).get("enabled")
+        else torch.float16
+        if conf.get("fp16", {}).get("enabled")
+        else None
+    )
+    largest = 0
+    for prefix, module in model.named_modules():
+        own = [
+            (name, p)
+            for name, p in module._parameters.items()
+            if p is not None and not hasattr(p, "ds_id")
+            and checkpoint_key(f"{prefix}.{name}".lstrip(".")) in source.base_keys
+        ]  # fmt: skip
+        if not own:
+            continue
+        with torch.no_grad():
+            for _, p in own:
+                p.data = torch.zeros(p.shape, dtype=dtype or p.dtype, device=p.device)
+        largest = max(largest, sum(p.numel() * p.element_size() for _, p in own))
+        holder = nn.Module()  # only these parameters: a tied one already partitioned is skipped
+        for i, (_, p) in enumerate(own):
+            holder.register_parameter(f"p{i}", p)
+        deepspeed.zero.Init(module=holder, config_dict_or_path=conf)
+    source.largest_whole = largest
+    if dtype is not None:  # the adapter, as DeepSpeed casts a model it partitions itself
+        for p in model.parameters():
+            if not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(dtype)
+    return largest
+
+
+def zero3_fill(model: nn.Module) -> dict[str, int]:
+    """Fill each ZeRO-3 partition of a model's base parameters from the checkpoint: a process's
+    partition of a parameter is a range of its flattened elements, so only the rows spanning that range
+    are read. Returns :meth:`CheckpointReader.fill`'s record."""
+    import torch.distributed as dist
+
+    source = weight_source(model)
+    if source is None:
+        raise NeurontuneError("not a model built without its weights")
+    filled, largest, before = 0, 0, source.bytes_read
+    with torch.no_grad():
+        for p, keys in _keys_by_parameter(model):
+            part = p.ds_tensor
+            largest = max(largest, part.numel() * part.element_size())
+            key = next((k for k in keys if k in source), None)
+            if key is None:
+                if any(k in source.base_keys for k in keys):
+                    raise NeurontuneError(f"sharded load: {keys[0]} is not in {source.path}")
+                continue
+            size = part.ds_numel
+            start = size * dist.get_rank(group=p.ds_process_group)
+            stop = min(start + size, p.ds_numel)
+            if start < stop:
+                if len(p.ds_shape):  # the rows spanning [start, stop)
+                    row = p.ds_numel // p.ds_shape[0]
+                    first = start // row
+                    flat = source.read(key, first, -(-stop // row)).reshape(-1)
+                else:
+                    row, first, flat = 1, 0, source.read(key).reshape(-1)
+                part.narrow(0, 0, stop - start).copy_(flat[start - first * row : stop - first * row])
+            filled += 1
+    source.filled = {
+        "tensors": filled,
+        "bytes_read": source.bytes_read - before,
+        "largest_local_bytes": largest,
+        "largest_whole_module_bytes": source.largest_whole,  # zero3_partition's, the most held whole at once
     }
+    return source.filled
+
+
+class EmbeddingPiece(nn.Module):
+    """Rows ``[start, start + n)`` of an embedding matrix (or of an untied head's weight), its own FSDP2
+    unit: :class:`PiecewiseEmbedding` looks tokens up in it, :class:`PiecewiseHead` projects onto it
+    (``project``, registered with FSDP so that it gathers the piece too). A sharded run thus gathers one
+    piece at a time, where FSDP2 would gather a tied embedding whole and keep it from the forward's start
+    to the backward's end (accelerate's tail unit)."""
+
+    def __init__(self, weight: torch.Tensor, start: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.start = start
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = self.weight.shape[0]
+        local = ids - self.start
+        inside = (local >= 0) & (local < n)
+        out = nn.functional.embedding(local.clamp(0, n - 1), self.weight)
+        return out * inside.unsqueeze(-1).to(out.dtype)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, self.weight)
+
+
+class PiecewiseEmbedding(nn.Module):
+    """An ``nn.Embedding`` as :class:`EmbeddingPiece` s: the same lookup, one piece at a time."""
+
+    def __init__(self, pieces: list[EmbeddingPiece], padding_idx: int | None) -> None:
+        super().__init__()
+        self.pieces = nn.ModuleList(pieces)
+        self.num_embeddings = sum(p.weight.shape[0] for p in pieces)
+        self.embedding_dim = pieces[0].weight.shape[1]
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.pieces[0](ids)
+        for piece in self.pieces[1:]:
+            out = out + piece(ids)  # each token is in exactly one piece, the others add zeros
+        return out
+
+
+class PiecewiseHead(nn.Module):
+    """A bias-free output projection (``lm_head``) onto :class:`EmbeddingPiece` s: logits piece by
+    piece, concatenated. A tied head projects onto the embedding's pieces, which it does not register
+    (they are the embedding's parameters, in the embedding's FSDP units)."""
+
+    def __init__(self, pieces: list[EmbeddingPiece], own: bool) -> None:
+        super().__init__()
+        if own:
+            self.pieces = nn.ModuleList(pieces)
+        else:
+            object.__setattr__(self, "_tied", list(pieces))
+        self.in_features = pieces[0].weight.shape[1]
+        self.out_features = sum(p.weight.shape[0] for p in pieces)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        pieces = self.pieces if "pieces" in self._modules else self._tied
+        return torch.cat([p.project(hidden) for p in pieces], dim=-1)
+
+
+def split_embeddings(model: nn.Module, piece_params: int) -> list[EmbeddingPiece]:
+    """Replace a model built without its weights' input embedding (an ``nn.Embedding``) and its
+    bias-free ``nn.Linear`` head (tied or not) by pieces of at most ``piece_params`` parameters each
+    (see :class:`EmbeddingPiece`), and teach its checkpoint reader where each piece's rows are stored.
+    Returns the pieces (none where a matrix fits in one piece or the model has other layers there)."""
+    source = weight_source(model)
+    if piece_params <= 0:
+        return []
+    if source is None:
+        raise NeurontuneError("not a model built without its weights")
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if get_base is not None else model
+    names = {id(m): n for n, m in model.named_modules()}
+    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is embed.weight
+    made: list[EmbeddingPiece] = []
+
+    def cut(module: nn.Module) -> list[EmbeddingPiece] | None:
+        rows, width = module.weight.shape
+        per = max(1, piece_params // width)
+        if rows <= per:
+            return None
+        key = checkpoint_key(f"{names[id(module)]}.weight")
+        pieces = []
+        for i, start in enumerate(range(0, rows, per)):
+            n = min(per, rows - start)
+            pieces.append(EmbeddingPiece(placeholder(module.weight[:n], device=module.weight.device), start))
+            source.pieces[checkpoint_key(f"{names[id(module)]}.pieces.{i}.weight")] = (key, start, n)
+        source.base_keys |= {k for k, v in source.pieces.items() if v[0] == key}
+        made.extend(pieces)
+        return pieces
+
+    if type(embed) is nn.Embedding and (pieces := cut(embed)):
+        emb = PiecewiseEmbedding(pieces, embed.padding_idx)
+        base.set_input_embeddings(emb)
+        if tied:
+            base.set_output_embeddings(PiecewiseHead(pieces, own=False))
+    if not tied and type(head) is nn.Linear and head.bias is None and (pieces := cut(head)):
+        base.set_output_embeddings(PiecewiseHead(pieces, own=True))
+    return made

@@ -323,6 +323,26 @@ def launched_with(kind: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
 
 
+def launched_zero_stage() -> int | None:
+    """The ZeRO stage of an ``accelerate launch`` with a DeepSpeed config (its config file's, else the
+    one accelerate exports; accelerate's default is 2); ``None`` without DeepSpeed."""
+    import json
+    import os
+
+    if not launched_with("DEEPSPEED"):
+        return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path.lower() != "none":
+        try:
+            stage = (
+                json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage")
+            )
+        except (OSError, ValueError) as e:
+            raise NeurontuneError(f"DeepSpeed config {path}: {e}") from None
+        return int(stage) if isinstance(stage, int) else None
+    return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+
+
 def _is_fsdp(accelerator: Any) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
 
@@ -342,7 +362,17 @@ def shard_model(model: torch.nn.Module, args: TrainArgs) -> torch.nn.Module:
             "a sharded load needs an FSDP2 launch (accelerate launch --config_file fsdp2.yaml)"
         )
     # accelerate's own low-memory load broadcasts rank 0's whole copy; the checkpoint is read per shard instead
-    accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
+    plugin = accelerator.state.fsdp_plugin
+    plugin.cpu_ram_efficient_loading = False
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from neurontune.sharded import embedding_pieces
+
+    for piece in embedding_pieces(model):  # a unit each, with the options accelerate gives the others
+        fully_shard(
+            piece, reshard_after_forward=True, offload_policy=plugin.cpu_offload,
+            mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        )  # fmt: skip
     return fsdp2_prepare_model(accelerator, model)
 
 
@@ -424,6 +454,19 @@ def _configure_deepspeed(accelerator: Any, batch_size: int, args: TrainArgs) -> 
     if stage not in (2, 3):
         raise NeurontuneError(f"DeepSpeed ZeRO stage {stage}: use stage 2 or 3")
     return stage
+
+
+def _register_base_weights(model: torch.nn.Module) -> None:
+    """Under ZeRO-3, tell DeepSpeed that each PEFT layer reads its base layer's parameters itself (the
+    row layers' ``fused``/``merged`` forms compute with the base weight without calling the base
+    layer), so it gathers them for the layer's forward and backward."""
+    import deepspeed
+
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, torch.nn.Module) and module is not base:
+            for p in base.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(module, p)
 
 
 def _gather_deepspeed_for_good(engine: Any) -> None:
@@ -596,6 +639,7 @@ def train(
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor], int], torch.Tensor] | None = None,
     count_fn: Callable[[dict[str, torch.Tensor]], int] | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    on_prepared: Callable[[torch.nn.Module], None] | None = None,
 ) -> list[dict[str, float]]:
     """Run ``args.steps`` optimizer steps over the trainable parameters; returns one log row per step.
 
@@ -603,6 +647,8 @@ def train(
     ``train_log.csv`` is kept up to date; ``resume`` continues from the newest checkpoint there.
     ``param_groups`` (default: every trainable parameter at ``args.lr``) are AdamW's groups;
     ``regularization(step)`` (``step``: the optimizer step, from 0) is added to the loss once per step; ``step_stats()`` adds numbers to each log row.
+    ``on_prepared(model)`` runs on every process once the model is sharded (and, built without its
+    weights, filled), before the first step: a sharded load evaluates it there.
     ``loss_fn(model, batch, n)`` (default :func:`token_loss`) is a micro-batch's summed loss divided by
     ``n``, the step's count of ``count_fn(batch)`` (default: labelled next tokens) over all its
     micro-batches and processes. ``on_step(row)`` sees every log row on the main process (trackers).
@@ -638,6 +684,17 @@ def train(
         )
     sharded_before = fsdp and is_fsdp_sharded(model)  # by shard_model: the caller keeps it sharded
     stage = _configure_deepspeed(accelerator, data.batch_size, args) if ds else 0
+    from neurontune.sharded import weight_source, zero3_fill, zero3_partition
+
+    # built without its weights (neurontune.sharded): ZeRO-3 partitions it, each process fills its own
+    # partitions, and it stays partitioned after training (its caller evaluates and saves it so)
+    empty = weight_source(model) is not None and not sharded_before
+    if empty and stage != 3:
+        raise NeurontuneError("a model built without its weights trains under FSDP2 or DeepSpeed ZeRO-3 only")
+    if stage == 3:
+        _register_base_weights(model)
+    if empty:
+        zero3_partition(model, accelerator.state.deepspeed_plugin.deepspeed_config)
     index = {id(p): i for i, p in enumerate(named.values())}
     members = [[index[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     if sharded_before:  # prepare() leaves an FSDP module as it is, but would look for the layers to wrap
@@ -652,6 +709,10 @@ def train(
     layout: Layout = (
         FSDPLayout() if fsdp else DeepSpeedLayout(optimizer.optimizer, members) if ds else Layout()
     )
+    if empty:
+        zero3_fill(accelerator.unwrap_model(model))
+    if on_prepared is not None:
+        on_prepared(accelerator.unwrap_model(model))
     if fsdp:  # fully_shard replaced each parameter by its shard (a DTensor), the optimizer's too
         from accelerate.utils import fsdp2_canonicalize_names
 
@@ -751,7 +812,7 @@ def train(
         write_log_csv(out / "train_log.csv", log)
     if fsdp and not sharded_before:
         _unshard_for_good(accelerator.unwrap_model(model))
-    if ds:
+    if ds and not empty:
         _gather_deepspeed_for_good(model)
     # prepare() wrapped the model's forward in autocast (bf16/fp16 training); take that off again, so that
     # an evaluation after training runs in the precision of the one before it (the model's own dtype)

@@ -91,12 +91,15 @@ class Rows(Method):
         weights from the checkpoint to reduce them to row scores), and training builds on a new copy."""
         import gc
 
-        from neurontune.sharded import another_empty_model, shard_and_fill
-        from neurontune.train import shard_model, train_args
+        from neurontune.sharded import another_empty_model, fsdp2_shard, shard_and_fill
+        from neurontune.train import launched_with, shard_model, train_args
 
         model.requires_grad_(False)
-        # in the model's own dtype, as a 1-process run scores before training's mixed precision starts
-        scoring, _ = shard_and_fill(model, lambda m: shard_model(m, train_args(self.cfg, precision="fp32")))
+        # in the model's own dtype, as a 1-process run scores before training's mixed precision starts;
+        # FSDP2 under a DeepSpeed launch too (a scoring copy needs no optimizer)
+        fp32 = train_args(self.cfg, precision="fp32")
+        shard = (lambda m: shard_model(m, fp32)) if launched_with("FSDP") else fsdp2_shard
+        scoring, _ = shard_and_fill(model, shard)
         spec = self._select(scoring, tok, task, out, write=write)
         fresh = another_empty_model(scoring)
         del scoring, model
