@@ -124,7 +124,8 @@ def capacity(runs: list[dict], gpus: int = 8, gib: int = 80, rank: int = 16) -> 
         "",
         "Per GPU under FSDP2 with the base loaded sharded: the base's bf16 shard (2 B/param / N); the units "
         "FSDP holds whole while they compute (one decoder layer, twice for the prefetch of the next, and "
-        "the output head, which accelerate keeps unsharded from its forward to its backward); the trainable "
+        "one piece of the embedding or head, which a sharded load cuts into pieces no larger than a layer); "
+        "the trainable "
         f"state at the LoRA-r{rank} budget (fp32 delta, gradient and two AdamW moments: 16 B per trainable "
         "param, sharded). What is left of the card is for activations, which do not shard (they follow the "
         "per-GPU micro-batch). DDP (every GPU holds the whole base) is the column beside it.",
@@ -142,7 +143,7 @@ def capacity(runs: list[dict], gpus: int = 8, gib: int = 80, rank: int = 16) -> 
         trainable = layers * rank * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
         g = 2**30
         shard = 2 * params / gpus / g
-        held = (2 * 2 * layer + 2 * embed) / g
+        held = (2 * 2 * layer + 2 * min(embed, layer)) / g
         state = 16 * trainable / gpus / g
         total = shard + held + state
         whole = 2 * params / g
@@ -150,21 +151,20 @@ def capacity(runs: list[dict], gpus: int = 8, gib: int = 80, rank: int = 16) -> 
             f"| {name} | {params / 1e9:.1f} B | {whole:.1f} GiB | {shard:.1f} GiB | {held:.1f} GiB | {state:.2f} GiB | "
             f"{total:.1f} GiB | {gib - total:.1f} GiB | {whole:.1f} GiB{' (does not fit)' if whole > gib else ''} |"
         )
-    fsdp = {r["processes"]: r for r in runs if r.get("loaded") == "shards"}
+    sharded = [r for r in runs if r.get("loaded") == "shards" and r.get("largest_process_peak_mib")]
     one = next((r for r in runs if r["processes"] == 1), None)
-    if one and fsdp:
+    if one and sharded:
         parts = ", ".join(
-            f"{n}: {r['largest_process_peak_mib'] / one['largest_process_peak_mib']:.2f}x"
-            for n, r in sorted(fsdp.items())
+            f"{r['sharding']} at {r['processes']}: {r['largest_process_peak_mib'] / one['largest_process_peak_mib']:.2f}x"
+            for r in sharded
         )
         lines += [
             "",
             f"Measured above (CPU, the 1B shape in fp32), the largest process's whole-run peak against 1 "
             f"process: {parts}. What does not divide by N there: the libraries (~0.5 GiB per process), the "
-            "tied 128k x 2048 embedding (1 GiB in fp32; it is the head too), which accelerate puts in the tail "
-            "unit that FSDP2 keeps whole from the forward's first lookup to the end of the backward (and holds "
-            "twice while it gathers it: all-gather output and copy-out), and the activations of each "
-            "process's own micro-batch.",
+            "units gathered whole while they compute (a decoder layer, 232 MiB in fp32, held twice while "
+            "FSDP2 gathers it: all-gather output and copy-out; a piece of the 128k x 2048 embedding, at most "
+            "as large), and the activations of each process's own micro-batch.",
         ]
     lines += [
         "",
@@ -213,9 +213,10 @@ def render(result: dict) -> str:
         lines += ["", result["note"]]
     lines += [
         "",
-        '"shards": the base was built without its weights and each process read only its FSDP2 shards from',
-        'the checkpoint (`neurontune.sharded`); "whole": every process loaded the whole base before it was',
-        "sharded (DDP always; ZeRO-3 still; FSDP2 for a data scorer, a built-in tiny model or save_merged).",
+        '"shards": the base was built without its weights and each process read only its FSDP2 shards or',
+        'ZeRO-3 partitions from the checkpoint (`neurontune.sharded`); "whole": every process loaded the whole',
+        "base before it was sharded (DDP always; FSDP2 and ZeRO-3 for zo-taylor/neft, DoRA/PiSSA/full/gates,",
+        "a built-in tiny model or save_merged).",
     ]
     if result.get("capacity"):
         lines += ["", result["capacity"]]

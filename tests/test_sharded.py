@@ -129,3 +129,52 @@ def test_an_embedding_in_pieces_reads_its_rows_and_computes_as_the_whole(tmp_pat
     torch.testing.assert_close(a.loss, b.loss)
     stored = loaded.get_input_embeddings().weight
     torch.testing.assert_close(pieces[1].weight, stored[per : 2 * per])  # a piece holds its rows
+
+
+def test_zero3_partitions_are_filled_from_the_rows_that_span_them(base_dir, monkeypatch):
+    """zero3_fill: a process's ZeRO-3 partition is a range of the flattened tensor (padded to equal
+    parts); it is filled from the rows spanning that range, and the parts of all processes put
+    together are the stored tensor."""
+    import torch.distributed as dist
+
+    from neurontune.sharded import zero3_fill
+
+    loaded, _ = load_model(str(base_dir))
+    for world in (2, 3):
+        parts: dict[str, list[torch.Tensor]] = {}
+        for rank in range(world):
+            empty = empty_model(base_dir, torch.float32)
+            for _, p in empty.named_parameters():  # what DeepSpeed leaves on a partitioned parameter
+                size = -(-p.numel() // world)
+                p.ds_numel, p.ds_shape, p.ds_process_group = p.numel(), p.shape, None
+                p.ds_tensor = torch.full((size,), float("nan"))
+                p.ds_tensor.ds_numel = size
+            monkeypatch.setattr(dist, "get_rank", lambda group=None, r=rank: r)
+            record = zero3_fill(empty)
+            assert record["tensors"] == len(list(empty.parameters()))
+            for name, p in empty.named_parameters():
+                parts.setdefault(name, []).append(p.ds_tensor.clone())
+        for name, q in loaded.named_parameters():
+            flat = torch.cat(parts[name])
+            assert torch.equal(flat[: q.numel()], q.detach().reshape(-1)), name
+            assert flat[q.numel() :].isnan().all()  # the padding is left alone
+
+
+def test_the_zero_stage_of_a_launch(monkeypatch, tmp_path):
+    """A sharded load applies under ZeRO-3 only: the stage is read as accelerate launch exports it (its
+    variable, or the stage of the DeepSpeed config file it names)."""
+    from neurontune.train import launched_zero_stage
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert launched_zero_stage() is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert launched_zero_stage() == 2  # accelerate's default
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert launched_zero_stage() == 3
+    conf = tmp_path / "ds.json"
+    conf.write_text('{"zero_optimization": {"stage": 2}}')
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(conf))
+    assert launched_zero_stage() == 2  # the file's stage wins
+    conf.write_text("{not json")
+    with pytest.raises(NeurontuneError, match="DeepSpeed config"):
+        launched_zero_stage()
