@@ -178,3 +178,22 @@ def test_the_zero_stage_of_a_launch(monkeypatch, tmp_path):
     conf.write_text("{not json")
     with pytest.raises(NeurontuneError, match="DeepSpeed config"):
         launched_zero_stage()
+
+
+def test_zero3_keeps_two_blocks_live_unless_the_config_says(monkeypatch):
+    """DeepSpeed's 1e9 live/reuse parameters keep most of a 1B model gathered on every process; under
+    ZeRO-3 they default to two decoder layers' parameters, and a config that sets them keeps its own."""
+    from types import SimpleNamespace
+
+    from neurontune.train import TrainArgs, _configure_deepspeed, _largest_block
+
+    model = tiny_model("tiny-llama")
+    block = _largest_block(model)
+    assert block == sum(p.numel() for p in model.model.layers[0].parameters())
+    for stage, given, want in [(3, {}, 2 * block), (3, {"stage3_max_live_parameters": 7}, 7), (2, {}, None)]:
+        conf = {"zero_optimization": {"stage": stage, **given}}
+        acc = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=conf)),
+                              num_processes=2)  # fmt: skip
+        assert _configure_deepspeed(acc, 2, TrainArgs(grad_accum=2), block) == stage
+        assert conf["zero_optimization"].get("stage3_max_live_parameters") == want
+        assert conf["train_batch_size"] == 8
