@@ -185,10 +185,11 @@ def test_zero3_keeps_two_blocks_live_unless_the_config_says(monkeypatch):
     ZeRO-3 they default to two decoder layers' parameters, and a config that sets them keeps its own."""
     from types import SimpleNamespace
 
-    from neurontune.train import TrainArgs, _configure_deepspeed, _largest_block
+    from neurontune.sharded import largest_block
+    from neurontune.train import TrainArgs, _configure_deepspeed
 
     model = tiny_model("tiny-llama")
-    block = _largest_block(model)
+    block = largest_block(model)
     assert block == sum(p.numel() for p in model.model.layers[0].parameters())
     for stage, given, want in [(3, {}, 2 * block), (3, {"stage3_max_live_parameters": 7}, 7), (2, {}, None)]:
         conf = {"zero_optimization": {"stage": stage, **given}}

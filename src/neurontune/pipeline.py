@@ -485,7 +485,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
 
         def filled(m: torch.nn.Module) -> None:  # ZeRO-3: what each process read, then the evaluation
             nonlocal loading
-            loading = _reading_record(weight_source(m), {**weight_source(m).filled}, "ZeRO-3", state)
+            source = weight_source(m)
+            loading = _reading_record(source, dict(source.filled), "ZeRO-3", state)
             evaluate_before(m)
 
         if sharded and not zero3:  # every process takes its shards and reads them

@@ -62,9 +62,8 @@ class CheckpointReader:
         self.device: str | None = None
         self.filled: dict[str, int] | None = None  # zero3_fill's record, for the run's metrics
         self.largest_whole = 0  # zero3_partition: the largest module it held whole
-        self.pieces: dict[
-            str, tuple[str, int, int]
-        ] = {}  # split_embeddings: key -> (stored key, first row, rows)
+        # split_embeddings: a piece's key -> (the stored tensor's key, first row, rows)
+        self.pieces: dict[str, tuple[str, int, int]] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.files or key in self.pieces
@@ -144,9 +143,8 @@ def shard_and_fill(model: nn.Module, shard: Callable[[nn.Module], nn.Module]) ->
     source = weight_source(model)
     if source is None:
         raise NeurontuneError("not a model built without its weights")
-    split_embeddings(
-        model, _block_params(model)
-    )  # FSDP2 gathers them a piece at a time, no larger than a block
+    # FSDP2 gathers the embedding (and head) a piece at a time, no piece larger than a decoder layer
+    split_embeddings(model, largest_block(model, source.base_keys))
     metas: dict[int, nn.Parameter] = {}
     held = 0  # bytes of the base's parameters held whole here before sharding: 0 unless something copied one
     for prefix, module in model.named_modules():  # the base's placeholders become meta tensors (tied: one)
@@ -278,9 +276,7 @@ def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()
             if prefix in k
         }
-    if (
-        zero3
-    ):  # a trained parameter's fp32 master copy (the module's own is in bf16/fp16 under mixed precision)
+    if zero3:  # a trained parameter's fp32 master copy (the module's own is bf16/fp16 under mixed precision)
         from deepspeed.utils import safe_get_full_fp32_param
 
         for n, p in zero3.items():
@@ -322,12 +318,16 @@ def _block_names(model: nn.Module) -> set[str]:
     return set(getattr(base, "_no_split_modules", None) or [])
 
 
-def _block_params(model: nn.Module) -> int:
-    """The base parameters (an adapter's left out) of the model's largest block (a decoder layer); 0
-    without any."""
-    names, source = _block_names(model), weight_source(model)
+def largest_block(model: nn.Module, keys: set[str] | None = None) -> int:
+    """The parameters of the model's largest block (a decoder layer), only those whose checkpoint key
+    is in ``keys`` if given (the base's: an adapter's left out); 0 for a model that names no block."""
+    names = _block_names(model)
     sizes = [
-        sum(p.numel() for n, p in m.named_parameters(prefix=prefix) if checkpoint_key(n) in source.base_keys)
+        sum(
+            p.numel()
+            for n, p in m.named_parameters(prefix=prefix)
+            if keys is None or checkpoint_key(n) in keys
+        )
         for prefix, m in model.named_modules()
         if type(m).__name__ in names
     ]
@@ -485,14 +485,13 @@ class PiecewiseHead(nn.Module):
         super().__init__()
         if own:
             self.pieces = nn.ModuleList(pieces)
-        else:
-            object.__setattr__(self, "_tied", list(pieces))
+        # what forward projects onto, not registered: a tied head's pieces are the embedding's
+        object.__setattr__(self, "_projected", list(pieces))
         self.in_features = pieces[0].weight.shape[1]
         self.out_features = sum(p.weight.shape[0] for p in pieces)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        pieces = self.pieces if "pieces" in self._modules else self._tied
-        return torch.cat([p.project(hidden) for p in pieces], dim=-1)
+        return torch.cat([p.project(hidden) for p in self._projected], dim=-1)
 
 
 def split_embeddings(model: nn.Module, piece_params: int) -> list[EmbeddingPiece]:
@@ -501,10 +500,10 @@ def split_embeddings(model: nn.Module, piece_params: int) -> list[EmbeddingPiece
     (see :class:`EmbeddingPiece`), and teach its checkpoint reader where each piece's rows are stored.
     Returns the pieces (none where a matrix fits in one piece or the model has other layers there)."""
     source = weight_source(model)
-    if piece_params <= 0:
-        return []
     if source is None:
         raise NeurontuneError("not a model built without its weights")
+    if piece_params <= 0:
+        return []
     get_base = getattr(model, "get_base_model", None)
     base = get_base() if get_base is not None else model
     names = {id(m): n for n, m in model.named_modules()}

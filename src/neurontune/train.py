@@ -465,15 +465,6 @@ def _configure_deepspeed(accelerator: Any, batch_size: int, args: TrainArgs, blo
     return stage
 
 
-def _largest_block(model: torch.nn.Module) -> int:
-    """The parameters of the model's largest block (transformers' ``_no_split_modules``, a decoder
-    layer); 0 for a model that names none."""
-    get_base = getattr(model, "get_base_model", None)
-    names = set(getattr(get_base() if get_base else model, "_no_split_modules", None) or [])
-    return max((sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in names),
-               default=0)  # fmt: skip
-
-
 def _register_base_weights(model: torch.nn.Module) -> None:
     """Under ZeRO-3, tell DeepSpeed that each PEFT layer reads its base layer's parameters itself (the
     row layers' ``fused``/``merged`` forms compute with the base weight without calling the base
@@ -701,8 +692,9 @@ def train(
             "DeepSpeed config)"
         )
     sharded_before = fsdp and is_fsdp_sharded(model)  # by shard_model: the caller keeps it sharded
-    stage = _configure_deepspeed(accelerator, data.batch_size, args, _largest_block(model)) if ds else 0
-    from neurontune.sharded import weight_source, zero3_fill, zero3_partition
+    from neurontune.sharded import largest_block, weight_source, zero3_fill, zero3_partition
+
+    stage = _configure_deepspeed(accelerator, data.batch_size, args, largest_block(model)) if ds else 0
 
     # built without its weights (neurontune.sharded): ZeRO-3 partitions it, each process fills its own
     # partitions, and it stays partitioned after training (its caller evaluates and saves it so)
