@@ -44,7 +44,9 @@ def render(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Device: {result['device']}; torch {result['torch']}; {result['date']}; code {result['commit']}  ",
         f"Model `{result['model']}` (random init, fp32), LoRA r8 on q_proj/v_proj, one sequence of "
-        f"{result['tokens']} tokens, {result['processes']} processes; RSS with glibc's mmap threshold fixed.",
+        f"{result['tokens']} tokens, {result['processes']} processes; RSS with glibc's mmap threshold fixed.  ",
+        f"FSDP2 units ({result['wrap']}): {result['units']}, the largest of "
+        f"{result['largest_unit_params']:,} parameters (what a process gathers whole at once).",
         "",
         "| phase | "
         + " | ".join(f"rank {r} peak / current (MiB)" for r in range(result["processes"]))
@@ -71,9 +73,9 @@ def main() -> None:
 
     from neurontune.bench import command_line, write_results
     from neurontune.models import load_model
-    from neurontune.runtime import process_state
+    from neurontune.runtime import fsdp_units, process_state
     from neurontune.sharded import shard_and_fill
-    from neurontune.train import TrainArgs, shard_model
+    from neurontune.train import TrainArgs, launched_min_num_params, shard_model
 
     state = process_state()
     record = []
@@ -82,7 +84,10 @@ def main() -> None:
     model, _ = load_model(path, empty=True, device="cpu")
     model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     record.append(("libraries and the empty model", *rss()))
-    model, read = shard_and_fill(model, lambda m: shard_model(m, TrainArgs(gradient_checkpointing=True)))
+    model, read = shard_and_fill(
+        model, lambda m: shard_model(m, TrainArgs(gradient_checkpointing=True)), launched_min_num_params()
+    )
+    units = fsdp_units(model)
     record.append((f"sharded load ({read['bytes_read'] / 2**20:,.0f} MiB read)", *rss()))
     model.train()
     x = torch.randint(0, 1000, (1, a.tokens))
@@ -97,7 +102,7 @@ def main() -> None:
     if state.is_main_process:
         result = {
             "command": " ".join(
-                [f"{k}={os.environ[k]}" for k in ("MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS") if k in os.environ]
+                [f"{k}={os.environ[k]}" for k in ("MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS", "FSDP_AUTO_WRAP_POLICY", "FSDP_MIN_NUM_PARAMS") if k in os.environ]
                 + [f"torchrun --standalone --nproc-per-node {state.num_processes}", command_line(__file__)[7:]]
             ),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
@@ -107,6 +112,9 @@ def main() -> None:
             "model": a.model,
             "tokens": a.tokens,
             "processes": state.num_processes,
+            "wrap": os.environ["FSDP_AUTO_WRAP_POLICY"],
+            "units": len(units),
+            "largest_unit_params": max(units.values()),
             "phases": [r[0] for r in record],
             "per_process": per_process,
         }  # fmt: skip

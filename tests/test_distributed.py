@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -122,14 +123,20 @@ SHARDED = [  # (name, method, relative tolerance)
     ("fsdp2", "rows", 1e-5),
     pytest.param("fsdp2", "lora", 1e-5, marks=SLOW),
     pytest.param("fsdp2", "full", 1e-5, marks=SLOW),
+    pytest.param("fsdp2-size", "rows", 1e-5, marks=SLOW),  # the row layer and its base layer: one unit
     pytest.param("zero2", "rows", 1e-5, marks=SLOW),  # ZeRO-2 stays in the default run: accumulation test
     pytest.param("zero3", "rows", 1e-4, marks=SLOW),  # ZeRO-3 reduces partitioned gradients in another order
     pytest.param("zero3", "full", 1e-4, marks=SLOW),
 ]
 
 
+# accelerate's SIZE_BASED_WRAP: a unit per module of over 1,500 parameters (tiny-llama's MLP projections,
+# its attention, the embedding's and head's pieces), so no decoder layer is gathered whole
+FSDP_SIZE = {**FSDP, "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP", "FSDP_MIN_NUM_PARAMS": "1500"}
+
+
 def sharding(name: str) -> dict:
-    return FSDP if name == "fsdp2" else deepspeed(int(name[-1]))
+    return {"fsdp2": FSDP, "fsdp2-size": FSDP_SIZE}.get(name) or deepspeed(int(name[-1]))
 
 
 @pytest.mark.parametrize("name,method,rtol", SHARDED)
@@ -139,9 +146,12 @@ def test_sharded_two_processes_equal_one_with_grad_accum_2(tmp_path, name, metho
     assert one.returncode == 0, one.stderr[-3000:]
     two = finetune(2, tmp_path / "two", f"method={method}", "steps=4", "lr=1e-3", env=env)
     assert two.returncode == 0, two.stderr[-3000:]
-    said = "FSDP2: parameters and optimizer state" if name == "fsdp2" else f"DeepSpeed ZeRO-{name[-1]}:"
+    fsdp = name.startswith("fsdp2")
+    said = "FSDP2: parameters and optimizer state" if fsdp else f"DeepSpeed ZeRO-{name[-1]}:"
     assert f"{said} sharded over 2 processes" in two.stdout
-    if name == "fsdp2":  # said, not hidden: a built-in tiny model has no checkpoint to read shards from
+    if name == "fsdp2-size":  # the largest unit is the embedding (259 x 32; a whole load cuts no pieces)
+        assert "in 18 units of at most 8,288 parameters" in two.stdout, two.stdout
+    if fsdp:  # said, not hidden: a built-in tiny model has no checkpoint to read shards from
         why = "method=full needs the whole base" if method == "full" else "tiny-llama is built in memory"
         assert f"note: every process loads the whole base before it is sharded: {why}" in two.stdout
     # the final output (gathered from the shards) and every checkpoint (whole tensors) match one process
@@ -198,6 +208,8 @@ def tied_dir(tmp_path_factory) -> Path:
         pytest.param("fsdp2", "lora", marks=SLOW),
         pytest.param("fsdp2", "rows-spec", marks=SLOW),
         pytest.param("fsdp2", "tied", marks=SLOW),  # the tied embedding in pieces, one FSDP2 unit each
+        pytest.param("fsdp2-size", "rows-fused", marks=SLOW),  # units of one projection; the head in pieces
+        pytest.param("fsdp2-size", "lora", marks=SLOW),
         pytest.param("zero3", "tied", marks=SLOW),
         pytest.param(
             "zero3", "rows-taylor", marks=SLOW
@@ -224,12 +236,19 @@ def test_sharded_load_equals_one_process_and_each_reads_only_its_shards(tmp_path
         opts = [*opts[:-1], f"spec={tmp_path / 'one' / 'neuron_spec.json'}"]
     two = finetune(2, tmp_path / "two", *opts, env=sharding(name))
     assert two.returncode == 0, two.stderr[-3000:]
-    how = "FSDP2" if name == "fsdp2" else "ZeRO-3"
+    how = "ZeRO-3" if name == "zero3" else "FSDP2"
     assert f"{how} sharded load: each of 2 processes read" in two.stdout
+    if name == "fsdp2-size":  # no unit above a projection (2,048) and its delta; a decoder layer has 9,280
+        largest = re.search(r"FSDP2: .* in \d+ units of at most ([\d,]+) parameters", two.stdout)
+        assert largest and int(largest[1].replace(",", "")) <= 2048 + 24 * 32, two.stdout
     if method != "lora":
         s1 = json.loads((tmp_path / "one" / "neuron_spec.json").read_text())["modules"]
         assert json.loads((tmp_path / "two" / "neuron_spec.json").read_text())["modules"] == s1
-    assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"), 1e-5 if name == "fsdp2" else 1e-4)
+    # (fsdp2-size, lora): step 1's gradient norm differs by 7e-8 relative (the head in 6 pieces is the likely
+    # cause: another summation order); over 4 steps Adam makes that 9e-5 on one element of LoRA's
+    # zero-initialised B, whose gradient is near 0 (rows: 1e-5 holds)
+    rtol = 1e-4 if name == "zero3" or (name, method) == ("fsdp2-size", "lora") else 1e-5
+    assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"), rtol)
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert m2["after"]["accuracy"] == m1["after"]["accuracy"]
@@ -239,7 +258,7 @@ def test_sharded_load_equals_one_process_and_each_reads_only_its_shards(tmp_path
 
     with safe_open(base_dir / "model.safetensors", "pt") as f:
         sizes = [f.get_slice(k).get_shape() for k in f.keys()]
-    if name == "fsdp2":  # whole rows, padded to equal chunks
+    if name != "zero3":  # whole rows, padded to equal chunks
         half = sum(math.ceil(s[0] / 2) * math.prod(s[1:]) * 4 for s in sizes)
     else:  # half the flattened elements, and at most a row more at either end of the range
         half = sum((math.ceil(math.prod(s) / 2) + 2 * math.prod(s[1:])) * 4 for s in sizes)
@@ -247,19 +266,23 @@ def test_sharded_load_equals_one_process_and_each_reads_only_its_shards(tmp_path
     load = m2["sharded_load"]
     assert load["checkpoint_bytes"] == (base_dir / "model.safetensors").stat().st_size
     assert len(load["processes"]) == 2
-    pieces = (
-        4 if (name, method) == ("fsdp2", "tied") else 1
-    )  # 1,000 rows of 32, at most 9,280 parameters each
+    # tied: 1,000 rows of 32 in pieces of at most 9,280 parameters; by size: the untied embedding and head,
+    # 259 rows each, in pieces of at most 1,500 parameters (46 rows)
+    extra = {
+        ("fsdp2", "tied"): 4 - 1,
+        ("fsdp2-size", "rows-fused"): 2 * (6 - 1),
+        ("fsdp2-size", "lora"): 2 * (6 - 1),
+    }
     for p in load["processes"]:
-        assert p["tensors"] == len(sizes) + pieces - 1 and p["bytes_read"] <= half
+        assert p["tensors"] == len(sizes) + extra.get((name, method), 0) and p["bytes_read"] <= half
         assert p["largest_local_bytes"] <= largest  # no parameter whole on any process
-        if name == "fsdp2":
+        if name != "zero3":
             assert p["base_bytes_held_before_sharding"] == 0  # nor any of the base before it was sharded
         else:  # ZeRO-3 partitions module by module: one module's parameters whole at a time, briefly
             assert p["largest_whole_module_bytes"] == max(math.prod(s) for s in sizes) * 4
     total = sum(math.prod(s) * 4 for s in sizes)
     read = sum(p["bytes_read"] for p in load["processes"])
-    assert read == total if name == "fsdp2" else total <= read <= half * 2
+    assert read == total if name != "zero3" else total <= read <= half * 2
 
 
 @pytest.mark.slow

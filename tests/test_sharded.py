@@ -198,3 +198,63 @@ def test_zero3_keeps_two_blocks_live_unless_the_config_says(monkeypatch):
         assert _configure_deepspeed(acc, 2, TrainArgs(grad_accum=2), block) == stage
         assert conf["zero_optimization"].get("stage3_max_live_parameters") == want
         assert conf["train_batch_size"] == 8
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of one process, for fully_shard in this process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists already")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("min_num_params", [0, 1500])
+def test_size_based_units_keep_a_row_layer_with_its_base_and_compute_as_unsharded(
+    one_process_group, min_num_params
+):
+    """accelerate's SIZE_BASED_WRAP, done by wrap_by_size: a unit per module of over min_num_params
+    parameters, bottom-up, but never a PEFT layer's base layer apart from it (the fused row layer reads
+    the base weight itself); the sharded model's loss and delta gradients are the unsharded model's."""
+    import copy
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+    from neurontune.rowtune import RowTuneConfig
+    from neurontune.runtime import fsdp_units
+    from neurontune.train import wrap_by_size
+
+    model = get_peft_model(tiny_model("tiny-llama"), RowTuneConfig(init_rows="magnitude", impl="fused"))
+    ref = copy.deepcopy(model)
+    plugin = SimpleNamespace(auto_wrap_policy=size_based_auto_wrap_policy, min_num_params=min_num_params,
+                             reshard_after_forward=True, cpu_offload=None, mixed_precision_policy=None)  # fmt: skip
+    made = wrap_by_size(
+        model, SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no")
+    )
+    assert made == bool(min_num_params)  # 0: accelerate ignores the policy, and so does this
+    if not made:
+        return
+    units = fsdp_units(model)
+    layer = "base_model.model.model.layers.0"
+    assert {n[len(layer) + 1 :] for n in units if n.startswith(layer + ".")} == {
+        "self_attn", "self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    }  # fmt: skip  # k/v (512 each) stay in self_attn's unit; no base_layer is a unit of its own
+    assert units[layer] == 64  # the two norms are all its own unit holds
+    assert units[f"{layer}.mlp.gate_proj"] == 2048 + sum(
+        p.numel() for p in model.get_submodule(f"{layer}.mlp.gate_proj").parameters() if p.requires_grad
+    )
+    x = torch.randint(0, 259, (2, 12))
+    losses = [m(input_ids=x, labels=x).loss for m in (model, ref)]
+    for loss in losses:
+        loss.backward()
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6)
+    got = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and got
+    for n in got:
+        assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-7), n

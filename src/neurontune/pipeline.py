@@ -47,6 +47,7 @@ from neurontune.tasks import (
 )
 from neurontune.train import (
     asked_processes_not_started,
+    launched_min_num_params,
     launched_with,
     launched_zero_stage,
     list_checkpoints,
@@ -600,7 +601,7 @@ def _shard_and_read(model: torch.nn.Module, cfg: FinetuneConfig, state: Any) -> 
 
     source = weight_source(model)
     t0 = time.perf_counter()
-    model, read = shard_and_fill(model, lambda m: shard_model(m, train_args(cfg)))
+    model, read = shard_and_fill(model, lambda m: shard_model(m, train_args(cfg)), launched_min_num_params())
     read["seconds"] = round(time.perf_counter() - t0, 3)
     return model, _reading_record(source, read, "FSDP2", state)
 

@@ -55,6 +55,21 @@ def is_fsdp_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def fsdp_units(model: torch.nn.Module) -> dict[str, int]:
+    """The FSDP2 units of ``model`` (the modules ``fully_shard`` was applied to), each with the number of
+    parameters it gathers (its own, not those of the units inside it), by module name."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units: dict[str, int] = {}
+    seen: set[int] = set()
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, FSDPModule)]
+    for name, module in reversed(modules):  # innermost first: a unit's parameters are not its parents'
+        own = [p for p in module.parameters() if id(p) not in seen]
+        seen |= {id(p) for p in own}
+        units[name] = sum(p.numel() for p in own)
+    return units
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """``(trainable, total)``; an adapter's own parameters count in the total, as PEFT does."""
     counter = getattr(model, "get_nb_trainable_parameters", None)

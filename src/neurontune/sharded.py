@@ -131,20 +131,24 @@ def _keys_by_parameter(model: nn.Module) -> list[tuple[nn.Parameter, list[str]]]
     return list(keys.values())
 
 
-def shard_and_fill(model: nn.Module, shard: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, dict]:
+def shard_and_fill(
+    model: nn.Module, shard: Callable[[nn.Module], nn.Module], piece_params: int | None = None
+) -> tuple[nn.Module, dict]:
     """``shard(model)`` (``fully_shard``) with the base's placeholders on the meta device, so that
     sharding allocates nothing of them; then each process's shards are allocated (``to_empty``, FSDP2's
     way of materialising a meta-device model: only the local shards) and filled from the checkpoint.
     The adapter's own parameters and every buffer keep their values. Returns the model and
     :meth:`CheckpointReader.fill`'s record, with ``base_bytes_held_before_sharding``: what of the base
-    was real (not a placeholder) when sharding began, 0 unless something materialised it."""
+    was real (not a placeholder) when sharding began, 0 unless something materialised it. The input
+    embedding and head are cut into pieces of at most ``piece_params`` parameters (default: a decoder
+    layer's; a size-based wrap passes its ``fsdp_min_num_params``), one FSDP2 unit each."""
     from torch.distributed.tensor import DTensor
 
     source = weight_source(model)
     if source is None:
         raise NeurontuneError("not a model built without its weights")
-    # FSDP2 gathers the embedding (and head) a piece at a time, no piece larger than a decoder layer
-    split_embeddings(model, largest_block(model, source.base_keys))
+    # FSDP2 gathers the embedding (and head) a piece at a time, no piece larger than the other units
+    split_embeddings(model, piece_params or largest_block(model, source.base_keys))
     metas: dict[int, nn.Parameter] = {}
     held = 0  # bytes of the base's parameters held whole here before sharding: 0 unless something copied one
     for prefix, module in model.named_modules():  # the base's placeholders become meta tensors (tied: one)

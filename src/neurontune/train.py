@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from neurontune.errors import NeurontuneError
 from neurontune.io import atomic_dir, atomic_path, read_json, read_safetensors, write_json, write_safetensors
-from neurontune.runtime import is_fsdp_sharded
+from neurontune.runtime import fsdp_units, is_fsdp_sharded
 from neurontune.tasks import IGNORE_INDEX, StepBatches
 
 CHECKPOINT_FORMAT = "neurontune.checkpoint/1"
@@ -347,6 +347,84 @@ def _is_fsdp(accelerator: Any) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
+def launched_min_num_params() -> int | None:
+    """``fsdp_min_num_params`` of an ``accelerate launch`` with an FSDP config whose
+    ``fsdp_auto_wrap_policy`` is ``SIZE_BASED_WRAP`` (as accelerate exports them); ``None`` otherwise."""
+    import os
+
+    if not launched_with("FSDP") or os.environ.get("FSDP_AUTO_WRAP_POLICY", "") != "SIZE_BASED_WRAP":
+        return None
+    try:
+        return int(os.environ.get("FSDP_MIN_NUM_PARAMS", "0")) or None
+    except ValueError:
+        raise NeurontuneError(
+            f"fsdp_min_num_params {os.environ['FSDP_MIN_NUM_PARAMS']!r} is not an integer"
+        ) from None
+
+
+def _fsdp2_kwargs(accelerator: Any) -> dict:
+    """The options accelerate's ``fsdp2_prepare_model`` gives ``fully_shard`` for each unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    return {
+        "reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
+        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        "mesh": mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None,
+    }  # fmt: skip
+
+
+def wrap_by_size(model: torch.nn.Module, accelerator: Any) -> bool:
+    """accelerate's ``SIZE_BASED_WRAP`` for FSDP2, done here: bottom-up, every module of more than
+    ``fsdp_min_num_params`` parameters (its children's included) that holds some not yet in a unit
+    becomes one, so that FSDP2 gathers at most about one large linear layer at a time rather than a
+    decoder layer. Unlike accelerate's walk, a PEFT layer and its base layer are one unit: the row
+    layers' ``fused``/``merged`` forms compute with the base weight directly, outside the base
+    layer's forward, where FSDP would not have gathered it. Returns whether the launch asked for this
+    policy (then ``fsdp2_prepare_model`` must wrap only the embedding, the head and the root)."""
+    from accelerate.utils.other import get_module_children_bottom_up
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+    if policy is not size_based_auto_wrap_policy or not plugin.min_num_params:
+        return False
+    if accelerator.mixed_precision != "no":  # fp32 trainable parameters, as fsdp2_prepare_model makes them
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.to(torch.float32)
+    layers = [
+        m for m in model.modules()
+        if isinstance(m, BaseTunerLayer) or isinstance(getattr(m, "base_layer", None), torch.nn.Module)
+    ]  # fmt: skip
+    inside = {id(c) for m in layers for c in m.modules() if c is not m}
+    managed = {id(p) for m in model.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
+    kwargs = _fsdp2_kwargs(accelerator)
+    for module in get_module_children_bottom_up(model)[:-1]:
+        if id(module) in inside or isinstance(module, FSDPModule):
+            continue
+        params = list(module.parameters())
+        if sum(p.numel() for p in params) <= plugin.min_num_params or all(id(p) in managed for p in params):
+            continue
+        fully_shard(module, **kwargs)
+        managed |= {id(p) for p in module.parameters()}  # fully_shard replaced them by their shards
+    return True
+
+
+@contextlib.contextmanager
+def _no_auto_wrap(accelerator: Any):
+    """``accelerator.prepare`` with the FSDP plugin's auto-wrap policy off: the units are made already."""
+    plugin = accelerator.state.fsdp_plugin
+    policy, plugin.auto_wrap_policy = plugin.auto_wrap_policy, None
+    try:
+        yield
+    finally:
+        plugin.auto_wrap_policy = policy
+
+
 def shard_model(model: torch.nn.Module, args: TrainArgs) -> torch.nn.Module:
     """``fully_shard`` ``model`` now, as :func:`train`'s ``accelerate.prepare`` would (accelerate's FSDP2
     plugin from the launch config, the run's precision), for a model loaded without its weights
@@ -362,18 +440,17 @@ def shard_model(model: torch.nn.Module, args: TrainArgs) -> torch.nn.Module:
             "a sharded load needs an FSDP2 launch (accelerate launch --config_file fsdp2.yaml)"
         )
     # accelerate's own low-memory load broadcasts rank 0's whole copy; the checkpoint is read per shard instead
-    plugin = accelerator.state.fsdp_plugin
-    plugin.cpu_ram_efficient_loading = False
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
+    from torch.distributed.fsdp import fully_shard
 
     from neurontune.sharded import embedding_pieces
 
     for piece in embedding_pieces(model):  # a unit each, with the options accelerate gives the others
-        fully_shard(
-            piece, reshard_after_forward=True, offload_policy=plugin.cpu_offload,
-            mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
-        )  # fmt: skip
-    return fsdp2_prepare_model(accelerator, model)
+        fully_shard(piece, **_fsdp2_kwargs(accelerator))
+    if not wrap_by_size(model, accelerator):
+        return fsdp2_prepare_model(accelerator, model)
+    with _no_auto_wrap(accelerator):
+        return fsdp2_prepare_model(accelerator, model)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -675,6 +752,20 @@ def train(
         mixed_precision(args.precision), args.torch_compile_backend if args.torch_compile else None
     )
     groups = param_groups if param_groups is not None else [{"params": list(named.values())}]
+    fsdp, ds = _is_fsdp(accelerator), _is_deepspeed(accelerator)
+    if (fsdp or ds) and getattr(model, "hf_quantizer", None) is not None:
+        raise NeurontuneError(
+            "FSDP and DeepSpeed do not shard a quantized (bitsandbytes) base here; use DDP (no FSDP or "
+            "DeepSpeed config)"
+        )
+    sharded_before = fsdp and is_fsdp_sharded(model)  # by shard_model: the caller keeps it sharded
+    units_made = sharded_before
+    if fsdp and not sharded_before:
+        names = {id(p): n for n, p in model.named_parameters()}
+        if units_made := wrap_by_size(model, accelerator):  # the optimizer gets the shards
+            now = dict(model.named_parameters())
+            named = {n: now[n] for n in named}
+            groups = [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in groups]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     try:
         scheduler = get_scheduler(
@@ -684,14 +775,6 @@ def train(
         raise NeurontuneError(f"lr_scheduler {args.lr_scheduler!r}: {e}") from None
     # the scheduler is stepped here, once per optimizer step: accelerate's wrapper would step it once
     # per process, as it assumes a dataloader it sharded itself
-    fsdp = _is_fsdp(accelerator)
-    ds = _is_deepspeed(accelerator)
-    if (fsdp or ds) and getattr(model, "hf_quantizer", None) is not None:
-        raise NeurontuneError(
-            "FSDP and DeepSpeed do not shard a quantized (bitsandbytes) base here; use DDP (no FSDP or "
-            "DeepSpeed config)"
-        )
-    sharded_before = fsdp and is_fsdp_sharded(model)  # by shard_model: the caller keeps it sharded
     from neurontune.sharded import largest_block, weight_source, zero3_fill, zero3_partition
 
     stage = _configure_deepspeed(accelerator, data.batch_size, args, largest_block(model)) if ds else 0
@@ -707,14 +790,8 @@ def train(
         zero3_partition(model, accelerator.state.deepspeed_plugin.deepspeed_config)
     index = {id(p): i for i, p in enumerate(named.values())}
     members = [[index[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    if sharded_before:  # prepare() leaves an FSDP module as it is, but would look for the layers to wrap
-        plugin = accelerator.state.fsdp_plugin
-        policy, plugin.auto_wrap_policy = plugin.auto_wrap_policy, None
-        try:
-            model, optimizer = accelerator.prepare(model, optimizer)
-        finally:
-            plugin.auto_wrap_policy = policy
-    else:
+    # prepare() leaves an FSDP module as it is, but would look for the layers to wrap
+    with _no_auto_wrap(accelerator) if units_made else contextlib.nullcontext():
         model, optimizer = accelerator.prepare(model, optimizer)
     layout: Layout = (
         FSDPLayout() if fsdp else DeepSpeedLayout(optimizer.optimizer, members) if ds else Layout()
@@ -731,7 +808,11 @@ def train(
     out = Path(output_dir) if output_dir is not None else None
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if fsdp and main:
-        print(f"FSDP2: parameters and optimizer state sharded over {world} processes")
+        units = fsdp_units(accelerator.unwrap_model(model))
+        print(
+            f"FSDP2: parameters and optimizer state sharded over {world} processes, in {len(units)} units "
+            f"of at most {max(units.values(), default=0):,} parameters"
+        )
     if ds and main:
         print(f"DeepSpeed ZeRO-{stage}: sharded over {world} processes")
 

@@ -92,14 +92,14 @@ class Rows(Method):
         import gc
 
         from neurontune.sharded import another_empty_model, fsdp2_shard, shard_and_fill
-        from neurontune.train import launched_with, shard_model, train_args
+        from neurontune.train import launched_min_num_params, launched_with, shard_model, train_args
 
         model.requires_grad_(False)
         # in the model's own dtype, as a 1-process run scores before training's mixed precision starts;
         # FSDP2 under a DeepSpeed launch too (a scoring copy needs no optimizer)
         fp32 = train_args(self.cfg, precision="fp32")
         shard = (lambda m: shard_model(m, fp32)) if launched_with("FSDP") else fsdp2_shard
-        scoring, _ = shard_and_fill(model, shard)
+        scoring, _ = shard_and_fill(model, shard, launched_min_num_params())
         spec = self._select(scoring, tok, task, out, write=write)
         fresh = another_empty_model(scoring)
         del scoring, model
