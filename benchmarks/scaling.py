@@ -38,6 +38,10 @@ SHARDING = {  # what `accelerate launch --config_file examples/accelerate/<name>
     "ddp": {},
     "fsdp2": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
               "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer"},
+    # accelerate's SIZE_BASED_WRAP: a unit per module of over 10M parameters (at the 1B shape each MLP
+    # projection, 16.8M, and each attention block, 10.5M; the embedding's pieces at most 10M)
+    "fsdp2-size": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP",
+                   "FSDP_MIN_NUM_PARAMS": "10000000"},
     "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
     "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
 }  # fmt: skip
@@ -216,7 +220,10 @@ def render(result: dict) -> str:
         '"shards": the base was built without its weights and each process read only its FSDP2 shards or',
         'ZeRO-3 partitions from the checkpoint (`neurontune.sharded`); "whole": every process loaded the whole',
         "base before it was sharded (DDP always; FSDP2 and ZeRO-3 for zo-taylor/neft, DoRA/PiSSA/full/gates,",
-        "a built-in tiny model or save_merged).",
+        "a built-in tiny model or save_merged). fsdp2: a unit per decoder layer (TRANSFORMER_BASED_WRAP, as",
+        "`examples/accelerate/fsdp2.yaml`); fsdp2-size: a unit per module of over 10M parameters",
+        "(SIZE_BASED_WRAP, `fsdp_min_num_params: 10000000`, as `examples/accelerate/fsdp2_size.yaml`), a PEFT",
+        "layer with its base layer; the embedding and head in pieces no larger than a unit in both.",
     ]
     if result.get("capacity"):
         lines += ["", result["capacity"]]

@@ -165,8 +165,6 @@ def shard_and_fill(
 
     # generate() reaches the layers without the root's forward: FSDP's hooks must run around it too
     register_fsdp_forward_method(model, "generate")
-    for piece in embedding_pieces(model):  # the head projects onto a piece through project()
-        register_fsdp_forward_method(piece, "project")
     device = torch.device(source.device or "cpu")
     kept = {  # the adapter's shards (small) and the buffers, which to_empty would leave uninitialised
         n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
@@ -442,25 +440,26 @@ def zero3_fill(model: nn.Module) -> dict[str, int]:
 
 class EmbeddingPiece(nn.Module):
     """Rows ``[start, start + n)`` of an embedding matrix (or of an untied head's weight), its own FSDP2
-    unit: :class:`PiecewiseEmbedding` looks tokens up in it, :class:`PiecewiseHead` projects onto it
-    (``project``, registered with FSDP so that it gathers the piece too). A sharded run thus gathers one
-    piece at a time, where FSDP2 would gather a tied embedding whole and keep it from the forward's start
-    to the backward's end (accelerate's tail unit)."""
+    unit (under ZeRO-3, a module DeepSpeed gathers on its own): :class:`PiecewiseEmbedding` looks tokens
+    up in it, :class:`PiecewiseHead` projects onto it, both through ``forward`` (token ids: the lookup;
+    hidden states: the projection), so that FSDP's and DeepSpeed's hooks gather the piece either way. A
+    sharded run thus gathers one piece at a time, where FSDP2 would gather a tied embedding whole and
+    keep it from the forward's start to the backward's end (accelerate's tail unit), and ZeRO-3 would
+    gather the whole matrix for the lookup and again for the head."""
 
     def __init__(self, weight: torch.Tensor, start: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.start = start
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        n = self.weight.shape[0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():  # hidden states: this piece's logits
+            return nn.functional.linear(x, self.weight)
+        ids, n = x, self.weight.shape[0]
         local = ids - self.start
         inside = (local >= 0) & (local < n)
         out = nn.functional.embedding(local.clamp(0, n - 1), self.weight)
         return out * inside.unsqueeze(-1).to(out.dtype)
-
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden, self.weight)
 
 
 class PiecewiseEmbedding(nn.Module):
@@ -495,7 +494,7 @@ class PiecewiseHead(nn.Module):
         self.out_features = sum(p.weight.shape[0] for p in pieces)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p.project(hidden) for p in self._projected], dim=-1)
+        return torch.cat([p(hidden) for p in self._projected], dim=-1)
 
 
 def split_embeddings(model: nn.Module, piece_params: int) -> list[EmbeddingPiece]:

@@ -775,7 +775,7 @@ def train(
         raise NeurontuneError(f"lr_scheduler {args.lr_scheduler!r}: {e}") from None
     # the scheduler is stepped here, once per optimizer step: accelerate's wrapper would step it once
     # per process, as it assumes a dataloader it sharded itself
-    from neurontune.sharded import largest_block, weight_source, zero3_fill, zero3_partition
+    from neurontune.sharded import largest_block, split_embeddings, weight_source, zero3_fill, zero3_partition
 
     stage = _configure_deepspeed(accelerator, data.batch_size, args, largest_block(model)) if ds else 0
 
@@ -786,7 +786,8 @@ def train(
         raise NeurontuneError("a model built without its weights trains under FSDP2 or DeepSpeed ZeRO-3 only")
     if stage == 3:
         _register_base_weights(model)
-    if empty:
+    if empty:  # DeepSpeed gathers the embedding and head a piece at a time, none larger than a layer
+        split_embeddings(model, largest_block(model, weight_source(model).base_keys))
         zero3_partition(model, accelerator.state.deepspeed_plugin.deepspeed_config)
     index = {id(p): i for i, p in enumerate(named.values())}
     members = [[index[id(p)] for p in g["params"]] for g in optimizer.param_groups]
