@@ -8,7 +8,9 @@ step), per process. Fix glibc's mmap threshold as ``scaling.py`` does (it is rea
 Run under torchrun with the variables ``accelerate launch`` exports for an FSDP2 config (set here if
 absent). The model is the random-init shape saved by ``scaling.py`` (``--model`` a gpu_step shape);
 the adapter is LoRA r8 on q/v, the batch one sequence of ``--tokens``. Writes
-``results/fsdp_phases.{json,md}`` (rank 0).
+``results/fsdp_phases.{json,md}`` (rank 0); with accelerate's size-based policy
+(``FSDP_AUTO_WRAP_POLICY=SIZE_BASED_WRAP FSDP_MIN_NUM_PARAMS=10000000``, as ``fsdp2_size.yaml``),
+``results/fsdp_phases_size.{json,md}``.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def main() -> None:
             "phases": [r[0] for r in record],
             "per_process": per_process,
         }  # fmt: skip
-        write_results(a.out, "fsdp_phases", result, render)
+        size = result["wrap"] == "SIZE_BASED_WRAP"
+        write_results(a.out, "fsdp_phases_size" if size else "fsdp_phases", result, render)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neurontune.train import list_checkpoints
+from neurontune.train import list_checkpoints, read_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RUN = ["model=tiny-llama", "train_examples=48", "eval_examples=4", "forgetting_examples=0", "batch_size=2",
@@ -154,10 +154,18 @@ def test_sharded_two_processes_equal_one_with_grad_accum_2(tmp_path, name, metho
     if fsdp:  # said, not hidden: a built-in tiny model has no checkpoint to read shards from
         why = "method=full needs the whole base" if method == "full" else "tiny-llama is built in memory"
         assert f"note: every process loads the whole base before it is sharded: {why}" in two.stdout
-    # the final output (gathered from the shards) and every checkpoint (whole tensors) match one process
+    # the final output (gathered from the shards) and every checkpoint match one process; FSDP2's
+    # (SHARDED_STATE_DICT, its default) are each process's own shards, joined here
     assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"), rtol)
     for c1, c2 in zip(list_checkpoints(tmp_path / "one"), list_checkpoints(tmp_path / "two"), strict=True):
-        t1, t2 = load_file(c1 / "state.safetensors"), load_file(c2 / "state.safetensors")
+        t1, t2 = read_checkpoint(c1), read_checkpoint(c2)
+        if fsdp:  # each process wrote only its rows of each tensor: nothing was gathered
+            ranks = sorted(c2.glob("*.safetensors"))
+            assert [f.name for f in ranks] == [f"state.rank0000{r}-of-00002.safetensors" for r in (0, 1)]
+            for f in ranks:
+                for k, t in load_file(f).items():
+                    if t.dim() and not k.startswith("rng."):
+                        assert t.shape[0] == math.ceil(t2[k].shape[0] / 2) or f == ranks[-1], k
         assert_close(
             {k: v for k, v in t2.items() if not k.startswith("rng.")},
             {k: v for k, v in t1.items() if not k.startswith("rng.")},
@@ -339,6 +347,28 @@ def test_killed_sharded_load_run_resumes_exactly(tmp_path, base_dir, name):
         tmp_path / "killed", full=tmp_path / "one", env=sharding(name), extra=opts,
         rtol=1e-5 if name == "fsdp2" else 1e-4,
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_sharded_fsdp2_checkpoint_resumes_under_full_state_dict(tmp_path):
+    """A run stopped after writing FSDP2 shards (SHARDED_STATE_DICT) at step 4 resumes under a launch that
+    writes whole checkpoints (FULL_STATE_DICT): the shards are joined, and the run ends where an unbroken
+    run does. (Stopped by removing what came after step 4: a kill may land after the last checkpoint.)"""
+    opts = ["steps=12", "save_steps=4", "save_total_limit=3"]
+    one = finetune(1, tmp_path / "one", *opts, "grad_accum=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    out = tmp_path / "two"
+    first = finetune(2, out, *opts, env=FSDP)
+    assert first.returncode == 0, first.stderr[-3000:]
+    four, *later = list_checkpoints(out)
+    assert four.name == "step-000004" and len(later) == 2 and not (four / "state.safetensors").exists()
+    for p in [*later, out / "adapter", out / "metrics.json"]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    again = finetune(2, out, *opts, "--resume", env={**FSDP, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step 4/12" in again.stdout
+    assert (list_checkpoints(out)[-1] / "state.safetensors").is_file()  # written whole after the resume
+    assert_close(adapter(out), adapter(tmp_path / "one"))
 
 
 @pytest.mark.parametrize("name", ["zero2", pytest.param("zero3", marks=SLOW)])

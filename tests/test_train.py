@@ -69,6 +69,26 @@ def test_checkpoint_holds_only_trainable_state(tmp_path, tokenizer):
     assert max(t.numel() for k, t in tensors.items() if k != "rng.cpu") < 64 * 32  # nothing full-size
 
 
+def test_a_sharded_checkpoint_reads_whole(tmp_path):
+    """read_checkpoint joins an FSDP2 checkpoint's per-process files (rows in rank order; AdamW's step
+    once; each process's RNG state under its rank) into what a whole checkpoint holds."""
+    from safetensors.torch import save_file
+
+    from neurontune.train import read_checkpoint
+
+    w, m = torch.randn(5, 3), torch.randn(5, 3)
+    rng = [torch.get_rng_state(), torch.get_rng_state() + 1]
+    for r, rows in enumerate((slice(0, 3), slice(3, 5))):
+        save_file({"param.w": w[rows].contiguous(), "optim.0.exp_avg": m[rows].contiguous(),
+                   "optim.0.step": torch.tensor(4.0), "rng.cpu": rng[r]},
+                  tmp_path / f"state.rank0000{r}-of-00002.safetensors")  # fmt: skip
+    (tmp_path / "state.json").write_text(json.dumps({"format": "neurontune.checkpoint/1", "shards": 2}))
+    got = read_checkpoint(tmp_path)
+    assert got.keys() == {"param.w", "optim.0.exp_avg", "optim.0.step", "rng.cpu", "rng.cpu.1"}
+    assert got["param.w"].equal(w) and got["optim.0.exp_avg"].equal(m) and got["optim.0.step"] == 4
+    assert got["rng.cpu"].equal(rng[0]) and got["rng.cpu.1"].equal(rng[1])
+
+
 def _cmd(out, method):
     extra = ["lora_dropout=0.2"] if method == "lora" else []
     return [

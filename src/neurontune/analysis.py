@@ -25,7 +25,7 @@ from neurontune.io import atomic_path, read_json, read_safetensors, refuse_exist
 from neurontune.selection import overlap
 from neurontune.spec import NeuronSpec, load_spec
 from neurontune.targets import get_weight
-from neurontune.train import list_checkpoints
+from neurontune.train import list_checkpoints, read_checkpoint
 
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -91,7 +91,7 @@ def rows_dynamics(model: nn.Module, run_dir: str | Path) -> list[dict[str, Any]]
         raise NeurontuneError(f"{run_dir}: no checkpoints to follow (train with save_steps > 0)")
     out = []
     for ck in ckpts:
-        tensors = read_safetensors(ck / "state.safetensors", "checkpoint tensors")
+        tensors = read_checkpoint(ck)  # whole, or FSDP2 shards joined
         per_type: dict[str, list[torch.Tensor]] = {}
         norms: dict[str, list[torch.Tensor]] = {}
         for name, sel in spec.modules.items():

@@ -150,20 +150,26 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        respect_umask(tmp)
-        if not replace:
-            rename_new(tmp, path)
-        elif path.exists() or path.is_symlink():
-            old = path.with_name(f".{path.name}.old")
-            remove(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            remove(old)
-        else:
-            os.replace(tmp, path)
+        swap_in(tmp, path, replace)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(tmp: Path, path: Path, replace: bool = True) -> None:
+    """Rename the finished directory ``tmp`` to ``path`` (an existing one is swapped out last;
+    ``replace=False``: only if nothing is there by then)."""
+    respect_umask(tmp)
+    if not replace:
+        rename_new(tmp, path)
+    elif path.exists() or path.is_symlink():
+        old = path.with_name(f".{path.name}.old")
+        remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        remove(old)
+    else:
+        os.replace(tmp, path)
 
 
 def remove(path: Path) -> None:

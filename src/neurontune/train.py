@@ -141,6 +141,8 @@ def save_checkpoint(
     shards are gathered whole, a collective) and one of them has ``write``."""
     layout = layout or Layout()
     index = {id(p): i for i, p in enumerate(named.values())}
+    if layout.sharded:
+        return _save_sharded(path, named, optimizer, scheduler, step, log, num_processes, layout, index)
     tensors = {}
     for n, p in named.items():  # in parameter order, the same on every process (the gathers pair up)
         tensors[f"param.{n}"] = layout.param(p)
@@ -164,6 +166,99 @@ def save_checkpoint(
     with atomic_dir(path) as tmp:
         write_safetensors(tmp / "state.safetensors", tensors, {"format": CHECKPOINT_FORMAT})
         write_json(tmp / "state.json", state)
+
+
+def _shard_file(rank: int, world: int) -> str:
+    return f"state.rank{rank:05d}-of-{world:05d}.safetensors"
+
+
+def _every_outcome(error: str | None) -> str | None:
+    """The first process's error (in rank order) on every process, else ``None``: a collective."""
+    import torch.distributed as dist
+
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def _save_sharded(
+    path: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+    step: int, log: list[dict[str, float]], world: int, layout: Layout, index: dict[int, int],
+) -> None:  # fmt: skip
+    """An FSDP2 checkpoint as shards (accelerate's ``fsdp_state_dict_type: SHARDED_STATE_DICT``): every
+    process writes its own rows of each trainable tensor and its AdamW moments, and its RNG state, to
+    ``state.rankRRRRR-of-NNNNN.safetensors``; nothing is gathered. All write into one temporary
+    directory, which the main process renames into place once every process has written (a failure on
+    any process stops them all, and the previous checkpoint stays)."""
+    import torch.distributed as dist
+
+    from neurontune.io import make_dir, remove, swap_in
+
+    rank, tmp = dist.get_rank(), path.with_name(f".{path.name}.tmp")
+    error = None
+    if rank == 0:
+        try:
+            remove(tmp)
+            make_dir(tmp)
+        except OSError as e:
+            error = f"could not write {path}: {e}"
+    if error := _every_outcome(error):
+        raise NeurontuneError(error)
+    tensors = {}
+    for n, p in named.items():
+        tensors[f"param.{n}"] = layout.local(p).detach().cpu().contiguous()
+        for k, v in optimizer.state.get(p, {}).items():
+            tensors[f"optim.{index[id(p)]}.{k}"] = (
+                layout.local(torch.as_tensor(v)).detach().cpu().contiguous()
+            )
+    tensors.update({f"rng.{k}": v for k, v in rng_state().items()})
+    try:
+        write_safetensors(tmp / _shard_file(rank, world), tensors, {"format": CHECKPOINT_FORMAT})
+    except (OSError, NeurontuneError) as e:
+        error = str(e)
+    if rank == 0 and not error:
+        state = {
+            "format": CHECKPOINT_FORMAT, "step": step, "param_names": list(named),
+            "param_groups": layout.groups(optimizer, index), "scheduler": scheduler.state_dict(), "log": log,
+            "num_processes": world, "shards": world,
+            "shapes": {n: list(p.shape) for n, p in named.items()},
+        }  # fmt: skip
+        try:
+            write_json(tmp / "state.json", state)
+        except OSError as e:
+            error = f"could not write {path}: {e}"
+    if error := _every_outcome(error):
+        if rank == 0:
+            remove(tmp)
+        raise NeurontuneError(error)
+    if rank == 0:
+        try:
+            swap_in(tmp, path)
+        except OSError as e:
+            error = f"could not write {path}: {e}"
+    if error := _every_outcome(error):
+        raise NeurontuneError(error)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, whole, as a 1-process checkpoint holds them (``param.<name>``,
+    ``optim.<i>.<moment>``, ``rng.<kind>[.<rank>]``), whether it was written whole or as FSDP2 shards
+    (each process's rows, joined in rank order)."""
+    path = Path(path)
+    state = read_json(path / "state.json", "checkpoint state")
+    world = state.get("shards") if isinstance(state, dict) else None
+    if not world:
+        return read_safetensors(path / "state.safetensors", "checkpoint tensors")
+    parts = [read_safetensors(path / _shard_file(r, world), "checkpoint shard") for r in range(world)]
+    out = {}
+    for k, t in parts[0].items():
+        if k.startswith("rng."):
+            out.update({k if r == 0 else f"{k}.{r}": part[k] for r, part in enumerate(parts)})
+        elif t.dim() == 0:  # AdamW's step: the same on every process
+            out[k] = t
+        else:
+            out[k] = torch.cat([part[k] for part in parts])
+    return out
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -195,15 +290,19 @@ def load_checkpoint(
     if state["param_names"] != list(named):
         diff = sorted(set(state["param_names"]) ^ set(named))[:3]
         raise NeurontuneError(f"{path}: trainable parameters differ from this run's (e.g. {diff})")
-    tensors = read_safetensors(path / "state.safetensors", "checkpoint tensors")
+    # FSDP2 shards: this process's own rows under the same launch; joined whole under another layout
+    sharded = bool(state.get("shards")) and layout.sharded
+    shape = layout.local_shape if sharded else layout.shape
+    if sharded:
+        tensors = read_safetensors(path / _shard_file(rank, num_processes), "checkpoint shard")
+    else:
+        tensors = read_checkpoint(path)
     for n, p in named.items():
         if f"param.{n}" not in tensors:
             raise NeurontuneError(f"{path}: the checkpoint holds no value for {n}")
         t = tensors[f"param.{n}"]
-        if t.shape != layout.shape(p):
-            raise NeurontuneError(
-                f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(layout.shape(p))}"
-            )
+        if t.shape != shape(p):
+            raise NeurontuneError(f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(shape(p))}")
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith("optim."):
@@ -215,14 +314,15 @@ def load_checkpoint(
             raise NeurontuneError(f"{path}: optimizer state for parameter {i}; the run has {len(params)}")
         n, p = params[i]
         for k, t in st.items():
-            if k != "step" and t.shape != layout.shape(p):
+            if k != "step" and t.shape != shape(p):
                 raise NeurontuneError(
                     f"{path}: the optimizer's {k} of {n} has shape {tuple(t.shape)}, expected "
-                    f"{tuple(layout.shape(p))}"
+                    f"{tuple(shape(p))}"
                 )
-    layout.load(named, {n: tensors[f"param.{n}"] for n in named}, optimizer, opt_state, state["param_groups"])
+    load = layout.load_local if sharded else layout.load
+    load(named, {n: tensors[f"param.{n}"] for n in named}, optimizer, opt_state, state["param_groups"])
     scheduler.load_state_dict(state["scheduler"])
-    suffix = "" if rank == 0 else f".{rank}"
+    suffix = "" if rank == 0 or sharded else f".{rank}"
     torch.set_rng_state(tensors[f"rng.cpu{suffix}"])
     if f"rng.cuda{suffix}" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"])
@@ -341,6 +441,13 @@ def launched_zero_stage() -> int | None:
             raise NeurontuneError(f"DeepSpeed config {path}: {e}") from None
         return int(stage) if isinstance(stage, int) else None
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+
+
+def _sharded_state_dict(accelerator: Any) -> bool:
+    """Whether the FSDP launch asks for sharded checkpoints (``fsdp_state_dict_type: SHARDED_STATE_DICT``,
+    accelerate's default for FSDP2), not whole ones (``FULL_STATE_DICT``)."""
+    kind = accelerator.state.fsdp_plugin.state_dict_type
+    return getattr(kind, "name", str(kind)).upper().endswith("SHARDED_STATE_DICT")
 
 
 def _is_fsdp(accelerator: Any) -> bool:
@@ -578,9 +685,19 @@ class Layout:
     as FSDP2 shards (DTensors; gathered whole to save, split again to load)."""
 
     collective = False  # whether saving gathers across processes (then every process saves, rank 0 writes)
+    sharded = False  # whether every process writes its own shards instead (FSDP2, SHARDED_STATE_DICT)
 
     def shape(self, p: torch.Tensor) -> torch.Size:
         return p.shape
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This process's part of ``t`` (its FSDP2 shard), else ``t``."""
+        from torch.distributed.tensor import DTensor
+
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    def local_shape(self, p: torch.Tensor) -> torch.Size:
+        return self.local(p).shape
 
     def param(self, p: torch.Tensor) -> torch.Tensor:
         return _full(p.detach())
@@ -611,6 +728,29 @@ class Layout:
 
 class FSDPLayout(Layout):
     collective = True
+
+    def __init__(self, sharded: bool = False) -> None:
+        self.sharded = sharded
+
+    def load_local(
+        self, named: dict[str, torch.nn.Parameter], params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+        opt_state: dict[int, dict[str, torch.Tensor]], groups: list[dict[str, Any]],
+    ) -> None:  # fmt: skip
+        """Load this process's own shards (:func:`_save_sharded`): no collective."""
+        from torch.distributed.tensor import DTensor
+
+        with torch.no_grad():
+            for n, p in named.items():
+                self.local(p).copy_(params[n])
+        like = list(named.values())
+        for i, st in opt_state.items():
+            p = like[i]
+            for k, t in st.items():
+                if isinstance(p, DTensor) and t.dim():
+                    st[k] = DTensor.from_local(
+                        t.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    )
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
 
 
 class DeepSpeedLayout(Layout):
@@ -795,7 +935,11 @@ def train(
     with _no_auto_wrap(accelerator) if units_made else contextlib.nullcontext():
         model, optimizer = accelerator.prepare(model, optimizer)
     layout: Layout = (
-        FSDPLayout() if fsdp else DeepSpeedLayout(optimizer.optimizer, members) if ds else Layout()
+        FSDPLayout(_sharded_state_dict(accelerator))
+        if fsdp
+        else DeepSpeedLayout(optimizer.optimizer, members)
+        if ds
+        else Layout()
     )
     if empty:
         zero3_fill(accelerator.unwrap_model(model))
