@@ -1,5 +1,6 @@
 """Metrics on hand-checkable cases."""
 
+import functools
 import math
 
 import pytest
@@ -55,6 +56,41 @@ def test_classification_uses_whole_words_when_first_tokens_clash(tokenizer):
         expected += int(scores.index(max(scores)) == e.label)
     assert acc == pytest.approx(expected / len(exs))
     assert math.isfinite(acc)
+
+
+def test_classification_runs_the_head_on_each_prompts_last_token_only(tokenizer, monkeypatch):
+    """With label words of distinct first tokens, one forward scores a batch of prompts of different
+    lengths; the head runs on their last positions only (logits_to_keep) and predicts as on all."""
+    import neurontune.evaluation as ev
+    from neurontune.evaluation import classification_predictions, keeps_logits
+
+    model = tiny_model("tiny-llama", seed=1)
+    assert keeps_logits(model)
+    exs = [Example("Review " + "ab" * (i % 7) + f" {i}:", "", 0) for i in range(40)]
+    with torch.no_grad():  # labels: the tokens the model likes best after some prompts, so predictions vary
+        top = [int(model(input_ids=torch.tensor([tokenizer(e.prompt)["input_ids"]])).logits[0, -1].argmax())
+               for e in exs]  # fmt: skip
+    labels = sorted(set(top))[:4]
+    assert len(labels) > 1
+    monkeypatch.setattr(ev, "label_token_ids", lambda tok, words: labels)  # distinct first tokens
+    words = [str(t) for t in labels]
+    kept, seen = [], []
+    real = type(model).forward
+
+    @functools.wraps(real)  # keeps the signature keeps_logits reads
+    def forward(self, *args, **kw):
+        kept.append(kw.get("logits_to_keep"))
+        out = real(self, *args, **kw)
+        seen.append(out.logits.shape[1])
+        return out
+
+    monkeypatch.setattr(type(model), "forward", forward)
+    preds = classification_predictions(model, tokenizer, exs, words, batch_size=8)
+    # logits for at most one position per prompt of the batch (8), not for every token (10 to 26)
+    assert all(isinstance(k, torch.Tensor) for k in kept) and max(seen) <= 8
+    monkeypatch.setattr(ev, "keeps_logits", lambda m: False)
+    assert preds == classification_predictions(model, tokenizer, exs, words, batch_size=8)
+    assert len(set(preds)) > 1
 
 
 def test_multiple_choice_picks_the_choice_with_the_highest_summed_log_likelihood(tokenizer):
