@@ -132,11 +132,13 @@ def capacity(runs: list[dict], gpus: int = 8, gib: int = 80, rank: int = 16) -> 
         "the trainable "
         f"state at the LoRA-r{rank} budget (fp32 delta, gradient and two AdamW moments: 16 B per trainable "
         "param, sharded). What is left of the card is for activations, which do not shard (they follow the "
-        "per-GPU micro-batch). DDP (every GPU holds the whole base) is the column beside it.",
+        "per-GPU micro-batch). DDP (every GPU holds the whole base) is the column beside it. With "
+        "`fsdp2_size.yaml` (units of over 10M parameters) the units held are about one MLP projection (and a "
+        "piece of at most 10M parameters) instead of a layer: the last column.",
         "",
         "| model | params | bf16 base | shard (1/N) | layer x2 + head | trainable state / N | total before "
-        "activations | left for activations | DDP: whole base per GPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "activations | left for activations | DDP: whole base per GPU | fsdp2_size: projection x2 + piece, total |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for name, (h, inter, layers, kv, vocab, tied) in CAPACITY_SHAPES.items():
         attn = 2 * h * h + 2 * h * kv
@@ -151,9 +153,11 @@ def capacity(runs: list[dict], gpus: int = 8, gib: int = 80, rank: int = 16) -> 
         state = 16 * trainable / gpus / g
         total = shard + held + state
         whole = 2 * params / g
+        small = (2 * 2 * h * inter + 2 * min(embed, 10_000_000)) / g  # the largest unit: an MLP projection
         lines.append(
             f"| {name} | {params / 1e9:.1f} B | {whole:.1f} GiB | {shard:.1f} GiB | {held:.1f} GiB | {state:.2f} GiB | "
-            f"{total:.1f} GiB | {gib - total:.1f} GiB | {whole:.1f} GiB{' (does not fit)' if whole > gib else ''} |"
+            f"{total:.1f} GiB | {gib - total:.1f} GiB | {whole:.1f} GiB{' (does not fit)' if whole > gib else ''} | "
+            f"{small:.2f} GiB, {shard + small + state:.1f} GiB |"
         )
     sharded = [r for r in runs if r.get("loaded") == "shards" and r.get("largest_process_peak_mib")]
     one = next((r for r in runs if r["processes"] == 1), None)
@@ -166,9 +170,11 @@ def capacity(runs: list[dict], gpus: int = 8, gib: int = 80, rank: int = 16) -> 
             "",
             f"Measured above (CPU, the 1B shape in fp32), the largest process's whole-run peak against 1 "
             f"process: {parts}. What does not divide by N there: the libraries (~0.5 GiB per process), the "
-            "units gathered whole while they compute (a decoder layer, 232 MiB in fp32, held twice while "
-            "FSDP2 gathers it: all-gather output and copy-out; a piece of the 128k x 2048 embedding, at most "
-            "as large), and the activations of each process's own micro-batch.",
+            "units gathered whole while they compute (fsdp2: a decoder layer, 232 MiB in fp32, held twice while "
+            "FSDP2 gathers it: all-gather output and copy-out, and a piece of the 128k x 2048 embedding, at most "
+            "as large; fsdp2-size: an MLP projection, 64 MiB, and a piece of at most 38 MiB; zero3: what "
+            "DeepSpeed keeps live, up to two layers by default here), and the activations of each process's "
+            "own micro-batch.",
         ]
     lines += [
         "",
