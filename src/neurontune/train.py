@@ -221,7 +221,6 @@ def _save_sharded(
             "format": CHECKPOINT_FORMAT, "step": step, "param_names": list(named),
             "param_groups": layout.groups(optimizer, index), "scheduler": scheduler.state_dict(), "log": log,
             "num_processes": world, "shards": world,
-            "shapes": {n: list(p.shape) for n, p in named.items()},
         }  # fmt: skip
         try:
             write_json(tmp / "state.json", state)
