@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             "analyze": analysis.analyze,
         }[ns.command]
         job(cfg)
+        _end_process_group()
     except NeurontuneError as e:
         print(f"neurontune: error: {e}", file=sys.stderr)
         return 2
@@ -90,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         print("neurontune: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _end_process_group() -> None:
+    """After a job every process finished (they all passed its last collective): destroy the process
+    group while the interpreter is whole. Left to interpreter exit, gloo's worker threads may still hold
+    work whose tensors reference Python objects, and the process aborts ("terminate called without an
+    active exception", SIGABRT) after it succeeded. Not on failure: the others may still be in a
+    collective, and the launcher ends them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
