@@ -128,6 +128,35 @@ def test_multiple_choice_picks_the_choice_with_the_highest_summed_log_likelihood
     assert out["samples"][0]["prediction"] in ("a", "b")
 
 
+def test_choice_scores_run_the_head_on_the_choice_positions_only(tokenizer, monkeypatch):
+    """Scoring choices (and label words that share a first token) runs the head and the log-softmax on the
+    positions that predict a choice token only (logits_to_keep), with the scores of the full logits."""
+    import neurontune.evaluation as ev
+
+    model = tiny_model("tiny-llama", seed=2).eval()
+    prompts = [tokenizer("A rather long prompt " + "x y " * i)["input_ids"] for i in range(1, 6)]
+    choices = [("yes", "no"), ("a b c", "d"), ("one", "two", "three"), ("p",), ("q r", "s")]
+    kept, seen = [], []
+    real = type(model).forward
+
+    @functools.wraps(real)  # keeps the signature keeps_logits reads
+    def forward(self, *args, **kw):
+        kept.append(kw.get("logits_to_keep"))
+        out = real(self, *args, **kw)
+        seen.append((kw["input_ids"].shape[1], out.logits.shape[1]))
+        return out
+
+    monkeypatch.setattr(type(model), "forward", forward)
+    scores = ev._choice_logprobs(model, tokenizer, prompts, choices)
+    (length, positions), = seen  # fmt: skip
+    assert isinstance(kept[0], torch.Tensor) and positions < length / 2
+    monkeypatch.setattr(ev, "keeps_logits", lambda m: False)
+    full = ev._choice_logprobs(model, tokenizer, prompts, choices)
+    assert seen[-1][1] == length
+    for a, b in zip(scores, full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_builtin_choice_tasks_and_the_validation_split():
     from neurontune.evaluation import primary_metric
     from neurontune.tasks import load_task

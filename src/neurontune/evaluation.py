@@ -40,7 +40,8 @@ def _prompt_ids(tok: PreTrainedTokenizerBase, prompt: str, max_length: int) -> l
 def keeps_logits(model: Any) -> bool:
     """Whether ``model`` (a transformers causal LM, or a wrapper passing keywords on to it: PEFT, gates)
     takes ``logits_to_keep``: the head then runs on the positions asked for only. At a 128k vocabulary the
-    logits of every position of a batch of 16 x 256 tokens are 2 GiB in fp32."""
+    logits of every position of a batch of 16 x 256 tokens are 2 GiB in fp32 (and as much again for
+    their log-softmax)."""
     import inspect
 
     from transformers import PreTrainedModel
@@ -77,9 +78,16 @@ def _choice_logprobs(
     ]
     b = collate(pairs, tok.pad_token_id)
     device = next(model.parameters()).device
-    logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-    labels = b["labels"][:, 1:].to(device)
-    lp = torch.log_softmax(logits[:, :-1].float(), -1)
+    ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+    labels = b["labels"][:, 1:]  # position t predicts token t + 1
+    if keeps_logits(model):  # the head (and the softmax) on the positions that predict a choice token only
+        at = torch.nonzero((labels != IGNORE_INDEX).any(0)).squeeze(-1)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=at.to(device)).logits
+        labels = labels[:, at]
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = labels.to(device)
+    lp = torch.log_softmax(logits.float(), -1)
     tok_lp = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != IGNORE_INDEX)
     return list(tok_lp.sum(-1).cpu().split([len(ws) for ws in words]))
 
