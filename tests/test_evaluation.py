@@ -58,6 +58,21 @@ def test_classification_uses_whole_words_when_first_tokens_clash(tokenizer):
     assert math.isfinite(acc)
 
 
+def spy_on_forward(model, monkeypatch) -> list[tuple]:
+    """Each forward of ``model`` from now on, as (its logits_to_keep, input length, logits length)."""
+    calls = []
+    real = type(model).forward
+
+    @functools.wraps(real)  # keeps the signature keeps_logits reads
+    def forward(self, *args, **kw):
+        out = real(self, *args, **kw)
+        calls.append((kw.get("logits_to_keep"), kw["input_ids"].shape[1], out.logits.shape[1]))
+        return out
+
+    monkeypatch.setattr(type(model), "forward", forward)
+    return calls
+
+
 def test_classification_runs_the_head_on_each_prompts_last_token_only(tokenizer, monkeypatch):
     """With label words of distinct first tokens, one forward scores a batch of prompts of different
     lengths; the head runs on their last positions only (logits_to_keep) and predicts as on all."""
@@ -74,20 +89,10 @@ def test_classification_runs_the_head_on_each_prompts_last_token_only(tokenizer,
     assert len(labels) > 1
     monkeypatch.setattr(ev, "label_token_ids", lambda tok, words: labels)  # distinct first tokens
     words = [str(t) for t in labels]
-    kept, seen = [], []
-    real = type(model).forward
-
-    @functools.wraps(real)  # keeps the signature keeps_logits reads
-    def forward(self, *args, **kw):
-        kept.append(kw.get("logits_to_keep"))
-        out = real(self, *args, **kw)
-        seen.append(out.logits.shape[1])
-        return out
-
-    monkeypatch.setattr(type(model), "forward", forward)
+    calls = spy_on_forward(model, monkeypatch)
     preds = classification_predictions(model, tokenizer, exs, words, batch_size=8)
     # logits for at most one position per prompt of the batch (8), not for every token (10 to 26)
-    assert all(isinstance(k, torch.Tensor) for k in kept) and max(seen) <= 8
+    assert all(isinstance(k, torch.Tensor) for k, _, _ in calls) and max(n for _, _, n in calls) <= 8
     monkeypatch.setattr(ev, "keeps_logits", lambda m: False)
     assert preds == classification_predictions(model, tokenizer, exs, words, batch_size=8)
     assert len(set(preds)) > 1
@@ -136,23 +141,13 @@ def test_choice_scores_run_the_head_on_the_choice_positions_only(tokenizer, monk
     model = tiny_model("tiny-llama", seed=2).eval()
     prompts = [tokenizer("A rather long prompt " + "x y " * i)["input_ids"] for i in range(1, 6)]
     choices = [("yes", "no"), ("a b c", "d"), ("one", "two", "three"), ("p",), ("q r", "s")]
-    kept, seen = [], []
-    real = type(model).forward
-
-    @functools.wraps(real)  # keeps the signature keeps_logits reads
-    def forward(self, *args, **kw):
-        kept.append(kw.get("logits_to_keep"))
-        out = real(self, *args, **kw)
-        seen.append((kw["input_ids"].shape[1], out.logits.shape[1]))
-        return out
-
-    monkeypatch.setattr(type(model), "forward", forward)
+    calls = spy_on_forward(model, monkeypatch)
     scores = ev._choice_logprobs(model, tokenizer, prompts, choices)
-    (length, positions), = seen  # fmt: skip
-    assert isinstance(kept[0], torch.Tensor) and positions < length / 2
+    ((kept, length, positions),) = calls
+    assert isinstance(kept, torch.Tensor) and positions < length / 2
     monkeypatch.setattr(ev, "keeps_logits", lambda m: False)
     full = ev._choice_logprobs(model, tokenizer, prompts, choices)
-    assert seen[-1][1] == length
+    assert calls[-1][2] == length
     for a, b in zip(scores, full, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

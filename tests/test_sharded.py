@@ -180,9 +180,10 @@ def test_the_zero_stage_of_a_launch(monkeypatch, tmp_path):
         launched_zero_stage()
 
 
-def test_zero3_keeps_two_blocks_live_unless_the_config_says(monkeypatch):
+def test_zero3_keeps_two_blocks_live_and_buckets_by_hidden_size_unless_the_config_says(monkeypatch):
     """DeepSpeed's 1e9 live/reuse parameters keep most of a 1B model gathered on every process; under
-    ZeRO-3 they default to two decoder layers' parameters, and a config that sets them keeps its own."""
+    ZeRO-3 they default to two decoder layers' parameters, and the buckets to accelerate's "auto" sizes
+    from the hidden size (DeepSpeed's own prefetch 50M parameters); a config that sets them keeps its own."""
     from types import SimpleNamespace
 
     from neurontune.sharded import largest_block
@@ -195,9 +196,19 @@ def test_zero3_keeps_two_blocks_live_unless_the_config_says(monkeypatch):
         conf = {"zero_optimization": {"stage": stage, **given}}
         acc = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=conf)),
                               num_processes=2)  # fmt: skip
-        assert _configure_deepspeed(acc, 2, TrainArgs(grad_accum=2), block) == stage
-        assert conf["zero_optimization"].get("stage3_max_live_parameters") == want
-        assert conf["train_batch_size"] == 8
+        assert _configure_deepspeed(acc, 2, TrainArgs(grad_accum=2), block, hidden=64) == stage
+        zero = conf["zero_optimization"]
+        assert zero.get("stage3_max_live_parameters") == want
+        assert conf["train_batch_size"] == 8 and zero["reduce_bucket_size"] == 64 * 64
+        assert zero.get("stage3_prefetch_bucket_size") == (int(0.9 * 64 * 64) if stage == 3 else None)
+        assert zero.get("stage3_param_persistence_threshold") == (640 if stage == 3 else None)
+    conf = {
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 5e7, "reduce_bucket_size": "auto"}
+    }
+    acc.state.deepspeed_plugin.deepspeed_config = conf
+    _configure_deepspeed(acc, 2, TrainArgs(), block, hidden=64)
+    assert conf["zero_optimization"]["stage3_prefetch_bucket_size"] == 5e7
+    assert conf["zero_optimization"]["reduce_bucket_size"] == 64 * 64
 
 
 @pytest.fixture

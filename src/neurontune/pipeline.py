@@ -446,15 +446,20 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
         )
 
     def run_eval(m: torch.nn.Module) -> dict[str, Any]:
-        return evaluate(
-            m,
-            tok,
-            task,
-            max_length=cfg.max_length,
-            batch_size=cfg.eval_batch_size,
-            general_text=forget,
-            general_length=forgetting_length(given),
-        )
+        from neurontune.sharded import zero3_release
+
+        try:
+            return evaluate(
+                m,
+                tok,
+                task,
+                max_length=cfg.max_length,
+                batch_size=cfg.eval_batch_size,
+                general_text=forget,
+                general_length=forgetting_length(given),
+            )
+        finally:  # ZeRO-3: nothing stays gathered (or in flight) after a forward-only pass
+            zero3_release(m)
 
     from neurontune.tracking import Trackers
 

@@ -288,6 +288,24 @@ def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def keep_zero3_release(module: nn.Module, engine: Any) -> None:
+    """Remember, on the module a DeepSpeed ZeRO-3 ``engine`` trains, how to partition every parameter of it
+    again (:func:`zero3_release`)."""
+    module._zero3_release = engine.empty_partition_cache
+
+
+def zero3_release(module: nn.Module) -> None:
+    """After a forward-only pass of a ZeRO-3 model (an evaluation): wait for the parameters DeepSpeed
+    prefetched along the training steps' trace, which that pass never reached, and partition every gathered
+    parameter again. Otherwise they stay gathered (measured at the Llama-3.2-1B shape on 4 processes: 370
+    MiB more held after the evaluation) or in flight, and gathering the adapter next fails ("Cannot
+    partition a param in flight"). Nothing to do for any other module, nor once it was gathered whole
+    for good (a run that loaded the whole base)."""
+    release = getattr(module, "_zero3_release", None)
+    if release is not None and any(hasattr(p, "ds_id") for p in module.parameters()):
+        release()
+
+
 def _zero3_gathered(params: list[nn.Parameter]) -> Any:
     """``deepspeed.zero.GatheredParameters(params)`` (read only), or nothing to do without them."""
     import contextlib
