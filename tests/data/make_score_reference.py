@@ -4,9 +4,12 @@ Run once with the scoring code of commit 5652f7a (before the memory-bounded scor
 ``tests/test_scoring_memory.py`` checks today's scores against it. Rerun only to re-baseline on purpose:
 
     .venv/bin/python tests/data/make_score_reference.py
+
+It runs ATen's AVX2 kernels, as the tests do (``tests/conftest.py``): AVX512 ones round reductions otherwise.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -56,6 +59,7 @@ def reference() -> dict:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")  # read at the first kernel, after these imports
     path = Path(__file__).with_name("score_reference.json")
     path.write_text(json.dumps(reference(), indent=0) + "\n")
     print(f"wrote {path}")
