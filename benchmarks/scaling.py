@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from neurontune.bench import command_line, render_only, write_results
+from neurontune.bench import code_commit, command_line, render_only, write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,6 +44,18 @@ SHARDING = {  # what `accelerate launch --config_file examples/accelerate/<name>
                    "FSDP_MIN_NUM_PARAMS": "10000000"},
     "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
     "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+    # a DeepSpeed config file (accelerate's deepspeed_config_file) with the capacity setting: no layer
+    # kept gathered for reuse, so each is gathered again for its backward (3 gathers a step under
+    # gradient checkpointing, as fsdp2-size's units of one projection), two projections live
+    "zero3-reuse0": {"ACCELERATE_USE_DEEPSPEED": "true"},
+    # examples/accelerate/zero3_capacity.yaml: its config file adds no prefetch, one projection live
+    "zero3-capacity": {"ACCELERATE_USE_DEEPSPEED": "true"},
+}  # fmt: skip
+CONFIG_FILES = {
+    "zero3-reuse0": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                     "train_batch_size": "auto", "gradient_clipping": "auto",
+                     "zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 0}},
+    "zero3-capacity": Path(__file__).parents[1] / "examples" / "deepspeed" / "zero3_capacity.json",
 }  # fmt: skip
 
 
@@ -75,6 +87,13 @@ def run(n: int, a: argparse.Namespace, out: Path, sharding: str = "ddp") -> dict
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                   "-m", "neurontune.cli"]  # fmt: skip
     env = {**os.environ, "TQDM_DISABLE": "1", **(SHARDING[sharding] if n > 1 else {})}
+    if n > 1 and sharding in CONFIG_FILES:
+        conf = CONFIG_FILES[sharding]
+        if isinstance(conf, dict):  # written for the run
+            conf = out.parent / f"{sharding}.json"
+            conf.parent.mkdir(parents=True, exist_ok=True)
+            conf.write_text(json.dumps(CONFIG_FILES[sharding], indent=1))
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(conf)
     if not a.gpu:
         env["OMP_NUM_THREADS"] = str(a.threads)
         # glibc's malloc raises its mmap threshold as big blocks are freed, then keeps later freed blocks in
@@ -173,8 +192,9 @@ def capacity(runs: list[dict], gpus: int = 8, gib: int = 80, rank: int = 16) -> 
             "units gathered whole while they compute (fsdp2: a decoder layer, 232 MiB in fp32, held twice while "
             "FSDP2 gathers it: all-gather output and copy-out, and a piece of the 128k x 2048 embedding, at most "
             "as large; fsdp2-size: an MLP projection, 64 MiB, and a piece of at most 38 MiB; zero3: what "
-            "DeepSpeed keeps live, up to two layers by default here), and the activations of each process's "
-            "own micro-batch.",
+            "DeepSpeed keeps live, up to a layer by default here (from its recomputation to its backward) and "
+            "the next parameter it prefetches, the embedding in pieces of a projection), and the activations "
+            "of each process's own micro-batch.",
         ]
     lines += [
         "",
@@ -229,7 +249,14 @@ def render(result: dict) -> str:
         "a built-in tiny model or save_merged). fsdp2: a unit per decoder layer (TRANSFORMER_BASED_WRAP, as",
         "`examples/accelerate/fsdp2.yaml`); fsdp2-size: a unit per module of over 10M parameters",
         "(SIZE_BASED_WRAP, `fsdp_min_num_params: 10000000`, as `examples/accelerate/fsdp2_size.yaml`), a PEFT",
-        "layer with its base layer; the embedding and head in pieces no larger than a unit in both.",
+        "layer with its base layer; the embedding and head in pieces no larger than a unit in both. zero3:",
+        "`examples/accelerate/zero3.yaml`'s settings, at most a decoder layer gathered (kept from its",
+        "recomputation to its backward), the embedding and head in pieces of one MLP projection;",
+        "zero3-reuse0: a DeepSpeed config file with `stage3_max_reuse_distance: 0` (each layer gathered",
+        "again for its backward; two projections live: the one computing and one prefetched);",
+        "zero3-capacity: `examples/accelerate/zero3_capacity.yaml`'s config file",
+        "(`examples/deepspeed/zero3_capacity.json`: reuse 0 and `stage3_prefetch_bucket_size: 0`, one",
+        "projection live), the capacity setting.",
     ]
     if result.get("capacity"):
         lines += ["", result["capacity"]]
@@ -288,9 +315,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if a.gpu else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     result = {
         "command": command_line(__file__),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": code_commit(),
         "device": device,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),

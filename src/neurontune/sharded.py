@@ -354,6 +354,25 @@ def largest_block(model: nn.Module, keys: set[str] | None = None) -> int:
     return max(sizes, default=0)
 
 
+def largest_block_module(model: nn.Module, keys: set[str] | None = None) -> int:
+    """The parameters of the largest single module inside the model's blocks (a decoder layer's MLP
+    projection), counting a module's own parameters only (those whose checkpoint key is in ``keys`` if
+    given): what ZeRO-3 gathers whole at once, as it gathers module by module; 0 for a model that names
+    no block."""
+    names = _block_names(model)
+    sizes = [
+        sum(
+            p.numel()
+            for n, p in m.named_parameters(prefix=f"{prefix}.{sub}".rstrip("."), recurse=False)
+            if keys is None or checkpoint_key(n) in keys
+        )
+        for prefix, block in model.named_modules()
+        if type(block).__name__ in names
+        for sub, m in block.named_modules()
+    ]
+    return max(sizes, default=0)
+
+
 def embedding_pieces(model: nn.Module) -> list[EmbeddingPiece]:
     """The :class:`EmbeddingPiece` s of a model (:func:`split_embeddings`), each once."""
     return [m for m in model.modules() if isinstance(m, EmbeddingPiece)]
