@@ -24,7 +24,6 @@ for k, v in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -73,7 +72,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from scaling import model_path
 
-    from neurontune.bench import command_line, write_results
+    from neurontune.bench import code_commit, command_line, write_results
     from neurontune.models import load_model
     from neurontune.runtime import fsdp_units, process_state
     from neurontune.sharded import shard_and_fill
@@ -107,7 +106,7 @@ def main() -> None:
                 [f"{k}={os.environ[k]}" for k in ("MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS", "FSDP_AUTO_WRAP_POLICY", "FSDP_MIN_NUM_PARAMS") if k in os.environ]
                 + [f"torchrun --standalone --nproc-per-node {state.num_processes}", command_line(__file__)[7:]]
             ),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+            "commit": code_commit(),
             "device": f"{platform.machine()} CPU, {os.cpu_count()} cores",
             "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"),

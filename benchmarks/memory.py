@@ -42,7 +42,7 @@ from pathlib import Path
 from finetune_speed import make_assets
 from gpu_step import _version, device_name
 
-from neurontune.bench import command_line, render_only, write_results
+from neurontune.bench import code_commit, command_line, render_only, write_results
 
 RESULTS = Path(__file__).parent / "results"
 SCORERS = [
@@ -288,7 +288,7 @@ def main() -> None:
     old = json.loads((a.out / f"{a.name}.json").read_text()) if a.append else None
     result = {
         "command": (f"{old['command']}` then `" if old else "") + command_line(__file__),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": code_commit(),
         "device": device_name(), "versions": versions(), "date": time.strftime("%Y-%m-%d"),
         "kind": "cuda_max_allocated" if gpu else "peak_rss", "batch_size": a.batch_size,
         "max_length": a.max_length, "steps": a.steps, "calib_examples": a.calib_examples,

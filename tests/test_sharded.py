@@ -180,27 +180,43 @@ def test_the_zero_stage_of_a_launch(monkeypatch, tmp_path):
         launched_zero_stage()
 
 
-def test_zero3_keeps_two_blocks_live_and_buckets_by_hidden_size_unless_the_config_says(monkeypatch):
+def test_zero3_keeps_one_block_live_and_buckets_by_hidden_size_unless_the_config_says(monkeypatch):
     """DeepSpeed's 1e9 live/reuse parameters keep most of a 1B model gathered on every process; under
-    ZeRO-3 they default to two decoder layers' parameters, and the buckets to accelerate's "auto" sizes
-    from the hidden size (DeepSpeed's own prefetch 50M parameters); a config that sets them keeps its own."""
+    ZeRO-3 the reuse defaults to one decoder layer's parameters and the live ones to as many (or two
+    of the largest modules, where a config keeps less for reuse), and the buckets to accelerate's "auto" sizes
+    from the hidden size (DeepSpeed's own prefetch 50M parameters); a config that sets them keeps its own.
+    A sharded ZeRO-3 load cuts the embedding in pieces of the largest module in a layer."""
     from types import SimpleNamespace
 
-    from neurontune.sharded import largest_block
+    from neurontune.sharded import largest_block, largest_block_module
     from neurontune.train import TrainArgs, _configure_deepspeed
 
     model = tiny_model("tiny-llama")
     block = largest_block(model)
     assert block == sum(p.numel() for p in model.model.layers[0].parameters())
-    for stage, given, want in [(3, {}, 2 * block), (3, {"stage3_max_live_parameters": 7}, 7), (2, {}, None)]:
+    mlp = model.model.layers[0].mlp
+    assert largest_block_module(model) == mlp.up_proj.weight.numel() < block
+    assert largest_block_module(model, {"model.layers.0.mlp.up_proj.weight"}) == mlp.up_proj.weight.numel()
+    assert largest_block_module(model, set()) == 0 == largest_block_module(torch.nn.Linear(2, 2))
+    proj = largest_block_module(model)
+    for stage, given, want in [
+        (3, {}, (block, block)),
+        (3, {"stage3_max_live_parameters": 7}, (7, block)),
+        (3, {"stage3_max_reuse_distance": 0}, (2 * proj, 0)),  # regather each layer, prefetch one module
+        # the capacity setting (examples/deepspeed/zero3_capacity.json): regather, no prefetch
+        (3, {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}, (proj, 0)),
+        (3, {"stage3_max_reuse_distance": 1e9}, (10**9, 1e9)),  # keep what is reused: live follows
+        (2, {}, (None, None)),
+    ]:
         conf = {"zero_optimization": {"stage": stage, **given}}
         acc = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=conf)),
                               num_processes=2)  # fmt: skip
-        assert _configure_deepspeed(acc, 2, TrainArgs(grad_accum=2), block, hidden=64) == stage
+        assert _configure_deepspeed(acc, 2, TrainArgs(grad_accum=2), block, hidden=64, module=proj) == stage
         zero = conf["zero_optimization"]
-        assert zero.get("stage3_max_live_parameters") == want
+        assert (zero.get("stage3_max_live_parameters"), zero.get("stage3_max_reuse_distance")) == want
         assert conf["train_batch_size"] == 8 and zero["reduce_bucket_size"] == 64 * 64
-        assert zero.get("stage3_prefetch_bucket_size") == (int(0.9 * 64 * 64) if stage == 3 else None)
+        prefetch = given.get("stage3_prefetch_bucket_size", int(0.9 * 64 * 64))
+        assert zero.get("stage3_prefetch_bucket_size") == (prefetch if stage == 3 else None)
         assert zero.get("stage3_param_persistence_threshold") == (640 if stage == 3 else None)
     conf = {
         "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 5e7, "reduce_bucket_size": "auto"}
@@ -209,6 +225,16 @@ def test_zero3_keeps_two_blocks_live_and_buckets_by_hidden_size_unless_the_confi
     _configure_deepspeed(acc, 2, TrainArgs(), block, hidden=64)
     assert conf["zero_optimization"]["stage3_prefetch_bucket_size"] == 5e7
     assert conf["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    acc.state.deepspeed_plugin.deepspeed_config = {
+        "zero_optimization": {"stage": 3, "stage3_max_reuse_distance": "far"}
+    }
+    with pytest.raises(NeurontuneError, match="stage3_max_reuse_distance 'far' is not a number"):
+        _configure_deepspeed(acc, 2, TrainArgs(), block, hidden=64, module=proj)
+    acc.state.deepspeed_plugin.deepspeed_config = {
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": [1]}
+    }
+    with pytest.raises(NeurontuneError, match=r"stage3_prefetch_bucket_size \[1\] is not a number"):
+        _configure_deepspeed(acc, 2, TrainArgs(), block, hidden=64, module=proj)
 
 
 @pytest.fixture
@@ -269,3 +295,20 @@ def test_size_based_units_keep_a_row_layer_with_its_base_and_compute_as_unsharde
     assert got.keys() == want.keys() and got
     for n in got:
         assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_the_size_based_wrap_threshold_is_read_from_the_launch_and_must_be_an_integer(monkeypatch):
+    """accelerate exports fsdp_min_num_params as FSDP_MIN_NUM_PARAMS; it sizes the embedding's pieces
+    only under SIZE_BASED_WRAP, and a value that is not an integer is one clear error."""
+    from neurontune.train import launched_min_num_params
+
+    monkeypatch.setenv("FSDP_MIN_NUM_PARAMS", "1500")
+    assert launched_min_num_params() is None  # not an FSDP launch
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    assert launched_min_num_params() is None
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP")
+    assert launched_min_num_params() == 1500
+    monkeypatch.setenv("FSDP_MIN_NUM_PARAMS", "1e7")
+    with pytest.raises(NeurontuneError, match=r"fsdp_min_num_params '1e7' is not an integer"):
+        launched_min_num_params()

@@ -611,7 +611,7 @@ def run_report(out: Path, metrics: dict[str, Any], spec: NeuronSpec | None) -> P
     cfg = read_json(cfg_file, "run config") if cfg_file.is_file() else {}
     if cfg:
         defaults = _finetune_defaults()
-        main = ["lr", "lr_scheduler", "warmup_steps", "steps", "batch_size", "grad_accum", "weight_decay",
+        main = ["lr", "lr_scheduler", "warmup_steps", "steps", "num_train_epochs", "batch_size", "grad_accum", "weight_decay",
                 "max_grad_norm", "precision", "max_length", "seed", "budget", "target_modules"]  # fmt: skip
         changed = [k for k in cfg if k in defaults and k not in main and cfg[k] != defaults[k]]
         changed = [k for k in changed if k not in ("output_dir", "overwrite", "resume")]

@@ -137,6 +137,15 @@ def command_line(script: str) -> str:
     return shlex.join(["python", os.path.relpath(script), *sys.argv[1:]])
 
 
+def code_commit() -> str:
+    """The short hash of the checked-out commit (``git rev-parse --short HEAD``), for a result's header."""
+    import subprocess
+
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+
+
 def machine() -> str:
     """The CPU and its core count, for a result's header."""
     import os

@@ -216,7 +216,21 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
         "also evaluate every N optimizer steps during training (eval_log.json, trackers' eval/*); 0: only at the end",
     )
     eval_batch_size: int = _opt(16, "evaluation batch size")
-    steps: int = _opt(40, "optimizer steps")
+    steps: int | None = _opt(
+        None, "optimizer steps; default: as many as num_train_epochs passes over the training examples take "
+        "(a steps you give replaces them, as max_steps does in the HF Trainer)",
+    )  # fmt: skip
+    num_train_epochs: float = _opt(
+        1.0, "passes over the training examples, which set the steps unless steps is given"
+    )
+    early_stopping_patience: int = _opt(
+        0, "stop once the validation loss, measured every eval_steps on a validation split held out from the "
+        "training examples (the last eval_fraction; the eval split itself with eval_split=validation), has "
+        "not improved for this many measurements, and keep the weights of its best one; 0: off",
+    )  # fmt: skip
+    early_stopping_threshold: float = _opt(
+        0.0, "how much the validation loss must fall below its best to count as an improvement"
+    )
     batch_size: int = _opt(8, "micro-batch size")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float | None = _opt(None, "AdamW learning rate; default: the method's own (see methods below)")
@@ -280,7 +294,17 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
         from neurontune.tracking import check_available
 
         check_available(self.report_to)
+        if not self.num_train_epochs > 0:
+            raise NeurontuneError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise NeurontuneError(
+                "early_stopping_patience needs eval_steps (every how many steps the validation loss is measured)"
+            )
+        if self.early_stopping_patience and not method.trains:
+            raise NeurontuneError(f"early_stopping_patience: method={self.method} does not train")
         for name in (
+            "early_stopping_patience",
+            "early_stopping_threshold",
             "warmup_steps",
             "save_steps",
             "eval_steps",

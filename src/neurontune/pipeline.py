@@ -27,9 +27,11 @@ from neurontune.evaluation import evaluate, metric_names, primary_metric
 from neurontune.io import (
     atomic_path,
     read_json,
+    read_safetensors,
     refuse_existing,
     save_pretrained_atomic,
     write_json,
+    write_safetensors,
 )
 from neurontune.methods import get_method, load_output
 from neurontune.models import DEFAULT_MODEL, load_model, model_quantization, resolve_dtype
@@ -41,12 +43,14 @@ from neurontune.tasks import (
     StepBatches,
     Task,
     fit_max_length,
+    fixed_batches,
     general_text,
     load_task,
     model_length_limit,
 )
 from neurontune.train import (
     asked_processes_not_started,
+    early_stop,
     launched_min_num_params,
     launched_with,
     launched_zero_stage,
@@ -55,6 +59,7 @@ from neurontune.train import (
     shard_model,
     train,
     train_args,
+    validation_loss,
 )
 
 # ---- shared pieces ---------------------------------------------------------------------------------
@@ -365,6 +370,105 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
     return ", ".join(f"{k} {m[k]:.3f}" if k == "accuracy" else f"{k} {m[k]:.2f}" for k in keys if k in m)
 
 
+def validation_split(cfg: FinetuneConfig, task: Task) -> tuple[Task, list[Example]]:
+    """``(task, held out)``: for early stopping, the examples its validation loss is measured on, the last
+    ``eval_fraction`` of the training examples (which training then leaves out), or with
+    ``eval_split=validation`` the evaluation set, which is already that; none without early stopping."""
+    if not cfg.early_stopping_patience:
+        return task, []
+    if cfg.eval_split == "validation":
+        return task, list(task.eval)
+    split = task.validation(cfg.eval_fraction)
+    return dataclasses.replace(task, train=split.train), list(split.eval)
+
+
+def training_steps(cfg: FinetuneConfig, n_train: int, processes: int, verbose: bool = True) -> int:
+    """``steps`` where given (as the HF Trainer's ``max_steps`` replaces ``num_train_epochs``), else the
+    optimizer steps that ``num_train_epochs`` passes over ``n_train`` examples take (full micro-batches
+    of ``batch_size``, ``grad_accum`` x ``processes`` a step)."""
+    if cfg.steps is not None:
+        return cfg.steps
+    per_step = cfg.grad_accum * processes
+    micro = n_train // min(cfg.batch_size, n_train)  # StepBatches drops an incomplete last batch
+    steps = max(1, math.ceil(cfg.num_train_epochs * micro / per_step))
+    if verbose:
+        print(
+            f"num_train_epochs={cfg.num_train_epochs:g}: {steps} steps ({n_train} training examples, "
+            f"{micro} micro-batches of {min(cfg.batch_size, n_train)} an epoch, {per_step} a step)"
+        )
+    return steps
+
+
+class EarlyStopping:
+    """The validation loss every ``eval_steps`` on the held-out examples; the weights of its best step in
+    ``path`` (trainable parameters only, rewritten atomically at each new best, so a resumed run has
+    them); after training, those weights are the result (transformers' ``load_best_model_at_end``)."""
+
+    def __init__(self, cfg: FinetuneConfig, model: torch.nn.Module, path: Path, examples: list, tok: Any):
+        self.cfg, self.model, self.path = cfg, model, path
+        self.batches = fixed_batches(examples, tok, cfg.eval_batch_size, cfg.max_length) if examples else []
+
+    def measure(self) -> float:
+        return validation_loss(self.model, self.batches)
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def watch(self, log: list[dict[str, float]]) -> bool:
+        """On the main process after every step: keep a new best's weights; whether to stop."""
+        stop, best = early_stop(log, self.cfg.early_stopping_patience, self.cfg.early_stopping_threshold)
+        if best is not None and best == log[-1]["step"] and "val_loss" in log[-1]:
+            tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self._trainable().items()}
+            write_safetensors(self.path, tensors, {"step": str(best), "val_loss": repr(log[-1]["val_loss"])})
+        return stop
+
+    @torch.no_grad()
+    def restore_best(self, log: list[dict[str, float]], steps: int, state: Any) -> None:
+        """Every process: the trainable parameters take the best measured step's values. The main process
+        reads them and sends them to the others, which need not see its files (several machines without
+        a shared disk)."""
+        main, params, saved, error = state.is_main_process, self._trainable(), {}, None
+        if main and self.path.is_file():
+            try:
+                saved = read_safetensors(self.path, "best weights of early stopping")
+                if set(saved) != set(params):
+                    error = f"{self.path}: its tensors are not this run's trainable parameters"
+            except NeurontuneError as e:
+                error = str(e)
+        found = [bool(saved), error]
+        if state.num_processes > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(found, src=0)
+        if found[1]:
+            raise NeurontuneError(found[1])
+        if not found[0]:
+            return
+        for n, p in params.items():
+            if main:
+                p.copy_(saved[n].to(p.device, p.dtype))
+            if state.num_processes > 1:
+                dist.broadcast(p.data, src=0)
+        if main:
+            s = self.summary(log)
+            ran = f"stopped at step {len(log)} of {steps}" if s["stopped"] else f"ran all {steps} steps"
+            print(
+                f"early stopping: {ran}; the result is step {s['best_step']}'s weights "
+                f"(validation loss {s['best_val_loss']:.4f} on {sum(len(b['input_ids']) for b in self.batches)} "
+                "held-out examples)"
+            )
+
+    def summary(self, log: list[dict[str, float]]) -> dict[str, Any]:
+        stop, best = early_stop(log, self.cfg.early_stopping_patience, self.cfg.early_stopping_threshold)
+        losses = {int(r["step"]): float(r["val_loss"]) for r in log if r.get("val_loss") not in (None, "")}
+        return {
+            "stopped": stop,
+            "best_step": best,
+            "best_val_loss": losses.get(best) if best is not None else None,
+            "val_loss": losses,
+        }
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """The main job. Writes to ``cfg.output_dir``: ``config.json``, ``checkpoints/``,
     ``train_log.csv``, the method's output (``adapter/``, ``model/`` or ``pruned/``, and for row
@@ -418,8 +522,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
         sharded = False
         model, tok, task = _load(cfg)
     task = task.head(cfg.train_examples, cfg.eval_examples)
-    given, cfg = cfg, with_max_length(cfg, task.train + task.eval, tok, model, verbose=main)
-    method = get_method(cfg.method)(cfg)
+    task, held_out = validation_split(cfg, task)
+    given, cfg = cfg, with_max_length(cfg, task.train + task.eval + held_out, tok, model, verbose=main)
+    kind = get_method(cfg.method)
+    cfg.steps = training_steps(given, len(task.train), state.num_processes, verbose=main and kind.trains)
+    method = kind(cfg)
     method.check(model, out)  # bad method input fails here, before anything is written
     if cfg.eval_steps and method.trains and (launched_with("FSDP") or launched_with("DEEPSPEED")):
         raise NeurontuneError(
@@ -504,12 +611,21 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
         log: list[dict[str, float]] = []
         curve = EvalCurve(out / "eval_log.json", primary_metric(task)) if main else None
 
-        def on_step(row: dict[str, float]) -> None:  # the main process, after each optimizer step
+        def on_step(
+            row: dict[str, float],
+        ) -> dict[str, float] | None:  # the main process, after each optimizer step
             step = int(row["step"])
             trackers.log({k: v for k, v in row.items() if k != "step"}, step, "train/")
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.steps and curve is not None:
                 trackers.log(curve.add(step, run_eval(model)), step, "eval/")
                 model.train()
+            if held_out and step % cfg.eval_steps == 0:  # early stopping's measurement
+                val = {"val_loss": stopper.measure()}
+                trackers.log(val, step, "eval/")
+                return val
+            return None
+
+        stopper = EarlyStopping(cfg, model, out / "checkpoints" / "best.safetensors", held_out, tok)
 
         if method.trains:
             args = train_args(cfg)
@@ -517,8 +633,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             log = train(
                 model, data, args, out, resume=cfg.resume, param_groups=method.param_groups(model, cfg.lr),
                 regularization=method.regularization(model), step_stats=method.step_stats(model),
-                on_step=on_step, on_prepared=filled if zero3 else None, **method.training_loss(model),
+                on_step=on_step, on_prepared=filled if zero3 else None,
+                stop_when=stopper.watch if held_out else None, **method.training_loss(model),
             )  # fmt: skip
+            if held_out:
+                stopper.restore_best(log, cfg.steps, state)
         peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
         if sharded:  # the model stays sharded: every process evaluates it and gathers the adapter (only)
             from neurontune.sharded import gather_adapter_state
@@ -567,6 +686,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 "peak_memory_mib": peak,
                 "peak_memory_kind": peak_kind,
                 "sharded_load": loading,
+                "early_stopping": stopper.summary(log) if held_out else None,
                 "saved": str(saved) if saved else None,
                 "saved_bytes": dir_bytes(saved) if saved else 0,
                 "device": device(),

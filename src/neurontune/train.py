@@ -28,7 +28,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,42 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], n_tokens:
         )
         / n_tokens
     )
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Mean next-token cross-entropy over every labelled token of ``batches`` (eval mode, no gradient):
+    what early stopping watches."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    try:
+        total, n = 0.0, 0
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            total += token_loss(model, b, 1).item()
+            n += labelled_tokens(b)
+    finally:
+        model.train(was_training)
+    return total / max(1, n)
+
+
+def early_stop(
+    log: Sequence[dict[str, float]], patience: int, threshold: float = 0.0
+) -> tuple[bool, int | None]:
+    """Early stopping as a function of the log (so a resumed run decides as the run it continues did), as
+    transformers' ``EarlyStoppingCallback`` counts: a measurement of ``val_loss`` improves when it is below
+    the best so far by more than ``threshold``; ``(stop, best step)``, ``stop`` once ``patience``
+    measurements in a row have not improved."""
+    best, best_step, waited = math.inf, None, 0
+    for row in log:
+        v = row.get("val_loss")
+        if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+            continue
+        if float(v) < best - threshold or best_step is None:
+            best, best_step, waited = float(v), int(row["step"]), 0
+        else:
+            waited += 1
+    return bool(patience) and waited >= patience, best_step
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
@@ -330,8 +366,8 @@ def load_checkpoint(
 
 def write_log_csv(path: Path, log: list[dict[str, float]]) -> None:
     buf = io.StringIO()
-    if log:
-        w = csv.DictWriter(buf, fieldnames=list(log[0]))
+    if log:  # every column any row has (val_loss only on the steps it was measured), in first-seen order
+        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in log for k in row)), restval="")
         w.writeheader()
         w.writerows(log)
     with atomic_path(path) as tmp:
@@ -623,19 +659,26 @@ def _is_deepspeed(accelerator: Any) -> bool:
 
 
 def _configure_deepspeed(
-    accelerator: Any, batch_size: int, args: TrainArgs, block: int = 0, hidden: int = 0
+    accelerator: Any, batch_size: int, args: TrainArgs, block: int = 0, hidden: int = 0, module: int = 0
 ) -> int:
     """Our loop's batch, accumulation and clipping in the DeepSpeed config (its "auto" values are
     filled from a dataloader, which we do not hand to accelerate). Unless the config sets them: the
     buckets sized from the model's ``hidden`` size as accelerate fills their "auto" (reduce bucket
     hidden², ZeRO-3 prefetch bucket 0.9 hidden², parameters of under 10 hidden kept whole), where
-    DeepSpeed's own defaults (5e8, 5e7, 1e5) prefetch 50M parameters ahead (measured: at the
-    Llama-3.2-1B shape on 4 processes the training peak fell from 2,896 to 2,739 MiB; the second step
-    still holds ~600 MiB more than the first, not explained by the buckets); under ZeRO-3 the
-    gathered parameters kept live and reused are capped at two of the model's blocks (``block``: a
-    decoder layer's parameters): DeepSpeed's default, 1e9 each, keeps most of a 1B model gathered on
-    every process (measured: 2 processes at the Llama-3.2-1B shape peaked at 8,753 MiB each, above one
-    process's 6,077 MiB). Returns the ZeRO stage."""
+    DeepSpeed's own defaults (5e8, 5e7, 1e5) prefetch 50M parameters ahead; under ZeRO-3 the gathered
+    parameters kept for reuse are capped at one of the model's blocks (``block``: a decoder layer's
+    parameters), enough to keep a layer gathered from its recomputation (gradient checkpointing) to its
+    backward without gathering it again, and those kept live (which bounds the prefetch) at what the
+    reuse keeps or, where that is less, two of the largest modules (``module``: the one computing and
+    the next; one, with ``stage3_prefetch_bucket_size: 0``). A config with ``stage3_max_reuse_distance: 0``
+    gathers every layer again for its backward, as FSDP2 units of one projection do, and with no prefetch
+    too it holds one projection gathered at a time, for the most capacity
+    (``examples/deepspeed/zero3_capacity.json``). DeepSpeed's default, 1e9 each, keeps most
+    of a 1B model gathered on every process (measured: 2 processes at the Llama-3.2-1B shape peaked at
+    8,753 MiB each, above one process's 6,077 MiB); two blocks held about three once the trace was
+    recorded (the prefetch overshoots by a parameter). Measured at that shape on 4 processes, the
+    training peak: 2,774 MiB with two blocks, 2,742 with one, 2,293 with one and the embedding in
+    pieces of one projection (``train``). Returns the ZeRO stage."""
     conf = accelerator.state.deepspeed_plugin.deepspeed_config
     conf.update(
         train_micro_batch_size_per_gpu=batch_size,
@@ -656,10 +699,25 @@ def _configure_deepspeed(
                 stage3_param_persistence_threshold=10 * hidden,
             )
         if block:
-            sizes.update(stage3_max_live_parameters=2 * block, stage3_max_reuse_distance=2 * block)
+            sizes.update(stage3_max_reuse_distance=block)
     for key, value in sizes.items():
         if zero.get(key, "auto") == "auto":
             zero[key] = value
+    if stage == 3 and block and zero.get("stage3_max_live_parameters", "auto") == "auto":
+        try:
+            reuse = int(zero["stage3_max_reuse_distance"])
+        except (TypeError, ValueError):
+            raise NeurontuneError(
+                f"DeepSpeed config: stage3_max_reuse_distance {zero['stage3_max_reuse_distance']!r} is not a number"
+            ) from None
+        try:  # with no prefetch (a bucket of 0) only the module computing is gathered beyond the reuse
+            prefetch = zero.get("stage3_prefetch_bucket_size", "auto")
+            ahead = 2 if prefetch == "auto" or float(prefetch) > 0 else 1
+        except (TypeError, ValueError):
+            raise NeurontuneError(
+                f"DeepSpeed config: stage3_prefetch_bucket_size {zero['stage3_prefetch_bucket_size']!r} is not a number"
+            ) from None
+        zero["stage3_max_live_parameters"] = max(reuse, ahead * module)
     return stage
 
 
@@ -878,8 +936,9 @@ def train(
     step_stats: Callable[[], dict[str, float]] | None = None,
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor], int], torch.Tensor] | None = None,
     count_fn: Callable[[dict[str, torch.Tensor]], int] | None = None,
-    on_step: Callable[[dict[str, float]], None] | None = None,
+    on_step: Callable[[dict[str, float]], dict[str, float] | None] | None = None,
     on_prepared: Callable[[torch.nn.Module], None] | None = None,
+    stop_when: Callable[[list[dict[str, float]]], bool] | None = None,
 ) -> list[dict[str, float]]:
     """Run ``args.steps`` optimizer steps over the trainable parameters; returns one log row per step.
 
@@ -891,7 +950,9 @@ def train(
     weights, filled), before the first step: a sharded load evaluates it there.
     ``loss_fn(model, batch, n)`` (default :func:`token_loss`) is a micro-batch's summed loss divided by
     ``n``, the step's count of ``count_fn(batch)`` (default: labelled next tokens) over all its
-    micro-batches and processes. ``on_step(row)`` sees every log row on the main process (trackers).
+    micro-batches and processes. ``on_step(row)`` sees every log row on the main process (trackers);
+    numbers it returns join the row (a validation loss). ``stop_when(log)``, asked on the main process
+    after every step (and once on resuming), ends training early on every process, after a checkpoint.
     """
     loss_fn = loss_fn or token_loss
     count_fn = count_fn or labelled_tokens
@@ -932,6 +993,7 @@ def train(
     from neurontune.sharded import (
         keep_zero3_release,
         largest_block,
+        largest_block_module,
         split_embeddings,
         weight_source,
         zero3_fill,
@@ -940,8 +1002,13 @@ def train(
 
     hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
     stage = (
-        _configure_deepspeed(accelerator, data.batch_size, args, largest_block(model), hidden) if ds else 0
+        _configure_deepspeed(
+            accelerator, data.batch_size, args, largest_block(model), hidden, largest_block_module(model)
+        )
+        if ds
+        else 0
     )
+    ds_zero = dict(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]) if ds else {}
 
     # built without its weights (neurontune.sharded): ZeRO-3 partitions it, each process fills its own
     # partitions, and it stays partitioned after training (its caller evaluates and saves it so)
@@ -950,8 +1017,11 @@ def train(
         raise NeurontuneError("a model built without its weights trains under FSDP2 or DeepSpeed ZeRO-3 only")
     if stage == 3:
         _register_base_weights(model)
-    if empty:  # DeepSpeed gathers the embedding and head a piece at a time, none larger than a layer
-        split_embeddings(model, largest_block(model, weight_source(model).base_keys))
+    if empty:  # DeepSpeed gathers module by module: the embedding and head a piece at a time, none
+        # larger than the largest module of a layer (an MLP projection). Pieces of a whole layer's size
+        # cost about twice that while they are gathered: with 4 of Llama-3.2-1B's layers on 2 processes
+        # the first step's peak was a piece's all-gather, 2,073 MiB, and 1,887 with pieces of a projection
+        split_embeddings(model, largest_block_module(model, weight_source(model).base_keys))
         zero3_partition(model, accelerator.state.deepspeed_plugin.deepspeed_config)
     index = {id(p): i for i, p in enumerate(named.values())}
     members = [[index[id(p)] for p in g["params"]] for g in optimizer.param_groups]
@@ -985,7 +1055,14 @@ def train(
             f"of at most {max(units.values(), default=0):,} parameters"
         )
     if ds and main:
-        print(f"DeepSpeed ZeRO-{stage}: sharded over {world} processes")
+        zero = ds_zero
+        kept = (
+            f", at most {int(zero['stage3_max_live_parameters']):,} parameters gathered "
+            f"({int(zero['stage3_max_reuse_distance']):,} kept for reuse)"
+            if stage == 3 and "stage3_max_live_parameters" in zero
+            else ""
+        )
+        print(f"DeepSpeed ZeRO-{stage}: sharded over {world} processes{kept}")
 
     start, log = 0, []
     if out is not None and main:
@@ -995,9 +1072,15 @@ def train(
         start, log = load_checkpoint(ckpts[-1], named, optimizer.optimizer, scheduler, rank, world, layout)
         if main:
             print(f"resumed from {ckpts[-1]} (step {start}/{args.steps})")
+
+    def stopping() -> bool:  # the main process decides (it holds the validation losses), all follow
+        if stop_when is None:
+            return False
+        return _sum_over_processes(accelerator, float(main and stop_when(log))) > 0
+
     model.train()
-    bar = tqdm(range(start, args.steps), desc="train", disable=not (progress and main), initial=start,
-               total=args.steps)  # fmt: skip
+    todo = range(0) if start and stopping() else range(start, args.steps)  # continued: had it stopped early?
+    bar = tqdm(todo, desc="train", disable=not (progress and main), initial=start, total=args.steps)
     for step in bar:
         t0 = time.perf_counter()
         # data parallel: the step's grad_accum x world micro-batches, each process its own share, so
@@ -1055,10 +1138,13 @@ def train(
             row.update(step_stats())
         log.append({**row, "seconds": time.perf_counter() - t0})
         if on_step is not None and main:
-            on_step(log[-1])
+            log[-1].update(on_step(log[-1]) or {})
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1
-        if out is not None and ((args.save_steps and done % args.save_steps == 0) or done == args.steps):
+        stop = stopping()
+        if out is not None and (
+            (args.save_steps and done % args.save_steps == 0) or done == args.steps or stop
+        ):
             rngs = _gather_rng_states(accelerator)
             if main or layout.collective:  # sharded: every process takes part in gathering
                 save_checkpoint(
@@ -1070,6 +1156,8 @@ def train(
                     shutil.rmtree(old, ignore_errors=True)
                 write_log_csv(out / "train_log.csv", log)
             accelerator.wait_for_everyone()
+        if stop:
+            break
     if out is not None and main:
         write_log_csv(out / "train_log.csv", log)
     if fsdp and not sharded_before:

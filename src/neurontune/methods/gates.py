@@ -90,7 +90,7 @@ def gate_config(cfg: Any) -> Any:
         sigma=cfg.gate_sigma, tau=cfg.gate_tau, penalty=cfg.gate_penalty, prune_heads=cfg.prune_heads,
         low_rank=cfg.gate_low_rank, target_modules=cfg.target_modules_value(), lr=cfg.gate_lr,
         width_multiple=cfg.gate_width_multiple, tolerance=cfg.gate_tolerance, force=cfg.gate_force,
-        ramp_steps=round(cfg.gate_ramp * cfg.steps),
+        ramp_steps=round(cfg.gate_ramp * (cfg.steps or 0)),  # steps: None while only checked (set by the data)
     )  # fmt: skip
 
 
