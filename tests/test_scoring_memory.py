@@ -4,7 +4,11 @@
 code of commit 5652f7a, which held an fp32 gradient accumulator and a ``.grad`` for every target at once
 and perturbed weights in place for zo-taylor, run with ATen's AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``, as
 ``conftest.py`` sets for every test): other kernels round reductions differently (AVX512: 1e-7 relative in
-fp32, 1e-2 in bf16 gradients), so the bit-for-bit comparisons need the same kernels, not only one thread.
+fp32, 1e-2 in bf16 gradients), so the comparisons need the same kernels, not only one thread. Even then
+another CPU model or library release rounds differently (measured 2026-12-03 on another Xeon with
+transformers 5.25: up to 1e-6 relative in fp32, 1.6e-4 for the NeFT probe, whose training steps carry it
+on), so scores are compared with :data:`RTOL`, far below what a wrong accumulation would change; and on
+the machine running the tests, a pass per module must give the one-pass scores bit for bit.
 """
 
 import json
@@ -23,6 +27,20 @@ from make_score_reference import CASES, batches  # noqa: E402
 
 REFERENCE = json.loads((DATA / "score_reference.json").read_text())
 REFERENCE_KERNELS = "AVX2"
+# relative tolerance against the reference, by scorer (default: RTOL[None]); the zo-taylor reference was
+# written with the in-place perturbation, which left each weight off by its rounding (1e-4..6e-4)
+RTOL = {None: 1e-5, "neft": 1e-3, "zo-taylor": 2e-3}
+
+
+def assert_reference(scores: dict, key: str) -> None:
+    ref = {n: torch.tensor(v, dtype=torch.float32) for n, v in REFERENCE[key].items()}
+    assert set(scores) == set(ref)
+    name = CASES.get(key.split("/")[1], (key.split("/")[1], {}))[0]
+    for n in ref:
+        torch.testing.assert_close(
+            scores[n], ref[n], rtol=RTOL.get(name, RTOL[None]), atol=0, msg=lambda m, n=n: f"{n}: {m}"
+        )
+
 
 reference_kernels = pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() != REFERENCE_KERNELS,
@@ -44,15 +62,23 @@ def test_scores_equal_the_reference_implementation(key, group_bytes):
     model = _model(key)
     name, options = CASES.get(key.split("/")[1], (key.split("/")[1], {}))
     scores = score_model(model, name, batches=batches(model), seed=5, group_bytes=group_bytes, **options)
-    ref = {n: torch.tensor(v, dtype=torch.float32) for n, v in REFERENCE[key].items()}
-    assert set(scores) == set(ref)
-    for n in ref:
-        if name == "zo-taylor":
-            # the same SPSA record; the old in-place +eps, -2eps, +eps left each weight off by its rounding,
-            # and it scored those weights (and drew later samples around them): 1e-4..6e-4 relative
-            torch.testing.assert_close(scores[n], ref[n], rtol=2e-3, atol=0)
-        else:
-            assert torch.equal(scores[n], ref[n]), n
+    assert_reference(scores, key)
+
+
+@pytest.mark.parametrize("key", sorted(k for k in REFERENCE if not k.endswith("/zo-taylor")))
+def test_a_pass_per_module_gives_the_one_pass_scores_bit_for_bit(key):
+    """Grouping changes what is held at once, not the arithmetic: on any machine the scores of a pass per
+    module equal those of one pass exactly (zo-taylor, which draws its perturbations per pass, is left to
+    the reference comparison)."""
+    torch.set_num_threads(1)
+    name, options = CASES.get(key.split("/")[1], (key.split("/")[1], {}))
+    one, per_module = (
+        score_model(_model(key), name, batches=batches(_model(key)), seed=5, group_bytes=g, **options)
+        for g in (None, 1)
+    )
+    assert set(one) == set(per_module)
+    for n in one:
+        assert torch.equal(one[n], per_module[n]), n
 
 
 @pytest.mark.parametrize("scorer", ["zo-taylor", "taylor", "fisher", "neft"])
@@ -135,8 +161,7 @@ def test_scores_with_gradient_checkpointing_equal_the_reference(kind, scorer, ck
     scores = score_model(
         model, scorer, batches=batches(model), seed=5, group_bytes=1, gradient_checkpointing=ckpt
     )
-    for n, v in REFERENCE[f"{kind}/{scorer}"].items():
-        assert torch.equal(scores[n], torch.tensor(v, dtype=torch.float32)), n
+    assert_reference(scores, f"{kind}/{scorer}")
     passes = len(REFERENCE[f"{kind}/{scorer}"])  # group_bytes=1: a pass per module, 3 batches each
     if ckpt:
         assert len(recomputed) > 3 * passes  # layer 0 ran again in the backward of the passes that reach it
@@ -151,8 +176,7 @@ def test_grouped_neft_probe_trains_one_group_at_a_time_and_restores_the_base():
     options = {"probe_steps": 3, "probe_lr": 1e-3, "probe_mode": "grouped"}
     model = tiny_model("tiny-llama", seed=3)
     joint = score_model(model, "neft", batches=batches(model), seed=5, group_bytes=2**40, **options)
-    for n, v in REFERENCE["tiny-llama/neft"].items():  # a budget that holds every module: the joint probe
-        assert torch.equal(joint[n], torch.tensor(v, dtype=torch.float32)), n
+    assert_reference(joint, "tiny-llama/neft")  # a budget that holds every module: the joint probe
     before = {k: v.clone() for k, v in model.state_dict().items()}
     largest = max(m.weight.numel() for n, m in model.named_modules() if n.endswith("_proj"))
     trainable = []
