@@ -232,3 +232,19 @@ def test_a_hub_dataset_id_fails_at_once_offline(tmp_path, monkeypatch):
     with pytest.raises(NeurontuneError, match="the Hugging Face Hub is unreachable"):
         load_task("some-org/some-dataset", None)
     assert time.perf_counter() - t0 < 5
+
+
+def test_split_seed_fixes_the_test_examples_while_the_seed_changes(tokenizer):
+    """split_seed: runs of several seeds test on the same examples (paired comparisons); without it
+    each seed splits the data its own way, as before."""
+    from neurontune.config import FinetuneConfig
+    from neurontune.pipeline import task_from_config
+
+    def split(**kw):
+        task = task_from_config(FinetuneConfig(task="hyperbaton", **kw), tokenizer)
+        return [e.prompt for e in task.eval[:50]], [e.prompt for e in task.train[:50]]
+
+    assert split(seed=1, split_seed=0) == split(seed=2, split_seed=0) == split(seed=0)
+    assert split(seed=1)[0] != split(seed=2)[0]
+    with pytest.raises(NeurontuneError, match="split_seed must be between"):
+        FinetuneConfig(split_seed=-1)

@@ -43,6 +43,10 @@ class DataConfig:
         None, "map the data's columns to our fields, e.g. prompt=question,completion=answer or text=sentence"
     )
     seed: int = _opt(0, "seed for the data split and order, random scores, tie-breaking")
+    split_seed: int | None = _opt(
+        None, "seed of the train/test split alone (and of sampling a bigger data file); default: seed. Fix it "
+        "to evaluate runs of several seeds on the same test examples",
+    )  # fmt: skip
     max_length: int | None = _opt(
         None, "max tokens per example; default: the longest example, up to the model's limit (a longer "
         "prompt is cut from the left, with a note saying how many were)",
@@ -69,8 +73,10 @@ class DataConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise NeurontuneError(f"{f.name}={value!r} is not one of: {', '.join(choices)}{hint}")
 
-        if not 0 <= self.seed < 2**32:  # what torch, numpy and random all take
-            raise NeurontuneError(f"seed must be between 0 and {2**32 - 1}, got {self.seed}")
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**32:  # what torch, numpy and random all take
+                raise NeurontuneError(f"{name} must be between 0 and {2**32 - 1}, got {value}")
         self.columns_value()  # validate early
         words = self.label_words_value() or []
         if dup := next((w for i, w in enumerate(words) if w in words[:i]), None):

@@ -89,7 +89,7 @@ def record_budget(cfg: DataConfig) -> tuple[int | None, int | None]:
 def task_from_config(cfg: DataConfig, tok: Any) -> Task:
     sample, eval_sample = record_budget(cfg)
     task = load_task(
-        cfg.task, tok, seed=cfg.seed, eval_file=cfg.eval_file, eval_fraction=cfg.eval_fraction,
+        cfg.task, tok, seed=cfg.seed if cfg.split_seed is None else cfg.split_seed, eval_file=cfg.eval_file, eval_fraction=cfg.eval_fraction,
         label_words=cfg.label_words_value(), template=cfg.template, columns=cfg.columns_value(),
         sample=sample, eval_sample=eval_sample,
     )  # fmt: skip
