@@ -50,6 +50,7 @@ from neurontune.bench import (
     finetune_run,
     machine,
     render_only,
+    same_source,
     write_results,
 )
 
@@ -108,12 +109,15 @@ def scale(metric: str, value: float) -> float:
 def overrides(
     a: argparse.Namespace, task: str, method: str, seed: int, lr: float | None, split: str
 ) -> list[str]:
+    length = f"num_train_epochs={a.epochs:g}" if a.epochs else f"steps={a.steps}"
     o = [
-        f"model={a.model}", f"task={task}", f"seed={seed}", f"steps={a.steps}", f"batch_size={a.batch_size}",
+        f"model={a.model}", f"task={task}", f"seed={seed}", length, f"batch_size={a.batch_size}",
         f"train_examples={a.train_examples}", f"eval_examples={a.eval_examples}", f"max_length={a.max_length}",
         "forgetting_examples=0", "eval_before=false", "save_steps=0", f"eval_split={split}", *METHODS[method],
         *a.set,
     ]  # fmt: skip
+    if a.split_seed is not None:  # every seed trains and tests on the same split
+        o.insert(3, f"split_seed={a.split_seed}")
     if lr is not None:
         o.append(f"lr={lr:g}")
     if split == "validation" and a.eval_steps:
@@ -127,8 +131,11 @@ def run(a: argparse.Namespace, phase: str, task: str, method: str, seed: int, lr
     out = a.runs / phase / task_dir(task) / name
     o = overrides(a, task, method, seed, lr, split)
     if (old := a.recorded.get(finetune_command(o, out))) is not None:
-        print(f"{phase} {task} {method} lr={lr} seed={seed}: recorded {old['score']:.3f}", flush=True)
-        return old
+        if same_source(old.get("source")):
+            print(f"{phase} {task} {method} lr={lr} seed={seed}: recorded {old['score']:.3f}", flush=True)
+            return old
+        print(f"{phase} {task} {method} lr={lr} seed={seed}: recorded at other code "
+              f"({old.get('source') or 'not on record'}), running it again", flush=True)  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None
     m = finetune_run(o, out, reuse=a.reuse, threads=threads)
     if not a.keep_weights:  # a full fine-tuning run leaves ~2 GB (model + final checkpoint); scores need none
@@ -140,7 +147,8 @@ def run(a: argparse.Namespace, phase: str, task: str, method: str, seed: int, lr
     row = {
         "phase": phase, "task": task, "method": method, "seed": seed, "lr": lr, "metric": metric,
         "score": scale(metric, m["after"][metric]), "trainable_params": m["trainable_params"],
-        "train_seconds": m["train_seconds"], "command": m["command"],
+        "train_seconds": m["train_seconds"], "steps": m["steps"], "command": m["command"],
+        "source": m["source"], "config": resolved_options(out),
     }  # fmt: skip
     curve = out / "eval_log.json"
     if curve.is_file():
@@ -150,6 +158,14 @@ def run(a: argparse.Namespace, phase: str, task: str, method: str, seed: int, lr
         row["curve"] = [(p["step"], scale(metric, p[metric])) for p in points]
     print(f"{phase} {task} {method} lr={lr} seed={seed}: {metric} {m['after'][metric]:.3f}", flush=True)
     return row
+
+
+def resolved_options(out: Path) -> dict:
+    """Every finetune option of the run in ``out`` as it resolved them (its ``config.json``), so a result
+    says what ran, not only what the command set."""
+    import json
+
+    return json.loads((out / "config.json").read_text())
 
 
 def task_dir(task: str) -> str:
@@ -162,8 +178,8 @@ def task_dir(task: str) -> str:
 
 
 def task_info(task: str, seeds: list[int], n: int) -> tuple[float | None, str]:
-    """The majority-class rate of the evaluated test examples (mean over seeds; None for tasks without
-    labels) and why the task is in the suite (for a data file: what it holds)."""
+    """The majority-class rate of the evaluated test examples (mean over the splits of ``seeds``; None
+    for tasks without labels) and why the task is in the suite (for a data file: what it holds)."""
     from neurontune.errors import NeurontuneError
     from neurontune.tasks import load_task
 
@@ -237,6 +253,32 @@ def choose(sweep: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def tried(sweep: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """(task, method) -> the learning rates its sweep ran, ascending."""
+    out: dict[tuple[str, str], set[float]] = {}
+    for r in sweep:
+        out.setdefault((r["task"], r["method"]), set()).add(r["lr"])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def at_edge(sweep: list[dict]) -> list[tuple[str, str]]:
+    """The (task, method)s whose chosen rate is the smallest or the largest their sweep tried (of 2 or
+    more): the best rate may lie beyond the grid."""
+    chosen, grids = choose(sweep), tried(sweep)
+    return [(t, m) for (t, m), g in grids.items() if len(g) > 1 and chosen[t][m] in (g[0], g[-1])]
+
+
+def beyond_edges(sweep: list[dict]) -> list[tuple[str, str, float]]:
+    """For each (task, method) :func:`at_edge`, the next rate beyond its chosen one, a step of the grid's
+    own ratio at that end (1e-4,3e-4,1e-3 choosing 1e-3 next tries 3.33e-3), to 3 significant digits."""
+    grids, chosen, out = tried(sweep), choose(sweep), []
+    for t, m in at_edge(sweep):
+        g, lr = grids[(t, m)], chosen[t][m]
+        nxt = lr / (g[1] / g[0]) if lr == g[0] else lr * (g[-1] / g[-2])
+        out.append((t, m, float(f"{nxt:.3g}")))
+    return out
+
+
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95 % t-interval (0 for one value)."""
     from scipy import stats
@@ -249,9 +291,50 @@ def interval(values: list[float]) -> tuple[float, float]:
     )
 
 
-def summarize(test: list[dict], tasks: list[str], methods: list[str], seeds: list[int]) -> dict:
+def compare(score: dict, m: str, ref: str, tasks: list[str], seeds: list[int]) -> dict | None:
+    """``m`` against ``ref`` with the task as the unit: per task, the mean over seeds of the paired
+    differences (each seed trains both on the same split and tests them on the same examples) and its
+    95 % interval over seeds; across tasks, the mean of the per-task means, its 95 % t-interval and a
+    two-sided one-sample t-test (df = tasks - 1). None with fewer than 2 tasks that have both."""
     from scipy import stats
 
+    per_task = []
+    for t in tasks:
+        d = [
+            score[(t, m, s)] - score[(t, ref, s)]
+            for s in seeds
+            if (t, m, s) in score and (t, ref, s) in score
+        ]
+        if d:
+            mean, half = interval(d)
+            per_task.append({"task": t, "mean_diff": mean, "ci95": half, "seeds": len(d)})
+    if len(per_task) < 2:
+        return None
+    means = [x["mean_diff"] for x in per_task]
+    mean, half = interval(means)
+    if statistics.stdev(means) > 0:
+        p = float(stats.ttest_1samp(means, 0.0).pvalue)
+    else:  # every task differs by the same amount: no spread to test against
+        p = 1.0 if mean == 0 else 0.0
+    return {
+        "method": m, "against": ref, "tasks": len(per_task), "mean_diff": mean, "ci95": half, "t_test_p": p,
+        "wins": sum(x > 0 for x in means), "losses": sum(x < 0 for x in means), "per_task": per_task,
+    }  # fmt: skip
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (in the given order): the i-th smallest of m is multiplied by
+    m - i + 1, then made non-decreasing, capped at 1. A comparison is significant at 5 % family-wise
+    error when its adjusted p is below 0.05."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    out, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        out[i] = running
+    return out
+
+
+def summarize(test: list[dict], tasks: list[str], methods: list[str], seeds: list[int]) -> dict:
     score = {(r["task"], r["method"], r["seed"]): r["score"] for r in test}
     table = []
     for t in tasks:
@@ -281,21 +364,10 @@ def summarize(test: list[dict], tasks: list[str], methods: list[str], seeds: lis
         if m.endswith("-global"):  # spread by score against spread evenly
             refs.append(m.removesuffix("-global"))
         for ref in refs:
-            pairs = [(score[(t, m, s)], score[(t, ref, s)]) for t in tasks for s in seeds
-                     if (t, m, s) in score and (t, ref, s) in score]  # fmt: skip
-            if len(pairs) < 2:
-                continue
-            d = [x - y for x, y in pairs]
-            mean, half = interval(d)
-            t_p = (
-                float(stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs]).pvalue) if any(d) else 1.0
-            )
-            w_p = float(stats.wilcoxon(d).pvalue) if any(d) else 1.0
-            paired.append({
-                "method": m, "against": ref, "pairs": len(d), "mean_diff": mean, "ci95": half,
-                "t_test_p": t_p, "wilcoxon_p": w_p, "significant": bool(abs(mean) > half > 0),
-                "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d),
-            })  # fmt: skip
+            if (c := compare(score, m, ref, tasks, seeds)) is not None:
+                paired.append(c)
+    for c, p in zip(paired, holm([c["t_test_p"] for c in paired]), strict=True):
+        c["holm_p"], c["significant"] = p, p < 0.05
     return {"table": table, "suite": suite, "paired": paired}
 
 
@@ -343,6 +415,10 @@ def _grids(s: dict) -> str:
     return f"LoRA/DoRA {s['lrs']}, rows {rows}, full {s['lrs_full']}"
 
 
+def _length(s: dict) -> str:
+    return f"{s['epochs']:g} epoch(s)" if s.get("epochs") else f"{s['steps']} steps"
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -356,9 +432,14 @@ def render(result: dict) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}; {result['date']}  ",
-        f"Model `{s['model']}`; {s['steps']} steps x batch {s['batch_size']} from the first "
+        f"Model `{s['model']}`; {_length(s)} x batch {s['batch_size']} from the first "
         f"{s['train_examples']} training examples (max {s['max_length']} tokens); test on the first "
-        f"{s['eval_examples']} test examples; seeds {s['seeds']}; "
+        f"{s['eval_examples']} test examples; seeds {s['seeds']}"
+        + (
+            f" (every seed on the split of seed {s['split_seed']}: the same training and test examples); "
+            if s.get("split_seed") is not None
+            else " (each seed its own split); "
+        )
         + (
             f"learning rates swept on a validation split with seed {s['seeds'][0]}: {_grids(s)}. "
             if result["chosen_lr"]
@@ -393,13 +474,37 @@ def render(result: dict) -> str:
         methods = list(dict.fromkeys(m for per in result["chosen_lr"].values() for m in per))
         lines += ["", "## Learning rates chosen on the validation split", "",
                   "| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]  # fmt: skip
+        edge = {tuple(x) for x in result.get("lr_at_edge", [])}
         for t, per in result["chosen_lr"].items():
-            lines.append(f"| {t} | " + " | ".join(f"{per[m]:g}" if m in per else "-" for m in methods) + " |")
+            cells = [f"{per[m]:g}" + (" *" if (t, m) in edge else "") if m in per else "-" for m in methods]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        if edge:
+            lines += ["", f"\\* at an end of the rates swept, after {s.get('extend_grid', 0)} extra round(s) "
+                      "beyond the ends: the best rate may lie further out."]  # fmt: skip
         lend = s.get("lr_from") or {}
         if lend:
             lines += ["", "Not swept (`--lr-from`), each takes the rate chosen for another method on each task: "
                       + ", ".join(f"{m} from {src}" for m, src in lend.items()) + "."]  # fmt: skip
-    if summary["paired"]:
+    if summary["paired"] and "per_task" in summary["paired"][0]:
+        lines += ["", "## Row methods against LoRA at the same budget, full fine-tuning and random rows (the task as the unit)", "",
+                  "Per task, the mean over seeds of the paired differences; across tasks, their mean with a 95 % "
+                  "t-interval and a one-sample t-test; Holm's correction over every comparison in the table.", "",
+                  "| method | against | tasks | mean difference | 95 % interval | t-test p | Holm p | tasks won / lost | significant (Holm) |",
+                  "|---|---|---:|---:|---|---:|---:|---|---|"]  # fmt: skip
+        for r in summary["paired"]:
+            lines.append(
+                f"| {r['method']} | {r['against']} | {r['tasks']} | {r['mean_diff']:+.3f} | "
+                f"[{r['mean_diff'] - r['ci95']:+.3f}, {r['mean_diff'] + r['ci95']:+.3f}] | {r['t_test_p']:.3f} | "
+                f"{r['holm_p']:.3f} | {r['wins']} / {r['losses']} | {'yes' if r['significant'] else 'no'} |"
+            )
+        tasks = s["tasks"]
+        lines += ["", "### Per task: mean difference ± 95 % half-interval over seeds", "",
+                  "| method | against | " + " | ".join(tasks) + " |", "|---|---|" + "---:|" * len(tasks)]  # fmt: skip
+        for r in summary["paired"]:
+            at = {x["task"]: x for x in r["per_task"]}
+            cells = [f"{at[t]['mean_diff']:+.3f} ± {at[t]['ci95']:.3f}" if t in at else "-" for t in tasks]
+            lines.append(f"| {r['method']} | {r['against']} | " + " | ".join(cells) + " |")
+    elif summary["paired"]:  # results written before the task was the unit: pairs pooled over tasks x seeds
         lines += ["", "## Row methods against LoRA at the same budget, full fine-tuning and random rows (paired over tasks x seeds)", "",
                   "| method | against | pairs | mean difference | 95 % interval | t-test p | Wilcoxon p | wins / losses | significant |",
                   "|---|---|---:|---:|---|---:|---:|---|---|"]  # fmt: skip
@@ -447,6 +552,19 @@ def main() -> None:
     p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument(
+        "--epochs", type=float, default=None,
+        help="train each run for this many passes over its training examples (num_train_epochs) instead of --steps",
+    )  # fmt: skip
+    p.add_argument(
+        "--split-seed", type=int, default=0,
+        help="every run's train/test split (finetune's split_seed): each seed trains and tests on the same "
+        "examples, so differences between methods are paired by example, not by resampled test sets",
+    )  # fmt: skip
+    p.add_argument(
+        "--extend-grid", type=int, default=2,
+        help="up to this many extra sweep rounds: a rate chosen at an end of its grid tries one step beyond",
+    )  # fmt: skip
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="learning rates swept for LoRA and DoRA")
     p.add_argument("--lrs-rows", default="1e-4,3e-4,1e-3", help="learning rates swept for the row methods")
@@ -498,7 +616,8 @@ def main() -> None:
     a.recorded = recorded(a.recorded)
     lend = borrowed(a.lr_from, methods)
     runs: list[dict] = []
-    info = {t: task_info(t, seeds, a.eval_examples) for t in tasks}  # loads each task once
+    splits = seeds if a.split_seed is None else [a.split_seed]
+    info = {t: task_info(t, splits, a.eval_examples) for t in tasks}  # loads each task once
 
     def save(partial: bool) -> None:
         result = _result(a, runs, tasks, methods, seeds, info, lend, partial)
@@ -513,6 +632,7 @@ def main() -> None:
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
         done: dict[int, dict] = {}
+        before = list(runs)
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
             futures = {pool.submit(run, a, *job): i for i, job in enumerate(jobs)}
             for f in as_completed(futures):
@@ -521,12 +641,20 @@ def main() -> None:
                 except BaseException:  # a failed run: no new ones; the finished ones stay saved
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
-                runs[:] = [r for r in runs if r["phase"] != jobs[0][0]] + [done[i] for i in sorted(done)]
+                runs[:] = before + [done[i] for i in sorted(done)]
                 save(partial=True)
 
     if "sweep" in phases:
         run_all([("sweep", t, m, seeds[0], lr) for t in tasks for m in methods if m not in lend
                  for lr in lrs_for(a, m)])  # fmt: skip
+        for _ in range(a.extend_grid):  # a rate chosen at an end of the grid: one more step beyond it
+            more = [
+                ("sweep", t, m, seeds[0], x)
+                for t, m, x in beyond_edges([r for r in runs if r["phase"] == "sweep"])
+            ]
+            if not more:
+                break
+            run_all(more)
     chosen = choose([r for r in runs if r["phase"] == "sweep"])
 
     def lr(t: str, m: str) -> float | None:
@@ -552,7 +680,10 @@ def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: 
             "tasks": tasks,
             "methods": methods,
             "seeds": seeds,
-            "steps": a.steps,
+            "steps": None if a.epochs else a.steps,
+            "epochs": a.epochs,
+            "split_seed": a.split_seed,
+            "extend_grid": a.extend_grid,
             "batch_size": a.batch_size,
             "train_examples": a.train_examples,
             "eval_examples": a.eval_examples,
@@ -568,6 +699,7 @@ def _result(a: argparse.Namespace, runs: list[dict], tasks: list[str], methods: 
         "majority": {t: rate for t, (rate, _) in info.items()},
         "why": {t: why for t, (_, why) in info.items()},
         "chosen_lr": choose([r for r in runs if r["phase"] == "sweep"]),
+        "lr_at_edge": [list(x) for x in at_edge([r for r in runs if r["phase"] == "sweep"])],
         "summary": summarize(test, tasks, methods, seeds),
         "runs": runs,
         "partial": partial,

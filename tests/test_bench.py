@@ -62,3 +62,40 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     assert set(summary) == {"hyperbaton"} and summary["hyperbaton"]["removed_fraction"] >= 0.3
     assert (tmp_path / "out" / "gates_curve.png").stat().st_size > 1000
     assert "Teacher: rows" in (tmp_path / "out" / "gates.md").read_text()
+
+
+def test_a_run_stands_in_for_a_new_one_only_if_it_ran_todays_library_code(tmp_path, monkeypatch):
+    """same_source: a commit whose src/ equals the working tree's; not a dirty one, not another src/,
+    not one that is not on record; a change outside src/ (a benchmark, a result) does not count."""
+    import subprocess
+
+    from neurontune import bench
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "lib.py").write_text("A = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    monkeypatch.setattr(bench, "REPO", tmp_path)
+    bench._src_unchanged_since.cache_clear()
+    first = bench.run_source()
+    assert first and not first.endswith("-dirty") and bench.same_source(first)
+    (tmp_path / "notes.md").write_text("a result\n")
+    git("add", ".")
+    git("commit", "-qm", "outside src")
+    bench._src_unchanged_since.cache_clear()
+    assert bench.same_source(first)  # only the library's code decides
+    (tmp_path / "src" / "lib.py").write_text("A = 2\n")
+    bench._src_unchanged_since.cache_clear()
+    assert bench.run_source().endswith("-dirty")
+    assert not bench.same_source(first) and not bench.same_source(bench.run_source())
+    git("commit", "-qam", "two")
+    bench._src_unchanged_since.cache_clear()
+    assert not bench.same_source(first) and bench.same_source(bench.run_source())
+    assert not bench.same_source(None) and not bench.same_source("")
+    bench._src_unchanged_since.cache_clear()

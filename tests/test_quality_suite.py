@@ -23,13 +23,17 @@ def test_choose_takes_the_best_validation_score_and_the_smaller_lr_on_ties():
     assert qs.choose(sweep) == {"t": {"lora": 3e-4, "full": 1e-4}}
 
 
-def test_summary_intervals_and_paired_significance():
-    tasks, seeds = ["a", "b"], [0, 1, 2]
-    lora = {("a", 0): 0.50, ("a", 1): 0.52, ("a", 2): 0.48, ("b", 0): 0.30, ("b", 1): 0.33, ("b", 2): 0.29}
+def test_summary_intervals_and_comparisons_with_the_task_as_the_unit():
+    tasks, seeds = ["a", "b", "c"], [0, 1, 2]
+    lora = {(t, s): base + e for t, base in zip(tasks, (0.5, 0.3, 0.7), strict=True)
+            for s, e in zip(seeds, (0.0, 0.02, -0.02), strict=True)}  # fmt: skip
     test = [{"task": t, "method": "lora", "seed": s, "score": v} for (t, s), v in lora.items()]
-    # rows: 0.1 better on every pair (a clear, significant win); random: the same as LoRA give or take
-    test += [{"task": t, "method": "rows-taylor", "seed": s, "score": v + 0.1} for (t, s), v in lora.items()]
-    noise = [0.02, -0.03, 0.01, -0.02, 0.03, -0.01]
+    # taylor: better on every task by 0.08-0.12 (a clear win); random: the same as LoRA give or take
+    gain = {"a": 0.1, "b": 0.08, "c": 0.12}
+    test += [
+        {"task": t, "method": "rows-taylor", "seed": s, "score": v + gain[t]} for (t, s), v in lora.items()
+    ]
+    noise = [0.02, -0.01, 0.02, -0.02, 0.0, -0.01, 0.01, 0.0, -0.01]  # task means +0.01, -0.01, 0
     test += [{"task": t, "method": "rows-random", "seed": s, "score": v + e}
              for ((t, s), v), e in zip(lora.items(), noise, strict=True)]  # fmt: skip
     out = qs.summarize(test, tasks, ["lora", "rows-taylor", "rows-random"], seeds)
@@ -40,14 +44,58 @@ def test_summary_intervals_and_paired_significance():
     assert suite["rows-taylor"]["mean"] == pytest.approx(suite["lora"]["mean"] + 0.1)
     paired = {(r["method"], r["against"]): r for r in out["paired"]}
     win = paired[("rows-taylor", "lora")]
-    assert win["mean_diff"] == pytest.approx(0.1) and win["wins"] == 6 and win["significant"]
+    # the unit is the task: 3 per-task means (0.1, 0.08, 0.12), df 2, not 9 pooled pairs
+    assert win["tasks"] == 3 and win["mean_diff"] == pytest.approx(0.1) and win["wins"] == 3
+    assert win["ci95"] == pytest.approx(4.302653 * 0.02 / 3**0.5, rel=1e-5)
+    assert [x["mean_diff"] for x in win["per_task"]] == pytest.approx([0.1, 0.08, 0.12])
+    assert win["per_task"][0]["ci95"] == pytest.approx(0.0, abs=1e-9)  # the same gain on each seed
+    from scipy import stats
+
+    assert win["t_test_p"] == pytest.approx(stats.ttest_1samp([0.1, 0.08, 0.12], 0).pvalue)
+    # three comparisons (taylor-lora, taylor-random, random-lora): Holm multiplies the smallest p by 3
+    ps = sorted(r["t_test_p"] for r in out["paired"])
+    assert min(r["holm_p"] for r in out["paired"]) == pytest.approx(min(1.0, 3 * ps[0]))
+    assert win["significant"] == (win["holm_p"] < 0.05)
     tie = paired[("rows-random", "lora")]
-    assert (
-        tie["mean_diff"] == pytest.approx(0.0, abs=1e-9) and not tie["significant"] and tie["t_test_p"] > 0.5
-    )
-    # a scorer against chance
-    assert paired[("rows-taylor", "rows-random")]["mean_diff"] == pytest.approx(0.1)
+    assert abs(tie["mean_diff"]) < 0.01 and not tie["significant"] and tie["t_test_p"] > 0.5
+    assert paired[("rows-taylor", "rows-random")]["mean_diff"] == pytest.approx(0.1, abs=1e-9)
     assert ("rows-taylor", "full") not in paired  # no full runs: no comparison
+    # one task with both methods is no across-task comparison
+    assert qs.compare({("a", "x", 0): 1.0, ("a", "y", 0): 0.0}, "x", "y", ["a", "b"], [0]) is None
+
+
+def test_holm_adjusts_by_rank_and_keeps_the_order():
+    assert qs.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert qs.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert qs.holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # capped at 1, non-decreasing by rank
+    assert qs.holm([]) == []
+
+
+def test_a_rate_chosen_at_an_end_of_its_grid_tries_one_step_beyond():
+    def runs(task, method, scores):
+        return [{"task": task, "method": method, "lr": lr, "score": v} for lr, v in scores.items()]
+
+    sweep = (
+        runs("t", "lora", {3e-4: 0.5, 1e-3: 0.6, 3e-3: 0.7})  # best at the top
+        + runs("t", "rows-taylor", {1e-4: 0.8, 3e-4: 0.6, 1e-3: 0.5})  # best at the bottom
+        + runs("t", "full", {3e-5: 0.6, 1e-4: 0.9, 3e-4: 0.7})  # interior
+        + runs("t", "dora", {1e-3: 0.6})  # one rate: no grid to extend
+    )
+    assert sorted(qs.at_edge(sweep)) == [("t", "lora"), ("t", "rows-taylor")]
+    assert sorted(qs.beyond_edges(sweep)) == [("t", "lora", 9e-3), ("t", "rows-taylor", 3.33e-5)]
+    # once the step beyond is worse, the chosen rate is interior and nothing more runs
+    sweep += runs("t", "lora", {9e-3: 0.4}) + runs("t", "rows-taylor", {3.33e-5: 0.7})
+    assert qs.beyond_edges(sweep) == []
+
+
+def test_every_seed_runs_on_the_split_seed_and_records_its_length():
+    a = qs.argparse.Namespace(model="m", steps=60, epochs=None, batch_size=8, train_examples=480,
+                              eval_examples=500, max_length=128, set=[], eval_steps=20, split_seed=0)  # fmt: skip
+    o = qs.overrides(a, "hyperbaton", "lora", 3, 1e-3, "test")
+    assert "seed=3" in o and "split_seed=0" in o and "steps=60" in o
+    a.epochs, a.split_seed = 1.0, None
+    o = qs.overrides(a, "hyperbaton", "lora", 3, 1e-3, "test")
+    assert "num_train_epochs=1" in o and not [x for x in o if x.startswith(("steps=", "split_seed="))]
 
 
 def test_each_family_sweeps_its_own_grid():
@@ -71,18 +119,19 @@ def test_borrowed_rates_need_a_source_that_sweeps_itself():
 
 
 def test_a_larger_budget_is_paired_with_lora_at_that_rank():
-    test = [{"task": "a", "method": m, "seed": s, "score": v + s / (50 if m.startswith("rows") else 100)}
-            for m, v in (("lora", 0.5), ("lora-r32", 0.6), ("rows-taylor-r32", 0.7)) for s in range(3)]  # fmt: skip
-    out = qs.summarize(test, ["a"], ["lora", "lora-r32", "rows-taylor-r32"], [0, 1, 2])
+    test = [{"task": t, "method": m, "seed": s, "score": v + s / (50 if m.startswith("rows") else 100)}
+            for t in "ab" for m, v in (("lora", 0.5), ("lora-r32", 0.6), ("rows-taylor-r32", 0.7))
+            for s in range(3)]  # fmt: skip
+    out = qs.summarize(test, ["a", "b"], ["lora", "lora-r32", "rows-taylor-r32"], [0, 1, 2])
     [r] = out["paired"]
     assert (r["method"], r["against"], round(r["mean_diff"], 6)) == ("rows-taylor-r32", "lora-r32", 0.11)
 
 
 def test_a_global_budget_is_paired_with_the_same_scorer_spread_evenly():
     methods = ["lora", "rows-taylor", "rows-taylor-global"]
-    test = [{"task": "a", "method": m, "seed": s, "score": 0.5 + i / 10 + s / 100}
-            for i, m in enumerate(methods) for s in range(3)]  # fmt: skip
-    out = qs.summarize(test, ["a"], methods, [0, 1, 2])
+    test = [{"task": t, "method": m, "seed": s, "score": 0.5 + i / 10 + s / 100}
+            for t in "ab" for i, m in enumerate(methods) for s in range(3)]  # fmt: skip
+    out = qs.summarize(test, ["a", "b"], methods, [0, 1, 2])
     pairs = {(r["method"], r["against"]): round(r["mean_diff"], 6) for r in out["paired"]}
     assert pairs == {("rows-taylor", "lora"): 0.1, ("rows-taylor-global", "lora"): 0.2,
                      ("rows-taylor-global", "rows-taylor"): 0.1}  # fmt: skip
@@ -163,12 +212,18 @@ def test_a_failed_run_stops_the_suite_with_its_error(tmp_path):
 
 @pytest.mark.slow  # ~2.5 min; in .ci/run
 def test_recorded_runs_are_taken_from_an_earlier_results_file_by_their_command(tmp_path):
-    """--recorded: a run an earlier results file holds with the very same command is not run again
-    (its folder stays absent), a run with another command is; the markdown says which are old."""
+    """--recorded: a run an earlier results file holds with the very same command and library code is
+    not run again (its folder stays absent), a run with another command or other code is; the markdown
+    says which are old."""
     import json
     import shutil
     import subprocess
     import sys
+
+    from neurontune.bench import run_source
+
+    if not (source := run_source()) or source.endswith("-dirty"):
+        pytest.skip("a recorded run stands in only for committed library code (src/ has changes)")
 
     def suite(methods: str, *extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, str(Path(qs.__file__)), "--model", "tiny-llama", "--tasks", "hyperbaton",
@@ -197,10 +252,18 @@ def test_recorded_runs_are_taken_from_an_earlier_results_file_by_their_command(t
     result = json.loads((tmp_path / "out" / "quality_suite.json").read_text())
     assert [r["method"] for r in result["runs"]] == ["none", "lora", "rows-random"]
     for old, new in zip(earlier["runs"], result["runs"][:2], strict=True):
-        assert new == {**old, "recorded": earlier["date"]}
+        assert new == {**old, "recorded": earlier["date"]} and old["source"] == source
+        assert old["config"]["seed"] == 0 and old["config"]["split_seed"] == 0  # every option, resolved
     assert "recorded" not in result["runs"][2]
     md = (tmp_path / "out" / "quality_suite.md").read_text()
     assert "2 of the 3 runs were taken from an earlier results file (`--recorded`)" in md
+    # a run recorded at other library code is stale: it runs again
+    earlier["runs"][1]["source"] = "0000000"
+    first.write_text(json.dumps(earlier))
+    shutil.rmtree(tmp_path / "runs")
+    res = suite("none,lora", "--recorded", str(first))
+    assert res.returncode == 0 and "recorded at other code (0000000), running it again" in res.stdout
+    assert [p.name for p in (tmp_path / "runs" / "test" / "hyperbaton").iterdir()] == ["lora-lr0.001-s0"]
     (tmp_path / "bad.json").write_text("{not json")
     res = suite("none", "--recorded", str(tmp_path / "bad.json"))
     assert res.returncode != 0 and "--recorded" in res.stderr and "Traceback" not in res.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -55,12 +57,12 @@ def run_worker(cmd: list[str]) -> dict:
 
 def finetune_run(overrides: list[str], out: Path, reuse: bool = False, threads: int | None = None) -> dict:
     """``neurontune finetune <overrides> output_dir=<out>`` in a fresh subprocess; returns its metrics
-    (plus ``wall_seconds``, None when reused). With ``reuse``, a finished run in ``out`` made with the
-    same overrides is read instead of run again. ``threads`` caps the subprocess's CPU threads (for
+    (plus ``wall_seconds``, None when reused, and ``source``, the code it ran: :func:`run_source`). With
+    ``reuse``, a finished run in ``out`` made with the same overrides and the same library code
+    (:func:`same_source`) is read instead of run again; one made with other code runs again. ``threads`` caps the subprocess's CPU threads (for
     several runs at once). Exits with the run's stderr if it fails."""
     import json
     import os
-    import subprocess
     import sys
 
     cmd = [
@@ -72,19 +74,26 @@ def finetune_run(overrides: list[str], out: Path, reuse: bool = False, threads: 
         f"output_dir={out}",
         "overwrite=true",
     ]
+    stamp = out / "source.json"  # the code the run in ``out`` ran (run_source), written after it finished
     if reuse and (out / "metrics.json").is_file() and _same_run(out, overrides):
-        m = json.loads((out / "metrics.json").read_text())
-        m["wall_seconds"] = None
-    else:
-        t0 = time.perf_counter()
-        env = {**os.environ, "TQDM_DISABLE": "1"}
-        if threads:
-            env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if res.returncode != 0:
-            sys.exit(f"run failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
-        m = json.loads((out / "metrics.json").read_text())
-        m["wall_seconds"] = time.perf_counter() - t0
+        made_at = json.loads(stamp.read_text()).get("source") if stamp.is_file() else None
+        if same_source(made_at):
+            m = json.loads((out / "metrics.json").read_text())
+            m["wall_seconds"], m["source"] = None, made_at
+            m["command"] = finetune_command(overrides, out)
+            return m
+        print(f"{out}: made with other code ({made_at or 'not on record'}); running it again", flush=True)
+    source = run_source()
+    t0 = time.perf_counter()
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if res.returncode != 0:
+        sys.exit(f"run failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    m = json.loads((out / "metrics.json").read_text())
+    m["wall_seconds"], m["source"] = time.perf_counter() - t0, source
+    stamp.write_text(json.dumps({"source": source}) + "\n")
     m["command"] = finetune_command(overrides, out)
     return m
 
@@ -137,13 +146,37 @@ def command_line(script: str) -> str:
     return shlex.join(["python", os.path.relpath(script), *sys.argv[1:]])
 
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout this package runs from (src/neurontune/bench.py)
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+
+
 def code_commit() -> str:
     """The short hash of the checked-out commit (``git rev-parse --short HEAD``), for a result's header."""
-    import subprocess
+    return _git("rev-parse", "--short", "HEAD").stdout.strip()
 
-    return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+
+def run_source() -> str | None:
+    """The code a run made now runs: the checked-out commit, ``<commit>-dirty`` when ``src/`` has
+    uncommitted changes (as ``git describe --dirty`` marks them), None outside a git checkout."""
+    commit = code_commit()
+    if not commit:
+        return None
+    return f"{commit}-dirty" if _git("status", "--porcelain", "--", "src").stdout.strip() else commit
+
+
+@functools.lru_cache(maxsize=64)
+def _src_unchanged_since(commit: str) -> bool:
+    return _git("diff", "--quiet", commit, "--", "src").returncode == 0
+
+
+def same_source(source: str | None) -> bool:
+    """Whether a run made at ``source`` (:func:`run_source`) ran the library code checked out now: a
+    commit whose ``src/`` equals today's working tree. A dirty or unknown source never does: its code is
+    not on record. What decides whether an earlier run may stand in for a new one."""
+    return bool(source) and not source.endswith("-dirty") and _src_unchanged_since(source)
 
 
 def machine() -> str:
