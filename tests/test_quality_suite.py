@@ -168,12 +168,17 @@ def test_the_suite_end_to_end_two_runs_at_once(tmp_path):
            "--methods", "none,lora,dora", "--lr-from", "dora=lora", "--lrs", "1e-3,3e-2", "--seeds", "0,1", "--steps", "2",
            "--train-examples", "24", "--eval-examples", "4", "--eval-steps", "1", "--jobs", "2",
            "--set", "lr_scheduler=cosine", "--set", "warmup_steps=1",
-           "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+           "--extend-grid", "1", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "quality_suite.json").read_text())
     sweep = [r for r in result["runs"] if r["phase"] == "sweep"]
-    assert [(r["method"], r["lr"]) for r in sweep] == [("lora", 1e-3), ("lora", 3e-2)]
+    # a two-rate grid always chooses an end, so --extend-grid 1 adds one rate beyond the chosen end
+    # (ratio 30: 1e-3 -> 3.33e-5, 3e-2 -> 0.9) and no second round
+    assert [(r["method"], r["lr"]) for r in sweep[:2]] == [("lora", 1e-3), ("lora", 3e-2)]
+    first = max(sweep[:2], key=lambda r: (r["score"], -r["lr"]))["lr"]
+    assert [(r["method"], r["lr"]) for r in sweep[2:]] == [("lora", 3.33e-5 if first == 1e-3 else 0.9)]
+    assert result["settings"]["extend_grid"] == 1
     assert all(len(r["curve"]) == 2 for r in sweep)  # eval_steps=1 over 2 steps
     lr = result["chosen_lr"]["hyperbaton"]["lora"]
     assert lr == max(sweep, key=lambda r: (r["score"], -r["lr"]))["lr"]
