@@ -97,7 +97,7 @@ def render(result: dict) -> str:
         f"`{result['command']}` on {result['machine']}. Model `{s['model']}`, {s['steps']} steps x batch "
         f"{s['batch_size']} from the first {s['train_examples']} training examples, eval on "
         f"{s['eval_examples']} held-out examples, forgetting = perplexity on {s['forgetting_examples']} "
-        f"held-out news articles (BIG-bench gem/xsum). Seeds {s['seeds']} on Rotten Tomatoes and "
+        f"held-out news articles ({s.get('forgetting_text', 'BIG-bench gem/xsum')}). Seeds {s['seeds']} on Rotten Tomatoes and "
         f"{s['gen_seeds']} on E2E (data order, selection ties, random scores; `{s['single_seed_methods']}` "
         "with the first seed only); mean ± sample std over seeds, n in the last column. Learning rates "
         "are each family's usual (full 3e-5, LoRA-family and rows 3e-4), not tuned.",
@@ -185,6 +185,7 @@ def _result(args: argparse.Namespace, runs: list[dict], partial: bool) -> dict:
             "train_examples": args.train_examples,
             "eval_examples": args.eval_examples,
             "forgetting_examples": args.forgetting_examples,
+            "forgetting_text": "the Lee corpus of ABC news",
             "seeds": args.seeds,
             "gen_seeds": args.gen_seeds,
             "single_seed_methods": args.single_seed_methods,

@@ -14,6 +14,22 @@ from neurontune.models import tiny_model, tiny_tokenizer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def bigbench_stand_in(tmp_path_factory):
+    """The built-in BIG-bench tasks read generated stand-in files (tests/bigbench_fixture.py), in this
+    process and the ones it launches: the bigbench sdist is no longer on PyPI, and the tests check how
+    a task file is read, not BIG-bench's text. A NEURONTUNE_BIGBENCH_DIR already set is kept."""
+    if os.environ.get("NEURONTUNE_BIGBENCH_DIR"):
+        yield
+        return
+    from tests.bigbench_fixture import write_bigbench_fixture
+
+    os.environ["NEURONTUNE_BIGBENCH_DIR"] = str(write_bigbench_fixture(tmp_path_factory.mktemp("bigbench")))
+    yield
+    del os.environ["NEURONTUNE_BIGBENCH_DIR"]
+
+
 MODEL_KINDS = ["tiny-llama", "tiny-gpt2"]
 
 

