@@ -46,9 +46,10 @@ SHARDING = {  # what `accelerate launch --config_file examples/accelerate/<name>
     "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
     # a DeepSpeed config file (accelerate's deepspeed_config_file) with the capacity setting: no layer
     # kept gathered for reuse, so each is gathered again for its backward (3 gathers a step under
-    # gradient checkpointing, as fsdp2-size's units of one projection), two projections live
+    # gradient checkpointing, as fsdp2-size's units of one projection), two projections live in the forward
     "zero3-reuse0": {"ACCELERATE_USE_DEEPSPEED": "true"},
-    # examples/accelerate/zero3_capacity.yaml: its config file adds no prefetch, one projection live
+    # examples/accelerate/zero3_capacity.yaml: its config file adds no prefetch, one projection live in the
+    # forward (DeepSpeed holds a recomputed layer's frozen parameters through its backward: see render)
     "zero3-capacity": {"ACCELERATE_USE_DEEPSPEED": "true"},
 }  # fmt: skip
 CONFIG_FILES = {
@@ -252,11 +253,14 @@ def render(result: dict) -> str:
         "layer with its base layer; the embedding and head in pieces no larger than a unit in both. zero3:",
         "`examples/accelerate/zero3.yaml`'s settings, at most a decoder layer gathered (kept from its",
         "recomputation to its backward), the embedding and head in pieces of one MLP projection;",
-        "zero3-reuse0: a DeepSpeed config file with `stage3_max_reuse_distance: 0` (each layer gathered",
-        "again for its backward; two projections live: the one computing and one prefetched);",
+        "zero3-reuse0: a DeepSpeed config file with `stage3_max_reuse_distance: 0` (two projections live in",
+        "the forward: the one computing and one prefetched);",
         "zero3-capacity: `examples/accelerate/zero3_capacity.yaml`'s config file",
         "(`examples/deepspeed/zero3_capacity.json`: reuse 0 and `stage3_prefetch_bucket_size: 0`, one",
-        "projection live), the capacity setting.",
+        "projection live in the forward), the capacity setting. In the backward under gradient checkpointing",
+        "DeepSpeed (0.19.8) holds every frozen parameter a layer's recomputation gathered until that layer's",
+        "backward ends, so all ZeRO-3 cells hold a whole decoder layer then (traced: 168-232 MiB gathered at",
+        "each process's peak at the 1B shape), where fsdp2-size gathers a unit again for its backward.",
     ]
     if result.get("capacity"):
         lines += ["", result["capacity"]]
