@@ -95,6 +95,25 @@ METHODS: dict[str, list[str]] = {
     # the same parameter count as rows-taylor, spread over modules by score instead of evenly
     "rows-taylor-global": ["method=rows", "scorer=taylor", "budget=lora-global:8"],
 }
+# the GPU's default precision paths, run on a CPU under torch.autocast("cpu", bf16) (precision=bf16):
+# -amp: fp32 weights with bf16 autocast, what precision=auto gives on a GPU for an fp32 checkpoint (the
+# bundled model's), rows' impl then resolving to `merged`; -bf16: bf16 weights too, what dtype=auto gives
+# for a bf16 checkpoint (Llama-3 and most others), rows' impl `fused`. Each is compared with its fp32 run.
+PRECISIONS = {"-amp": ["precision=bf16"], "-bf16": ["precision=bf16", "dtype=bfloat16"]}
+METHODS.update(
+    {
+        f"{m}{suffix}": [*METHODS[m], *extra]
+        for m in ("rows-taylor", "lora")
+        for suffix, extra in PRECISIONS.items()
+    }
+)
+
+
+def precision_base(method: str) -> str | None:
+    """The fp32 method a precision variant (``rows-taylor-amp``) is compared with, else None."""
+    return next((method.removesuffix(x) for x in PRECISIONS if method.endswith(x)), None)
+
+
 DEFAULT_METHODS = (
     "none,full,lora,dora,rows-neft,rows-taylor,rows-fisher,rows-magnitude,rows-random,rows-taylor-global,"
     "lora-r32,rows-taylor-r32"
@@ -355,6 +374,10 @@ def summarize(test: list[dict], tasks: list[str], methods: list[str], seeds: lis
             suite.append({"method": m, "mean": mean, "ci95": half, "values": per_seed})
     paired = []
     for m in methods:
+        if (base := precision_base(m)) is not None:  # the GPU's precision against fp32, nothing else
+            if (c := compare(score, m, base, tasks, seeds)) is not None:
+                paired.append(c)
+            continue
         if not m.startswith("rows-"):
             continue
         budget = re.search(r"-r\d+$", m)  # a larger budget compares with LoRA at that rank
