@@ -64,6 +64,24 @@ def test_summary_intervals_and_comparisons_with_the_task_as_the_unit():
     assert qs.compare({("a", "x", 0): 1.0, ("a", "y", 0): 0.0}, "x", "y", ["a", "b"], [0]) is None
 
 
+def test_precision_variants_are_compared_with_their_fp32_run_only():
+    """rows-taylor-amp / -bf16 and lora-bf16 (the GPU's default precision paths) each against the same
+    method in fp32; not against LoRA, full or random rows as the fp32 row methods are."""
+    assert qs.METHODS["rows-taylor-bf16"] == [*qs.METHODS["rows-taylor"], "precision=bf16", "dtype=bfloat16"]
+    assert qs.METHODS["lora-amp"] == [*qs.METHODS["lora"], "precision=bf16"]
+    assert [qs.precision_base(m) for m in ("rows-taylor-amp", "lora-bf16", "rows-taylor", "rows-taylor-global")] == [
+        "rows-taylor", "lora", None, None
+    ]  # fmt: skip
+    tasks, seeds = ["a", "b"], [0, 1]
+    methods = ["lora", "lora-bf16", "rows-taylor", "rows-taylor-amp", "rows-random"]
+    test = [{"task": t, "method": m, "seed": s, "score": 0.5 + 0.01 * i + 0.001 * s + (0.02 if t == "b" else 0)}
+            for i, m in enumerate(methods) for t in tasks for s in seeds]  # fmt: skip
+    pairs = [(r["method"], r["against"]) for r in qs.summarize(test, tasks, methods, seeds)["paired"]]
+    assert sorted(pairs) == sorted([("lora-bf16", "lora"), ("rows-taylor", "lora"),
+                                    ("rows-taylor", "rows-random"), ("rows-taylor-amp", "rows-taylor"),
+                                    ("rows-random", "lora")])  # fmt: skip
+
+
 def test_holm_adjusts_by_rank_and_keeps_the_order():
     assert qs.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert qs.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
