@@ -58,3 +58,20 @@ def test_bundled_smollm2_finetune_and_eval_end_to_end(tmp_path):
     assert m["trainable_params"] == 2_442_240  # LoRA r=8 on every linear of SmolLM2-135M
     assert main(["eval", "--adapter", str(out / "adapter"), *args, f"output={tmp_path / 'e.json'}"]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == m["after"]["accuracy"]
+
+
+def test_a_run_on_a_built_in_task_never_imports_datasets():
+    """``datasets`` (and pyarrow) cost every process ~120 MiB of RSS: the training path and the built-in
+    tasks do not import it; load_movie_reviews and HF dataset directories do, when called."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from neurontune.pipeline import finetune; from neurontune.tasks import load_task; "
+        "load_task('rotten_tomatoes'); print('datasets' in sys.modules, 'pyarrow' in sys.modules); "
+        "from neurontune.data import load_movie_reviews; load_movie_reviews(); print('datasets' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.split() == ["False", "False", "True"]

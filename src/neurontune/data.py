@@ -36,12 +36,13 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from datasets import Dataset, DatasetDict
+from typing import TYPE_CHECKING, Any
 
 from neurontune.errors import NeurontuneError
 from neurontune.io import atomic_dir, cache_dir, write_json
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 SOURCES = ("rotten_tomatoes", "imdb")
 LABEL_WORDS = ("negative", "positive")
@@ -89,8 +90,10 @@ def split(rows: list[Any], test_size: float, seed: int) -> tuple[list[Any], list
     return rows[n_test:], rows[:n_test]
 
 
-def load_movie_reviews(source: str = "rotten_tomatoes", test_size: float = 0.1, seed: int = 0) -> DatasetDict:
-    """``DatasetDict(train, test)`` with columns ``text`` (str) and ``label`` (0 negative, 1 positive)."""
+def movie_review_rows(
+    source: str = "rotten_tomatoes", test_size: float = 0.1, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, test)`` lists of ``{"text": str, "label": 0 negative or 1 positive}``."""
     if source not in SOURCES:
         raise NeurontuneError(f"unknown movie-review source {source!r}; choose one of {SOURCES}")
     csv.field_size_limit(sys.maxsize)
@@ -99,7 +102,16 @@ def load_movie_reviews(source: str = "rotten_tomatoes", test_size: float = 0.1, 
         for r in csv.DictReader(f):
             if r["source"] == source:
                 rows.append({"text": r["text"].replace("<br />", " ").strip(), "label": int(r["label"])})
-    train, test = split(rows, test_size, seed)
+    return split(rows, test_size, seed)
+
+
+def load_movie_reviews(source: str = "rotten_tomatoes", test_size: float = 0.1, seed: int = 0) -> DatasetDict:
+    """:func:`movie_review_rows` as a ``DatasetDict(train, test)`` (columns ``text`` and ``label``).
+    ``datasets`` is imported here, not with this module: it costs every process ~120 MiB of RSS (pyarrow)
+    that a run on the built-in tasks or data files never needs."""
+    from datasets import Dataset, DatasetDict
+
+    train, test = movie_review_rows(source, test_size, seed)
     return DatasetDict(train=Dataset.from_list(train), test=Dataset.from_list(test))
 
 

@@ -34,9 +34,9 @@ from neurontune.data import (
     LABEL_WORDS,
     load_bigbench,
     load_dataset_records,
-    load_movie_reviews,
     load_news,
     load_records,
+    movie_review_rows,
     rename_columns,
     split,
 )
@@ -100,14 +100,8 @@ def sentiment_examples(rows: Sequence[dict]) -> list[Example]:
 
 
 def _movie_task(source: str, seed: int) -> Task:
-    d = load_movie_reviews(source, seed=seed)
-    return Task(
-        source,
-        "classification",
-        sentiment_examples(d["train"].to_list()),
-        sentiment_examples(d["test"].to_list()),
-        LABEL_WORDS,
-    )
+    train, test = movie_review_rows(source, seed=seed)
+    return Task(source, "classification", sentiment_examples(train), sentiment_examples(test), LABEL_WORDS)
 
 
 def _multiemo(name: str, source: str, prompt: str, seed: int) -> Task:
