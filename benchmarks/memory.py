@@ -159,7 +159,7 @@ def worker(a: argparse.Namespace) -> dict:
 
             try:
                 forget = general_text(32)
-            except Exception:  # the BIG-bench news articles are not on this machine
+            except Exception:  # the news text is not on this machine (a GPU machine without the cache)
                 forget = []
             info["forgetting_examples"] = len(forget)
             evaluate(model, tok, task, max_length=a.max_length, batch_size=16, general_text=forget)

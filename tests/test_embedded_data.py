@@ -55,9 +55,11 @@ def test_news_text_comes_from_the_gensim_sdist_once_and_splits_without_overlap(c
     data.prepare_news()
     assert data.load_news() == articles
     assert data.prepare_news() and asked == [("gensim", data.NEWS_SDIST)]  # extracted once, then cached
-    held_out, train = general_text(), general_train_text(100)
+    held_out, train = general_text(), general_train_text(8)
     assert held_out == articles[-32:] and train == articles[:8]  # 40 - 32 left to train on
     assert not set(held_out) & set(train)
+    with pytest.raises(NeurontuneError, match="9 news articles asked for training; the corpus has 8 besides"):
+        general_train_text(9)
     assert general_text(4, max_chars=10) == [a[:10] for a in articles[-4:]]
 
 

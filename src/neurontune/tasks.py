@@ -206,9 +206,15 @@ def general_text(n: int = 32, max_chars: int = 2000) -> list[str]:
 
 def general_train_text(n: int, max_chars: int = 2000) -> list[str]:
     """News articles for training on general text (the first ``n``; :func:`general_text` takes its
-    held-out ones from the other end of the same file, so the two never overlap)."""
+    held-out ones from the other end of the same file, so the two never overlap). More than there are
+    besides the held-out 32 is an error, not a shorter list."""
     articles = load_news()
-    return [t[:max_chars] for t in articles[: max(0, min(n, len(articles) - 32))]]
+    if n > len(articles) - 32:
+        raise NeurontuneError(
+            f"{n} news articles asked for training; the corpus has {len(articles) - 32} besides the 32 held out "
+            "for the forgetting measure"
+        )
+    return [t[:max_chars] for t in articles[: max(0, n)]]
 
 
 # ---- tasks from files ------------------------------------------------------------------------------
