@@ -292,10 +292,15 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=Path("runs/bench-scaling"))
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--note", default="")
+    p.add_argument(
+        "--name",
+        default="scaling",
+        help="results file name (<name>.json, .md): a recheck of some cells beside the full table",
+    )
     p.add_argument("--render", action="store_true")
     a = p.parse_args()
     if a.render:
-        return render_only(a.out, "scaling", render)
+        return render_only(a.out, a.name, render)
     import torch
 
     a.gpu = torch.cuda.is_available()
@@ -341,7 +346,7 @@ def main() -> None:
         "note": a.note,
     }
     result["capacity"] = capacity(runs)
-    write_results(a.out, "scaling", result, render)
+    write_results(a.out, a.name, result, render)
 
 
 if __name__ == "__main__":
