@@ -23,9 +23,10 @@ class DataConfig:
 
     task: str = _opt(
         "rotten_tomatoes",
-        "built-in task (rotten_tomatoes, imdb, multiemo, e2e_nlg, arithmetic, hyperbaton, unit_identification, "
-        "sports_understanding, vitaminc, past_tense), a .json/.jsonl/.csv file, a datasets directory "
-        "(save_to_disk) or a Hub dataset id",
+        "built-in task (rotten_tomatoes, imdb; from BIG-bench's task files, where they are on this machine: "
+        "multiemo, product_sentiment, e2e_nlg, arithmetic, hyperbaton, unit_identification, si_conversion, "
+        "sports_understanding, vitaminc, past_tense, negation), a .json/.jsonl/.csv file, a datasets "
+        "directory (save_to_disk) or a Hub dataset id",
     )
     eval_split: str = _opt(
         "test",
