@@ -433,11 +433,15 @@ def _kill_at_random(out: Path, seed: int) -> None:
     rng = random.Random(seed)
     proc = subprocess.Popen([sys.executable, "-m", "neurontune.cli", *CMD, f"output_dir={out}"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    # wait for the first checkpoint (training has started), then a random moment of the remaining run
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list_checkpoints(out):
+    # wait for the first two checkpoints (steps 2 and 4: training runs, and one save interval's time is
+    # known), then a random moment of the next 8 intervals (steps 4-20 of 24): a fixed window (0.6 s)
+    # outlasted the whole rest of the run on a fast CPU, which then finished before the kill
+    deadline, times = time.time() + 120, []
+    while time.time() < deadline and proc.poll() is None and len(times) < 2:
+        if len(list_checkpoints(out)) > len(times):
+            times.append(time.time())
         time.sleep(0.002)
-    time.sleep(rng.uniform(0.0, 0.6))
+    time.sleep(rng.uniform(0.0, 8 * (times[-1] - times[0]) if len(times) == 2 else 0.0))
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert list_checkpoints(out) and not (out / "metrics.json").exists()
