@@ -37,8 +37,8 @@ PLAYS = {
     "basketball": "hit the three-pointer",
     "hockey": "took a slapshot",
 }
-UNITS = [("metres", "length", 1.0), ("kilometres", "length", 1e3), ("grams", "mass", 1.0),
-         ("kilograms", "mass", 1e3), ("seconds", "time", 1.0), ("minutes", "time", 60.0)]  # fmt: skip
+UNITS = [("metres", "length"), ("kilometres", "length"), ("grams", "mass"), ("kilograms", "mass"),
+         ("seconds", "time"), ("minutes", "time")]  # fmt: skip
 MOODS = ("negative", "neutral", "positive", "ambivalent")
 MOOD_WORDS = {"negative": "awful", "neutral": "ordinary", "positive": "wonderful", "ambivalent": "mixed"}
 
@@ -78,8 +78,8 @@ def _vitaminc(rng: random.Random) -> dict:
 
 
 def _unit_identification(rng: random.Random) -> dict:
-    unit, kind, _ = rng.choice(UNITS)
-    wrong = rng.sample([u for u, k, _ in UNITS if k != kind], 2)
+    unit, kind = rng.choice(UNITS)
+    wrong = rng.sample([u for u, k in UNITS if k != kind], 2)
     return {"input": f"The {kind} was measured as {rng.randint(2, 99)} of a unit. Which unit?",
             "target_scores": _scores(unit, wrong, rng)}  # fmt: skip
 

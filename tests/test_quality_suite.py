@@ -194,7 +194,7 @@ def test_the_suite_end_to_end_two_runs_at_once(tmp_path):
     # a two-rate grid always chooses an end, so --extend-grid 1 adds one rate beyond the chosen end
     # (ratio 30: 1e-3 -> 3.33e-5, 3e-2 -> 0.9) and no second round
     assert [(r["method"], r["lr"]) for r in sweep[:2]] == [("lora", 1e-3), ("lora", 3e-2)]
-    first = max(sweep[:2], key=lambda r: (r["score"], -r["lr"]))["lr"]
+    first = qs.choose(sweep[:2])["hyperbaton"]["lora"]
     assert [(r["method"], r["lr"]) for r in sweep[2:]] == [("lora", 3.33e-5 if first == 1e-3 else 0.9)]
     assert result["settings"]["extend_grid"] == 1
     assert all(len(r["curve"]) == 2 for r in sweep)  # eval_steps=1 over 2 steps
