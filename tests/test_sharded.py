@@ -312,3 +312,92 @@ def test_the_size_based_wrap_threshold_is_read_from_the_launch_and_must_be_an_in
     monkeypatch.setenv("FSDP_MIN_NUM_PARAMS", "1e7")
     with pytest.raises(NeurontuneError, match=r"fsdp_min_num_params '1e7' is not an integer"):
         launched_min_num_params()
+
+
+def test_streamed_weights_write_what_safetensors_and_transformers_read(tmp_path):
+    """StreamedWeights writes each file's header first, then bytes as they come (a tensor whole or its
+    rows in turn), into files of at most max_shard_bytes with transformers' index; a write of the wrong
+    dtype or size, or a missing byte, is one error."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from neurontune.io import StreamedWeights
+
+    torch.manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(6, 4),
+        "b.weight": torch.randn(5, 3).to(torch.bfloat16),
+        "c.bias": torch.randn(7),
+        "d.count": torch.arange(3, dtype=torch.int64),
+    }
+    entries = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    # 96 (over the limit: a file of its own), 30 + 28, 24 bytes: three files
+    writer = StreamedWeights(tmp_path, entries, max_shard_bytes=80)
+    for chunk in (tensors["a.weight"][:2], tensors["a.weight"][2:]):  # rows in turn, as pieces come
+        writer.write(chunk)
+    for k in ("b.weight", "c.bias", "d.count"):
+        writer.write(tensors[k])
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 96 + 30 + 28 + 24
+    assert index["weight_map"] == {
+        "a.weight": "model-00001-of-00003.safetensors",
+        "b.weight": "model-00002-of-00003.safetensors",
+        "c.bias": "model-00002-of-00003.safetensors",
+        "d.count": "model-00003-of-00003.safetensors",
+    }
+    read = {}
+    for f in sorted(tmp_path.glob("model-*.safetensors")):
+        read.update(load_file(f))
+    assert read.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert read[k].dtype == t.dtype and torch.equal(read[k], t), k
+
+    (tmp_path / "one").mkdir()
+    one = StreamedWeights(tmp_path / "one", entries[:1])
+    with pytest.raises(NeurontuneError, match="written as torch.float64, announced as torch.float32"):
+        one.write(tensors["a.weight"].double())
+    with pytest.raises(NeurontuneError, match="fewer bytes written"):
+        one.write(tensors["a.weight"][:5])
+        one.close()
+    two = StreamedWeights(tmp_path / "one", entries[:1])
+    with pytest.raises(NeurontuneError, match="100 bytes written where 96 were left"):
+        two.write(torch.zeros(25))
+    two.abandon()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_model_saved_a_parameter_at_a_time_loads_as_save_pretrained_wrote_it(tmp_path, tied):
+    """save_model_sharded (method=full after a sharded load; here one process, nothing sharded): the
+    checkpoint's names and dtype, the embedding and head joined from their pieces, a tied head stored
+    once, config, generation config and tokenizer; files of at most max_shard_bytes. from_pretrained
+    reads it back equal to the model it was read from."""
+    from transformers import AutoModelForCausalLM
+
+    from neurontune.sharded import save_model_sharded, split_embeddings
+
+    config = tiny_model("tiny-llama").config
+    config.tie_word_embeddings, config.vocab_size = tied, 1000
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    loaded, tok = load_model(str(tmp_path / "base"))
+    empty = empty_model(tmp_path / "base", torch.float32).requires_grad_(True)
+    pieces = split_embeddings(empty, sum(p.numel() for p in empty.model.layers[0].parameters()))
+    assert pieces and all(p.weight.requires_grad for p in pieces)  # method=full trains them
+    weight_source(empty).fill(empty)
+    done = save_model_sharded(empty, tmp_path / "out", tok, write=True, max_shard_bytes=40_000)
+    piece = max(p.weight.numel() for p in pieces) * 4
+    assert done["largest_gathered_bytes"] == piece  # a piece, never the whole embedding
+    files = sorted(f.name for f in (tmp_path / "out").iterdir())
+    assert "model.safetensors.index.json" in files and "config.json" in files and "tokenizer.json" in files
+    assert not list(tmp_path.glob(".out.*"))  # the temporary directory was renamed into place
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.config.tie_word_embeddings == tied
+    ref = dict(loaded.named_parameters())
+    assert dict(back.named_parameters()).keys() == ref.keys()
+    for n, p in back.named_parameters():
+        assert torch.equal(p, ref[n]), n
+    with pytest.raises(NeurontuneError, match="not a model built without its weights"):
+        save_model_sharded(loaded, tmp_path / "again", tok, write=True)

@@ -89,6 +89,29 @@ def test_a_sharded_checkpoint_reads_whole(tmp_path):
     assert got["rng.cpu"].equal(rng[0]) and got["rng.cpu.1"].equal(rng[1])
 
 
+def test_a_zero3_partitioned_checkpoint_reads_whole(tmp_path):
+    """read_checkpoint joins a ZeRO-3 checkpoint's per-process flat partitions (each process's range of
+    the flattened tensor, the last one padded) into the tensors' shapes kept in state.json."""
+    from safetensors.torch import save_file
+
+    from neurontune.train import read_checkpoint
+
+    w, m = torch.randn(5, 3), torch.randn(5, 3)
+    padded_w, padded_m = (
+        torch.cat([w.reshape(-1), torch.zeros(1)]),
+        torch.cat([m.reshape(-1), torch.zeros(1)]),
+    )
+    for r in (0, 1):  # 15 elements in partitions of 8
+        save_file({"param.w": padded_w[8 * r : 8 * r + 8].clone(), "optim.0.exp_avg": padded_m[8 * r : 8 * r + 8].clone(),
+                   "optim.0.step": torch.tensor(4.0), "rng.cpu": torch.get_rng_state()},
+                  tmp_path / f"state.rank0000{r}-of-00002.safetensors")  # fmt: skip
+    state = {"format": "neurontune.checkpoint/1", "shards": 2, "shard_kind": "flat", "param_names": ["w"],
+             "shapes": {"w": [5, 3]}}  # fmt: skip
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    got = read_checkpoint(tmp_path)
+    assert got["param.w"].equal(w) and got["optim.0.exp_avg"].equal(m) and got["optim.0.step"] == 4
+
+
 def _cmd(out, method):
     extra = ["lora_dropout=0.2"] if method == "lora" else []
     return [

@@ -221,6 +221,115 @@ def write_safetensors(
             raise NeurontuneError(f"could not write {path}: {e}") from None
 
 
+# safetensors' names for torch's dtypes (its format's "dtype" field)
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+    "bool": "BOOL",
+}  # fmt: skip
+
+
+class StreamedWeights:
+    """A model's weights written as transformers writes them (one ``model.safetensors``, or files of at
+    most ``max_shard_bytes`` each, ``model-0000i-of-0000n.safetensors``, with
+    ``model.safetensors.index.json``), a part of a tensor at a time, for a model no process holds whole.
+    ``entries`` announce every tensor (name, dtype, shape) in the order its bytes will come; each file's
+    header is written from them first, then :meth:`write` appends bytes: the next tensor whole, or its
+    next rows (an embedding gathered piece by piece). :meth:`close` checks that every byte came. The
+    safetensors library writes only from tensors it holds, so the format's header (a little-endian u64
+    length, then JSON with each tensor's dtype, shape and byte range) is written here."""
+
+    def __init__(
+        self, directory: str | os.PathLike, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int = 50 * 10**9,
+    ) -> None:  # fmt: skip
+        import torch
+
+        self.directory = Path(directory)
+        sized = []
+        for name, dtype, shape in entries:
+            if str(dtype).removeprefix("torch.") not in _SAFETENSORS_DTYPES:
+                raise NeurontuneError(f"{name}: safetensors has no dtype {dtype}")
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            sized.append((name, dtype, tuple(shape), size))
+        self.files: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        for entry in sized:  # a tensor larger than the limit gets a file of its own, as transformers does
+            if self.files[-1] and sum(e[3] for e in self.files[-1]) + entry[3] > max_shard_bytes:
+                self.files.append([])
+            self.files[-1].append(entry)
+        n = len(self.files)
+        self.names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        )
+        self._file, self._entry, self._left = -1, -1, 0
+        self._fh: Any = None
+        self.total_bytes = sum(e[3] for e in sized)
+
+    def _next_entry(self) -> None:
+        self._entry += 1
+        if self._file < 0 or self._entry == len(self.files[self._file]):
+            self._open_next_file()
+        self._left = self.files[self._file][self._entry][3]
+
+    def _open_next_file(self) -> None:
+        import struct
+
+        if self._fh is not None:
+            self._fh.close()
+        self._file, self._entry = self._file + 1, 0
+        if self._file == len(self.files):
+            raise NeurontuneError(f"{self.directory}: more data written than the tensors announced")
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape, size in self.files[self._file]:
+            code = _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")]
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the library writes it
+        self._fh = open(self.directory / self.names[self._file], "wb")
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+
+    def write(self, t: torch.Tensor) -> None:
+        """Append ``t``'s bytes: the next tensor, or the next part of the one being written (its dtype)."""
+        import torch
+
+        if self._left == 0:
+            self._next_entry()
+        name, dtype, _, _ = self.files[self._file][self._entry]
+        if t.dtype != dtype:
+            raise NeurontuneError(f"{name}: written as {t.dtype}, announced as {dtype}")
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() > self._left:
+            raise NeurontuneError(f"{name}: {data.numel()} bytes written where {self._left} were left")
+        self._fh.write(memoryview(data.numpy()))
+        self._left -= data.numel()
+
+    def abandon(self) -> None:
+        """Close the file being written after a failure (its directory is the caller's to remove)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def close(self) -> None:
+        """Check that every announced byte was written; write the index (several files)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        done = self._file == len(self.files) - 1 and self._entry == len(self.files[-1]) - 1
+        if self._left or not done:
+            raise NeurontuneError(f"{self.directory}: fewer bytes written than the tensors announced")
+        if len(self.files) > 1:
+            weight_map = {e[0]: f for f, entries in zip(self.names, self.files, strict=True) for e in entries}
+            write_json(
+                self.directory / "model.safetensors.index.json",
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
+            )
+
+
 def read_safetensors(path: str | os.PathLike, what: str = "safetensors file") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():

@@ -553,7 +553,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
         )
 
     def run_eval(m: torch.nn.Module) -> dict[str, Any]:
-        from neurontune.sharded import zero3_release
+        from neurontune.sharded import release_gathered
 
         try:
             return evaluate(
@@ -565,8 +565,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 general_text=forget,
                 general_length=forgetting_length(given),
             )
-        finally:  # ZeRO-3: nothing stays gathered (or in flight) after a forward-only pass
-            zero3_release(m)
+        finally:  # FSDP2, ZeRO-3: nothing stays gathered (or in flight) after a forward-only pass
+            release_gathered(m)
 
     from neurontune.tracking import Trackers
 
@@ -639,11 +639,10 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             if held_out:
                 stopper.restore_best(log, cfg.steps, state)
         peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
-        if sharded:  # the model stays sharded: every process evaluates it and gathers the adapter (only)
-            from neurontune.sharded import gather_adapter_state
-
+        if sharded:  # the model stays sharded: every process evaluates it and gathers the adapter (only;
+            # method=full: every process gathers the model a parameter at a time, the main one writes it)
             after = run_eval(model)
-            method.sharded_state = gather_adapter_state(model)
+            method.gather_sharded(model, tok, out)
         if not main:  # evaluation, the method's output and every report: the main process alone
             if method.finishes_on_every_process():  # a finish that trains again (gates' distillation)
                 try:

@@ -288,19 +288,144 @@ def gather_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _whole(p: nn.Parameter) -> torch.Tensor:
+    """A parameter whole, whatever holds it: an FSDP2 shard gathered, a ZeRO-3 partition gathered (a
+    trained one's fp32 master copy: the module's own is bf16/fp16 under mixed precision), else itself.
+    A collective for the sharded ones: every process calls it, parameter by parameter in one order."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        return p.full_tensor().detach()
+    if hasattr(p, "ds_id"):
+        if p.requires_grad:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            master = safe_get_full_fp32_param(p)
+            if master is not None:
+                return master.detach().reshape(p.ds_shape)
+        with _zero3_gathered([p]):
+            return p.data.detach().clone()
+    return p.detach()
+
+
+def _stored(model: nn.Module, source: CheckpointReader) -> list[tuple[str, list[nn.Parameter]]]:
+    """Each tensor of the checkpoint that a parameter of ``model`` holds, under the checkpoint's name,
+    with the parameters that hold it in row order (one, or an embedding's pieces), in the model's order."""
+    held: dict[str, list[tuple[int, nn.Parameter]]] = {}
+    for p, keys in _keys_by_parameter(model):
+        key = next((k for k in keys if k in source), keys[0])
+        key, first = source.pieces[key][:2] if key in source.pieces else (key, 0)
+        held.setdefault(key, []).append((first, p))
+    return [(k, [p for _, p in sorted(v, key=lambda x: x[0])]) for k, v in held.items()]
+
+
+def save_model_sharded(
+    model: nn.Module, path: Path, tok: Any, write: bool, max_shard_bytes: int = 50 * 10**9
+) -> dict[str, int]:
+    """Save a model built without its weights and trained sharded (``method=full`` under FSDP2 or
+    ZeRO-3) as ``save_pretrained`` would, without any process holding it whole: every process gathers
+    one parameter at a time (an embedding a piece at a time), and the process with ``write`` streams
+    each into its file (:class:`neurontune.io.StreamedWeights`: the checkpoint's names, the dtype it was
+    built in) and drops it; tensors of the checkpoint that no parameter holds (a persistent buffer) are
+    copied from it. That process writes into a temporary directory, with the config, the generation
+    config and the tokenizer, and renames it to ``path`` once complete. A failure on any process raises
+    on every process, and nothing is left half-written. Returns ``{"tensors": n,
+    "largest_gathered_bytes": m}``."""
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+
+    from neurontune.io import StreamedWeights, make_dir, swap_in
+
+    source = weight_source(model)
+    if source is None:
+        raise NeurontuneError("not a model built without its weights")
+    stored = _stored(model, source)
+    held = {checkpoint_key(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    held |= {k for k, _ in stored}
+    extra = [k for k in source.files if k not in held]
+    dtype = source.dtype or torch.float32
+
+    def shape(p: nn.Parameter) -> tuple[int, ...]:
+        return tuple(getattr(p, "ds_shape", p.shape))
+
+    def kind(p: nn.Parameter) -> torch.dtype:
+        return dtype if p.is_floating_point() else p.dtype
+
+    error, tmp, writer, largest, copied = None, None, None, 0, {}
+    if write:
+        try:
+            make_dir(path.parent)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            copied = {k: source.read(k) for k in extra}
+            entries = [
+                (k, kind(ps[0]), (sum(shape(p)[0] for p in ps), *shape(ps[0])[1:])) for k, ps in stored
+            ]
+            writer = StreamedWeights(tmp, entries + [(k, t.dtype, tuple(t.shape)) for k, t in copied.items()],
+                                     max_shard_bytes)  # fmt: skip
+            model.config.dtype = dtype
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(tmp)
+            if tok is not None:
+                tok.save_pretrained(tmp)
+        except (OSError, NeurontuneError) as e:
+            error = f"could not write {path}: {e}"
+    with torch.no_grad():
+        for _, params in stored:
+            for p in params:
+                t = _whole(p)  # a collective: gathered on every process, kept by none
+                largest = max(largest, t.numel() * t.element_size())
+                if writer is not None and error is None:
+                    try:
+                        writer.write(t.to(kind(p)))
+                    except (OSError, NeurontuneError) as e:
+                        error = f"could not write {path}: {e}"
+                del t
+    if writer is not None and error is None:
+        try:
+            for t in copied.values():
+                writer.write(t)
+            writer.close()
+            swap_in(tmp, path)
+        except (OSError, NeurontuneError) as e:
+            error = f"could not write {path}: {e}"
+    if writer is not None:
+        writer.abandon()
+    if tmp is not None and tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every process learns of a failure on any
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise NeurontuneError(error)
+    return {"tensors": sum(len(ps) for _, ps in stored), "largest_gathered_bytes": largest}
+
+
 def keep_zero3_release(module: nn.Module, engine: Any) -> None:
     """Remember, on the module a DeepSpeed ZeRO-3 ``engine`` trains, how to partition every parameter of it
-    again (:func:`zero3_release`)."""
+    again (:func:`release_gathered`)."""
     module._zero3_release = engine.empty_partition_cache
 
 
-def zero3_release(module: nn.Module) -> None:
-    """After a forward-only pass of a ZeRO-3 model (an evaluation): wait for the parameters DeepSpeed
-    prefetched along the training steps' trace, which that pass never reached, and partition every gathered
-    parameter again. Otherwise they stay gathered (measured at the Llama-3.2-1B shape on 4 processes: 370
-    MiB more held after the evaluation) or in flight, and gathering the adapter next fails ("Cannot
-    partition a param in flight"). Nothing to do for any other module, nor once it was gathered whole
+def release_gathered(module: nn.Module) -> None:
+    """After a forward-only pass of a sharded model (an evaluation), shard again what it left gathered.
+    ZeRO-3: wait for the parameters DeepSpeed prefetched along the training steps' trace, which that pass
+    never reached, and partition every gathered parameter again. Otherwise they stay gathered (measured at
+    the Llama-3.2-1B shape on 4 processes: 370 MiB more held after the evaluation) or in flight, and
+    gathering the adapter next fails ("Cannot partition a param in flight"). FSDP2: the root unit keeps
+    its parameters (the embedding, the final norm, an untied head) gathered after its forward, for the
+    backward that a forward-only pass never runs; until resharded they are plain tensors in the module,
+    not its shards, so that the optimizer built next (or a checkpoint) would see those, whose storage
+    FSDP frees at its next reshard. Nothing to do for any other module, nor once it was gathered whole
     for good (a run that loaded the whole base)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
     release = getattr(module, "_zero3_release", None)
     if release is not None and any(hasattr(p, "ds_id") for p in module.parameters()):
         release()
@@ -464,7 +589,17 @@ def zero3_fill(model: nn.Module) -> dict[str, int]:
                     flat = source.read(key, first, -(-stop // row)).reshape(-1)
                 else:
                     row, first, flat = 1, 0, source.read(key).reshape(-1)
-                part.narrow(0, 0, stop - start).copy_(flat[start - first * row : stop - first * row])
+                values = flat[start - first * row : stop - first * row]
+                part.narrow(0, 0, stop - start).copy_(values)
+                if p.requires_grad and getattr(p, "_z3_optimizer", None) is not None:
+                    # a trained parameter (method=full): DeepSpeed's fp32 master copy of the partition was
+                    # taken from the placeholder's zeros; it gets the checkpoint's values, not the rounded
+                    # ones of a bf16/fp16 partition
+                    from deepspeed.utils import safe_set_local_fp32_param
+
+                    master = torch.zeros(part.numel(), dtype=torch.float32, device=part.device)
+                    master[: stop - start] = values
+                    safe_set_local_fp32_param(p, master)
             filled += 1
     source.filled = {
         "tensors": filled,
@@ -560,7 +695,9 @@ def split_embeddings(model: nn.Module, piece_params: int) -> list[EmbeddingPiece
         pieces = []
         for i, start in enumerate(range(0, rows, per)):
             n = min(per, rows - start)
-            pieces.append(EmbeddingPiece(placeholder(module.weight[:n], device=module.weight.device), start))
+            piece = EmbeddingPiece(placeholder(module.weight[:n], device=module.weight.device), start)
+            piece.weight.requires_grad_(module.weight.requires_grad)  # method=full trains them
+            pieces.append(piece)
             source.pieces[checkpoint_key(f"{names[id(module)]}.pieces.{i}.weight")] = (key, start, n)
         source.base_keys |= {k for k, v in source.pieces.items() if v[0] == key}
         made.extend(pieces)

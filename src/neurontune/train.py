@@ -221,9 +221,11 @@ def _save_sharded(
     path: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
     step: int, log: list[dict[str, float]], world: int, layout: Layout, index: dict[int, int],
 ) -> None:  # fmt: skip
-    """An FSDP2 checkpoint as shards (accelerate's ``fsdp_state_dict_type: SHARDED_STATE_DICT``): every
-    process writes its own rows of each trainable tensor and its AdamW moments, and its RNG state, to
-    ``state.rankRRRRR-of-NNNNN.safetensors``; nothing is gathered. All write into one temporary
+    """A checkpoint as shards: every process writes its own part of each trainable tensor and its AdamW
+    moments, and its RNG state, to ``state.rankRRRRR-of-NNNNN.safetensors``; nothing is gathered. FSDP2
+    (accelerate's ``fsdp_state_dict_type: SHARDED_STATE_DICT``): its rows (``shard_kind`` "rows");
+    ZeRO-3 on a model loaded sharded: its partition of the flattened fp32 master copy ("flat", with
+    the tensors' shapes in ``state.json`` to join them). All write into one temporary
     directory, which the main process renames into place once every process has written (a failure on
     any process stops them all, and the previous checkpoint stays)."""
     import torch.distributed as dist
@@ -242,11 +244,9 @@ def _save_sharded(
         raise NeurontuneError(error)
     tensors = {}
     for n, p in named.items():
-        tensors[f"param.{n}"] = layout.local(p).detach().cpu().contiguous()
-        for k, v in optimizer.state.get(p, {}).items():
-            tensors[f"optim.{index[id(p)]}.{k}"] = (
-                layout.local(torch.as_tensor(v)).detach().cpu().contiguous()
-            )
+        tensors[f"param.{n}"] = layout.local_param(p)
+        for k, v in layout.local_optim_state(optimizer, p).items():
+            tensors[f"optim.{index[id(p)]}.{k}"] = v
     tensors.update({f"rng.{k}": v for k, v in rng_state().items()})
     try:
         write_safetensors(tmp / _shard_file(rank, world), tensors, {"format": CHECKPOINT_FORMAT})
@@ -256,7 +256,8 @@ def _save_sharded(
         state = {
             "format": CHECKPOINT_FORMAT, "step": step, "param_names": list(named),
             "param_groups": layout.groups(optimizer, index), "scheduler": scheduler.state_dict(), "log": log,
-            "num_processes": world, "shards": world,
+            "num_processes": world, "shards": world, "shard_kind": layout.shard_kind,
+            **({"shapes": {n: list(layout.shape(p)) for n, p in named.items()}} if layout.shard_kind == "flat" else {}),
         }  # fmt: skip
         try:
             write_json(tmp / "state.json", state)
@@ -285,6 +286,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not world:
         return read_safetensors(path / "state.safetensors", "checkpoint tensors")
     parts = [read_safetensors(path / _shard_file(r, world), "checkpoint shard") for r in range(world)]
+    shapes = state.get("shapes") if state.get("shard_kind") == "flat" else None
+    names = state.get("param_names", []) if shapes is not None else []
     out = {}
     for k, t in parts[0].items():
         if k.startswith("rng."):
@@ -293,6 +296,13 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             out[k] = t
         else:
             out[k] = torch.cat([part[k] for part in parts])
+            if shapes is not None:  # ZeRO-3's partitions of the flattened tensor, the last one padded
+                shape = (
+                    shapes[k.removeprefix("param.")]
+                    if k.startswith("param.")
+                    else shapes[names[int(k.split(".")[1])]]
+                )
+                out[k] = out[k][: math.prod(shape)].reshape(shape)
     return out
 
 
@@ -326,7 +336,9 @@ def load_checkpoint(
         diff = sorted(set(state["param_names"]) ^ set(named))[:3]
         raise NeurontuneError(f"{path}: trainable parameters differ from this run's (e.g. {diff})")
     # FSDP2 shards: this process's own rows under the same launch; joined whole under another layout
-    sharded = bool(state.get("shards")) and layout.sharded
+    sharded = (
+        bool(state.get("shards")) and layout.sharded and state.get("shard_kind", "rows") == layout.shard_kind
+    )
     shape = layout.local_shape if sharded else layout.shape
     if sharded:
         tensors = read_safetensors(path / _shard_file(rank, num_processes), "checkpoint shard")
@@ -544,9 +556,29 @@ def wrap_by_size(model: torch.nn.Module, accelerator: Any) -> bool:
     ]  # fmt: skip
     inside = {id(c) for m in layers for c in m.modules() if c is not m}
     managed = {id(p) for m in model.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
+    # what fsdp2_prepare_model makes units of itself afterwards (the embedding, the final norm and the
+    # head) must not be swallowed by a unit made here: sharded twice, fully_shard fails ("value was None").
+    # So a module holding one of them that is not a unit yet is left to the root (under method=full the
+    # decoder stack, whose own parameters are only the embedding and the final norm besides its layers)
+    try:
+        from accelerate.utils.fsdp_utils import _find_final_norm
+    except ImportError:  # an accelerate that carves no tail leaves the norm to the root unit
+        _find_final_norm = None
+    carved = [
+        getattr(model, "get_input_embeddings", lambda: None)(),
+        getattr(model, "get_output_embeddings", lambda: None)(),
+        _find_final_norm(model) if _find_final_norm is not None else None,
+    ]
+    names = {id(m): n for n, m in model.named_modules()}
+    carved_names = [names[id(m)] for m in carved if isinstance(m, torch.nn.Module) and id(m) in names]
     kwargs = _fsdp2_kwargs(accelerator)
     for module in get_module_children_bottom_up(model)[:-1]:
         if id(module) in inside or isinstance(module, FSDPModule):
+            continue
+        prefix = names[id(module)] + "."
+        if any(
+            c.startswith(prefix) and not isinstance(model.get_submodule(c), FSDPModule) for c in carved_names
+        ):
             continue
         params = list(module.parameters())
         if sum(p.numel() for p in params) <= plugin.min_num_params or all(id(p) in managed for p in params):
@@ -758,6 +790,7 @@ class Layout:
 
     collective = False  # whether saving gathers across processes (then every process saves, rank 0 writes)
     sharded = False  # whether every process writes its own shards instead (FSDP2, SHARDED_STATE_DICT)
+    shard_kind = "rows"  # what a shard holds: its rows of each tensor (FSDP2), or a flat partition (ZeRO-3)
 
     def shape(self, p: torch.Tensor) -> torch.Size:
         return p.shape
@@ -770,6 +803,16 @@ class Layout:
 
     def local_shape(self, p: torch.Tensor) -> torch.Size:
         return self.local(p).shape
+
+    def local_param(self, p: torch.Tensor) -> torch.Tensor:
+        """This process's part of ``p`` for a sharded checkpoint, on the CPU."""
+        return self.local(p).detach().cpu().contiguous()
+
+    def local_optim_state(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            k: self.local(torch.as_tensor(v)).detach().cpu().contiguous()
+            for k, v in optimizer.state.get(p, {}).items()
+        }
 
     def param(self, p: torch.Tensor) -> torch.Tensor:
         return _full(p.detach())
@@ -832,9 +875,70 @@ class DeepSpeedLayout(Layout):
     collective = True
     MOMENTS = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, optimizer: Any, members: list[list[int]]) -> None:
+    shard_kind = "flat"
+
+    def __init__(self, optimizer: Any, members: list[list[int]], sharded: bool = False) -> None:
         self.base = optimizer  # DeepSpeed's ZeRO optimizer; .optimizer is ours, over the flat partitions
         self.members = members  # each group's parameters (indices), from before DeepSpeed flattened them
+        # ZeRO-3 on a model loaded sharded: every process writes its partition of the fp32 master copy and
+        # of the moments (method=full: gathered, they would be three times the model, whole, everywhere)
+        self.sharded = sharded
+
+    def local_shape(self, p: torch.Tensor) -> torch.Size:
+        return torch.Size([p.ds_tensor.numel()])  # the partition, flattened (the last one padded)
+
+    def local_param(self, p: torch.Tensor) -> torch.Tensor:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(p).detach().cpu().clone()
+
+    def local_optim_state(self, optimizer: Any, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_local_optimizer_state
+
+        out = {k: safe_get_local_optimizer_state(p, k) for k in self.MOMENTS} if self._has_state() else {}
+        out = {k: v.detach().cpu().clone() for k, v in out.items() if v is not None}
+        return {**out, "step": torch.tensor(self._step())} if out else {}
+
+    def _has_state(self) -> bool:
+        return any(self.base.optimizer.state.get(f) for f in self._flats())
+
+    def _flats(self) -> list[torch.Tensor]:
+        flats = getattr(self.base, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+        return flats or getattr(self.base, "single_partition_of_fp32_groups", [])  # ZeRO-2
+
+    def _create_state(self) -> None:
+        """ZeRO-3 leaves AdamW's state to its first step: create it, to fill it."""
+        inner = self.base.optimizer
+        for flat in self._flats():
+            if not inner.state[flat]:
+                inner.state[flat].update(
+                    step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
+                )
+        if hasattr(self.base, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-2 links it after a first step
+            self.base._lazy_init_hp_params_optimizer_state()
+
+    def _set_steps(self, opt_state: dict[int, dict[str, torch.Tensor]], groups: list[dict[str, Any]]) -> None:
+        steps = [float(st["step"]) for st in opt_state.values() if "step" in st]
+        for st in self.base.optimizer.state.values():
+            if "step" in st and steps:
+                st["step"] = torch.tensor(max(steps))  # every parameter has taken the same steps
+        for group, saved in zip(self.base.optimizer.param_groups, groups, strict=False):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+    def load_local(self, named, params, optimizer, opt_state, groups) -> None:  # type: ignore[no-untyped-def]
+        """Load this process's own partitions (:func:`_save_sharded`): no collective."""
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        self._create_state()
+        with torch.no_grad():
+            for i, (n, p) in enumerate(named.items()):
+                value = params[n].to(p.ds_tensor.device)
+                safe_set_local_fp32_param(p, value)  # the fp32 master copy
+                p.ds_tensor.copy_(value.to(p.ds_tensor.dtype))  # and the module's own, until the next step
+                for k in self.MOMENTS:
+                    if k in opt_state.get(i, {}):
+                        safe_set_local_optimizer_state(p, opt_state[i][k].to(p.ds_tensor.device), k)
+        self._set_steps(opt_state, groups)
 
     def groups(self, optimizer: Any, index: dict[int, int]) -> list[dict[str, Any]]:
         return [
@@ -864,16 +968,7 @@ class DeepSpeedLayout(Layout):
     def load(self, named, params, optimizer, opt_state, groups) -> None:  # type: ignore[no-untyped-def]
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        inner = self.base.optimizer  # ZeRO-3 leaves AdamW's state to its first step: create it to fill it
-        flats = getattr(self.base, "fp32_partitioned_groups_flat", None)  # ZeRO-3
-        flats = flats or getattr(self.base, "single_partition_of_fp32_groups", [])  # ZeRO-2
-        for flat in flats:
-            if not inner.state[flat]:
-                inner.state[flat].update(
-                    step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat)
-                )
-        if hasattr(self.base, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-2 links it after a first step
-            self.base._lazy_init_hp_params_optimizer_state()
+        self._create_state()
         import deepspeed
 
         for i, (n, p) in enumerate(named.items()):
@@ -883,12 +978,7 @@ class DeepSpeedLayout(Layout):
             for k in self.MOMENTS:
                 if k in opt_state.get(i, {}):
                     safe_set_full_optimizer_state(p, opt_state[i][k].to(p.device), k)
-        steps = [float(st["step"]) for st in opt_state.values() if "step" in st]
-        for st in self.base.optimizer.state.values():
-            if "step" in st and steps:
-                st["step"] = torch.tensor(max(steps))  # every parameter has taken the same steps
-        for group, saved in zip(self.base.optimizer.param_groups, groups, strict=False):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+        self._set_steps(opt_state, groups)
 
 
 class TrainingDiverged(NeurontuneError):
@@ -958,22 +1048,42 @@ def train(
     count_fn = count_fn or labelled_tokens
     from transformers import get_scheduler
 
+    from neurontune.sharded import (
+        keep_zero3_release,
+        largest_block,
+        largest_block_module,
+        split_embeddings,
+        weight_source,
+        zero3_fill,
+        zero3_partition,
+    )
+
+    accelerator = _accelerator(
+        mixed_precision(args.precision), args.torch_compile_backend if args.torch_compile else None
+    )
+    fsdp, ds = _is_fsdp(accelerator), _is_deepspeed(accelerator)
+    sharded_before = fsdp and is_fsdp_sharded(model)  # by shard_model: the caller keeps it sharded
+    # built without its weights (neurontune.sharded): ZeRO-3 partitions it, each process fills its own
+    # partitions, and it stays partitioned after training (its caller evaluates and saves it so)
+    empty = weight_source(model) is not None and not sharded_before
+    block_module = largest_block_module(model, weight_source(model).base_keys) if empty else 0
+    if empty and ds:  # DeepSpeed gathers module by module: the embedding and head a piece at a time, none
+        # larger than the largest module of a layer (an MLP projection). Pieces of a whole layer's size
+        # cost about twice that while they are gathered: with 4 of Llama-3.2-1B's layers on 2 processes
+        # the first step's peak was a piece's all-gather, 2,073 MiB, and 1,887 with pieces of a projection.
+        # Cut before the trainable parameters are listed: method=full trains the pieces
+        split_embeddings(model, block_module)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise NeurontuneError("the model has no trainable parameters")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    accelerator = _accelerator(
-        mixed_precision(args.precision), args.torch_compile_backend if args.torch_compile else None
-    )
     groups = param_groups if param_groups is not None else [{"params": list(named.values())}]
-    fsdp, ds = _is_fsdp(accelerator), _is_deepspeed(accelerator)
     if (fsdp or ds) and getattr(model, "hf_quantizer", None) is not None:
         raise NeurontuneError(
             "FSDP and DeepSpeed do not shard a quantized (bitsandbytes) base here; use DDP (no FSDP or "
             "DeepSpeed config)"
         )
-    sharded_before = fsdp and is_fsdp_sharded(model)  # by shard_model: the caller keeps it sharded
     units_made = sharded_before
     if fsdp and not sharded_before:
         names = {id(p): n for n, p in model.named_parameters()}
@@ -990,16 +1100,6 @@ def train(
         raise NeurontuneError(f"lr_scheduler {args.lr_scheduler!r}: {e}") from None
     # the scheduler is stepped here, once per optimizer step: accelerate's wrapper would step it once
     # per process, as it assumes a dataloader it sharded itself
-    from neurontune.sharded import (
-        keep_zero3_release,
-        largest_block,
-        largest_block_module,
-        split_embeddings,
-        weight_source,
-        zero3_fill,
-        zero3_partition,
-    )
-
     hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
     stage = (
         _configure_deepspeed(
@@ -1010,18 +1110,11 @@ def train(
     )
     ds_zero = dict(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]) if ds else {}
 
-    # built without its weights (neurontune.sharded): ZeRO-3 partitions it, each process fills its own
-    # partitions, and it stays partitioned after training (its caller evaluates and saves it so)
-    empty = weight_source(model) is not None and not sharded_before
     if empty and stage != 3:
         raise NeurontuneError("a model built without its weights trains under FSDP2 or DeepSpeed ZeRO-3 only")
     if stage == 3:
         _register_base_weights(model)
-    if empty:  # DeepSpeed gathers module by module: the embedding and head a piece at a time, none
-        # larger than the largest module of a layer (an MLP projection). Pieces of a whole layer's size
-        # cost about twice that while they are gathered: with 4 of Llama-3.2-1B's layers on 2 processes
-        # the first step's peak was a piece's all-gather, 2,073 MiB, and 1,887 with pieces of a projection
-        split_embeddings(model, largest_block_module(model, weight_source(model).base_keys))
+    if empty:
         zero3_partition(model, accelerator.state.deepspeed_plugin.deepspeed_config)
     index = {id(p): i for i, p in enumerate(named.values())}
     members = [[index[id(p)] for p in g["params"]] for g in optimizer.param_groups]
@@ -1031,7 +1124,7 @@ def train(
     layout: Layout = (
         FSDPLayout(_sharded_state_dict(accelerator))
         if fsdp
-        else DeepSpeedLayout(optimizer.optimizer, members)
+        else DeepSpeedLayout(optimizer.optimizer, members, sharded=empty)
         if ds
         else Layout()
     )

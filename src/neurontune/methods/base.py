@@ -52,6 +52,14 @@ class Method:
         trainable state is a PEFT adapter initialised without the base's weights can."""
         return f"method={self.name} needs the whole base to build its model"
 
+    def gather_sharded(self, model: nn.Module, tok: Any, out: Path) -> None:
+        """After a run loaded sharded, every process calls this with the others (collectives): gather what
+        :meth:`save` writes on the main process, the adapter's state whole (:attr:`sharded_state`), never
+        the base."""
+        from neurontune.sharded import gather_adapter_state
+
+        self.sharded_state = gather_adapter_state(model)
+
     def save_peft_adapter(self, model: nn.Module, path: Path) -> None:
         """``model.save_pretrained(path)`` of a PEFT model (only linears are adapted; no Hub lookup),
         from :attr:`sharded_state` after a sharded run."""

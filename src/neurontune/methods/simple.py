@@ -18,10 +18,28 @@ class Full(Method):
     outputs = ("model",)
     default_lr = 3e-5
 
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.saved_sharded: Path | None = None
+
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
         return model.requires_grad_(True)
 
+    def sharded_load_refused(self) -> str | None:
+        return None  # the base's placeholders become trainable shards, filled from the checkpoint
+
+    def gather_sharded(self, model: nn.Module, tok: Any, out: Path) -> None:
+        """The whole model, written by every process together a parameter at a time (the main process
+        writes): nothing gathers it whole anywhere."""
+        from neurontune.runtime import process_state
+        from neurontune.sharded import save_model_sharded
+
+        save_model_sharded(model, out / "model", tok, process_state().is_main_process)
+        self.saved_sharded = out / "model"
+
     def save(self, model: nn.Module, tok: Any, out: Path) -> Path:
+        if self.saved_sharded is not None:  # written by gather_sharded
+            return self.saved_sharded
         from neurontune.io import save_pretrained_atomic
 
         return save_pretrained_atomic(out / "model", model, tok)
