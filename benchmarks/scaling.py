@@ -5,8 +5,8 @@ on 1, 2 and 4 processes under DDP, FSDP2 and ZeRO-3.
     python benchmarks/scaling.py --model llama-3.2-1b --cells 1:ddp,2:fsdp2,4:fsdp2,2:zero3 ...
     python benchmarks/scaling.py --procs 1 --model ... # on a GPU machine: the single-GPU baseline
 
-Each run is ``neurontune finetune`` (rows, ``--scorer``, lora:8 budget) in a fresh launch: plain for one
-process, ``torchrun --standalone --nproc-per-node N`` otherwise (with the variables ``accelerate
+Each run is ``neurontune finetune`` (rows, ``--scorer``, lora:8 budget; or ``--method full``) in a fresh
+launch: plain for one process, ``torchrun --standalone --nproc-per-node N`` otherwise (with the variables ``accelerate
 launch`` exports for an FSDP2 or DeepSpeed config, for ``--sharding``), with ``OMP_NUM_THREADS=1`` on
 a CPU so that N processes use N cores. Every process takes ``--batch-size`` examples per step, so N
 processes train N times the samples of one per step; samples/s = steps x batch x N / train seconds
@@ -77,9 +77,9 @@ def model_path(name: str, folder: Path) -> str:
 
 
 def run(n: int, a: argparse.Namespace, out: Path, sharding: str = "ddp") -> dict:
+    method = ["method=rows", f"scorer={a.scorer}", "budget=lora:8"] if a.method == "rows" else ["method=full"]
     args = [
-        "finetune", f"model={a.model_path}", "method=rows", f"scorer={a.scorer}", "budget=lora:8",
-        f"steps={a.steps}", f"batch_size={a.batch_size}", f"max_length={a.max_length}", "eval_before=false",
+        "finetune", f"model={a.model_path}", *method, f"dtype={a.dtype}", f"steps={a.steps}", f"batch_size={a.batch_size}", f"max_length={a.max_length}", "eval_before=false",
         f"eval_examples={a.eval_examples}", "forgetting_examples=0", "save_steps=0",
         f"gradient_checkpointing={str(a.gradient_checkpointing).lower()}", f"output_dir={out}", "--overwrite",
     ]  # fmt: skip
@@ -215,7 +215,14 @@ def render(result: dict) -> str:
         f"Device: {result['device']}; torch {result['torch']}; {result['date']}"
         + (f"; code {result['commit']}" if result.get("commit") else "")
         + "  ",
-        f"`neurontune finetune` model `{s['model']}`, rows ({s.get('scorer', 'taylor')}) at the lora:8 budget, "
+        f"`neurontune finetune` model `{s['model']}`"
+        + (f" in {s['dtype']}" if s.get("dtype", "auto") != "auto" else "")
+        + (
+            ", full fine-tuning (every parameter and its AdamW moments)"
+            if s.get("method") == "full"
+            else f", rows ({s.get('scorer', 'taylor')}) at the lora:8 budget"
+        )
+        + ", "
         f"batch {s['batch_size']} per process x {s['max_length']} tokens max, {s['steps']} steps"
         f"{', gradient checkpointing' if s.get('gradient_checkpointing') else ''}; samples/s from the mean step "
         f"time after {s['warmup']} warm-up steps (main process). CPU runs use {s['threads']} thread(s) per process.",
@@ -278,6 +285,12 @@ def main() -> None:
         "--cells", default="", help="N:sharding,... in this order (instead of --procs x --sharding)"
     )
     p.add_argument("--scorer", default="magnitude")
+    p.add_argument(
+        "--method", choices=("rows", "full"), default="rows", help="full: method=full (no scorer, budget)"
+    )
+    p.add_argument(
+        "--dtype", default="auto", help="finetune's dtype= (the base's, and full's trained weights)"
+    )
     p.add_argument("--eval-examples", type=int, default=8)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--assets", type=Path, default=Path("runs/bench-assets"))
@@ -339,13 +352,15 @@ def main() -> None:
                 "threads",
                 "cells",
                 "scorer",
+                "method",
+                "dtype",
                 "gradient_checkpointing",
             )
         },
         "runs": runs,
         "note": a.note,
     }
-    result["capacity"] = capacity(runs)
+    result["capacity"] = capacity(runs) if a.method == "rows" else ""  # the table is the rows budget's
     write_results(a.out, a.name, result, render)
 
 
