@@ -236,7 +236,7 @@ def render(result: dict) -> str:
         largest = r.get("largest_process_peak_mib")
         if "error" in r:
             lines.append(
-                f"| {r['processes']} | {r['sharding']} | whole | {r['error']} | | | | {largest:.0f} (when killed) | |"
+                f"| {r['processes']} | {r['sharding']} | - | {r['error']} | | | | {largest:.0f} (when killed) | |"
             )
             continue
         ratio = f"{largest / base['largest_process_peak_mib']:.2f}x" if largest and base.get(
@@ -253,7 +253,7 @@ def render(result: dict) -> str:
         "",
         '"shards": the base was built without its weights and each process read only its FSDP2 shards or',
         'ZeRO-3 partitions from the checkpoint (`neurontune.sharded`); "whole": every process loaded the whole',
-        "base before it was sharded (DDP always; FSDP2 and ZeRO-3 for zo-taylor/neft, DoRA/PiSSA/full/gates,",
+        "base before it was sharded (DDP always; FSDP2 and ZeRO-3 for zo-taylor/neft, DoRA/PiSSA/gates,",
         "a built-in tiny model or save_merged). fsdp2: a unit per decoder layer (TRANSFORMER_BASED_WRAP, as",
         "`examples/accelerate/fsdp2.yaml`); fsdp2-size: a unit per module of over 10M parameters",
         "(SIZE_BASED_WRAP, `fsdp_min_num_params: 10000000`, as `examples/accelerate/fsdp2_size.yaml`), a PEFT",
