@@ -154,7 +154,7 @@ def loads_sharded(cfg: FinetuneConfig, state: Any) -> bool:
     """Whether this run builds its model without the base's weights and lets each process read only
     its own shards of them (:mod:`neurontune.sharded`): under FSDP2 or DeepSpeed ZeRO-3 on several
     processes, for a model directory (or the bundled model) and a method whose adapter needs nothing of
-    the base to start (rows with spec= or a scorer that leaves the weights alone, LoRA). Otherwise every
+    the base to start (rows with spec= or a scorer that leaves the weights alone, LoRA, full). Otherwise every
     process loads the whole base before it is sharded, and the main process says why."""
     from neurontune.models import TINY_MODELS
 

@@ -181,9 +181,11 @@ def save_checkpoint(
         return _save_sharded(path, named, optimizer, scheduler, step, log, num_processes, layout, index)
     tensors = {}
     for n, p in named.items():  # in parameter order, the same on every process (the gathers pair up)
-        tensors[f"param.{n}"] = layout.param(p)
-        for k, v in layout.optim_state(optimizer, p).items():
-            tensors[f"optim.{index[id(p)]}.{k}"] = v
+        param, moments = layout.param(p), layout.optim_state(optimizer, p)
+        if write:  # a process that only takes part in the gathers keeps none of it
+            tensors[f"param.{n}"] = param
+            tensors.update({f"optim.{index[id(p)]}.{k}": v for k, v in moments.items()})
+        del param, moments
     if not write:
         return
     for rank, rng in enumerate(rng_states or [rng_state()]):

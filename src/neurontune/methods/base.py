@@ -47,9 +47,10 @@ class Method:
         self.sharded_state: dict[str, torch.Tensor] | None = None
 
     def sharded_load_refused(self) -> str | None:
-        """Why this run cannot build its model on a base loaded shard by shard under FSDP2 (then every
-        process loads the whole base before it is sharded); ``None``: it can. Only methods whose
-        trainable state is a PEFT adapter initialised without the base's weights can."""
+        """Why this run cannot build its model on a base loaded shard by shard under FSDP2 or ZeRO-3
+        (then every process loads the whole base before it is sharded); ``None``: it can. Only methods
+        whose trainable state starts without reading the base's weights can: a PEFT adapter initialised
+        so (rows, LoRA), or the base's own shards (full)."""
         return f"method={self.name} needs the whole base to build its model"
 
     def gather_sharded(self, model: nn.Module, tok: Any, out: Path) -> None:
