@@ -560,8 +560,8 @@ def wrap_by_size(model: torch.nn.Module, accelerator: Any) -> bool:
     managed = {id(p) for m in model.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
     # what fsdp2_prepare_model makes units of itself afterwards (the embedding, the final norm and the
     # head) must not be swallowed by a unit made here: sharded twice, fully_shard fails ("value was None").
-    # So a module holding one of them that is not a unit yet is left to the root (under method=full the
-    # decoder stack, whose own parameters are only the embedding and the final norm besides its layers)
+    # So a module holding one of them whose parameters are not in a unit yet is left to the root (under
+    # method=full the decoder stack, whose own parameters are the embedding and final norm besides its layers)
     try:
         from accelerate.utils.fsdp_utils import _find_final_norm
     except ImportError:  # an accelerate that carves no tail leaves the norm to the root unit
@@ -579,8 +579,9 @@ def wrap_by_size(model: torch.nn.Module, accelerator: Any) -> bool:
             continue
         prefix = names[id(module)] + "."
         if any(
-            c.startswith(prefix) and not isinstance(model.get_submodule(c), FSDPModule) for c in carved_names
-        ):
+            c.startswith(prefix) and any(id(p) not in managed for p in model.get_submodule(c).parameters())
+            for c in carved_names
+        ):  # holds some of what accelerate carves, not in a unit yet
             continue
         params = list(module.parameters())
         if sum(p.numel() for p in params) <= plugin.min_num_params or all(id(p) in managed for p in params):
