@@ -41,7 +41,15 @@ from pathlib import Path
 
 import torch
 
-from neurontune.bench import add_run_args, command_line, finetune_run, machine, render_only, write_results
+from neurontune.bench import (
+    add_run_args,
+    code_commit,
+    command_line,
+    finetune_run,
+    machine,
+    render_only,
+    write_results,
+)
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL", "hyperbaton": "accuracy"}
@@ -325,7 +333,13 @@ def render(result: dict) -> str:
     lines = [
         "# Stochastic gates: parameters removed, quality, and CPU speed of the pruned model",
         "",
-        f"`{result['command']}` on {result['machine']}; {result['date']}. Model `{s['model']}`, batch "
+        f"`{result['command']}` on {result['machine']}; {result['date']}"
+        + (
+            f"; code {result['commit']}"
+            if result.get("commit")
+            else "; each run's code commit is its `source`"
+        )
+        + f". Model `{s['model']}`, batch "
         f"{s['batch_size']} from the first {s['train_examples']} training examples, seeds {s['seeds']}, eval on "
         f"{s['eval_examples']} held-out examples, forgetting = perplexity on {s['forgetting_examples']} news "
         f"articles. {recipe_text(s)}",
@@ -428,6 +442,7 @@ def main() -> None:
     speed = speeds(speed_models(args, runs), args.speed_repeats)
     result = {
         "command": command_line(__file__),
+        "commit": code_commit(),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "threads": torch.get_num_threads(),
