@@ -46,6 +46,19 @@ def share_outcome(state: Any, error: str | None) -> str | None:
     return error
 
 
+def every_outcome(error: str | None) -> str | None:
+    """The first process's ``error`` (in rank order) on every process, else ``None``: a collective in
+    which every process reports its own outcome (where :func:`share_outcome` takes the main process's);
+    with one process (or none started), ``error`` itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
 def is_fsdp_sharded(model: torch.nn.Module) -> bool:
     """Whether ``fully_shard`` (FSDP2) has been applied to ``model`` or any module in it."""
     try:

@@ -334,9 +334,8 @@ def save_model_sharded(
     import shutil
     import tempfile
 
-    import torch.distributed as dist
-
     from neurontune.io import StreamedWeights, make_dir, swap_in
+    from neurontune.runtime import every_outcome
 
     source = weight_source(model)
     if source is None:
@@ -395,11 +394,7 @@ def save_model_sharded(
         writer.abandon()
     if tmp is not None and tmp.exists():
         shutil.rmtree(tmp, ignore_errors=True)
-    if dist.is_initialized() and dist.get_world_size() > 1:  # every process learns of a failure on any
-        errors: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
+    if error := every_outcome(error):  # every process learns of a failure on any
         raise NeurontuneError(error)
     return {"tensors": sum(len(ps) for _, ps in stored), "largest_gathered_bytes": largest}
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from neurontune.errors import NeurontuneError
 from neurontune.io import atomic_dir, atomic_path, read_json, read_safetensors, write_json, write_safetensors
-from neurontune.runtime import fsdp_units, is_fsdp_sharded
+from neurontune.runtime import every_outcome, fsdp_units, is_fsdp_sharded
 from neurontune.tasks import IGNORE_INDEX, StepBatches
 
 CHECKPOINT_FORMAT = "neurontune.checkpoint/1"
@@ -210,15 +210,6 @@ def _shard_file(rank: int, world: int) -> str:
     return f"state.rank{rank:05d}-of-{world:05d}.safetensors"
 
 
-def _every_outcome(error: str | None) -> str | None:
-    """The first process's error (in rank order) on every process, else ``None``: a collective."""
-    import torch.distributed as dist
-
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
-
-
 def _save_sharded(
     path: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
     step: int, log: list[dict[str, float]], world: int, layout: Layout, index: dict[int, int],
@@ -242,7 +233,7 @@ def _save_sharded(
             make_dir(tmp)
         except OSError as e:
             error = f"could not write {path}: {e}"
-    if error := _every_outcome(error):
+    if error := every_outcome(error):
         raise NeurontuneError(error)
     tensors = {}
     for n, p in named.items():
@@ -265,7 +256,7 @@ def _save_sharded(
             write_json(tmp / "state.json", state)
         except OSError as e:
             error = f"could not write {path}: {e}"
-    if error := _every_outcome(error):
+    if error := every_outcome(error):
         if rank == 0:
             remove(tmp)
         raise NeurontuneError(error)
@@ -274,7 +265,7 @@ def _save_sharded(
             swap_in(tmp, path)
         except OSError as e:
             error = f"could not write {path}: {e}"
-    if error := _every_outcome(error):
+    if error := every_outcome(error):
         raise NeurontuneError(error)
 
 
