@@ -4,8 +4,11 @@ come before torch or transformers is imported; the torch-free name lists agree w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 PROBE = r"""
 import json, sys
@@ -53,6 +56,28 @@ def test_help_version_and_option_errors_never_import_torch():
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("neurontune: error:")]
     assert len(errors) == 14 and "Traceback" not in proc.stderr, proc.stderr
     assert "did you mean 'steps'" in proc.stderr and "did you mean 'taylor'" in proc.stderr
+
+
+EXIT = r"""
+import atexit, sys
+atexit.register(lambda: print("finalized"))
+print("before the job")  # stdout into a pipe is block-buffered: run() must flush it
+from neurontune.cli import run
+run(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_one_process_of_several_exits_flushed_without_finalizing_the_interpreter(world_size):
+    """A process launched as one of several ends by os._exit (gloo's threads can abort a finalizing
+    interpreter: cli.run), its output flushed; a lone process exits normally, atexit handlers run."""
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT, "finetune", "stepz=4"],
+        env={**os.environ, "WORLD_SIZE": world_size}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "neurontune: error: " in proc.stderr, proc.stderr
+    assert "before the job" in proc.stdout
+    assert ("finalized" in proc.stdout) == (world_size == "1"), proc.stdout
 
 
 def test_the_torch_free_names_agree_with_what_they_name():

@@ -407,8 +407,8 @@ def restore_best(self, *args):
     held = {n: t.detach().clone() for n, t in self._trainable().items()}
     save_file(held, os.path.join(os.path.dirname(__file__), f"restored-{os.environ['RANK']}.safetensors"))
 p.read_safetensors, p.EarlyStopping.restore_best = read_safetensors, restore_best
-from neurontune.cli import main
-sys.exit(main(sys.argv[1:]))
+from neurontune.cli import run
+run(sys.argv[1:])
 """
 
 
@@ -597,8 +597,8 @@ def write_json(path, obj):
             time.sleep(3600)
     return real(path, obj)
 t.write_json = write_json
-from neurontune.cli import main
-sys.exit(main(sys.argv[1:]))
+from neurontune.cli import run
+run(sys.argv[1:])
 """
 
 
@@ -696,8 +696,8 @@ def write(self, t):
         raise OSError(28, "No space left on device")
     return real(self, t)
 io.StreamedWeights.write = write
-from neurontune.cli import main
-sys.exit(main(sys.argv[1:]))
+from neurontune.cli import run
+run(sys.argv[1:])
 """
 
 
