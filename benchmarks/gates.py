@@ -84,8 +84,12 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
     if teacher is None:
         return [f"model={args.model}", "lr=3e-4", *run]
     # the task-tuned dense model is both the model gated and the teacher of both distillations
-    return [f"model={teacher}", f"lr={args.low_rank_lr}", *run, f"gate_ramp={args.gate_ramp}",
-            "gate_distill=true", f"gate_low_rank={args.gate_low_rank}"]  # fmt: skip
+    adapt = (
+        [f"lr={args.gate_weights_lr}", "gate_train_weights=true"]
+        if args.gate_weights_lr
+        else [f"lr={args.low_rank_lr}", f"gate_low_rank={args.gate_low_rank}"]
+    )
+    return [f"model={teacher}", *run, f"gate_ramp={args.gate_ramp}", "gate_distill=true", *adapt]
 
 
 def training_runs(args: argparse.Namespace) -> list[dict]:
@@ -312,8 +316,13 @@ def recipe_text(s: dict) -> str:
     text += (
         f"Gates: {s['gate_steps']} steps (gate lr 0.05, ranked penalty, lambda {s['gate_lambda']:g}"
         + (
-            f", target ramped over the first {s['gate_ramp']:.0%} of the steps, low-rank terms r={s['gate_low_rank']} at "
-            f"lr {s['low_rank_lr']:g}, loss: KL to the ungated teacher at T=2 + {s['distill_alpha']:g} x task loss "
+            f", target ramped over the first {s['gate_ramp']:.0%} of the steps, "
+            + (
+                f"the weights of every linear module trained with the gates at lr {s['gate_weights_lr']:g}"
+                if s.get("gate_weights_lr")
+                else f"low-rank terms r={s['gate_low_rank']} at lr {s['low_rank_lr']:g}"
+            )
+            + f", loss: KL to the ungated teacher at T=2 + {s['distill_alpha']:g} x task loss "
             f"on the task data and {s['distill_general']} news articles"
             if teacher
             else ""
@@ -429,6 +438,11 @@ def main() -> None:
     p.add_argument("--gate-ramp", type=float, default=0.5)
     p.add_argument("--gate-low-rank", type=int, default=8)
     p.add_argument("--low-rank-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--gate-weights-lr", type=float, default=0.0,
+        help="teacher recipe: train the linear modules' weights with the gates at this lr instead of "
+        "low-rank terms (gate_train_weights; 0: off)",
+    )  # fmt: skip
     add_run_args(p, "runs/bench-gates", RESULTS, "gates")
     args = p.parse_args()
     if args.render:

@@ -168,6 +168,37 @@ def test_gates_and_low_rank_train_in_two_groups_and_resume_exactly(tmp_path, tok
         assert torch.equal(a[k], b[k]), k
 
 
+def test_trained_weights_move_with_the_gates_resume_exactly_and_export_as_gated(tmp_path, tokenizer):
+    """``train_weights``: the target modules' weights train with the gates (the embedding and head stay
+    frozen), a resumed run ends where an unbroken one does, and the export computes the gated model with
+    the trained weights."""
+
+    def run(out, steps, resume=False):
+        torch.manual_seed(0)
+        cfg = GateConfig(train_weights=True, lr=0.05, target_sparsity=0.3, prune_heads=True)
+        gated = GatedModel(tiny_model("tiny-llama"), cfg)
+        data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
+        args = TrainArgs(steps=steps, lr=1e-3, weight_decay=0.1, save_steps=3)
+        train(gated, data, args, out, resume=resume, progress=False, **gated.training_hooks(args.lr))
+        return gated
+
+    full = run(tmp_path / "full", 6)
+    now = {n.replace(".inner.", "."): p for n, p in full.base_model.named_parameters()}  # out of the gates
+    trained = {n for n, p in now.items() if p.requires_grad and not n.endswith(".a")}
+    assert len(trained) == 2 * 7 and all(n.endswith("_proj.weight") for n in trained), trained
+    base = dict(tiny_model("tiny-llama").named_parameters())
+    assert all(not torch.equal(now[n], base[n]) for n in base if n.endswith("_proj.weight"))
+    assert torch.equal(now["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    run(tmp_path / "cut", 3)
+    resumed = run(tmp_path / "cut", 6, resume=True)
+    for (n, a), (m, b) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
+        assert n == m and torch.equal(a, b), n
+    full.eval()
+    full.finalize()
+    expected = logits(full)
+    torch.testing.assert_close(logits(export_pruned(full, tmp_path / "pruned")), expected, rtol=0, atol=1e-5)
+
+
 def test_export_plan_rounds_heads_to_the_grouping_and_widths_to_the_multiple():
     from types import SimpleNamespace
 
@@ -342,8 +373,13 @@ def test_finetune_gate_distill_trains_on_the_kl_to_the_ungated_model(tmp_path, c
         "gates: distilling the ungated model during gate training (T=2, task loss weight 0, 3 news articles)"
         in printed
     )
+    # with the weights training, the ungated model would move with them: the teacher is a frozen copy
+    assert main([*run, "gate_distill=true", "gate_train_weights=true", f"output_dir={tmp_path / 'w'}"]) == 0
+    assert "gates: distilling tiny-llama during gate training" in capsys.readouterr().out
     ce = json.loads((tmp_path / "ce" / "metrics.json").read_text())
     kl = json.loads((tmp_path / "kl" / "metrics.json").read_text())
+    w = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert w["first_loss"] < 0.05 and w["trainable_params"] > 100 * kl["trainable_params"], (w, kl)
     # the first step: the task loss of a random model is about ln(vocab); the KL of a model whose gates are
     # all open (only the training noise differs) to the ungated model is close to 0
     assert ce["first_loss"] > 4.0 and kl["first_loss"] < 0.05, (ce["first_loss"], kl["first_loss"])

@@ -23,7 +23,10 @@ class GateConfig:
     prune_heads: bool = False
     low_rank: int = 0
     low_rank_alpha: float | None = None  # scale s = alpha / r (default alpha = 2r, as LoRA)
-    target_modules: str | list[str] = "all-linear"  # for low_rank and the linear granularity
+    target_modules: str | list[str] = "all-linear"  # for low_rank, train_weights and the linear granularity
+    # also train the target modules' weights with the gates (at the run's lr), as CoFi and Sheared-LLaMA
+    # do: what stays adapts to what is being removed
+    train_weights: bool = False
     width_multiple: int = 64  # kept MLP width rounded to a multiple of this (if the width is >= 4x it)
     tolerance: float = 0.02  # share of the structure the export removes that may still be open at the end
     force: bool = False  # export even when more than `tolerance` must be cut open (reported)

@@ -223,7 +223,8 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 
 class GatedModel(ModelWrapper):
-    """A frozen model with stochastic gates (and optional low-rank terms) as its only trainable state."""
+    """A frozen model with stochastic gates (and optional low-rank terms) as its only trainable state, or
+    with ``train_weights`` the target modules' weights trained with them."""
 
     def __init__(self, model: nn.Module, config: GateConfig | None = None) -> None:
         super().__init__()
@@ -231,8 +232,11 @@ class GatedModel(ModelWrapper):
         cfg = self.gate_config
         model.requires_grad_(False)
         self.groups: dict[str, GaussianGate] = {}
+        targets = find_target_modules(model, cfg.target_modules)
+        for name in targets if cfg.train_weights else []:
+            model.get_submodule(name).weight.requires_grad_(True)
         if cfg.low_rank:
-            for name in find_target_modules(model, cfg.target_modules):
+            for name in targets:
                 self._replace(name, LowRank(model.get_submodule(name), cfg.low_rank, cfg.low_rank_alpha))
         self.plan: ExportPlan | None = None
         if cfg.granularity == "structured":
@@ -293,7 +297,7 @@ class GatedModel(ModelWrapper):
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Gates at ``gate_config.lr`` without weight decay (decay would pull every gate to z = 0.5);
-        the low-rank terms at ``lr`` with the run's weight decay."""
+        the low-rank terms and trained weights at ``lr`` with the run's weight decay."""
         gates = [g.a for g in self.groups.values()]
         ids = {id(p) for p in gates}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]

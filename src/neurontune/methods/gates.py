@@ -56,6 +56,12 @@ class GateOptions:
         "fraction of the steps over which the share of gates pushed shut ramps from 0 to gate_sparsity",
         group=G,
     )
+    gate_train_weights: bool = opt(
+        False,
+        "also train the target modules' weights during gate training, at lr (CoFi, Sheared-LLaMA): what "
+        "stays adapts to what is removed; with gate_distill the teacher is then a frozen copy of the model",
+        group=G,
+    )
     gate_distill: bool = opt(
         False,
         "train the gates on recover's KL to the teacher (distill_teacher, default the ungated model itself, "
@@ -89,6 +95,7 @@ def gate_config(cfg: Any) -> Any:
         granularity=cfg.gate_granularity, target_sparsity=cfg.gate_sparsity, lam=cfg.gate_lambda,
         sigma=cfg.gate_sigma, tau=cfg.gate_tau, penalty=cfg.gate_penalty, prune_heads=cfg.prune_heads,
         low_rank=cfg.gate_low_rank, target_modules=cfg.target_modules_value(), lr=cfg.gate_lr,
+        train_weights=cfg.gate_train_weights,
         width_multiple=cfg.gate_width_multiple, tolerance=cfg.gate_tolerance, force=cfg.gate_force,
         ramp_steps=round(cfg.gate_ramp * (cfg.steps or 0)),  # steps: None while only checked (set by the data)
     )  # fmt: skip
@@ -165,16 +172,18 @@ class Gates(Method):
 
     def training_loss(self, model: nn.Module) -> dict[str, Callable[..., Any]]:
         """With ``gate_distill``: recover's KL loss, to ``distill_teacher`` or to the ungated model
-        (:meth:`~neurontune.gates.GatedModel.dense`: the same weights, gates open, low-rank terms off)."""
+        (:meth:`~neurontune.gates.GatedModel.dense`: the same weights, gates open, low-rank terms off;
+        with ``gate_train_weights`` a frozen copy of ``model``, as the weights move)."""
         if not self.cfg.gate_distill:
             return {}
         from neurontune.distill import attended_tokens, distill_loss
         from neurontune.runtime import process_state
 
         cfg = self.cfg
-        teacher = _teacher(cfg) if cfg.distill_teacher else model.dense_forward
+        copy = cfg.distill_teacher or cfg.gate_train_weights
+        teacher = _teacher(cfg) if copy else model.dense_forward
         say = print if process_state().is_main_process else _quiet
-        say(f"gates: distilling {cfg.distill_teacher or 'the ungated model'} during gate training "
+        say(f"gates: distilling {cfg.distill_teacher or (cfg.model if copy else 'the ungated model')} during gate training "
               f"(T={cfg.distill_temperature:g}, task loss weight {cfg.distill_alpha:g}, "
               f"{cfg.distill_general} news articles)")  # fmt: skip
         return {"loss_fn": distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
