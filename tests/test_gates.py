@@ -148,20 +148,24 @@ def test_finetune_gates_writes_a_smaller_model_that_transformers_loads(tmp_path,
     assert "parameters after pruning" in (out / "report.md").read_text()
 
 
-def test_gates_and_low_rank_train_in_two_groups_and_resume_exactly(tmp_path, tokenizer):
-    def run(out, steps, resume=False):
-        torch.manual_seed(0)
-        gated = GatedModel(tiny_model("tiny-llama"), GateConfig(low_rank=2, lr=0.05, target_sparsity=0.3))
-        data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
-        args = TrainArgs(steps=steps, lr=1e-3, weight_decay=0.1, save_steps=3)
-        train(gated, data, args, out, resume=resume, progress=False, **gated.training_hooks(args.lr))
-        return gated
+def train_gated(cfg, tokenizer, out, steps, resume=False):
+    """tiny-llama gated by ``cfg``, trained ``steps`` steps at lr 1e-3 on 16 examples, a checkpoint every 3."""
+    torch.manual_seed(0)
+    gated = GatedModel(tiny_model("tiny-llama"), cfg)
+    data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
+    args = TrainArgs(steps=steps, lr=1e-3, weight_decay=0.1, save_steps=3)
+    train(gated, data, args, out, resume=resume, progress=False, **gated.training_hooks(args.lr))
+    return gated
 
-    full = run(tmp_path / "full", 6)
+
+def test_gates_and_low_rank_train_in_two_groups_and_resume_exactly(tmp_path, tokenizer):
+    cfg = GateConfig(low_rank=2, lr=0.05, target_sparsity=0.3)
+    full = train_gated(cfg, tokenizer, tmp_path / "full", 6)
     groups = full.param_groups(1e-3)
     assert [g.get("lr") for g in groups] == [0.05, None] and groups[0]["weight_decay"] == 0.0
-    run(tmp_path / "cut", 3)  # stops after the step-3 checkpoint, as a killed run would
-    resumed = run(tmp_path / "cut", 6, resume=True)
+    # stops after the step-3 checkpoint, as a killed run would
+    train_gated(cfg, tokenizer, tmp_path / "cut", 3)
+    resumed = train_gated(cfg, tokenizer, tmp_path / "cut", 6, resume=True)
     a, b = full.state_dict_gates(), resumed.state_dict_gates()
     assert a.keys() == b.keys() and any(k.endswith(".B") for k in a)
     for k in a:
@@ -172,25 +176,16 @@ def test_trained_weights_move_with_the_gates_resume_exactly_and_export_as_gated(
     """``train_weights``: the target modules' weights train with the gates (the embedding and head stay
     frozen), a resumed run ends where an unbroken one does, and the export computes the gated model with
     the trained weights."""
-
-    def run(out, steps, resume=False):
-        torch.manual_seed(0)
-        cfg = GateConfig(train_weights=True, lr=0.05, target_sparsity=0.3, prune_heads=True)
-        gated = GatedModel(tiny_model("tiny-llama"), cfg)
-        data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
-        args = TrainArgs(steps=steps, lr=1e-3, weight_decay=0.1, save_steps=3)
-        train(gated, data, args, out, resume=resume, progress=False, **gated.training_hooks(args.lr))
-        return gated
-
-    full = run(tmp_path / "full", 6)
+    cfg = GateConfig(train_weights=True, lr=0.05, target_sparsity=0.3, prune_heads=True)
+    full = train_gated(cfg, tokenizer, tmp_path / "full", 6)
     now = {n.replace(".inner.", "."): p for n, p in full.base_model.named_parameters()}  # out of the gates
     trained = {n for n, p in now.items() if p.requires_grad and not n.endswith(".a")}
     assert len(trained) == 2 * 7 and all(n.endswith("_proj.weight") for n in trained), trained
     base = dict(tiny_model("tiny-llama").named_parameters())
     assert all(not torch.equal(now[n], base[n]) for n in base if n.endswith("_proj.weight"))
     assert torch.equal(now["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
-    run(tmp_path / "cut", 3)
-    resumed = run(tmp_path / "cut", 6, resume=True)
+    train_gated(cfg, tokenizer, tmp_path / "cut", 3)
+    resumed = train_gated(cfg, tokenizer, tmp_path / "cut", 6, resume=True)
     for (n, a), (m, b) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
         assert n == m and torch.equal(a, b), n
     full.eval()
