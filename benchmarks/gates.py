@@ -11,10 +11,10 @@ evaluation as benchmarks/quality.py. Per task and seed:
 
 - ``rows (unpruned)``: row-sparse tuning of the whole model (magnitude rows at the LoRA r=8 budget,
   lr 3e-4) for ``--gate-steps + --recover-steps`` steps: the quality to hold, at the same budget;
-- ``gates S + distill``: ``method=gates`` at target S (MLP channels and query heads, the export
-  shape printed and trained for), ``--gate-steps`` steps, then ``recover=distill``: the pruned export
-  (all its weights, ``recover_params=full``) distilled from the unpruned base for ``--recover-steps``
-  steps (KL at temperature 2 plus the task loss, weight ``--distill-alpha``; ``--distill-general``
+- ``gates S + distill``: ``method=gates`` at target S (MLP channels and query heads, or with
+  ``--no-prune-heads`` MLP channels only; the export shape printed and trained for), ``--gate-steps``
+  steps, then ``recover=distill`` (none with ``--recover-steps 0``): the pruned export (all its weights,
+  ``recover_params=full``) distilled from the unpruned base for ``--recover-steps`` steps (KL at temperature 2 plus the task loss, weight ``--distill-alpha``; ``--distill-general``
   news articles mixed into the data against forgetting). One run gives three numbers: the gated
   model in eval mode (*gated*), the uniform export (*exported*), the export after distillation
   (*recovered*).
@@ -75,12 +75,14 @@ def rows(args: argparse.Namespace, steps: int) -> list[str]:
 
 def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> list[str]:
     run = [
-        "method=gates", f"gate_sparsity={sparsity}", "prune_heads=true", "gate_lr=0.05",
-        f"gate_lambda={args.gate_lambda}", f"steps={args.gate_steps}", "gate_force=true",
-        "recover=distill", f"recover_steps={args.recover_steps}", "recover_params=full",
-        f"recover_lr={args.recover_lr}", f"distill_alpha={args.distill_alpha}",
-        f"distill_general={args.distill_general}",
+        "method=gates", f"gate_sparsity={sparsity}", f"prune_heads={str(args.prune_heads).lower()}",
+        "gate_lr=0.05", f"gate_lambda={args.gate_lambda}", f"steps={args.gate_steps}", "gate_force=true",
     ]  # fmt: skip
+    if args.recover_steps:  # 0: the export is the result
+        run += ["recover=distill", f"recover_steps={args.recover_steps}", "recover_params=full",
+                f"recover_lr={args.recover_lr}"]  # fmt: skip
+    if args.recover_steps or teacher is not None:  # a distillation to configure
+        run += [f"distill_alpha={args.distill_alpha}", f"distill_general={args.distill_general}"]
     if teacher is None:
         return [f"model={args.model}", "lr=3e-4", *run]
     # the task-tuned dense model is both the model gated and the teacher of both distillations
@@ -106,8 +108,9 @@ def training_runs(args: argparse.Namespace) -> list[dict]:
                 teacher = out / "teacher" / "merged"
                 jobs.insert(0, ("teacher (rows)", 0.0, [*rows(args, args.teacher_steps), "save_merged=true"],
                                 "teacher"))  # fmt: skip
+            then = " + distill" if args.recover_steps else ""
             jobs += [
-                (f"gates {s:.0%} + distill", s, gates(args, s, teacher), f"gates-{s}")
+                (f"gates {s:.0%}{then}", s, gates(args, s, teacher), f"gates-{s}")
                 for t, s in plan
                 if t == task
             ]
@@ -327,12 +330,19 @@ def recipe_text(s: dict) -> str:
             if teacher
             else ""
         )
-        + "), MLP channels and query heads, export widths rounded to multiples of 64. "
+        + "), MLP channels"
+        + (" and query heads" if s.get("prune_heads", True) else " only (no heads)")
+        + ", export widths rounded to multiples of 64. "
     )
     text += (
         f"Distillation: {s['recover_steps']} steps, all weights of the export, lr {s['recover_lr']:g}, KL at T=2 + "
-        f"{s['distill_alpha']:g} x task loss, {s['distill_general']} news articles mixed in. Unpruned reference: rows "
-        f"(magnitude, LoRA r=8 budget, lr 3e-4) for {total} steps (every step of the gates pipeline)."
+        f"{s['distill_alpha']:g} x task loss, {s['distill_general']} news articles mixed in. "
+        if s["recover_steps"]
+        else "No recovery: the export is the result. "
+    )
+    text += (
+        f"Unpruned reference: rows (magnitude, LoRA r=8 budget, lr 3e-4) for {total} steps (every step of the "
+        "gates pipeline)."
     )
     return text
 
@@ -423,7 +433,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--gate-steps", type=int, default=100)
     p.add_argument("--gate-lambda", type=float, default=1000.0)
-    p.add_argument("--recover-steps", type=int, default=60)
+    p.add_argument("--recover-steps", type=int, default=60, help="0: no recovery after the export")
     p.add_argument("--recover-lr", type=float, default=5e-5)
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-general", type=int, default=200)
@@ -438,6 +448,8 @@ def main() -> None:
     p.add_argument("--gate-ramp", type=float, default=0.5)
     p.add_argument("--gate-low-rank", type=int, default=8)
     p.add_argument("--low-rank-lr", type=float, default=1e-3)
+    p.add_argument("--prune-heads", action=argparse.BooleanOptionalAction, default=True,
+                   help="gate and remove query heads besides MLP channels")  # fmt: skip
     p.add_argument(
         "--gate-weights-lr", type=float, default=0.0,
         help="teacher recipe: train the linear modules' weights with the gates at this lr instead of "

@@ -64,6 +64,33 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     assert "Teacher: rows" in (tmp_path / "out" / "gates.md").read_text()
 
 
+@pytest.mark.slow  # ~1 min; in .ci/run
+def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_recovery(tmp_path):
+    """--gate-weights-lr gates with gate_train_weights instead of low-rank terms; --recover-steps 0 makes
+    the export the result (recover=none), and the reference counts the steps that remain."""
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "gates.py"), "--model", "tiny-llama", "--gate-steps", "4",
+           "--recover-steps", "0", "--teacher-steps", "2", "--gate-weights-lr", "1e-4", "--seeds", "0",
+           "--eval-examples", "4", "--forgetting-examples", "2", "--speed-repeats", "1", "--distill-general", "2",
+           "--train-examples", "16", "--sparsities", "0.3", "--gen-sparsities", "", "--mc-sparsities", "",
+           "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "gates.json").read_text())
+    by = {m["name"]: m for m in result["runs"]}
+    assert list(by) == ["teacher (rows)", "rows (unpruned)", "gates 30%"]
+    assert by["rows (unpruned)"]["steps"] == 2 + 4
+    run = tmp_path / "runs" / "teacher" / "rotten_tomatoes" / "seed0" / "gates-0.3"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["gate_train_weights"] and cfg["gate_low_rank"] == 0 and cfg["lr"] == 1e-4
+    assert cfg["recover"] == "none" and not (run / "recovered").exists() and (run / "pruned").is_dir()
+    assert by["gates 30%"]["after"] == by["gates 30%"]["gates"]["exported"]  # the export is the result
+    md = (tmp_path / "out" / "gates.md").read_text()
+    assert "trained with the gates at lr 0.0001" in md and "No recovery: the export is the result." in md
+
+
 def test_a_run_stands_in_for_a_new_one_only_if_it_ran_todays_library_code(tmp_path, monkeypatch):
     """same_source: a commit whose src/ equals the working tree's; not a dirty one, not another src/,
     not one that is not on record; a change outside src/ (a benchmark, a result) does not count."""
