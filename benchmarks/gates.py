@@ -14,8 +14,9 @@ evaluation as benchmarks/quality.py. Per task and seed:
 - ``gates S + distill``: ``method=gates`` at target S (MLP channels and query heads, or with
   ``--no-prune-heads`` MLP channels only; the export shape printed and trained for), ``--gate-steps``
   steps, then ``recover=distill`` (none with ``--recover-steps 0``): the pruned export (all its weights,
-  ``recover_params=full``) distilled from the unpruned base for ``--recover-steps`` steps (KL at temperature 2 plus the task loss, weight ``--distill-alpha``; ``--distill-general``
-  news articles mixed into the data against forgetting). One run gives three numbers: the gated
+  ``recover_params=full``) distilled from the unpruned base for ``--recover-steps`` steps (KL at
+  temperature 2 plus the task loss, weight ``--distill-alpha``; ``--distill-general`` news articles
+  mixed into the data against forgetting). One run gives three numbers: the gated
   model in eval mode (*gated*), the uniform export (*exported*), the export after distillation
   (*recovered*).
 
