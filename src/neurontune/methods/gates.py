@@ -180,10 +180,10 @@ class Gates(Method):
         from neurontune.runtime import process_state
 
         cfg = self.cfg
-        copy = cfg.distill_teacher or cfg.gate_train_weights
-        teacher = _teacher(cfg) if copy else model.dense_forward
+        frozen = cfg.distill_teacher or (cfg.model if cfg.gate_train_weights else None)  # what _teacher loads
+        teacher = _teacher(cfg) if frozen else model.dense_forward
         say = print if process_state().is_main_process else _quiet
-        say(f"gates: distilling {cfg.distill_teacher or (cfg.model if copy else 'the ungated model')} during gate training "
+        say(f"gates: distilling {frozen or 'the ungated model'} during gate training "
               f"(T={cfg.distill_temperature:g}, task loss weight {cfg.distill_alpha:g}, "
               f"{cfg.distill_general} news articles)")  # fmt: skip
         return {"loss_fn": distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
