@@ -62,7 +62,8 @@ def common(args: argparse.Namespace, task: str, seed: int) -> list[str]:
         f"train_examples={args.train_examples}", f"eval_examples={args.eval_examples}",
         f"forgetting_examples={args.forgetting_examples}", "eval_before=false", "save_steps=0",
         "budget=lora:8",
-    ]  # fmt: skip
+    ] + ([f"eval_steps={args.eval_steps}", f"early_stopping_patience={args.early_stopping}"]
+         if args.early_stopping else [])  # fmt: skip
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -221,7 +222,14 @@ def speed_models(args: argparse.Namespace, runs: list[dict]) -> dict[str, torch.
             models[f"{m['name']} (seed {m['seed']})"] = load_model(m["saved"])[0].eval()
     ref = next((m for m in first if m["target_sparsity"] == 0.3), first[0] if first else None)
     if ref is not None and (kept := ref["gates"].get("shape", {}).get("intermediate_size")):
-        raw = round((1 - ref["target_sparsity"]) * models["original"].config.intermediate_size)
+        from neurontune.gate_config import GateConfig
+        from neurontune.gates import export_plan
+
+        config = models["original"].config  # the export's width before rounding to a multiple of 64
+        unrounded = GateConfig(
+            target_sparsity=ref["target_sparsity"], prune_heads=args.prune_heads, width_multiple=1
+        )
+        raw = export_plan(config, config.intermediate_size, unrounded).mlp_keep
         widths = sorted({kept, raw, raw // 64 * 64, -(-raw // 64) * 64} - {0})
         for w in widths:
             label = f"width {w}" + (" (export)" if w == kept else " (unrounded)" if w == raw else "")
@@ -345,7 +353,22 @@ def recipe_text(s: dict) -> str:
         f"Unpruned reference: rows (magnitude, LoRA r=8 budget, lr 3e-4) for {total} steps (every step of the "
         "gates pipeline)."
     )
+    if s.get("early_stopping"):
+        text += (
+            f" Early stopping: the teacher, the reference and the recovery end at their best step by the validation "
+            f"loss on the last 10 % of the training examples (held out of every phase), measured every "
+            f"{s['eval_steps']} steps, patience {s['early_stopping']}; the gate phase runs all its steps; the "
+            "step counts above are maxima."
+        )
     return text
+
+
+def best_step(m: dict) -> str:
+    """Early stopping's choice: ``best of run`` (the recovery's, for a gates run), ``-`` without it."""
+    es = (m.get("gates") or {}).get("recover_early_stopping") or m.get("early_stopping")
+    if not es or es.get("best_step") is None:
+        return "-"
+    return f"{es['best_step']} of {max(es['val_loss'], key=int)}" + (" (stopped)" if es["stopped"] else "")
 
 
 def render(result: dict) -> str:
@@ -365,8 +388,8 @@ def render(result: dict) -> str:
         f"articles. {recipe_text(s)}",
         "",
         "| task | seed | run | MLP+attn params removed | forced open | gated | exported | after distill / score "
-        "| forgetting ppl | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| forgetting ppl | wall s | best step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in result["runs"]:
         metric = TASKS[m["task"]]
@@ -377,7 +400,8 @@ def render(result: dict) -> str:
         lines.append(
             f"| {m['task']} | {m['seed']} | {m['name']} | {removed} | {forced} | "
             f"{fmt(g['gated'][metric]) if g else '-'} | {fmt(g['exported'][metric]) if g else '-'} | "
-            f"{metric} {fmt(m['after'][metric])} | {m['after']['forgetting_ppl']:.2f} | {m['wall_seconds'] or 0:.0f} |"
+            f"{metric} {fmt(m['after'][metric])} | {m['after']['forgetting_ppl']:.2f} | {m['wall_seconds'] or 0:.0f} | "
+            f"{best_step(m)} |"
         )
     curves = [m for m in result["runs"] if m.get("loss_curves") and m["method"] == "gates"]
     if curves:
@@ -452,6 +476,13 @@ def main() -> None:
     p.add_argument("--prune-heads", action=argparse.BooleanOptionalAction, default=True,
                    help="gate and remove query heads besides MLP channels")  # fmt: skip
     p.add_argument(
+        "--early-stopping", type=int, default=0, metavar="PATIENCE",
+        help="every training (the teacher, the unpruned reference, the recovery; not the gate phase, which "
+        "runs to its target) ends at its best step by the validation loss on held-out training examples, "
+        "measured every --eval-steps, after PATIENCE measurements without improvement (0: off)",
+    )  # fmt: skip
+    p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument(
         "--gate-weights-lr", type=float, default=0.0,
         help="teacher recipe: train the linear modules' weights with the gates at this lr instead of "
         "low-rank terms (gate_train_weights; 0: off)",
@@ -465,6 +496,8 @@ def main() -> None:
     args.gen_sparsities = [float(s) for s in args.gen_sparsities.split(",") if s]
     args.mc_sparsities = [float(s) for s in args.mc_sparsities.split(",") if s]
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.early_stopping and not args.recover_steps:
+        p.error("--early-stopping picks the recovery's best step: it needs --recover-steps > 0")
     runs = training_runs(args)
     speed = speeds(speed_models(args, runs), args.speed_repeats)
     result = {

@@ -396,7 +396,7 @@ def test_zero3_capacity_config_file_gathers_one_projection_and_equals_one_proces
 NO_SHARED_DISK = """
 import os, sys
 from safetensors.torch import save_file
-import neurontune.pipeline as p
+import neurontune.train as p
 real, restore = p.read_safetensors, p.EarlyStopping.restore_best
 def read_safetensors(path, *args, **kw):
     if os.environ["RANK"] != "0" and str(path).endswith("best.safetensors"):

@@ -305,6 +305,59 @@ def test_distillation_recovers_the_pruned_model_towards_the_teacher(tmp_path, ca
     assert "recover_steps is for recover=distill" in capsys.readouterr().err
 
 
+def test_early_stopping_picks_the_recoverys_best_step_and_leaves_the_gates_their_steps(tmp_path, capsys):
+    """With method=gates, early stopping measures the task's validation loss during recover=distill and
+    the recovered model is its best step's weights; the gate training runs every step (the target)."""
+    import csv
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from neurontune.cli import main
+
+    out = tmp_path / "run"
+    run = ["finetune", "model=tiny-llama", "method=gates", "gate_sparsity=0.5", "steps=4", "gate_force=true",
+           "train_examples=40", "eval_examples=4", "forgetting_examples=0", "eval_before=false", "eval_steps=1",
+           "early_stopping_patience=1", "eval_fraction=0.2"]  # fmt: skip
+    rc = main([*run, "recover=distill", "recover_params=full", "recover_steps=12", "recover_lr=0.05",
+               f"output_dir={out}"])  # fmt: skip
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 4 and m["early_stopping"] is None  # the gate phase: all its steps, no stopper
+    es = m["gates"]["recover_early_stopping"]
+    with open(out / "recover" / "train_log.csv") as f:
+        log = list(csv.DictReader(f))
+    measured = {int(r["step"]): float(r["val_loss"]) for r in log}
+    assert es["stopped"] and len(log) < 12 and es["best_step"] == min(measured, key=measured.get)
+    assert es["best_step"] < len(log)  # stopped after a worse step: the result is not the last weights
+    best = load_file(out / "recover" / "checkpoints" / "best.safetensors")
+    rec = AutoModelForCausalLM.from_pretrained(out / "recovered").state_dict()
+    assert best and all(torch.equal(rec[n], t) for n, t in best.items())
+    assert (
+        f"recover: early stopping: stopped at step {len(log)} of 12; the result is step {es['best_step']}"
+        in (capsys.readouterr().out)
+    )
+    assert es["val_loss"]["0"] > es["best_val_loss"]  # the export itself was measured (step 0) and beaten
+    # a recovery whose every step is worse than the export: the result is the export
+    rc = main([*run, "recover=distill", "recover_params=full", "recover_steps=6", "recover_lr=3.0",
+               f"output_dir={tmp_path / 'worse'}"])  # fmt: skip
+    assert rc == 0
+    es = json.loads((tmp_path / "worse" / "metrics.json").read_text())["gates"]["recover_early_stopping"]
+    assert (
+        es["best_step"] == 0
+        and es["stopped"]
+        and min(v for k, v in es["val_loss"].items() if k != "0") > es["val_loss"]["0"]
+    )
+    pruned, rec = (AutoModelForCausalLM.from_pretrained(tmp_path / "worse" / d).state_dict()
+                   for d in ("pruned", "recovered"))  # fmt: skip
+    assert all(torch.equal(rec[n], t) for n, t in pruned.items())
+    assert main([*run, f"output_dir={tmp_path / 'x'}"]) == 2
+    assert (
+        "early_stopping_patience with method=gates keeps recover=distill's best step"
+        in capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize("cfg", [GateConfig(prune_heads=True, low_rank=2), GateConfig(granularity="linear", low_rank=3)],
                          ids=["structured", "linear"])  # fmt: skip
 def test_dense_computes_the_ungated_base_and_the_gates_return_after_it(cfg):

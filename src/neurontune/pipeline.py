@@ -27,11 +27,9 @@ from neurontune.evaluation import evaluate, metric_names, primary_metric
 from neurontune.io import (
     atomic_path,
     read_json,
-    read_safetensors,
     refuse_existing,
     save_pretrained_atomic,
     write_json,
-    write_safetensors,
 )
 from neurontune.methods import get_method, load_output
 from neurontune.models import DEFAULT_MODEL, load_model, model_quantization, resolve_dtype
@@ -43,14 +41,13 @@ from neurontune.tasks import (
     StepBatches,
     Task,
     fit_max_length,
-    fixed_batches,
     general_text,
     load_task,
     model_length_limit,
 )
 from neurontune.train import (
+    EarlyStopping,
     asked_processes_not_started,
-    early_stop,
     launched_min_num_params,
     launched_with,
     launched_zero_stage,
@@ -59,7 +56,6 @@ from neurontune.train import (
     shard_model,
     train,
     train_args,
-    validation_loss,
 )
 
 # ---- shared pieces ---------------------------------------------------------------------------------
@@ -399,76 +395,6 @@ def training_steps(cfg: FinetuneConfig, n_train: int, processes: int, verbose: b
     return steps
 
 
-class EarlyStopping:
-    """The validation loss every ``eval_steps`` on the held-out examples; the weights of its best step in
-    ``path`` (trainable parameters only, rewritten atomically at each new best, so a resumed run has
-    them); after training, those weights are the result (transformers' ``load_best_model_at_end``)."""
-
-    def __init__(self, cfg: FinetuneConfig, model: torch.nn.Module, path: Path, examples: list, tok: Any):
-        self.cfg, self.model, self.path = cfg, model, path
-        self.batches = fixed_batches(examples, tok, cfg.eval_batch_size, cfg.max_length) if examples else []
-
-    def measure(self) -> float:
-        return validation_loss(self.model, self.batches)
-
-    def _trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def watch(self, log: list[dict[str, float]]) -> bool:
-        """On the main process after every step: keep a new best's weights; whether to stop."""
-        stop, best = early_stop(log, self.cfg.early_stopping_patience, self.cfg.early_stopping_threshold)
-        if best is not None and best == log[-1]["step"] and "val_loss" in log[-1]:
-            tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self._trainable().items()}
-            write_safetensors(self.path, tensors, {"step": str(best), "val_loss": repr(log[-1]["val_loss"])})
-        return stop
-
-    @torch.no_grad()
-    def restore_best(self, log: list[dict[str, float]], steps: int, state: Any) -> None:
-        """Every process: the trainable parameters take the best measured step's values. The main process
-        reads them and sends them to the others, which need not see its files (several machines without
-        a shared disk)."""
-        main, params, saved, error = state.is_main_process, self._trainable(), {}, None
-        if main and self.path.is_file():
-            try:
-                saved = read_safetensors(self.path, "best weights of early stopping")
-                if set(saved) != set(params):
-                    error = f"{self.path}: its tensors are not this run's trainable parameters"
-            except NeurontuneError as e:
-                error = str(e)
-        found = [bool(saved), error]
-        if state.num_processes > 1:
-            import torch.distributed as dist
-
-            dist.broadcast_object_list(found, src=0)
-        if found[1]:
-            raise NeurontuneError(found[1])
-        if not found[0]:
-            return
-        for n, p in params.items():
-            if main:
-                p.copy_(saved[n].to(p.device, p.dtype))
-            if state.num_processes > 1:
-                dist.broadcast(p.data, src=0)
-        if main:
-            s = self.summary(log)
-            ran = f"stopped at step {len(log)} of {steps}" if s["stopped"] else f"ran all {steps} steps"
-            print(
-                f"early stopping: {ran}; the result is step {s['best_step']}'s weights "
-                f"(validation loss {s['best_val_loss']:.4f} on {sum(len(b['input_ids']) for b in self.batches)} "
-                "held-out examples)"
-            )
-
-    def summary(self, log: list[dict[str, float]]) -> dict[str, Any]:
-        stop, best = early_stop(log, self.cfg.early_stopping_patience, self.cfg.early_stopping_threshold)
-        losses = {int(r["step"]): float(r["val_loss"]) for r in log if r.get("val_loss") not in (None, "")}
-        return {
-            "stopped": stop,
-            "best_step": best,
-            "best_val_loss": losses.get(best) if best is not None else None,
-            "val_loss": losses,
-        }
-
-
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """The main job. Writes to ``cfg.output_dir``: ``config.json``, ``checkpoints/``,
     ``train_log.csv``, the method's output (``adapter/``, ``model/`` or ``pruned/``, and for row
@@ -527,6 +453,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
     kind = get_method(cfg.method)
     cfg.steps = training_steps(given, len(task.train), state.num_processes, verbose=main and kind.trains)
     method = kind(cfg)
+    method.validation = held_out
     method.check(model, out)  # bad method input fails here, before anything is written
     if cfg.eval_steps and method.trains and (launched_with("FSDP") or launched_with("DEEPSPEED")):
         raise NeurontuneError(
@@ -619,12 +546,13 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.steps and curve is not None:
                 trackers.log(curve.add(step, run_eval(model)), step, "eval/")
                 model.train()
-            if held_out and step % cfg.eval_steps == 0:  # early stopping's measurement
+            if stops and step % cfg.eval_steps == 0:  # early stopping's measurement
                 val = {"val_loss": stopper.measure()}
                 trackers.log(val, step, "eval/")
                 return val
             return None
 
+        stops = bool(held_out) and method.stops_early  # gates: the held-out examples are the recovery's
         stopper = EarlyStopping(cfg, model, out / "checkpoints" / "best.safetensors", held_out, tok)
 
         if method.trains:
@@ -634,9 +562,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 model, data, args, out, resume=cfg.resume, param_groups=method.param_groups(model, cfg.lr),
                 regularization=method.regularization(model), step_stats=method.step_stats(model),
                 on_step=on_step, on_prepared=filled if zero3 else None,
-                stop_when=stopper.watch if held_out else None, **method.training_loss(model),
+                stop_when=stopper.watch if stops else None, **method.training_loss(model),
             )  # fmt: skip
-            if held_out:
+            if stops:
                 stopper.restore_best(log, cfg.steps, state)
         peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
         if sharded:  # the model stays sharded: every process evaluates it and gathers the adapter (only;
@@ -685,7 +613,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 "peak_memory_mib": peak,
                 "peak_memory_kind": peak_kind,
                 "sharded_load": loading,
-                "early_stopping": stopper.summary(log) if held_out else None,
+                "early_stopping": stopper.summary(log) if stops else None,
                 "saved": str(saved) if saved else None,
                 "saved_bytes": dir_bytes(saved) if saved else 0,
                 "device": device(),

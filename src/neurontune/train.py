@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from neurontune.errors import NeurontuneError
 from neurontune.io import atomic_dir, atomic_path, read_json, read_safetensors, write_json, write_safetensors
 from neurontune.runtime import every_outcome, fsdp_units, is_fsdp_sharded
-from neurontune.tasks import IGNORE_INDEX, StepBatches
+from neurontune.tasks import IGNORE_INDEX, StepBatches, fixed_batches
 
 CHECKPOINT_FORMAT = "neurontune.checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -136,6 +136,104 @@ def early_stop(
         else:
             waited += 1
     return bool(patience) and waited >= patience, best_step
+
+
+class EarlyStopping:
+    """The validation loss every ``eval_steps`` on the held-out examples; the weights of its best step in
+    ``path`` (trainable parameters only, rewritten atomically at each new best, so a resumed run has
+    them); after training, those weights are the result (transformers' ``load_best_model_at_end``)."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        model: torch.nn.Module,
+        path: Path,
+        examples: list,
+        tok: Any,
+        what: str = "early stopping",
+    ) -> None:
+        # cfg: early_stopping_patience / _threshold, eval_batch_size, max_length (a FinetuneConfig)
+        self.cfg, self.model, self.path, self.what = cfg, model, path, what
+        self.batches = fixed_batches(examples, tok, cfg.eval_batch_size, cfg.max_length) if examples else []
+        self.initial: list[dict[str, float]] = []  # with start(): step 0, the weights before training
+
+    def start(self, resume: bool) -> None:
+        """On the main process before training: the weights it starts from become a candidate, measured as
+        step 0 and kept as the first best (the result is never worse than the start by the validation
+        loss). Resuming, the start's measurement is read back from the best weights' file while it holds
+        step 0 (a later best makes it irrelevant: the count goes on from there as it did)."""
+        if resume and self.path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("step") == "0":
+                self.initial = [{"step": 0, "val_loss": float(meta["val_loss"])}]
+            return
+        self.initial = [{"step": 0, "val_loss": self.measure()}]
+        self.watch([])
+
+    def measure(self) -> float:
+        return validation_loss(self.model, self.batches)
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def watch(self, log: list[dict[str, float]]) -> bool:
+        """On the main process after every step: keep a new best's weights; whether to stop."""
+        log = [*self.initial, *log]
+        stop, best = early_stop(log, self.cfg.early_stopping_patience, self.cfg.early_stopping_threshold)
+        if log and best is not None and best == log[-1]["step"] and "val_loss" in log[-1]:
+            tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self._trainable().items()}
+            write_safetensors(self.path, tensors, {"step": str(best), "val_loss": repr(log[-1]["val_loss"])})
+        return stop
+
+    @torch.no_grad()
+    def restore_best(self, log: list[dict[str, float]], steps: int, state: Any) -> None:
+        """Every process: the trainable parameters take the best measured step's values. The main process
+        reads them and sends them to the others, which need not see its files (several machines without
+        a shared disk)."""
+        main, params, saved, error = state.is_main_process, self._trainable(), {}, None
+        if main and self.path.is_file():
+            try:
+                saved = read_safetensors(self.path, "best weights of early stopping")
+                if set(saved) != set(params):
+                    error = f"{self.path}: its tensors are not this run's trainable parameters"
+            except NeurontuneError as e:
+                error = str(e)
+        found = [bool(saved), error]
+        if state.num_processes > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(found, src=0)
+        if found[1]:
+            raise NeurontuneError(found[1])
+        if not found[0]:
+            return
+        for n, p in params.items():
+            if main:
+                p.copy_(saved[n].to(p.device, p.dtype))
+            if state.num_processes > 1:
+                dist.broadcast(p.data, src=0)
+        if main:
+            s = self.summary(log)
+            ran = f"stopped at step {len(log)} of {steps}" if s["stopped"] else f"ran all {steps} steps"
+            print(
+                f"{self.what}: {ran}; the result is step {s['best_step']}'s weights "
+                f"(validation loss {s['best_val_loss']:.4f} on {sum(len(b['input_ids']) for b in self.batches)} "
+                "held-out examples)"
+            )
+
+    def summary(self, log: list[dict[str, float]]) -> dict[str, Any]:
+        log = [*self.initial, *log]
+        stop, best = early_stop(log, self.cfg.early_stopping_patience, self.cfg.early_stopping_threshold)
+        losses = {int(r["step"]): float(r["val_loss"]) for r in log if r.get("val_loss") not in (None, "")}
+        return {
+            "stopped": stop,
+            "best_step": best,
+            "best_val_loss": losses.get(best) if best is not None else None,
+            "val_loss": losses,
+        }
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------

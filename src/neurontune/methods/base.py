@@ -39,12 +39,17 @@ class Method:
     # most often for rows (benchmarks/results/quality_suite.md); LoRA/DoRA and full override it from the
     # same sweep; the other methods were not swept and keep 3e-4
     default_lr: ClassVar[float] = 3e-4
+    # early_stopping_patience ends this method's training at its best validation step; False: the method
+    # trains to the end and uses the held-out examples (:attr:`validation`) itself
+    stops_early: ClassVar[bool] = True
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         # after a run loaded sharded (neurontune.sharded): the adapter's state, gathered whole from the
         # processes' shards, for save() (the model itself stays sharded)
         self.sharded_state: dict[str, torch.Tensor] | None = None
+        # with early_stopping_patience: the examples held out of training to measure the validation loss on
+        self.validation: list[Any] = []
 
     def sharded_load_refused(self) -> str | None:
         """Why this run cannot build its model on a base loaded shard by shard under FSDP2 or ZeRO-3

@@ -107,6 +107,7 @@ class Gates(Method):
     help = "stochastic gates that adapt and prune at once; writes output_dir/pruned"
     options = GateOptions
     outputs = ("pruned", "gates.safetensors", "recovered", "recover")
+    stops_early = False  # the gates train to their target; early stopping picks recover=distill's best step
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -138,6 +139,11 @@ class Gates(Method):
             cfg.recover_steps <= 0 or (cfg.recover_lr is not None and cfg.recover_lr <= 0)
         ):
             raise NeurontuneError("recover=distill needs recover_steps > 0 and a positive recover_lr")
+        if cfg.early_stopping_patience and cfg.recover != "distill":
+            raise NeurontuneError(
+                "early_stopping_patience with method=gates keeps recover=distill's best step (the gates "
+                "train all their steps, to reach the target); add recover=distill or drop early_stopping_patience"
+            )
         if distills and (
             cfg.distill_temperature <= 0 or not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_general < 0
         ):
@@ -263,7 +269,7 @@ class Gates(Method):
         from neurontune.io import save_pretrained_atomic
         from neurontune.runtime import process_state, share_outcome
         from neurontune.tasks import StepBatches, fixed_batches
-        from neurontune.train import train, train_args
+        from neurontune.train import EarlyStopping, train, train_args
 
         cfg = self.cfg
         state = process_state()
@@ -291,9 +297,30 @@ class Gates(Method):
             f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f})")  # fmt: skip
         args = train_args(cfg, steps=cfg.recover_steps, lr=cfg.recover_lr or cfg.lr)
         data = StepBatches(examples, tok, cfg.batch_size, cfg.max_length, cfg.seed)
-        train(student, data, args, out / "recover", resume=cfg.resume,
-              loss_fn=distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
-              count_fn=attended_tokens)  # fmt: skip
+        # early_stopping_patience: the task's validation loss (its held-out examples) before the recovery
+        # and every eval_steps; the recovery ends at its best step's weights (the export's, when no step
+        # improves on it)
+        stopper = (
+            EarlyStopping(cfg, student, out / "recover" / "checkpoints" / "best.safetensors", self.validation,
+                          tok, what="recover: early stopping")
+            if self.validation
+            else None
+        )  # fmt: skip
+
+        if stopper and main:
+            stopper.start(cfg.resume)  # the export itself is a candidate (step 0)
+
+        def measure(row: dict[str, float]) -> dict[str, float] | None:  # the main process, after a step
+            return {"val_loss": stopper.measure()} if int(row["step"]) % cfg.eval_steps == 0 else None
+
+        log = train(student, data, args, out / "recover", resume=cfg.resume,
+                    loss_fn=distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
+                    count_fn=attended_tokens, on_step=measure if stopper else None,
+                    stop_when=stopper.watch if stopper else None)  # fmt: skip
+        if stopper:
+            stopper.restore_best(log, cfg.recover_steps, state)
+            if main:
+                self.info["recover_early_stopping"] = stopper.summary(log)
         recovered = student.merge_and_unload() if cfg.recover_params == "rows" else student
         recovered.requires_grad_(False).eval()
         if not main:
