@@ -459,8 +459,9 @@ def test_distill_options_need_a_distillation(tmp_path, capsys):
 
 
 def test_distill_loss_weighs_a_per_token_kl_against_a_per_token_task_loss(tokenizer):
-    """alpha=1 is the task's mean cross-entropy per labelled token, alpha=0 the KL per attended position,
-    whatever the ratio of the two counts (one labelled token per example against a whole prompt)."""
+    """alpha=1 is the task's cross-entropy per labelled token averaged per example, alpha=0 the KL per
+    attended position, whatever the ratio of the two counts (one labelled token per example against a
+    whole prompt)."""
     from neurontune.distill import attended_tokens, distill_loss
     from neurontune.train import labelled_tokens, token_loss
 
@@ -489,6 +490,15 @@ def test_distill_loss_weighs_a_per_token_kl_against_a_per_token_task_loss(tokeni
             wa * token_loss(student, a, labelled_tokens(a))
             + (1 - wa) * token_loss(student, b, labelled_tokens(b)),
         )
+        # an article mixed in (every token labelled) weighs as one example, not as its many tokens
+        mixed = StepBatches(
+            [Example("a long prompt " * 3, " x"), Example("", " an article " * 8)], tokenizer, 2, 64, 0
+        )[0]
+        one = [{k: v[i : i + 1] for k, v in mixed.items()} for i in range(2)]
+        assert labelled_tokens(one[1]) > 10 * labelled_tokens(one[0])
+        per_example = [token_loss(student, m, labelled_tokens(m)) for m in one]
+        got = distill_loss(teacher, alpha=1.0)(student, mixed, attended_tokens(mixed))
+        assert torch.allclose(got, (per_example[0] + per_example[1]) / 2)
 
 
 def test_the_mean_penalty_aims_at_the_share_the_export_removes():

@@ -6,9 +6,12 @@ recovers width-pruned models::
 The KL is summed over every next-token position that has a real next token (not only the labelled
 completion: a classification example has one labelled token but a whole prompt of teacher
 distribution) and divided by the step's count of such positions. The task loss is a mean over each
-micro-batch's labelled tokens, weighted by the micro-batch's share of the step's positions, so ``alpha``
-weighs a per-token KL against a per-token task loss (a sum over one labelled token per example
-divided by some sixty positions would leave the task loss almost no weight). ``T`` is the temperature.
+micro-batch's examples of each example's mean cross-entropy per labelled token, weighted by the
+micro-batch's share of the step's positions, so ``alpha`` weighs a per-token KL against a per-example
+task loss (a sum over one labelled token per example divided by some sixty positions would leave the
+task loss almost no weight; a mean over labelled tokens would hand it to the general-text examples mixed
+in, every token of which is labelled: one 250-token article beside seven one-token answers would take
+97 % of it). ``T`` is the temperature.
 """
 
 from __future__ import annotations
@@ -55,9 +58,11 @@ def distill_loss(
         mask = next_token_positions(batch)
         total = (1 - alpha) * _kl_sum(s_logits, t_logits, mask, temperature) / n
         labels = batch["labels"][:, 1:]
-        if alpha and (labelled := int((labels != IGNORE_INDEX).sum())):
+        per_example = (labels != IGNORE_INDEX).sum(1)
+        if alpha and (has := per_example > 0).any():
             ce = F.cross_entropy(s_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="sum") / labelled  # fmt: skip
+                                 reduction="none").view(labels.shape)  # fmt: skip
+            ce = (ce.sum(1)[has] / per_example[has]).mean()
             total = total + alpha * ce * (int(mask.sum()) / n)
         return total
 
