@@ -429,6 +429,11 @@ def test_kill_inside_a_checkpoint_write_then_resume_is_exact(tmp_path, uninterru
     _resume_and_compare(out, uninterrupted)
 
 
+def _newest_step(out: Path) -> int:
+    done = list_checkpoints(out)
+    return int(done[-1].name.split("-")[1]) if done else 0
+
+
 def _kill_at_random(out: Path, seed: int) -> None:
     rng = random.Random(seed)
     proc = subprocess.Popen([sys.executable, "-m", "neurontune.cli", *CMD, f"output_dir={out}"], env=ENV,
@@ -441,7 +446,11 @@ def _kill_at_random(out: Path, seed: int) -> None:
         if len(list_checkpoints(out)) > len(times):
             times.append(time.time())
         time.sleep(0.002)
-    time.sleep(rng.uniform(0.0, 8 * (times[-1] - times[0]) if len(times) == 2 else 0.0))
+    # ... and before the checkpoint of step 20 whatever the CPU's speed does meanwhile (other work that
+    # slowed the measured interval and then stopped let the run finish before a kill)
+    until = time.time() + rng.uniform(0.0, 8 * (times[-1] - times[0]) if len(times) == 2 else 0.0)
+    while time.time() < until and proc.poll() is None and _newest_step(out) < 20:
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert list_checkpoints(out) and not (out / "metrics.json").exists()
