@@ -546,8 +546,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.steps and curve is not None:
                 trackers.log(curve.add(step, run_eval(model)), step, "eval/")
                 model.train()
-            if stops and step % cfg.eval_steps == 0:  # early stopping's measurement
-                val = {"val_loss": stopper.measure()}
+            if stops and (val := stopper.on_step(row)):  # early stopping's measurement
                 trackers.log(val, step, "eval/")
                 return val
             return None

@@ -176,6 +176,10 @@ class EarlyStopping:
     def measure(self) -> float:
         return validation_loss(self.model, self.batches)
 
+    def on_step(self, row: dict[str, float]) -> dict[str, float] | None:
+        """``train``'s ``on_step`` (main process): ``{"val_loss": ...}`` every ``eval_steps``, else None."""
+        return {"val_loss": self.measure()} if int(row["step"]) % self.cfg.eval_steps == 0 else None
+
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 

@@ -310,12 +310,9 @@ class Gates(Method):
         if stopper and main:
             stopper.start(cfg.resume)  # the export itself is a candidate (step 0)
 
-        def measure(row: dict[str, float]) -> dict[str, float] | None:  # the main process, after a step
-            return {"val_loss": stopper.measure()} if int(row["step"]) % cfg.eval_steps == 0 else None
-
         log = train(student, data, args, out / "recover", resume=cfg.resume,
                     loss_fn=distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
-                    count_fn=attended_tokens, on_step=measure if stopper else None,
+                    count_fn=attended_tokens, on_step=stopper.on_step if stopper else None,
                     stop_when=stopper.watch if stopper else None)  # fmt: skip
         if stopper:
             stopper.restore_best(log, cfg.recover_steps, state)
