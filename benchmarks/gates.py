@@ -10,7 +10,9 @@ Every training run is ``neurontune finetune`` in a fresh subprocess, with the sa
 evaluation as benchmarks/quality.py. Per task and seed:
 
 - ``rows (unpruned)``: row-sparse tuning of the whole model (magnitude rows at the LoRA r=8 budget,
-  lr 3e-4) for ``--gate-steps + --recover-steps`` steps: the quality to hold, at the same budget;
+  lr 3e-4) for ``--gate-steps + --recover-steps`` steps (plus ``--teacher-steps``): the quality to hold,
+  at the same budget; with ``--early-stopping`` and a teacher that stopped before its cap, the teacher's
+  run itself (the same run up to that step, which then stops at the same step);
 - ``gates S + distill``: ``method=gates`` at target S (MLP channels and query heads, or with
   ``--no-prune-heads`` MLP channels only; the export shape printed and trained for), ``--gate-steps``
   steps, then ``recover=distill`` (none with ``--recover-steps 0``): the pruned export (all its weights,
@@ -53,6 +55,7 @@ from neurontune.bench import (
 )
 
 RESULTS = Path(__file__).parent / "results"
+SUMMARY_TARGET = 0.3  # the issue's target: the summary's means are over the seeds at it
 TASKS = {"rotten_tomatoes": "accuracy", "e2e_nlg": "rougeL", "hyperbaton": "accuracy"}
 
 
@@ -97,10 +100,12 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
 
 
 def training_runs(args: argparse.Namespace) -> list[dict]:
-    plan = [(t, s) for t, ss in (("rotten_tomatoes", args.sparsities), ("e2e_nlg", args.gen_sparsities),
-                                  ("hyperbaton", args.mc_sparsities)) for s in ss]  # fmt: skip
+    everything = [(t, s) for t, ss in (("rotten_tomatoes", args.sparsities), ("e2e_nlg", args.gen_sparsities),
+                                        ("hyperbaton", args.mc_sparsities)) for s in ss]  # fmt: skip
     done = []
     for seed in args.seeds:
+        curve = args.curve_seeds is None or seed in args.curve_seeds
+        plan = [(t, s) for t, s in everything if curve or s == SUMMARY_TARGET]
         for task in dict.fromkeys(t for t, _ in plan):
             metric = TASKS[task]
             base, out = common(args, task, seed), args.runs / args.recipe / task / f"seed{seed}"
@@ -116,8 +121,14 @@ def training_runs(args: argparse.Namespace) -> list[dict]:
                 for t, s in plan
                 if t == task
             ]
+            teacher_run = None
             for name, sparsity, overrides, folder in jobs:
-                m = finetune_run([*base, *overrides], out / folder, reuse=args.reuse)
+                if folder == "rows" and (same := reference_from_teacher(teacher_run)):
+                    m = same
+                else:
+                    m = finetune_run([*base, *overrides], out / folder, reuse=args.reuse)
+                if folder == "teacher":
+                    teacher_run = m
                 m.update(name=name, target_sparsity=sparsity, seed=seed)
                 g = m.get("gates") or {}
                 got = m["after"][metric]
@@ -136,6 +147,16 @@ def training_runs(args: argparse.Namespace) -> list[dict]:
                 }  # fmt: skip
                 done.append(m)
     return done
+
+
+def reference_from_teacher(teacher: dict | None) -> dict | None:
+    """The unpruned reference's result when it is the teacher's: both are the same rows run (same seed,
+    data order and constant learning rate; only the step cap differs, ``--teacher-steps`` against every
+    step of the pipeline), so when the teacher's early stopping ended it before its cap the reference
+    takes the same steps and stops at the same one. ``None``: the reference must run (no early stop)."""
+    if teacher is None or not (teacher.get("early_stopping") or {}).get("stopped"):
+        return None
+    return {**teacher, "same_as": "teacher (rows)", "wall_seconds": None}
 
 
 def loss_curve(path: Path, windows: int = 10) -> list[float] | None:
@@ -220,7 +241,7 @@ def speed_models(args: argparse.Namespace, runs: list[dict]) -> dict[str, torch.
     for m in first:
         if m["task"] == "rotten_tomatoes":
             models[f"{m['name']} (seed {m['seed']})"] = load_model(m["saved"])[0].eval()
-    ref = next((m for m in first if m["target_sparsity"] == 0.3), first[0] if first else None)
+    ref = next((m for m in first if m["target_sparsity"] == SUMMARY_TARGET), first[0] if first else None)
     if ref is not None and (kept := ref["gates"].get("shape", {}).get("intermediate_size")):
         from neurontune.gate_config import GateConfig
         from neurontune.gates import export_plan
@@ -242,7 +263,7 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.mean(xs) if xs else None
 
 
-def summary(runs: list[dict], speed: list[dict], target: float = 0.3) -> dict:
+def summary(runs: list[dict], speed: list[dict], target: float = SUMMARY_TARGET) -> dict:
     """Per task, means over seeds at ``target``: what the issue asks to be machine-readable."""
     base = speed[0] if speed else None
     out: dict[str, dict] = {}
@@ -280,8 +301,8 @@ def summary(runs: list[dict], speed: list[dict], target: float = 0.3) -> dict:
 
 
 def curve(result: dict, path: Path) -> None:
-    """Score against the share of MLP+attention parameters removed, per task (mean over seeds; the
-    unpruned reference at 0), one panel per task: ``gates_curve.png``."""
+    """Score against the share of MLP+attention parameters removed, per task (mean over the seeds that ran
+    every target; the unpruned reference at 0), one panel per task: ``gates_curve.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,10 +315,19 @@ def curve(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         metric = TASKS[task]
-        ref = [m["after"][metric] for m in runs if m["task"] == task and m["name"] == "rows (unpruned)"]
+        gated = [m for m in runs if m["task"] == task and m["method"] == "gates"]
+        targets = {m["target_sparsity"] for m in gated}
+        # the seeds that ran every target (--curve-seeds): each point a mean over the same seeds
+        seeds = [s for s in dict.fromkeys(m["seed"] for m in gated)
+                 if {m["target_sparsity"] for m in gated if m["seed"] == s} == targets]  # fmt: skip
+        ref = [
+            m["after"][metric]
+            for m in runs
+            if m["task"] == task and m["name"] == "rows (unpruned)" and m["seed"] in seeds
+        ]
         points = {}
-        for m in runs:
-            if m["task"] == task and m["method"] == "gates":
+        for m in gated:
+            if m["seed"] in seeds:
                 points.setdefault(m["target_sparsity"], []).append(m)
         xs = [0.0] + [
             statistics.mean(m["gates"]["removed_fraction_of_prunable"] for m in ms) for ms in points.values()
@@ -308,7 +338,8 @@ def curve(result: dict, path: Path) -> None:
         order = sorted(range(len(xs)), key=xs.__getitem__)
         ax.plot([100 * xs[i] for i in order], [ys[i] for i in order], marker="o", label="gates + distill")
         ax.axhline(statistics.mean(ref), color="grey", linestyle="--", linewidth=1, label="unpruned")
-        ax.set(title=task, xlabel="MLP+attention parameters removed (%)", ylabel=metric)
+        ax.set(title=f"{task} (seeds {', '.join(map(str, seeds))})", xlabel="MLP+attention parameters removed (%)",
+               ylabel=metric)  # fmt: skip
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -358,9 +389,15 @@ def recipe_text(s: dict) -> str:
             f" Early stopping: the teacher, the reference and the recovery end at their best step by the validation "
             f"loss on the last 10 % of the training examples (held out of every phase), measured every "
             f"{s['eval_steps']} steps, patience {s['early_stopping']}; the gate phase runs all its steps; the "
-            "step counts above are maxima."
+            "step counts above are maxima. A teacher that stopped before its cap is also the reference (the same "
+            "rows run with a constant learning rate and the same seed and data takes the same steps to the same "
+            "stop), which is then not run twice."
         )
     return text
+
+
+def wall(m: dict) -> str:
+    return "same run as the teacher" if m.get("same_as") else f"{m['wall_seconds'] or 0:.0f}"
 
 
 def best_step(m: dict) -> str:
@@ -400,7 +437,7 @@ def render(result: dict) -> str:
         lines.append(
             f"| {m['task']} | {m['seed']} | {m['name']} | {removed} | {forced} | "
             f"{fmt(g['gated'][metric]) if g else '-'} | {fmt(g['exported'][metric]) if g else '-'} | "
-            f"{metric} {fmt(m['after'][metric])} | {m['after']['forgetting_ppl']:.2f} | {m['wall_seconds'] or 0:.0f} | "
+            f"{metric} {fmt(m['after'][metric])} | {m['after']['forgetting_ppl']:.2f} | {wall(m)} | "
             f"{best_step(m)} |"
         )
     curves = [m for m in result["runs"] if m.get("loss_curves") and m["method"] == "gates"]
@@ -456,6 +493,11 @@ def main() -> None:
     p.add_argument("--mc-sparsities", default="0.3", help="targets run on hyperbaton, a multiple-choice task "
                    "of the quality suite ('' to skip the task)")  # fmt: skip
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--curve-seeds",
+        default=None,
+        help="seeds that run every target; the others run only the 30 %% one (default: all seeds)",
+    )
     p.add_argument("--gate-steps", type=int, default=100)
     p.add_argument("--gate-lambda", type=float, default=1000.0)
     p.add_argument("--recover-steps", type=int, default=60, help="0: no recovery after the export")
@@ -496,6 +538,8 @@ def main() -> None:
     args.gen_sparsities = [float(s) for s in args.gen_sparsities.split(",") if s]
     args.mc_sparsities = [float(s) for s in args.mc_sparsities.split(",") if s]
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.curve_seeds is not None:
+        args.curve_seeds = [int(s) for s in args.curve_seeds.split(",") if s]
     if args.early_stopping and not args.recover_steps:
         p.error("--early-stopping picks the recovery's best step: it needs --recover-steps > 0")
     runs = training_runs(args)

@@ -67,20 +67,30 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
 @pytest.mark.slow  # ~1 min; in .ci/run
 def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_recovery(tmp_path):
     """--gate-weights-lr gates with gate_train_weights instead of low-rank terms; --recover-steps 0 makes
-    the export the result (recover=none), and the reference counts the steps that remain."""
+    the export the result (recover=none), and the reference counts the steps that remain; --curve-seeds
+    runs every target on some seeds only."""
     import subprocess
 
     root = Path(__file__).parents[1]
     cmd = [sys.executable, str(root / "benchmarks" / "gates.py"), "--model", "tiny-llama", "--gate-steps", "4",
-           "--recover-steps", "0", "--teacher-steps", "2", "--gate-weights-lr", "1e-4", "--seeds", "0",
-           "--eval-examples", "4", "--forgetting-examples", "2", "--speed-repeats", "1", "--distill-general", "2",
-           "--train-examples", "16", "--sparsities", "0.3", "--gen-sparsities", "", "--mc-sparsities", "",
+           "--recover-steps", "0", "--teacher-steps", "2", "--gate-weights-lr", "1e-4", "--seeds", "0,1",
+           "--curve-seeds", "0", "--eval-examples", "4", "--forgetting-examples", "2", "--speed-repeats", "1",
+           "--distill-general", "2", "--train-examples", "16", "--sparsities", "0.2,0.3", "--gen-sparsities", "",
+           "--mc-sparsities", "",
            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "gates.json").read_text())
-    by = {m["name"]: m for m in result["runs"]}
-    assert list(by) == ["teacher (rows)", "rows (unpruned)", "gates 30%"]
+    # --curve-seeds 0: seed 1 runs only the 30 % target
+    assert [(m["seed"], m["name"]) for m in result["runs"]] == [
+        (0, "teacher (rows)"), (0, "rows (unpruned)"), (0, "gates 20%"), (0, "gates 30%"),
+        (1, "teacher (rows)"), (1, "rows (unpruned)"), (1, "gates 30%"),
+    ]  # fmt: skip
+    assert json.loads((tmp_path / "out" / "gates_summary.json").read_text())["rotten_tomatoes"]["seeds"] == [
+        0,
+        1,
+    ]
+    by = {m["name"]: m for m in result["runs"] if m["seed"] == 0}
     assert by["rows (unpruned)"]["steps"] == 2 + 4
     run = tmp_path / "runs" / "teacher" / "rotten_tomatoes" / "seed0" / "gates-0.3"
     cfg = json.loads((run / "config.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 
 from neurontune.data import load_records
 from neurontune.errors import NeurontuneError
-from neurontune.tasks import IGNORE_INDEX, Example, StepBatches, collate, encode, load_task
+from neurontune.tasks import IGNORE_INDEX, Example, StepBatches, collate, encode, load_task, text_windows
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -109,6 +109,16 @@ def test_encode_labels_only_the_completion_and_keeps_the_prompt_end(tokenizer):
         *batch["input_ids"][0, 1:3].tolist(),
         *[IGNORE_INDEX] * 3,
     ]
+
+
+def test_text_windows_cover_every_token_in_order_and_fit_max_length(tokenizer):
+    texts = ["the quick brown fox jumps over the lazy dog " * 3, "short"]
+    windows = text_windows(texts, tokenizer, max_length=16)
+    assert all(w.prompt == "" for w in windows)
+    assert "".join(w.completion for w in windows) == "".join(texts)  # nothing lost, nothing repeated
+    lengths = [len(encode(w, tokenizer, 10**6)[0]) for w in windows]
+    assert lengths[-1] == 6 and set(lengths[:-2]) == {16}  # full windows, then each text's remainder
+    assert len(windows) == -(-len(texts[0]) // 15) + 1  # 15 tokens + EOS per window (byte-level)
 
 
 def test_step_batches_are_a_function_of_the_index(tokenizer):

@@ -107,6 +107,14 @@ def test_early_stopping_stops_and_keeps_the_best_steps_weights(tmp_path, capsys)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     best = load_file(out / "checkpoints" / "best.safetensors")
     assert any(v.abs().sum() > 0 for v in best.values())
+    # a higher step cap (the constant learning rate does not depend on it) takes the same steps to the same
+    # stop: benchmarks/gates.py's unpruned reference is its teacher's run when that stopped before its cap
+    longer = tmp_path / "longer"
+    assert main(_stopping(longer, "early_stopping_threshold=100", "steps=40")) == 0
+    c = load_file(longer / "adapter" / "adapter_model.safetensors")
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    again = json.loads((longer / "metrics.json").read_text())
+    assert again["early_stopping"] == stopping and again["after"]["accuracy"] == metrics["after"]["accuracy"]
 
 
 def test_a_run_that_improves_to_the_end_runs_every_step_and_keeps_the_last(tmp_path, capsys):

@@ -204,10 +204,10 @@ def general_text(n: int = 32, max_chars: int = 2000) -> list[str]:
     return [t[:max_chars] for t in load_news()[-n:]]
 
 
-def general_train_text(n: int, max_chars: int = 2000) -> list[str]:
+def general_train_text(n: int, max_chars: int | None = 2000) -> list[str]:
     """News articles for training on general text (the first ``n``; :func:`general_text` takes its
     held-out ones from the other end of the same file, so the two never overlap). More than there are
-    besides the held-out 32 is an error, not a shorter list."""
+    besides the held-out 32 is an error, not a shorter list. ``max_chars=None``: whole articles."""
     articles = load_news()
     if n > len(articles) - 32:
         raise NeurontuneError(
@@ -215,6 +215,19 @@ def general_train_text(n: int, max_chars: int = 2000) -> list[str]:
             "for the forgetting measure"
         )
     return [t[:max_chars] for t in articles[: max(0, n)]]
+
+
+def text_windows(texts: Sequence[str], tok: PreTrainedTokenizerBase, max_length: int) -> list[Example]:
+    """Prompt-less examples (every token labelled) that cover every token of ``texts`` in consecutive
+    windows which fit ``max_length`` with what :func:`encode` adds (the special prefix, EOS): a text
+    longer than ``max_length`` would otherwise train on its start alone (a 250-token news article on its
+    first 76 tokens beside a classification task's short examples)."""
+    room = max(1, max_length - len(special_prefix(tok)) - 1)
+    windows = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        windows += [Example("", tok.decode(ids[i : i + room])) for i in range(0, len(ids), room)]
+    return windows
 
 
 # ---- tasks from files ------------------------------------------------------------------------------

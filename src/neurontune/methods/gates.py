@@ -80,8 +80,12 @@ class GateOptions:
     )
     distill_temperature: float = opt(2.0, "recover=distill: softmax temperature of the KL term", group=G)
     distill_alpha: float = opt(0.0, "recover=distill: weight of the task loss next to the KL (0..1)", group=G)
-    distill_general: int = opt(0, "recover=distill: news articles added to the task data (limits forgetting)",
-                               group=G)  # fmt: skip
+    distill_general: int = opt(
+        0,
+        "recover=distill: news articles added to the task data (limits forgetting), whole, in windows of "
+        "max_length tokens",
+        group=G,
+    )
 
 
 def gate_config(cfg: Any) -> Any:
@@ -113,6 +117,7 @@ class Gates(Method):
         super().__init__(cfg)
         self.info: dict[str, Any] | None = None
         self.task: Any = None
+        self.tok: Any = None
         self.saved: str = "pruned"
 
     @classmethod
@@ -159,7 +164,7 @@ class Gates(Method):
     def build(self, model: nn.Module, tok: Any, task: Any, out: Path) -> nn.Module:
         from neurontune.gates import GatedModel
 
-        self.task = task  # the recovery trains on it
+        self.task, self.tok = task, tok  # the recovery trains on the task
 
         gated = GatedModel(model, gate_config(self.cfg))
         if gated.plan is not None:  # what the penalty trains towards is what the export will write
@@ -172,9 +177,7 @@ class Gates(Method):
     def training_examples(self, task: Any) -> list[Any]:
         """With ``gate_distill``: the task's examples plus ``distill_general`` news articles (the KL to
         the unpruned model on general text is what keeps the language model)."""
-        return list(task.train) + (
-            _general_examples(self.cfg.distill_general) if self.cfg.gate_distill else []
-        )
+        return list(task.train) + (self._general_examples() if self.cfg.gate_distill else [])
 
     def training_loss(self, model: nn.Module) -> dict[str, Callable[..., Any]]:
         """With ``gate_distill``: recover's KL loss, to ``distill_teacher`` or to the ungated model
@@ -280,7 +283,7 @@ class Gates(Method):
         if error := share_outcome(state, None):
             raise MainProcessError(f"the main process failed before distillation: {error}")
         teacher = _teacher(cfg)
-        examples = list(self.task.train) + _general_examples(cfg.distill_general)
+        examples = list(self.task.train) + self._general_examples()
         held_out = fixed_batches(self.task.eval[:16], tok, cfg.eval_batch_size, cfg.max_length)
         pruned.eval()
         kl_before = kl_to_teacher(pruned, teacher, held_out) if main else float("nan")
@@ -328,6 +331,14 @@ class Gates(Method):
         save_pretrained_atomic(out / "recovered", recovered, tok)
         return recovered
 
+    def _general_examples(self) -> list[Any]:
+        """``distill_general`` news articles, every token of them, as prompt-less examples of at most
+        ``max_length`` tokens (:func:`~neurontune.tasks.text_windows`)."""
+        from neurontune.tasks import general_train_text, text_windows
+
+        n = self.cfg.distill_general
+        return text_windows(general_train_text(n, max_chars=None), self.tok, self.cfg.max_length) if n else []
+
     def save(self, model: nn.Module, tok: Any, out: Path) -> Path:
         return out / self.saved  # written by finish()
 
@@ -355,13 +366,6 @@ def _teacher(cfg: Any) -> nn.Module:
 
     teacher = load_model(cfg.distill_teacher or cfg.model, dtype=cfg.dtype, device=device())[0]
     return teacher.requires_grad_(False).eval()
-
-
-def _general_examples(n: int) -> list[Any]:
-    """``n`` news articles as prompt-less examples (every token labelled)."""
-    from neurontune.tasks import Example, general_train_text
-
-    return [Example("", t) for t in general_train_text(n)]
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
