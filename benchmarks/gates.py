@@ -145,6 +145,8 @@ def training_runs(args: argparse.Namespace) -> list[dict]:
                                        ("recover", out / folder / "recover" / "train_log.csv"))
                     if (curve := loss_curve(log))
                 }  # fmt: skip
+                if m["method"] == "gates" and (points := gate_eval_curve(out / folder)):
+                    m["gate_eval_curve"] = points
                 done.append(m)
     return done
 
@@ -157,6 +159,22 @@ def reference_from_teacher(teacher: dict | None) -> dict | None:
     if teacher is None or not (teacher.get("early_stopping") or {}).get("stopped"):
         return None
     return {**teacher, "same_as": "teacher (rows)", "wall_seconds": None}
+
+
+def gate_eval_curve(run: Path) -> list[dict] | None:
+    """The gated model's evaluations along the gate training (``eval_steps``: ``eval_log.json``), each
+    with the share of gates shut at that step (``train_log.csv``): what the pruning costs as it goes."""
+    import csv
+    import json
+
+    if not (run / "eval_log.json").is_file() or not (run / "train_log.csv").is_file():
+        return None
+    with open(run / "train_log.csv") as f:
+        shut = {
+            int(r["step"]): float(r["gate_sparsity"]) for r in csv.DictReader(f) if r.get("gate_sparsity")
+        }
+    points = json.loads((run / "eval_log.json").read_text())["points"]
+    return [{**p, "gate_sparsity": shut.get(int(p["step"]))} for p in points]
 
 
 def loss_curve(path: Path, windows: int = 10) -> list[float] | None:
@@ -396,6 +414,13 @@ def recipe_text(s: dict) -> str:
     return text
 
 
+def _curve_point(p: dict, metric: str) -> str:
+    shut = "-" if p.get("gate_sparsity") is None else f"{p['gate_sparsity']:.0%}"
+    score = f"{p[metric]:.3f}" if metric == "accuracy" else f"{p[metric]:.1f}"
+    ppl = f", {p['forgetting_ppl']:.0f}" if "forgetting_ppl" in p else ""
+    return f"{p['step']}: {shut}, {score}{ppl}"
+
+
 def wall(m: dict) -> str:
     return "same run as the teacher" if m.get("same_as") else f"{m['wall_seconds'] or 0:.0f}"
 
@@ -451,6 +476,18 @@ def render(result: dict) -> str:
                 lines.append(
                     f"| {m['task']} | {m['seed']} | {m['name']} | {phase} | {' '.join(f'{v:.3g}' for v in c)} |"
                 )
+    along = [m for m in result["runs"] if m.get("gate_eval_curve")]
+    if along:
+        lines += ["", "The gated model along the gate training (evaluated every `--eval-steps`; share of the gates "
+                  "shut at that step, score, news perplexity):", "",
+                  "| task | seed | run | step: shut, score, ppl |", "|---|---|---|---|"]  # fmt: skip
+        for m in along:
+            metric = TASKS[m["task"]]
+            lines.append(
+                f"| {m['task']} | {m['seed']} | {m['name']} | "
+                + "; ".join(_curve_point(p, metric) for p in m["gate_eval_curve"])
+                + " |"
+            )
     lines += ["", "Means over seeds at the 30 % target (`gates_summary.json`):", "",
               "| task | metric | removed | unpruned | gated | exported | recovered | recovered - unpruned "
               "| decode speed-up | forgetting ppl (unpruned) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
