@@ -406,8 +406,9 @@ def recipe_text(s: dict) -> str:
         text += (
             f" Early stopping: the teacher, the reference and the recovery end at their best step by the validation "
             f"loss on the last 10 % of the training examples (held out of every phase), measured every "
-            f"{s['eval_steps']} steps, patience {s['early_stopping']}; the gate phase runs all its steps; the "
-            "step counts above are maxima. A teacher that stopped before its cap is also the reference (the same "
+            f"{s['eval_steps']} steps, patience {s['early_stopping']}; the gate phase runs all its steps and ends "
+            "at its best measured step among those at the target (after the ramp, what the export removes shut); "
+            "the step counts above are maxima. A teacher that stopped before its cap is also the reference (the same "
             "rows run with a constant learning rate and the same seed and data takes the same steps to the same "
             "stop), which is then not run twice."
         )
@@ -435,11 +436,19 @@ def wall(m: dict) -> str:
 
 
 def best_step(m: dict) -> str:
-    """Early stopping's choice: ``best of run`` (the recovery's, for a gates run), ``-`` without it."""
-    es = (m.get("gates") or {}).get("recover_early_stopping") or m.get("early_stopping")
-    if not es or es.get("best_step") is None:
-        return "-"
-    return f"{es['best_step']} of {max(es['val_loss'], key=int)}" + (" (stopped)" if es["stopped"] else "")
+    """Early stopping's choice, ``best of last measured``: the run's, or for a gates run the gate phase's
+    (its best step at the target) and the recovery's; ``-`` without it."""
+
+    def one(es: dict | None) -> str:
+        if not es or es.get("best_step") is None:
+            return "-"
+        return f"{es['best_step']} of {max(es['val_loss'], key=int)}" + (
+            " (stopped)" if es["stopped"] else ""
+        )
+
+    if m["method"] != "gates":
+        return one(m.get("early_stopping"))
+    return f"gates {one(m.get('early_stopping'))}, recovery {one(m['gates'].get('recover_early_stopping'))}"
 
 
 def render(result: dict) -> str:
@@ -565,9 +574,9 @@ def main() -> None:
                    help="gate and remove query heads besides MLP channels")  # fmt: skip
     p.add_argument(
         "--early-stopping", type=int, default=0, metavar="PATIENCE",
-        help="every training (the teacher, the unpruned reference, the recovery; not the gate phase, which "
-        "runs to its target) ends at its best step by the validation loss on held-out training examples, "
-        "measured every --eval-steps, after PATIENCE measurements without improvement (0: off)",
+        help="every training (the teacher, the unpruned reference, the recovery) ends at its best step by the "
+        "validation loss on held-out training examples, measured every --eval-steps, after PATIENCE measurements "
+        "without improvement; the gate phase runs to its target and keeps its best step among those at it (0: off)",
     )  # fmt: skip
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument(

@@ -48,7 +48,11 @@ def test_all_open_gates_reproduce_the_base_model(cfg):
 def test_pruned_export_equals_the_gated_model_and_is_smaller(tmp_path):
     gated = GatedModel(tiny_model("tiny-llama"), GateConfig(prune_heads=True, low_rank=2)).eval()
     randomize(gated)
+    unchanged = logits(gated)
+    open_share = gated.open_share_of_removed()  # what finalize will report, without shutting anything
+    assert torch.equal(logits(gated), unchanged)
     shape = gated.finalize()
+    assert 0 < open_share == shape["forced_fraction"]
     expected = logits(gated)
     before = count_prunable(tiny_model("tiny-llama"))
     assert count_prunable(gated) == before  # the frozen linears inside the gate and low-rank wrappers
@@ -307,7 +311,8 @@ def test_distillation_recovers_the_pruned_model_towards_the_teacher(tmp_path, ca
 
 def test_early_stopping_picks_the_recoverys_best_step_and_leaves_the_gates_their_steps(tmp_path, capsys):
     """With method=gates, early stopping measures the task's validation loss during recover=distill and
-    the recovered model is its best step's weights; the gate training runs every step (the target)."""
+    the recovered model is its best step's weights; the gate training runs every step (the target), and
+    keeps none of them when none reaches the target."""
     import csv
 
     from safetensors.torch import load_file
@@ -323,7 +328,8 @@ def test_early_stopping_picks_the_recoverys_best_step_and_leaves_the_gates_their
                f"output_dir={out}"])  # fmt: skip
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["steps"] == 4 and m["early_stopping"] is None  # the gate phase: all its steps, no stopper
+    assert m["steps"] == 4  # the gate phase: all its steps; 4 shut too few gates to be a candidate
+    assert m["early_stopping"] == {"stopped": False, "best_step": None, "best_val_loss": None, "val_loss": {}}
     es = m["gates"]["recover_early_stopping"]
     with open(out / "recover" / "train_log.csv") as f:
         log = list(csv.DictReader(f))
@@ -351,10 +357,47 @@ def test_early_stopping_picks_the_recoverys_best_step_and_leaves_the_gates_their
     pruned, rec = (AutoModelForCausalLM.from_pretrained(tmp_path / "worse" / d).state_dict()
                    for d in ("pruned", "recovered"))  # fmt: skip
     assert all(torch.equal(rec[n], t) for n, t in pruned.items())
-    assert main([*run, f"output_dir={tmp_path / 'x'}"]) == 2
+
+
+def test_early_stopping_keeps_the_gate_trainings_best_step_at_the_target(tmp_path, capsys, monkeypatch):
+    """The gate training runs all its steps, measures the validation loss every eval_steps once the ramp
+    is over and what the export removes is shut, and ends at the best of those steps: the export is made
+    from that step's gates and low-rank terms, not the last step's (the measurements are made up so that
+    the second is the best, whatever the tiny model's losses)."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    from neurontune import train as train_module
+    from neurontune.cli import main
+
+    made_up = iter([3.0, 1.0] + [2.0] * 20)
+    monkeypatch.setattr(train_module.EarlyStopping, "measure", lambda self: next(made_up))
+
+    out = tmp_path / "run"
+    rc = main(["finetune", "model=tiny-llama", "method=gates", "gate_sparsity=0.5", "steps=12", "gate_ramp=0.25",
+               "gate_lr=0.5", "gate_low_rank=4", "lr=1.0", "train_examples=40", "eval_examples=4",
+               "forgetting_examples=0", "eval_before=false", "eval_steps=1", "early_stopping_patience=1",
+               "eval_fraction=0.2", f"output_dir={out}"])  # fmt: skip
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    with open(out / "train_log.csv") as f:
+        log = [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
+    es = m["early_stopping"]
+    assert m["steps"] == 12 and not es["stopped"]  # never stopped early, even after worse steps
+    measured = {int(k): v for k, v in es["val_loss"].items()}
+    assert min(measured) >= 3 and len(measured) >= 3  # after the ramp (3 steps), every step at the target
+    assert all(log[s - 1]["gate_sparsity"] >= 0.49 for s in measured)
+    assert es["best_step"] == sorted(measured)[1] < 12 and measured[es["best_step"]] == 1.0
+    best, gates = load_file(out / "checkpoints" / "best.safetensors"), load_file(out / "gates.safetensors")
+    assert best.keys() == gates.keys() and all(torch.equal(best[k], gates[k]) for k in best)
+    last = load_file(out / "checkpoints" / "step-000012" / "state.safetensors")
+    assert any(not torch.equal(last[f"param.{k}"], v) for k, v in best.items())
+    g = m["gates"]
+    assert g["shape"]["forced_fraction"] == 0.0 and g["exported"]["accuracy"] == g["gated"]["accuracy"]
     assert (
-        "early_stopping_patience with method=gates keeps recover=distill's best step"
-        in capsys.readouterr().err
+        f"gates: best step: ran all 12 steps; the result is step {es['best_step']}'s"
+        in capsys.readouterr().out
     )
 
 

@@ -364,6 +364,28 @@ class GatedModel(ModelWrapper):
             yield i, layer, layer.mlp.down_proj.gate, heads
 
     @torch.no_grad()
+    def open_share_of_removed(self) -> float:
+        """The share of what the export would remove now that is still open (what :meth:`finalize` would
+        report as ``forced_fraction``), leaving the gates as they are."""
+        forced, total = 0, 0
+        for _, gate, keep, blocks in self._planned_gates():
+            cut = ~_top_mask(gate, keep, blocks)
+            forced += int(((gate.eval_values() > 0) & cut).sum())
+            total += int(cut.sum())
+        return forced / total if total else 0.0
+
+    def _planned_gates(self) -> Iterator[tuple[str, GaussianGate, int, int]]:
+        """``(kind, gate, gates the export keeps, blocks they are kept in)`` for every layer's MLP and
+        head gates, by :attr:`plan`."""
+        plan = self.plan
+        if plan is None:
+            raise NeurontuneError("finalize/export_pruned need granularity='structured'")
+        for _, _, mlp, heads in self.iter_structured():
+            yield "mlp", mlp, plan.mlp_keep, 1
+            if heads is not None:
+                yield "heads", heads, (plan.heads_keep or 0) * plan.kv_heads, plan.kv_heads
+
+    @torch.no_grad()
     def finalize(self) -> dict[str, Any]:
         """Shut exactly what the export removes (:attr:`plan`): in every layer the gates of largest ``z``
         stay, ``plan.mlp_keep`` channels and ``plan.heads_keep`` heads per KV group, the rest are shut.
@@ -373,21 +395,14 @@ class GatedModel(ModelWrapper):
         although their eval value was above 0), which is where the export's function differs from
         the trained gated model's.
         """
-        if self.plan is None:
-            raise NeurontuneError("finalize/export_pruned need granularity='structured'")
-        plan, forced, removed = self.plan, {"mlp": 0, "heads": 0}, {"mlp": 0, "heads": 0}
-        for _, _, mlp, heads in self.iter_structured():
-            for kind, gate, keep, blocks in (
-                ("mlp", mlp, plan.mlp_keep, 1),
-                ("heads", heads, (plan.heads_keep or 0) * plan.kv_heads, plan.kv_heads),
-            ):
-                if gate is None:
-                    continue
-                open_before = gate.eval_values() > 0
-                _keep_top(gate, keep, groups=blocks)
-                cut = ~gate.keep
-                forced[kind] += int((open_before & cut).sum())
-                removed[kind] += int(cut.sum())
+        forced, removed = {"mlp": 0, "heads": 0}, {"mlp": 0, "heads": 0}
+        for kind, gate, keep, blocks in self._planned_gates():
+            open_before = gate.eval_values() > 0
+            _keep_top(gate, keep, groups=blocks)
+            cut = ~gate.keep
+            forced[kind] += int((open_before & cut).sum())
+            removed[kind] += int(cut.sum())
+        plan = self.plan
         out: dict[str, Any] = {
             "intermediate_size": plan.mlp_keep,
             "heads_per_kv_group": plan.heads_keep or plan.heads_per_group,
@@ -407,14 +422,17 @@ class GatedModel(ModelWrapper):
         return {"format": GATES_FORMAT, **asdict(self.gate_config)}
 
 
-def _keep_top(gate: GaussianGate, k: int, groups: int) -> None:
-    """Keep the ``k`` gates of largest ``z`` (unclamped, so fully open or shut gates still rank),
-    ``k / groups`` within each of ``groups`` equal blocks."""
+def _top_mask(gate: GaussianGate, k: int, groups: int) -> torch.Tensor:
+    """The ``k`` gates of largest ``z`` (unclamped, so fully open or shut gates still rank), ``k / groups``
+    within each of ``groups`` equal blocks."""
     v = gate.mu().view(groups, -1)
-    per = k // groups
-    idx = v.topk(per, dim=1).indices
-    keep = torch.zeros_like(v, dtype=torch.bool).scatter_(1, idx, True)
-    gate.keep.copy_(keep.flatten())
+    idx = v.topk(k // groups, dim=1).indices
+    return torch.zeros_like(v, dtype=torch.bool).scatter_(1, idx, True).flatten()
+
+
+def _keep_top(gate: GaussianGate, k: int, groups: int) -> None:
+    """Keep :func:`_top_mask`'s gates, shut the rest."""
+    gate.keep.copy_(_top_mask(gate, k, groups))
 
 
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

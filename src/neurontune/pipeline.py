@@ -546,13 +546,19 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.steps and curve is not None:
                 trackers.log(curve.add(step, run_eval(model)), step, "eval/")
                 model.train()
-            if stops and (val := stopper.on_step(row)):  # early stopping's measurement
+            if validates and (val := stopper.on_step(row)):  # early stopping's measurement
                 trackers.log(val, step, "eval/")
                 return val
             return None
 
-        stops = bool(held_out) and method.stops_early  # gates: the held-out examples are the recovery's
-        stopper = EarlyStopping(cfg, model, out / "checkpoints" / "best.safetensors", held_out, tok)
+        # a method that trains all its steps keeps the best of its candidate steps (gates: those at their
+        # target), or none (the held-out examples are then its own, e.g. the gates' recovery's)
+        candidates = None if method.stops_early or not held_out else method.best_candidates(model)
+        validates = bool(held_out) and (method.stops_early or candidates is not None)
+        stopper = EarlyStopping(
+            cfg, model, out / "checkpoints" / "best.safetensors", held_out, tok, candidates=candidates,
+            what="early stopping" if candidates is None else f"{cfg.method}: best step",
+        )  # fmt: skip
 
         if method.trains:
             args = train_args(cfg)
@@ -561,9 +567,9 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 model, data, args, out, resume=cfg.resume, param_groups=method.param_groups(model, cfg.lr),
                 regularization=method.regularization(model), step_stats=method.step_stats(model),
                 on_step=on_step, on_prepared=filled if zero3 else None,
-                stop_when=stopper.watch if stops else None, **method.training_loss(model),
+                stop_when=stopper.watch if validates else None, **method.training_loss(model),
             )  # fmt: skip
-            if stops:
+            if validates:
                 stopper.restore_best(log, cfg.steps, state)
         peak, peak_kind = peak_memory_mib()  # through loading, selection and training (not the final eval)
         if sharded:  # the model stays sharded: every process evaluates it and gathers the adapter (only;
@@ -612,7 +618,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 "peak_memory_mib": peak,
                 "peak_memory_kind": peak_kind,
                 "sharded_load": loading,
-                "early_stopping": stopper.summary(log) if stops else None,
+                "early_stopping": stopper.summary(log) if validates else None,
                 "saved": str(saved) if saved else None,
                 "saved_bytes": dir_bytes(saved) if saved else 0,
                 "device": device(),

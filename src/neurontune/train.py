@@ -151,9 +151,14 @@ class EarlyStopping:
         examples: list,
         tok: Any,
         what: str = "early stopping",
+        candidates: Callable[[int], bool] | None = None,
     ) -> None:
-        # cfg: early_stopping_patience / _threshold, eval_batch_size, max_length (a FinetuneConfig)
+        # cfg: early_stopping_patience / _threshold, eval_batch_size, max_length (a FinetuneConfig).
+        # candidates: only the steps it allows are measured, and training is never stopped (the best of
+        # them is kept: a method that trains to a target, e.g. gates from the end of their ramp)
         self.cfg, self.model, self.path, self.what = cfg, model, path, what
+        self.candidates = candidates
+        self.patience = 0 if candidates else cfg.early_stopping_patience
         self.batches = fixed_batches(examples, tok, cfg.eval_batch_size, cfg.max_length) if examples else []
         self.initial: list[dict[str, float]] = []  # with start(): step 0, the weights before training
 
@@ -178,7 +183,10 @@ class EarlyStopping:
 
     def on_step(self, row: dict[str, float]) -> dict[str, float] | None:
         """``train``'s ``on_step`` (main process): ``{"val_loss": ...}`` every ``eval_steps``, else None."""
-        return {"val_loss": self.measure()} if int(row["step"]) % self.cfg.eval_steps == 0 else None
+        step = int(row["step"])
+        if step % self.cfg.eval_steps or (self.candidates and not self.candidates(step)):
+            return None
+        return {"val_loss": self.measure()}
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -186,7 +194,7 @@ class EarlyStopping:
     def watch(self, log: list[dict[str, float]]) -> bool:
         """On the main process after every step: keep a new best's weights; whether to stop."""
         log = [*self.initial, *log]
-        stop, best = early_stop(log, self.cfg.early_stopping_patience, self.cfg.early_stopping_threshold)
+        stop, best = early_stop(log, self.patience, self.cfg.early_stopping_threshold)
         if log and best is not None and best == log[-1]["step"] and "val_loss" in log[-1]:
             tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self._trainable().items()}
             write_safetensors(self.path, tensors, {"step": str(best), "val_loss": repr(log[-1]["val_loss"])})
@@ -230,7 +238,7 @@ class EarlyStopping:
 
     def summary(self, log: list[dict[str, float]]) -> dict[str, Any]:
         log = [*self.initial, *log]
-        stop, best = early_stop(log, self.cfg.early_stopping_patience, self.cfg.early_stopping_threshold)
+        stop, best = early_stop(log, self.patience, self.cfg.early_stopping_threshold)
         losses = {int(r["step"]): float(r["val_loss"]) for r in log if r.get("val_loss") not in (None, "")}
         return {
             "stopped": stop,

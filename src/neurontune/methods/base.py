@@ -40,7 +40,8 @@ class Method:
     # same sweep; the other methods were not swept and keep 3e-4
     default_lr: ClassVar[float] = 3e-4
     # early_stopping_patience ends this method's training at its best validation step; False: the method
-    # trains to the end and uses the held-out examples (:attr:`validation`) itself
+    # trains to the end (keeping the best of the steps :meth:`best_candidates` allows, if any) and uses the
+    # held-out examples (:attr:`validation`) itself
     stops_early: ClassVar[bool] = True
 
     def __init__(self, cfg: Any) -> None:
@@ -98,6 +99,12 @@ class Method:
     def regularization(self, model: nn.Module) -> Callable[[int], torch.Tensor] | None:
         """A penalty added to the loss once per optimizer step (called with the step, from 0), if the
         method has one."""
+        return None
+
+    def best_candidates(self, model: nn.Module) -> Callable[[int], bool] | None:
+        """For a method that trains all its steps (``stops_early = False``) under early_stopping_patience:
+        which steps may give the result (measured every ``eval_steps``, the best by the validation loss
+        kept, training never stopped); ``None``: the last step's weights are the result."""
         return None
 
     def training_examples(self, task: Any) -> list[Any]:

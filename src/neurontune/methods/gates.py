@@ -111,7 +111,9 @@ class Gates(Method):
     help = "stochastic gates that adapt and prune at once; writes output_dir/pruned"
     options = GateOptions
     outputs = ("pruned", "gates.safetensors", "recovered", "recover")
-    stops_early = False  # the gates train to their target; early stopping picks recover=distill's best step
+    # the gates train all their steps, to their target; with early_stopping_patience the gate training
+    # keeps its best step among those at the target (best_candidates) and recover=distill stops early
+    stops_early = False
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -144,11 +146,6 @@ class Gates(Method):
             cfg.recover_steps <= 0 or (cfg.recover_lr is not None and cfg.recover_lr <= 0)
         ):
             raise NeurontuneError("recover=distill needs recover_steps > 0 and a positive recover_lr")
-        if cfg.early_stopping_patience and cfg.recover != "distill":
-            raise NeurontuneError(
-                "early_stopping_patience with method=gates keeps recover=distill's best step (the gates "
-                "train all their steps, to reach the target); add recover=distill or drop early_stopping_patience"
-            )
         if distills and (
             cfg.distill_temperature <= 0 or not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_general < 0
         ):
@@ -170,6 +167,15 @@ class Gates(Method):
         if gated.plan is not None:  # what the penalty trains towards is what the export will write
             print(f"gates: the export will keep {gated.plan.describe(self.cfg.gate_sparsity)}")
         return gated
+
+    def best_candidates(self, model: nn.Module) -> Callable[[int], bool] | None:
+        """With early_stopping_patience the gate training ends at its best measured step among those at the
+        target: after ``gate_ramp``'s steps, with at most ``gate_tolerance`` of what the export removes still
+        open (the gated model then scores what the export will). Linear gates: after the ramp."""
+        ramp, tolerance = gate_config(self.cfg).ramp_steps, self.cfg.gate_tolerance
+        if self.cfg.gate_granularity != "structured":
+            return lambda step: step >= ramp
+        return lambda step: step >= ramp and model.open_share_of_removed() <= tolerance
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         return model.param_groups(lr)  # gates at their own lr, no weight decay
