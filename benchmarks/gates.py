@@ -415,15 +415,6 @@ def recipe_text(s: dict) -> str:
     return text
 
 
-def along_gates(m: dict) -> list[dict]:
-    """``gate_eval_curve`` with its last point, at the run's last step, being the gated model's score (the
-    pipeline logs the run's result there, which is the recovered model's after ``recover=distill``)."""
-    points = [dict(p) for p in m["gate_eval_curve"]]
-    if points and int(points[-1]["step"]) == m["steps"]:
-        points[-1].update({k: v for k, v in m["gates"]["gated"].items() if k in points[-1]})
-    return points
-
-
 def _curve_point(p: dict, metric: str) -> str:
     shut = "-" if p.get("gate_sparsity") is None else f"{p['gate_sparsity']:.0%}"
     score = f"{p[metric]:.3f}" if metric == "accuracy" else f"{p[metric]:.1f}"
@@ -503,7 +494,7 @@ def render(result: dict) -> str:
             metric = TASKS[m["task"]]
             lines.append(
                 f"| {m['task']} | {m['seed']} | {m['name']} | "
-                + "; ".join(_curve_point(p, metric) for p in along_gates(m))
+                + "; ".join(_curve_point(p, metric) for p in m["gate_eval_curve"])
                 + " |"
             )
     lines += ["", "Means over seeds at the 30 % target (`gates_summary.json`):", "",

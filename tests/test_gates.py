@@ -330,6 +330,8 @@ def test_early_stopping_picks_the_recoverys_best_step_and_leaves_the_gates_their
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 4  # the gate phase: all its steps; 4 shut too few gates to be a candidate
     assert m["early_stopping"] == {"stopped": False, "best_step": None, "best_val_loss": None, "val_loss": {}}
+    curve = json.loads((out / "eval_log.json").read_text())["points"]  # the gated model's, not the recovery's
+    assert curve[-1]["step"] == 4 and curve[-1]["accuracy"] == m["gates"]["gated"]["accuracy"]
     es = m["gates"]["recover_early_stopping"]
     with open(out / "recover" / "train_log.csv") as f:
         log = list(csv.DictReader(f))
@@ -389,6 +391,8 @@ def test_early_stopping_keeps_the_gate_trainings_best_step_at_the_target(tmp_pat
     assert min(measured) >= 3 and len(measured) >= 3  # after the ramp (3 steps), every step at the target
     assert all(log[s - 1]["gate_sparsity"] >= 0.49 for s in measured)
     assert es["best_step"] == sorted(measured)[1] < 12 and measured[es["best_step"]] == 1.0
+    curve = json.loads((out / "eval_log.json").read_text())["points"]
+    assert [p["step"] for p in curve] == list(range(1, 12))  # step 12's weights are not the result: no point
     best, gates = load_file(out / "checkpoints" / "best.safetensors"), load_file(out / "gates.safetensors")
     assert best.keys() == gates.keys() and all(torch.equal(best[k], gates[k]) for k in best)
     last = load_file(out / "checkpoints" / "step-000012" / "state.safetensors")

@@ -591,6 +591,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
         try:
             if not sharded:
                 after = run_eval(model) if method.trains else before
+            trained = after  # finish may make another model of it (gates: the export, the recovery)
             model, after = method.finish(model, tok, out, run_eval, after)
             saved = method.save(model, tok, out)
             metric = primary_metric(task)
@@ -626,8 +627,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
                 **method.metrics(),
             }
             trackers.log(after, len(log), "eval/")
-            if cfg.eval_steps and curve is not None and log:
-                curve.add(len(log), after)
+            # the curve's last point: the last step's weights, where they are the trained result (early
+            # stopping's earlier best step was measured on the curve at its own step)
+            last_kept = not validates or metrics["early_stopping"]["best_step"] in (None, len(log))
+            if cfg.eval_steps and curve is not None and log and last_kept:
+                curve.add(len(log), trained)
             write_json(out / "metrics.json", metrics)
             write_report(out / "report.md", cfg, metrics, method.report_rows(metrics))
             from neurontune.analysis import run_report
