@@ -83,6 +83,8 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
         "method=gates", f"gate_sparsity={sparsity}", f"prune_heads={str(args.prune_heads).lower()}",
         "gate_lr=0.05", f"gate_lambda={args.gate_lambda}", f"steps={args.gate_steps}", "gate_force=true",
     ]  # fmt: skip
+    if args.lr_scheduler != "constant":  # the default's command text stays as it was (--reuse)
+        run.append(f"lr_scheduler={args.lr_scheduler}")
     if args.recover_steps:  # 0: the export is the result
         run += ["recover=distill", f"recover_steps={args.recover_steps}", "recover_params=full",
                 f"recover_lr={args.recover_lr}"]  # fmt: skip
@@ -398,6 +400,11 @@ def recipe_text(s: dict) -> str:
         if s["recover_steps"]
         else "No recovery: the export is the result. "
     )
+    if s.get("lr_scheduler", "constant") != "constant":
+        text += (
+            f"Learning rates of the gates runs: {s['lr_scheduler']} schedule over the gate phase's steps, again over "
+            "the recovery's (the teacher and the reference: constant). "
+        )
     text += (
         f"Unpruned reference: rows (magnitude, LoRA r=8 budget, lr 3e-4) for {total} steps (every step of the "
         "gates pipeline)."
@@ -570,6 +577,11 @@ def main() -> None:
         "without improvement; the gate phase runs to its target and keeps its best step among those at it (0: off)",
     )  # fmt: skip
     p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument(
+        "--lr-scheduler", default="constant",
+        help="the gates runs' lr_scheduler (a transformers.get_scheduler name), over the gate phase's steps "
+        "and again over the recovery's; the teacher and the reference keep a constant rate",
+    )  # fmt: skip
     p.add_argument(
         "--gate-weights-lr", type=float, default=0.0,
         help="teacher recipe: train the linear modules' weights with the gates at this lr instead of "
