@@ -98,6 +98,8 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
         if args.gate_weights_lr
         else [f"lr={args.low_rank_lr}", f"gate_low_rank={args.gate_low_rank}"]
     )
+    if args.general_teacher == "base":  # the news articles distilled from the model before task tuning
+        adapt.append(f"distill_general_teacher={args.model}")
     return [f"model={teacher}", *run, f"gate_ramp={args.gate_ramp}", "gate_distill=true", *adapt]
 
 
@@ -387,6 +389,11 @@ def recipe_text(s: dict) -> str:
             )
             + f", loss: KL to the ungated teacher at T=2 + {s['distill_alpha']:g} x task loss "
             f"on the task data and {s['distill_general']} news articles"
+            + (
+                " (the news distilled from the base model before task tuning, here and in the recovery)"
+                if s.get("general_teacher") == "base"
+                else ""
+            )
             if teacher
             else ""
         )
@@ -578,6 +585,11 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument(
+        "--general-teacher", choices=("teacher", "base"), default="teacher",
+        help="teacher recipe: who teaches the news articles in both distillations: the task-tuned teacher, or the "
+        "base model before task tuning (distill_general_teacher)",
+    )  # fmt: skip
+    p.add_argument(
         "--lr-scheduler", default="constant",
         help="the gates runs' lr_scheduler (a transformers.get_scheduler name), over the gate phase's steps "
         "and again over the recovery's; the teacher and the reference keep a constant rate",
@@ -598,6 +610,8 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.curve_seeds is not None:
         args.curve_seeds = [int(s) for s in args.curve_seeds.split(",") if s]
+    if args.general_teacher == "base" and (args.recipe != "teacher" or not args.distill_general):
+        p.error("--general-teacher base: the teacher recipe's news articles (--distill-general > 0)")
     if args.early_stopping and not args.recover_steps:
         p.error("--early-stopping picks the recovery's best step: it needs --recover-steps > 0")
     runs = training_runs(args)
