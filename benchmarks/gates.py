@@ -83,6 +83,8 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
         "method=gates", f"gate_sparsity={sparsity}", f"prune_heads={str(args.prune_heads).lower()}",
         "gate_lr=0.05", f"gate_lambda={args.gate_lambda}", f"steps={args.gate_steps}", "gate_force=true",
     ]  # fmt: skip
+    if args.lr_scheduler != "constant":  # the default's command text stays as it was (--reuse)
+        run.append(f"lr_scheduler={args.lr_scheduler}")
     if args.recover_steps:  # 0: the export is the result
         run += ["recover=distill", f"recover_steps={args.recover_steps}", "recover_params=full",
                 f"recover_lr={args.recover_lr}"]  # fmt: skip
@@ -96,6 +98,8 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
         if args.gate_weights_lr
         else [f"lr={args.low_rank_lr}", f"gate_low_rank={args.gate_low_rank}"]
     )
+    if args.general_teacher == "base":  # the news articles distilled from the model before task tuning
+        adapt.append(f"distill_general_teacher={args.model}")
     return [f"model={teacher}", *run, f"gate_ramp={args.gate_ramp}", "gate_distill=true", *adapt]
 
 
@@ -385,6 +389,11 @@ def recipe_text(s: dict) -> str:
             )
             + f", loss: KL to the ungated teacher at T=2 + {s['distill_alpha']:g} x task loss "
             f"on the task data and {s['distill_general']} news articles"
+            + (
+                " (the news distilled from the base model before task tuning, here and in the recovery)"
+                if s.get("general_teacher") == "base"
+                else ""
+            )
             if teacher
             else ""
         )
@@ -398,6 +407,11 @@ def recipe_text(s: dict) -> str:
         if s["recover_steps"]
         else "No recovery: the export is the result. "
     )
+    if s.get("lr_scheduler", "constant") != "constant":
+        text += (
+            f"Learning rates of the gates runs: {s['lr_scheduler']} schedule over the gate phase's steps, again over "
+            "the recovery's (the teacher and the reference: constant). "
+        )
     text += (
         f"Unpruned reference: rows (magnitude, LoRA r=8 budget, lr 3e-4) for {total} steps (every step of the "
         "gates pipeline)."
@@ -571,6 +585,16 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument(
+        "--general-teacher", choices=("teacher", "base"), default="teacher",
+        help="teacher recipe: who teaches the news articles in both distillations: the task-tuned teacher, or the "
+        "base model before task tuning (distill_general_teacher)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lr-scheduler", default="constant",
+        help="the gates runs' lr_scheduler (a transformers.get_scheduler name), over the gate phase's steps "
+        "and again over the recovery's; the teacher and the reference keep a constant rate",
+    )  # fmt: skip
+    p.add_argument(
         "--gate-weights-lr", type=float, default=0.0,
         help="teacher recipe: train the linear modules' weights with the gates at this lr instead of "
         "low-rank terms (gate_train_weights; 0: off)",
@@ -586,6 +610,8 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.curve_seeds is not None:
         args.curve_seeds = [int(s) for s in args.curve_seeds.split(",") if s]
+    if args.general_teacher == "base" and (args.recipe != "teacher" or not args.distill_general):
+        p.error("--general-teacher base: the teacher recipe's news articles (--distill-general > 0)")
     if args.early_stopping and not args.recover_steps:
         p.error("--early-stopping picks the recovery's best step: it needs --recover-steps > 0")
     runs = training_runs(args)

@@ -34,14 +34,15 @@ def test_write_results_keeps_the_old_files_when_rendering_fails(tmp_path):
 @pytest.mark.slow  # ~3 min; in .ci/run
 def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     """benchmarks/gates.py on the tiny model: per task a teacher, the unpruned reference with every step
-    of the pipeline, and a gates run per target gating the teacher; JSON, markdown, summary and curve."""
+    of the pipeline, and a gates run per target gating the teacher (its news articles distilled from the
+    base model: --general-teacher base); JSON, markdown, summary and curve."""
     import subprocess
 
     root = Path(__file__).parents[1]
     cmd = [sys.executable, str(root / "benchmarks" / "gates.py"), "--model", "tiny-llama", "--gate-steps", "4",
            "--recover-steps", "2", "--teacher-steps", "2", "--seeds", "0", "--eval-examples", "4",
            "--forgetting-examples", "2", "--speed-repeats", "1", "--distill-general", "2", "--train-examples", "16",
-           "--sparsities", "0.2,0.4", "--gen-sparsities", "", "--mc-sparsities", "0.3",
+           "--sparsities", "0.2,0.4", "--gen-sparsities", "", "--mc-sparsities", "0.3", "--general-teacher", "base",
            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -58,22 +59,32 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     teacher = tmp_path / "runs" / "teacher" / "rotten_tomatoes" / "seed0" / "teacher" / "merged"
     assert gated["model"] == str(teacher)  # the tuned dense model is the one gated
     assert gated["gates"]["removed_fraction_of_prunable"] >= 0.4
+    cfg = json.loads(
+        (
+            tmp_path / "runs" / "teacher" / "rotten_tomatoes" / "seed0" / "gates-0.4" / "config.json"
+        ).read_text()
+    )
+    assert (
+        cfg["distill_general_teacher"] == "tiny-llama"
+    )  # --general-teacher base: the model before the teacher
     summary = json.loads((tmp_path / "out" / "gates_summary.json").read_text())
     assert set(summary) == {"hyperbaton"} and summary["hyperbaton"]["removed_fraction"] >= 0.3
     assert (tmp_path / "out" / "gates_curve.png").stat().st_size > 1000
-    assert "Teacher: rows" in (tmp_path / "out" / "gates.md").read_text()
+    md = (tmp_path / "out" / "gates.md").read_text()
+    assert "Teacher: rows" in md and "the news distilled from the base model before task tuning" in md
 
 
 @pytest.mark.slow  # ~1 min; in .ci/run
 def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_recovery(tmp_path):
     """--gate-weights-lr gates with gate_train_weights instead of low-rank terms; --recover-steps 0 makes
     the export the result (recover=none), and the reference counts the steps that remain; --curve-seeds
-    runs every target on some seeds only."""
+    runs every target on some seeds only; --lr-scheduler reaches the gates runs alone."""
     import subprocess
 
     root = Path(__file__).parents[1]
     cmd = [sys.executable, str(root / "benchmarks" / "gates.py"), "--model", "tiny-llama", "--gate-steps", "4",
            "--recover-steps", "0", "--teacher-steps", "2", "--gate-weights-lr", "1e-4", "--seeds", "0,1",
+           "--lr-scheduler", "cosine",
            "--curve-seeds", "0", "--eval-examples", "4", "--forgetting-examples", "2", "--speed-repeats", "1",
            "--distill-general", "2", "--train-examples", "16", "--sparsities", "0.2,0.3", "--gen-sparsities", "",
            "--mc-sparsities", "",
@@ -96,9 +107,13 @@ def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_reco
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["gate_train_weights"] and cfg["gate_low_rank"] == 0 and cfg["lr"] == 1e-4
     assert cfg["recover"] == "none" and not (run / "recovered").exists() and (run / "pruned").is_dir()
+    assert cfg["lr_scheduler"] == "cosine"  # --lr-scheduler: the gates runs only
+    teacher = json.loads((run.parent / "teacher" / "config.json").read_text())
+    assert teacher["lr_scheduler"] == "constant"
     assert by["gates 30%"]["after"] == by["gates 30%"]["gates"]["exported"]  # the export is the result
     md = (tmp_path / "out" / "gates.md").read_text()
     assert "trained with the gates at lr 0.0001" in md and "No recovery: the export is the result." in md
+    assert "cosine schedule over the gate phase's steps" in md
 
 
 def test_a_run_stands_in_for_a_new_one_only_if_it_ran_todays_library_code(tmp_path, monkeypatch):

@@ -468,6 +468,14 @@ def test_finetune_gate_distill_trains_on_the_kl_to_the_ungated_model(tmp_path, c
         "gates: distilling the ungated model during gate training (T=2, task loss weight 0, 3 news articles)"
         in printed
     )
+    # the news articles taught by a model of their own, in the gate phase and in the recovery
+    news = ["gate_distill=true", "distill_general=3", "distill_general_teacher=tiny-llama", "recover=distill",
+            "recover_steps=2", f"output_dir={tmp_path / 'news'}"]  # fmt: skip
+    assert main([*run, *news]) == 0
+    printed = capsys.readouterr().out
+    assert "task loss weight 0, 3 news articles, taught by tiny-llama)" in printed
+    assert "recover: distilling tiny-llama into the pruned model for 2 steps" in printed
+    assert ", taught by tiny-llama)" in printed.split("recover: distilling", 1)[1]
     # with the weights training, the ungated model would move with them: the teacher is a frozen copy
     assert main([*run, "gate_distill=true", "gate_train_weights=true", f"output_dir={tmp_path / 'w'}"]) == 0
     assert "gates: distilling tiny-llama during gate training" in capsys.readouterr().out
@@ -503,6 +511,10 @@ def test_distill_options_need_a_distillation(tmp_path, capsys):
     assert "distillation needs distill_temperature > 0" in capsys.readouterr().err
     assert main([*run, "gate_ramp=1.0"]) == 2
     assert "gate_ramp must be in [0, 1)" in capsys.readouterr().err
+    assert main([*run, "gate_distill=true", "distill_general_teacher=tiny-llama"]) == 2
+    assert "distill_general_teacher teaches the distill_general news articles" in capsys.readouterr().err
+    assert main([*run, "distill_general=2", "distill_general_teacher=tiny-llama"]) == 2
+    assert "distill_general_teacher is for recover=distill or gate_distill=true" in capsys.readouterr().err
 
 
 def test_distill_loss_weighs_a_per_token_kl_against_a_per_token_task_loss(tokenizer):
@@ -546,6 +558,62 @@ def test_distill_loss_weighs_a_per_token_kl_against_a_per_token_task_loss(tokeni
         per_example = [token_loss(student, m, labelled_tokens(m)) for m in one]
         got = distill_loss(teacher, alpha=1.0)(student, mixed, attended_tokens(mixed))
         assert torch.allclose(got, (per_example[0] + per_example[1]) / 2)
+
+
+def test_the_news_rows_may_have_a_teacher_of_their_own(tokenizer):
+    """distill_loss(general_teacher=...): the batch's general rows (news windows) are distilled from the
+    general teacher, the task's rows from the teacher; each teacher sees only its own rows, and a batch
+    without news never calls the general teacher."""
+    from neurontune.distill import attended_tokens, distill_loss
+    from neurontune.tasks import text_windows
+
+    student, teacher, general = (tiny_model("tiny-llama") for _ in range(3))
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(3.0)
+        general.lm_head.weight.mul_(-2.0)
+    seen = {"teacher": [], "general": []}
+
+    def recorded(model, name):
+        def forward(**inputs):
+            seen[name].append(inputs["input_ids"].clone())
+            return model(**inputs)
+
+        return forward
+
+    task = [Example(f"a prompt number {i}", " x") for i in range(3)]
+    news = text_windows(["an article about the weather " * 6], tokenizer, 16)
+    assert len(news) > 1 and all(e.general for e in news)
+    data = StepBatches(task + news, tokenizer, len(task) + len(news), 16, 0)
+    batch = data[0]
+    rows = batch["general"]
+    assert rows.dtype == torch.bool and int(rows.sum()) == len(news)  # one flag per example, in batch order
+    n = attended_tokens(batch)
+    with torch.no_grad():
+        both = distill_loss(recorded(teacher, "teacher"), general_teacher=recorded(general, "general"))(
+            student, batch, n
+        )
+        assert [len(x) for x in seen["teacher"]] == [len(task)] and [len(x) for x in seen["general"]] == [
+            len(news)
+        ]
+        assert torch.equal(seen["general"][0], batch["input_ids"][rows])
+        # the sum over rows of each row's KL to its own teacher (alpha=0: a sum over positions, divided by n)
+        part = {k: {key: v[sel] for key, v in batch.items()} for k, sel in (("task", ~rows), ("news", rows))}
+        expected = distill_loss(teacher)(student, part["task"], n) + distill_loss(general)(
+            student, part["news"], n
+        )
+        assert torch.allclose(both, expected)
+        assert not torch.allclose(both, distill_loss(teacher)(student, batch, n))
+        # the same teacher for both: the loss of one teacher
+        same = distill_loss(teacher, general_teacher=teacher)(student, batch, n)
+        assert torch.allclose(same, distill_loss(teacher)(student, batch, n), atol=1e-6)
+        # no news in the data: no ``general`` in the batches, the general teacher is never called
+        plain = StepBatches(task, tokenizer, len(task), 16, 0)[0]
+        assert "general" not in plain
+        seen["general"].clear()
+        distill_loss(teacher, general_teacher=recorded(general, "general"))(
+            student, plain, attended_tokens(plain)
+        )
+        assert seen["general"] == []
 
 
 def test_the_mean_penalty_aims_at_the_share_the_export_removes():

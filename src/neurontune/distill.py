@@ -12,6 +12,10 @@ task loss (a sum over one labelled token per example divided by some sixty posit
 task loss almost no weight; a mean over labelled tokens would hand it to the general-text examples mixed
 in, every token of which is labelled: one 250-token article beside seven one-token answers would take
 97 % of it). ``T`` is the temperature.
+
+A second teacher may take the general text mixed in against forgetting (the batches' ``general``
+rows, :class:`~neurontune.tasks.StepBatches`): the model before task tuning, whose distribution on
+news is the language model to keep, where the task-tuned teacher has already drifted from it.
 """
 
 from __future__ import annotations
@@ -46,14 +50,18 @@ def _kl_sum(
 
 
 def distill_loss(
-    teacher: Callable[..., Any], temperature: float = 2.0, alpha: float = 0.0
+    teacher: Callable[..., Any],
+    temperature: float = 2.0,
+    alpha: float = 0.0,
+    general_teacher: Callable[..., Any] | None = None,
 ) -> Callable[[nn.Module, dict[str, torch.Tensor], int], torch.Tensor]:
-    """A ``loss_fn`` for :func:`neurontune.train.train` (with ``count_fn=attended_tokens``)."""
+    """A ``loss_fn`` for :func:`neurontune.train.train` (with ``count_fn=attended_tokens``);
+    ``general_teacher``: the teacher of the batch's ``general`` rows (default: ``teacher``)."""
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
-            t_logits = teacher(**inputs).logits[:, :-1]
+            t_logits = teacher_logits(teacher, general_teacher, batch)
         s_logits = model(**inputs).logits[:, :-1]
         mask = next_token_positions(batch)
         total = (1 - alpha) * _kl_sum(s_logits, t_logits, mask, temperature) / n
@@ -67,6 +75,25 @@ def distill_loss(
         return total
 
     return loss
+
+
+def teacher_logits(
+    teacher: Callable[..., Any], general_teacher: Callable[..., Any] | None, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The teachers' next-token logits (positions ``0 .. L-2``): ``general_teacher``'s on the ``general``
+    rows, ``teacher``'s on the others; each teacher runs on its own rows only."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    general = batch.get("general") if general_teacher is not None else None
+    if general is None or not general.any():
+        return teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    if general.all():
+        return general_teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    out = None
+    for who, rows in ((teacher, ~general), (general_teacher, general)):
+        logits = who(input_ids=ids[rows], attention_mask=mask[rows]).logits
+        out = logits.new_empty((len(general), *logits.shape[1:])) if out is None else out
+        out[rows] = logits
+    return out[:, :-1]
 
 
 @torch.no_grad()

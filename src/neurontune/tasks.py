@@ -52,6 +52,7 @@ class Example:
     completion: str
     label: int | None = None  # index into Task.label_words (classification) or choices (multiple choice)
     choices: tuple[str, ...] = ()  # multiple choice: the candidate completions, completion among them
+    general: bool = False  # general text mixed in against forgetting (gates' distill_general), not the task
 
 
 @dataclass
@@ -226,7 +227,9 @@ def text_windows(texts: Sequence[str], tok: PreTrainedTokenizerBase, max_length:
     windows = []
     for t in texts:
         ids = tok(t, add_special_tokens=False)["input_ids"]
-        windows += [Example("", tok.decode(ids[i : i + room])) for i in range(0, len(ids), room)]
+        windows += [
+            Example("", tok.decode(ids[i : i + room]), general=True) for i in range(0, len(ids), room)
+        ]
     return windows
 
 
@@ -556,6 +559,8 @@ def collate(
 class StepBatches:
     """Training micro-batches as a pure function of ``(seed, index)``: a fresh seeded permutation per
     epoch, incomplete last batch dropped. Resuming at step ``s`` needs no replay of the data stream.
+    Where some examples are general text (``Example.general``), every batch also holds ``general``,
+    a boolean per example.
     """
 
     def __init__(
@@ -569,6 +574,7 @@ class StepBatches:
         if not examples:
             raise NeurontuneError("no training examples")
         self.encoded = [encode(e, tok, max_length) for e in examples]
+        self.general = [e.general for e in examples] if any(e.general for e in examples) else None
         self.batch_size = min(batch_size, len(self.encoded))
         self.per_epoch = len(self.encoded) // self.batch_size
         self.seed, self.pad_id = seed, tok.pad_token_id
@@ -580,7 +586,10 @@ class StepBatches:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._perm = (epoch, torch.randperm(len(self.encoded), generator=g).tolist())
         idx = self._perm[1][pos * self.batch_size : (pos + 1) * self.batch_size]
-        return collate([self.encoded[j] for j in idx], self.pad_id)
+        batch = collate([self.encoded[j] for j in idx], self.pad_id)
+        if self.general is not None:
+            batch["general"] = torch.tensor([self.general[j] for j in idx])
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         i = 0

@@ -78,6 +78,12 @@ class GateOptions:
     distill_teacher: str | None = opt(
         None, "recover=distill: the teacher (default: the unpruned --model)", group=G
     )
+    distill_general_teacher: str | None = opt(
+        None,
+        "the teacher on the distill_general news articles (default: the teacher's own), e.g. the model before "
+        "task tuning: its distribution on general text is the language model to keep (a second frozen copy)",
+        group=G,
+    )
     distill_temperature: float = opt(2.0, "recover=distill: softmax temperature of the KL term", group=G)
     distill_alpha: float = opt(0.0, "recover=distill: weight of the task loss next to the KL (0..1)", group=G)
     distill_general: int = opt(
@@ -151,6 +157,9 @@ class Gates(Method):
         ):
             raise NeurontuneError("distillation needs distill_temperature > 0, distill_alpha in [0, 1] and "
                                   "distill_general >= 0")  # fmt: skip
+        if cfg.distill_general_teacher and not cfg.distill_general:
+            raise NeurontuneError("distill_general_teacher teaches the distill_general news articles: "
+                                  "set distill_general > 0 or drop distill_general_teacher")  # fmt: skip
 
     def check(self, model: nn.Module, out: Path) -> None:
         if self.cfg.gate_granularity == "structured":
@@ -200,9 +209,9 @@ class Gates(Method):
         say = print if process_state().is_main_process else _quiet
         say(f"gates: distilling {frozen or 'the ungated model'} during gate training "
               f"(T={cfg.distill_temperature:g}, task loss weight {cfg.distill_alpha:g}, "
-              f"{cfg.distill_general} news articles)")  # fmt: skip
-        return {"loss_fn": distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
-                "count_fn": attended_tokens}  # fmt: skip
+              f"{cfg.distill_general} news articles{_general_teacher_note(cfg)})")  # fmt: skip
+        loss = distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha, _general_teacher(cfg))
+        return {"loss_fn": loss, "count_fn": attended_tokens}
 
     def regularization(self, model: nn.Module) -> Callable[[int], torch.Tensor]:
         return model.regularization
@@ -303,7 +312,7 @@ class Gates(Method):
         else:
             student = pruned.requires_grad_(True)
         say(f"recover: distilling {cfg.distill_teacher or cfg.model} into the pruned model for "
-            f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f})")  # fmt: skip
+            f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f}{_general_teacher_note(cfg)})")  # fmt: skip
         args = train_args(cfg, steps=cfg.recover_steps, lr=cfg.recover_lr or cfg.lr)
         data = StepBatches(examples, tok, cfg.batch_size, cfg.max_length, cfg.seed)
         # early_stopping_patience: the task's validation loss (its held-out examples) before the recovery
@@ -320,7 +329,7 @@ class Gates(Method):
             stopper.start(cfg.resume)  # the export itself is a candidate (step 0)
 
         log = train(student, data, args, out / "recover", resume=cfg.resume,
-                    loss_fn=distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha),
+                    loss_fn=distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha, _general_teacher(cfg)),
                     count_fn=attended_tokens, on_step=stopper.on_step if stopper else None,
                     stop_when=stopper.watch if stopper else None)  # fmt: skip
         if stopper:
@@ -365,13 +374,23 @@ class Gates(Method):
              if "recovered" in g else [])  # fmt: skip
 
 
-def _teacher(cfg: Any) -> nn.Module:
-    """The distillation teacher: ``distill_teacher``, or the unpruned ``model``, frozen, in eval mode."""
+def _teacher(cfg: Any, name: str | None = None) -> nn.Module:
+    """The distillation teacher: ``name``, else ``distill_teacher``, else the unpruned ``model``; frozen, in
+    eval mode."""
     from neurontune.models import load_model
     from neurontune.runtime import device
 
-    teacher = load_model(cfg.distill_teacher or cfg.model, dtype=cfg.dtype, device=device())[0]
+    teacher = load_model(name or cfg.distill_teacher or cfg.model, dtype=cfg.dtype, device=device())[0]
     return teacher.requires_grad_(False).eval()
+
+
+def _general_teacher(cfg: Any) -> nn.Module | None:
+    """``distill_general_teacher``, loaded (``None``: the news articles have the task's teacher)."""
+    return _teacher(cfg, cfg.distill_general_teacher) if cfg.distill_general_teacher else None
+
+
+def _general_teacher_note(cfg: Any) -> str:
+    return f", taught by {cfg.distill_general_teacher}" if cfg.distill_general_teacher else ""
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
