@@ -85,6 +85,8 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
     ]  # fmt: skip
     if args.lr_scheduler != "constant":  # the default's command text stays as it was (--reuse)
         run.append(f"lr_scheduler={args.lr_scheduler}")
+    if args.warmup_steps:
+        run.append(f"warmup_steps={args.warmup_steps}")
     if args.recover_steps:  # 0: the export is the result
         run += ["recover=distill", f"recover_steps={args.recover_steps}", "recover_params=full",
                 f"recover_lr={args.recover_lr}"]  # fmt: skip
@@ -407,10 +409,11 @@ def recipe_text(s: dict) -> str:
         if s["recover_steps"]
         else "No recovery: the export is the result. "
     )
-    if s.get("lr_scheduler", "constant") != "constant":
+    if s.get("lr_scheduler", "constant") != "constant" or s.get("warmup_steps"):
         text += (
-            f"Learning rates of the gates runs: {s['lr_scheduler']} schedule over the gate phase's steps, again over "
-            "the recovery's (the teacher and the reference: constant). "
+            f"Learning rates of the gates runs: {s.get('lr_scheduler', 'constant')} schedule"
+            + (f" with warmup_steps={s['warmup_steps']}" if s.get("warmup_steps") else "")
+            + " over the gate phase's steps, again over the recovery's (the teacher and the reference: constant). "
         )
     text += (
         f"Unpruned reference: rows (magnitude, LoRA r=8 budget, lr 3e-4) for {total} steps (every step of the "
@@ -593,6 +596,11 @@ def main() -> None:
         "--lr-scheduler", default="constant",
         help="the gates runs' lr_scheduler (a transformers.get_scheduler name), over the gate phase's steps "
         "and again over the recovery's; the teacher and the reference keep a constant rate",
+    )  # fmt: skip
+    p.add_argument(
+        "--warmup-steps", type=int, default=0,
+        help="the gates runs' warmup_steps, at the start of the gate phase and again of the recovery (AdamW's "
+        "first steps move every weight by about the learning rate)",
     )  # fmt: skip
     p.add_argument(
         "--gate-weights-lr", type=float, default=0.0,

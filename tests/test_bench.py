@@ -84,7 +84,7 @@ def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_reco
     root = Path(__file__).parents[1]
     cmd = [sys.executable, str(root / "benchmarks" / "gates.py"), "--model", "tiny-llama", "--gate-steps", "4",
            "--recover-steps", "0", "--teacher-steps", "2", "--gate-weights-lr", "1e-4", "--seeds", "0,1",
-           "--lr-scheduler", "cosine",
+           "--lr-scheduler", "cosine", "--warmup-steps", "1",
            "--curve-seeds", "0", "--eval-examples", "4", "--forgetting-examples", "2", "--speed-repeats", "1",
            "--distill-general", "2", "--train-examples", "16", "--sparsities", "0.2,0.3", "--gen-sparsities", "",
            "--mc-sparsities", "",
@@ -107,13 +107,13 @@ def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_reco
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["gate_train_weights"] and cfg["gate_low_rank"] == 0 and cfg["lr"] == 1e-4
     assert cfg["recover"] == "none" and not (run / "recovered").exists() and (run / "pruned").is_dir()
-    assert cfg["lr_scheduler"] == "cosine"  # --lr-scheduler: the gates runs only
+    assert cfg["lr_scheduler"] == "cosine" and cfg["warmup_steps"] == 1  # the gates runs only
     teacher = json.loads((run.parent / "teacher" / "config.json").read_text())
-    assert teacher["lr_scheduler"] == "constant"
+    assert teacher["lr_scheduler"] == "constant" and teacher["warmup_steps"] == 0
     assert by["gates 30%"]["after"] == by["gates 30%"]["gates"]["exported"]  # the export is the result
     md = (tmp_path / "out" / "gates.md").read_text()
     assert "trained with the gates at lr 0.0001" in md and "No recovery: the export is the result." in md
-    assert "cosine schedule over the gate phase's steps" in md
+    assert "cosine schedule with warmup_steps=1 over the gate phase's steps" in md
 
 
 def test_a_run_stands_in_for_a_new_one_only_if_it_ran_todays_library_code(tmp_path, monkeypatch):
