@@ -143,8 +143,7 @@ def training_runs(args: argparse.Namespace) -> list[dict]:
                     f"{g['removed_fraction_of_prunable']:.1%} removed, forced {g['shape']['forced_fraction']:.1%})"
                     if g else ""
                 )  # fmt: skip
-                print(f"{task} seed {seed} {name}: {metric} {got:.3f}{extra} wall {m['wall_seconds'] or 0:.0f}s",
-                      flush=True)  # fmt: skip
+                print(f"{task} seed {seed} {name}: {metric} {got:.3f}{extra} wall {wall(m)}", flush=True)
                 m["loss_curves"] = {
                     phase: curve
                     for phase, log in (("train", out / folder / "train_log.csv"),
@@ -440,7 +439,9 @@ def _curve_point(p: dict, metric: str) -> str:
 
 
 def wall(m: dict) -> str:
-    return "same run as the teacher" if m.get("same_as") else f"{m['wall_seconds'] or 0:.0f}"
+    if m.get("same_as"):
+        return "same run as the teacher"
+    return "reused (--reuse)" if m.get("wall_seconds") is None else f"{m['wall_seconds']:.0f}"
 
 
 def best_step(m: dict) -> str:
