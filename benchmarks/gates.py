@@ -92,6 +92,8 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
                 f"recover_lr={args.recover_lr}"]  # fmt: skip
     if args.recover_steps or teacher is not None:  # a distillation to configure
         run += [f"distill_alpha={args.distill_alpha}", f"distill_general={args.distill_general}"]
+        if args.distill_hidden:  # the default's command text stays as it was (--reuse)
+            run.append(f"distill_hidden={args.distill_hidden}")
     if teacher is None:
         return [f"model={args.model}", "lr=3e-4", *run]
     # the task-tuned dense model is both the model gated and the teacher of both distillations
@@ -395,6 +397,7 @@ def recipe_text(s: dict) -> str:
                 if s.get("general_teacher") == "base"
                 else ""
             )
+            + _hidden_text(s)
             if teacher
             else ""
         )
@@ -404,7 +407,7 @@ def recipe_text(s: dict) -> str:
     )
     text += (
         f"Distillation: {s['recover_steps']} steps, all weights of the export, lr {s['recover_lr']:g}, KL at T=2 + "
-        f"{s['distill_alpha']:g} x task loss, {s['distill_general']} news articles mixed in. "
+        f"{s['distill_alpha']:g} x task loss{_hidden_text(s)}, {s['distill_general']} news articles mixed in. "
         if s["recover_steps"]
         else "No recovery: the export is the result. "
     )
@@ -429,6 +432,14 @@ def recipe_text(s: dict) -> str:
             "stop), which is then not run twice."
         )
     return text
+
+
+def _hidden_text(s: dict) -> str:
+    return (
+        f" + {s['distill_hidden']:g} x the layers' hidden-state error (relative, per token)"
+        if s.get("distill_hidden")
+        else ""
+    )
 
 
 def _curve_point(p: dict, metric: str) -> str:
@@ -602,6 +613,11 @@ def main() -> None:
         "--warmup-steps", type=int, default=0,
         help="the gates runs' warmup_steps, at the start of the gate phase and again of the recovery (AdamW's "
         "first steps move every weight by about the learning rate)",
+    )  # fmt: skip
+    p.add_argument(
+        "--distill-hidden", type=float, default=0.0,
+        help="both distillations also pull every layer's hidden states towards the teacher's, at this weight "
+        "(distill_hidden; 0: logits only)",
     )  # fmt: skip
     p.add_argument(
         "--gate-weights-lr", type=float, default=0.0,

@@ -35,7 +35,8 @@ def test_write_results_keeps_the_old_files_when_rendering_fails(tmp_path):
 def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     """benchmarks/gates.py on the tiny model: per task a teacher, the unpruned reference with every step
     of the pipeline, and a gates run per target gating the teacher (its news articles distilled from the
-    base model: --general-teacher base); JSON, markdown, summary and curve."""
+    base model: --general-teacher base; the layers' hidden states distilled too: --distill-hidden); JSON,
+    markdown, summary and curve."""
     import subprocess
 
     root = Path(__file__).parents[1]
@@ -43,7 +44,7 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
            "--recover-steps", "2", "--teacher-steps", "2", "--seeds", "0", "--eval-examples", "4",
            "--forgetting-examples", "2", "--speed-repeats", "1", "--distill-general", "2", "--train-examples", "16",
            "--sparsities", "0.2,0.4", "--gen-sparsities", "", "--mc-sparsities", "0.3", "--general-teacher", "base",
-           "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+           "--distill-hidden", "0.5", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "gates.json").read_text())
@@ -67,11 +68,13 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     assert (
         cfg["distill_general_teacher"] == "tiny-llama"
     )  # --general-teacher base: the model before the teacher
+    assert cfg["distill_hidden"] == 0.5 and cfg["recover"] == "distill" and cfg["gate_distill"]
     summary = json.loads((tmp_path / "out" / "gates_summary.json").read_text())
     assert set(summary) == {"hyperbaton"} and summary["hyperbaton"]["removed_fraction"] >= 0.3
     assert (tmp_path / "out" / "gates_curve.png").stat().st_size > 1000
     md = (tmp_path / "out" / "gates.md").read_text()
     assert "Teacher: rows" in md and "the news distilled from the base model before task tuning" in md
+    assert md.count("0.5 x the layers' hidden-state error") == 2  # the gate phase and the recovery
 
 
 @pytest.mark.slow  # ~1 min; in .ci/run

@@ -469,13 +469,14 @@ def test_finetune_gate_distill_trains_on_the_kl_to_the_ungated_model(tmp_path, c
         in printed
     )
     # the news articles taught by a model of their own, in the gate phase and in the recovery
+    # (and the hidden states distilled beside the logits, in both)
     news = ["gate_distill=true", "distill_general=3", "distill_general_teacher=tiny-llama", "recover=distill",
-            "recover_steps=2", f"output_dir={tmp_path / 'news'}"]  # fmt: skip
+            "recover_steps=2", "distill_hidden=0.5", f"output_dir={tmp_path / 'news'}"]  # fmt: skip
     assert main([*run, *news]) == 0
     printed = capsys.readouterr().out
-    assert "task loss weight 0, 3 news articles, taught by tiny-llama)" in printed
+    assert "task loss weight 0, 3 news articles, taught by tiny-llama; hidden states weight 0.5)" in printed
     assert "recover: distilling tiny-llama into the pruned model for 2 steps" in printed
-    assert ", taught by tiny-llama)" in printed.split("recover: distilling", 1)[1]
+    assert ", taught by tiny-llama; hidden states weight 0.5)" in printed.split("recover: distilling", 1)[1]
     # with the weights training, the ungated model would move with them: the teacher is a frozen copy
     assert main([*run, "gate_distill=true", "gate_train_weights=true", f"output_dir={tmp_path / 'w'}"]) == 0
     assert "gates: distilling tiny-llama during gate training" in capsys.readouterr().out
@@ -515,6 +516,10 @@ def test_distill_options_need_a_distillation(tmp_path, capsys):
     assert "distill_general_teacher teaches the distill_general news articles" in capsys.readouterr().err
     assert main([*run, "distill_general=2", "distill_general_teacher=tiny-llama"]) == 2
     assert "distill_general_teacher is for recover=distill or gate_distill=true" in capsys.readouterr().err
+    assert main([*run, "distill_hidden=1"]) == 2
+    assert "distill_hidden is for recover=distill or gate_distill=true" in capsys.readouterr().err
+    assert main([*run, "recover=distill", "distill_hidden=-1"]) == 2
+    assert "distill_hidden >= 0" in capsys.readouterr().err
 
 
 def test_distill_loss_weighs_a_per_token_kl_against_a_per_token_task_loss(tokenizer):
@@ -614,6 +619,61 @@ def test_the_news_rows_may_have_a_teacher_of_their_own(tokenizer):
             student, plain, attended_tokens(plain)
         )
         assert seen["general"] == []
+
+
+def test_distill_hidden_adds_each_layers_relative_error_to_the_teachers_hidden_states(tokenizer):
+    """distill_loss(hidden=w) adds w x (sum over the KL's positions of the mean over layers of
+    |h_s - h_t|^2 / |h_t|^2) / n; the news rows compare with the news teacher's layers; a teacher whose
+    layers do not pair with the student's is one clear error."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from neurontune.distill import attended_tokens, distill_loss, next_token_positions
+    from neurontune.errors import NeurontuneError
+    from neurontune.tasks import text_windows
+
+    student, teacher, general = (tiny_model("tiny-llama", seed=s) for s in (0, 1, 2))
+    task = [Example(f"a prompt number {i}", " x") for i in range(3)]
+    news = text_windows(["an article about the weather " * 6], tokenizer, 16)
+    batch = StepBatches(task + news, tokenizer, len(task) + len(news), 16, 0)[0]
+    rows, n = batch["general"], attended_tokens(batch)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def states(model, sel):
+        out = model(**{k: v[sel] for k, v in inputs.items()}, output_hidden_states=True)
+        assert (
+            len(out.hidden_states) == student.config.num_hidden_layers + 1
+        )  # the embeddings, then a layer each
+        return out.hidden_states[1:]
+
+    with torch.no_grad():
+        logits_only = distill_loss(teacher, general_teacher=general)(student, batch, n)
+        assert torch.allclose(
+            distill_loss(teacher, general_teacher=general, hidden=0.0)(student, batch, n), logits_only
+        )
+        both = distill_loss(teacher, general_teacher=general, hidden=3.0)(student, batch, n)
+        expected = 0.0
+        for sel, who in ((~rows, teacher), (rows, general)):
+            mask = next_token_positions({k: v[sel] for k, v in batch.items()})
+            for hs, ht in zip(states(student, sel), states(who, sel), strict=True):
+                err = ((hs - ht) ** 2).sum(-1)[:, :-1] / (ht**2).sum(-1)[:, :-1]
+                expected += (err * mask).sum() / student.config.num_hidden_layers
+        assert expected > 0
+        assert torch.allclose(both - logits_only, 3.0 * expected / n, rtol=1e-4)
+        # a student that is its teacher's copy: neither term
+        assert float(distill_loss(student, hidden=3.0)(copy.deepcopy(student), batch, n)) < 1e-6
+    # the term reaches every layer's weights, the first layer's too, with no KL at all (temperature aside)
+    student.zero_grad()
+    only_hidden = distill_loss(teacher, hidden=1.0)
+    (only_hidden(student, batch, n) - distill_loss(teacher)(student, batch, n)).backward()
+    assert student.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+    deeper = copy.deepcopy(student.config)
+    deeper.num_hidden_layers = 3
+    with pytest.raises(
+        NeurontuneError, match="distill_hidden pairs the layers one to one: the student returns 2"
+    ):
+        distill_loss(AutoModelForCausalLM.from_config(deeper), hidden=1.0)(student, batch, n)
 
 
 def test_the_mean_penalty_aims_at_the_share_the_export_removes():

@@ -16,17 +16,28 @@ in, every token of which is labelled: one 250-token article beside seven one-tok
 A second teacher may take the general text mixed in against forgetting (the batches' ``general``
 rows, :class:`~neurontune.tasks.StepBatches`): the model before task tuning, whose distribution on
 news is the language model to keep, where the task-tuned teacher has already drifted from it.
+
+``hidden`` adds CoFi's layer-wise distillation: every decoder layer's output (the hidden states
+``output_hidden_states`` returns, less the embeddings) pulled towards the teacher's at the same layer.
+Pruning MLP channels and heads keeps the hidden size and the layer count, so the layers pair one to one
+without CoFi's learned projection. The error at a position is relative, ``|h_s - h_t|^2 / |h_t|^2``
+(a few positions, the first above all, carry hidden states hundreds of times larger than the rest, and
+the norm grows with depth: a plain squared error would be theirs and the last layers' alone), averaged
+over the layers, summed over the same positions as the KL and divided by the same count::
+
+    loss += hidden * sum_pos mean_layers |h_s - h_t|^2 / |h_t|^2 / n
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neurontune.errors import NeurontuneError
 from neurontune.tasks import IGNORE_INDEX
 
 
@@ -49,22 +60,46 @@ def _kl_sum(
     return (kl * mask).sum() * t * t
 
 
+def _hidden_sum(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """Sum over ``mask``'s positions of the mean over layers of ``|h_s - h_t|^2 / |h_t|^2``."""
+    if len(student) != len(teacher) or student[0].shape[-1] != teacher[0].shape[-1]:
+        raise NeurontuneError(
+            f"distill_hidden pairs the layers one to one: the student returns {len(student)} hidden states of "
+            f"size {student[0].shape[-1]}, the teacher {len(teacher)} of size {teacher[0].shape[-1]}"
+        )
+    total = mask.new_zeros((), dtype=torch.float32)
+    for s, t in zip(student, teacher, strict=True):
+        s, t = s[:, :-1].float(), t[:, :-1].float()
+        err = (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)
+        total = total + (err * mask).sum()
+    return total / len(student)
+
+
 def distill_loss(
     teacher: Callable[..., Any],
     temperature: float = 2.0,
     alpha: float = 0.0,
     general_teacher: Callable[..., Any] | None = None,
+    hidden: float = 0.0,
 ) -> Callable[[nn.Module, dict[str, torch.Tensor], int], torch.Tensor]:
     """A ``loss_fn`` for :func:`neurontune.train.train` (with ``count_fn=attended_tokens``);
-    ``general_teacher``: the teacher of the batch's ``general`` rows (default: ``teacher``)."""
+    ``general_teacher``: the teacher of the batch's ``general`` rows (default: ``teacher``); ``hidden``:
+    the weight of the layer-wise hidden-state term (0: logits only)."""
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if hidden:
+            inputs["output_hidden_states"] = True
         with torch.no_grad():
-            t_logits = teacher_logits(teacher, general_teacher, batch)
-        s_logits = model(**inputs).logits[:, :-1]
+            t_logits, t_hidden = teacher_outputs(teacher, general_teacher, batch, hidden=bool(hidden))
+        out = model(**inputs)
+        s_logits = out.logits[:, :-1]
         mask = next_token_positions(batch)
         total = (1 - alpha) * _kl_sum(s_logits, t_logits, mask, temperature) / n
+        if hidden:
+            total = total + hidden * _hidden_sum(out.hidden_states[1:], t_hidden, mask) / n
         labels = batch["labels"][:, 1:]
         per_example = (labels != IGNORE_INDEX).sum(1)
         if alpha and (has := per_example > 0).any():
@@ -77,23 +112,34 @@ def distill_loss(
     return loss
 
 
-def teacher_logits(
-    teacher: Callable[..., Any], general_teacher: Callable[..., Any] | None, batch: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """The teachers' next-token logits (positions ``0 .. L-2``): ``general_teacher``'s on the ``general``
-    rows, ``teacher``'s on the others; each teacher runs on its own rows only."""
+def teacher_outputs(
+    teacher: Callable[..., Any],
+    general_teacher: Callable[..., Any] | None,
+    batch: dict[str, torch.Tensor],
+    hidden: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The teachers' next-token logits (positions ``0 .. L-2``) and, with ``hidden``, their hidden states
+    less the embeddings (every position): ``general_teacher``'s on the ``general`` rows, ``teacher``'s on
+    the others; each teacher runs on its own rows only, and only when it has some."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     general = batch.get("general") if general_teacher is not None else None
-    if general is None or not general.any():
-        return teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    if general.all():
-        return general_teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    out = None
+    if general is None:
+        general = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    extra = {"output_hidden_states": True} if hidden else {}
+    logits, states = None, []
     for who, rows in ((teacher, ~general), (general_teacher, general)):
-        logits = who(input_ids=ids[rows], attention_mask=mask[rows]).logits
-        out = logits.new_empty((len(general), *logits.shape[1:])) if out is None else out
-        out[rows] = logits
-    return out[:, :-1]
+        if not rows.any():
+            continue
+        if rows.all():
+            out = who(input_ids=ids, attention_mask=mask, **extra)
+            return out.logits[:, :-1], (list(out.hidden_states[1:]) if hidden else None)
+        out = who(input_ids=ids[rows], attention_mask=mask[rows], **extra)
+        part = [out.logits, *(out.hidden_states[1:] if hidden else ())]
+        if logits is None:
+            logits, *states = (x.new_empty((len(ids), *x.shape[1:])) for x in part)
+        for dst, src in zip([logits, *states], part, strict=True):
+            dst[rows] = src
+    return logits[:, :-1], (states if hidden else None)
 
 
 @torch.no_grad()

@@ -84,6 +84,12 @@ class GateOptions:
         "task tuning: its distribution on general text is the language model to keep (a second frozen copy)",
         group=G,
     )
+    distill_hidden: float = opt(
+        0.0,
+        "weight of a layer-wise term beside the KL (CoFi): every layer's hidden states pulled towards the "
+        "teacher's, relative squared error per token averaged over layers (0: logits only)",
+        group=G,
+    )
     distill_temperature: float = opt(2.0, "recover=distill: softmax temperature of the KL term", group=G)
     distill_alpha: float = opt(0.0, "recover=distill: weight of the task loss next to the KL (0..1)", group=G)
     distill_general: int = opt(
@@ -153,10 +159,13 @@ class Gates(Method):
         ):
             raise NeurontuneError("recover=distill needs recover_steps > 0 and a positive recover_lr")
         if distills and (
-            cfg.distill_temperature <= 0 or not 0.0 <= cfg.distill_alpha <= 1.0 or cfg.distill_general < 0
+            cfg.distill_temperature <= 0
+            or not 0.0 <= cfg.distill_alpha <= 1.0
+            or cfg.distill_general < 0
+            or cfg.distill_hidden < 0
         ):
-            raise NeurontuneError("distillation needs distill_temperature > 0, distill_alpha in [0, 1] and "
-                                  "distill_general >= 0")  # fmt: skip
+            raise NeurontuneError("distillation needs distill_temperature > 0, distill_alpha in [0, 1], "
+                                  "distill_general >= 0 and distill_hidden >= 0")  # fmt: skip
         if cfg.distill_general_teacher and not cfg.distill_general:
             raise NeurontuneError("distill_general_teacher teaches the distill_general news articles: "
                                   "set distill_general > 0 or drop distill_general_teacher")  # fmt: skip
@@ -200,7 +209,7 @@ class Gates(Method):
         with ``gate_train_weights`` a frozen copy of ``model``, as the weights move)."""
         if not self.cfg.gate_distill:
             return {}
-        from neurontune.distill import attended_tokens, distill_loss
+        from neurontune.distill import attended_tokens
         from neurontune.runtime import process_state
 
         cfg = self.cfg
@@ -209,8 +218,8 @@ class Gates(Method):
         say = print if process_state().is_main_process else _quiet
         say(f"gates: distilling {frozen or 'the ungated model'} during gate training "
               f"(T={cfg.distill_temperature:g}, task loss weight {cfg.distill_alpha:g}, "
-              f"{cfg.distill_general} news articles{_general_teacher_note(cfg)})")  # fmt: skip
-        loss = distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha, _general_teacher(cfg))
+              f"{cfg.distill_general} news articles{_teachers_note(cfg)})")  # fmt: skip
+        loss = _loss(teacher, cfg)
         return {"loss_fn": loss, "count_fn": attended_tokens}
 
     def regularization(self, model: nn.Module) -> Callable[[int], torch.Tensor]:
@@ -282,7 +291,7 @@ class Gates(Method):
     def _distill(self, pruned: nn.Module, tok: Any, out: Path) -> nn.Module:
         """Recover the pruned model by logit distillation from the unpruned one (neurontune.distill);
         writes ``output_dir/recovered`` (a plain transformers model) and records the KL before/after."""
-        from neurontune.distill import attended_tokens, distill_loss, kl_to_teacher
+        from neurontune.distill import attended_tokens, kl_to_teacher
         from neurontune.errors import MainProcessError
         from neurontune.io import save_pretrained_atomic
         from neurontune.runtime import process_state, share_outcome
@@ -312,7 +321,7 @@ class Gates(Method):
         else:
             student = pruned.requires_grad_(True)
         say(f"recover: distilling {cfg.distill_teacher or cfg.model} into the pruned model for "
-            f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f}{_general_teacher_note(cfg)})")  # fmt: skip
+            f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f}{_teachers_note(cfg)})")  # fmt: skip
         args = train_args(cfg, steps=cfg.recover_steps, lr=cfg.recover_lr or cfg.lr)
         data = StepBatches(examples, tok, cfg.batch_size, cfg.max_length, cfg.seed)
         # early_stopping_patience: the task's validation loss (its held-out examples) before the recovery
@@ -329,7 +338,7 @@ class Gates(Method):
             stopper.start(cfg.resume)  # the export itself is a candidate (step 0)
 
         log = train(student, data, args, out / "recover", resume=cfg.resume,
-                    loss_fn=distill_loss(teacher, cfg.distill_temperature, cfg.distill_alpha, _general_teacher(cfg)),
+                    loss_fn=_loss(teacher, cfg),
                     count_fn=attended_tokens, on_step=stopper.on_step if stopper else None,
                     stop_when=stopper.watch if stopper else None)  # fmt: skip
         if stopper:
@@ -389,8 +398,19 @@ def _general_teacher(cfg: Any) -> nn.Module | None:
     return _teacher(cfg, cfg.distill_general_teacher) if cfg.distill_general_teacher else None
 
 
-def _general_teacher_note(cfg: Any) -> str:
-    return f", taught by {cfg.distill_general_teacher}" if cfg.distill_general_teacher else ""
+def _loss(teacher: Callable[..., Any], cfg: Any) -> Callable[..., torch.Tensor]:
+    """The distillation's loss (gate phase and recovery alike)."""
+    from neurontune.distill import distill_loss
+
+    return distill_loss(
+        teacher, cfg.distill_temperature, cfg.distill_alpha, _general_teacher(cfg), cfg.distill_hidden
+    )
+
+
+def _teachers_note(cfg: Any) -> str:
+    return (f", taught by {cfg.distill_general_teacher}" if cfg.distill_general_teacher else "") + (
+        f"; hidden states weight {cfg.distill_hidden:g}" if cfg.distill_hidden else ""
+    )
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
