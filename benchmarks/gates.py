@@ -436,7 +436,7 @@ def recipe_text(s: dict) -> str:
 
 def _hidden_text(s: dict) -> str:
     return (
-        f" + {s['distill_hidden']:g} x the layers' hidden-state error (relative, per token)"
+        f" + {s['distill_hidden']:g} x the layers' hidden-state error (cosine distance per token)"
         if s.get("distill_hidden")
         else ""
     )

@@ -20,12 +20,18 @@ news is the language model to keep, where the task-tuned teacher has already dri
 ``hidden`` adds CoFi's layer-wise distillation: every decoder layer's output (the hidden states
 ``output_hidden_states`` returns, less the embeddings) pulled towards the teacher's at the same layer.
 Pruning MLP channels and heads keeps the hidden size and the layer count, so the layers pair one to one
-without CoFi's learned projection. The error at a position is relative, ``|h_s - h_t|^2 / |h_t|^2``
-(a few positions, the first above all, carry hidden states hundreds of times larger than the rest, and
-the norm grows with depth: a plain squared error would be theirs and the last layers' alone), averaged
-over the layers, summed over the same positions as the KL and divided by the same count::
+without CoFi's learned projection. The error at a position is the cosine distance
+``1 - cos(h_s, h_t)``, averaged over the layers, summed over the same positions as the KL and divided by
+the same count::
 
-    loss += hidden * sum_pos mean_layers |h_s - h_t|^2 / |h_t|^2 / n
+    loss += hidden * sum_pos mean_layers (1 - cos(h_s, h_t)) / n
+
+Why not a squared error: each layer reads its input through an RMSNorm, which drops the scale, and a
+few positions carry massive activations (norms of 20,000 against a median of 150 in SmolLM2-135M's
+middle layers) that a pruned model may move to another token. On a 30 %-pruned SmolLM2-135M against its
+teacher (8 news windows), the per-token relative squared error ``|h_s - h_t|^2 / |h_t|^2`` has a median
+of 0.19 at every layer but a maximum of 2,010 (layer 12): its mean over positions would be those few
+tokens' alone. The cosine distance is bounded (at most 2) and averaged 0.07-0.18 per layer there.
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ def _kl_sum(
 def _hidden_sum(
     student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mask: torch.Tensor
 ) -> torch.Tensor:
-    """Sum over ``mask``'s positions of the mean over layers of ``|h_s - h_t|^2 / |h_t|^2``."""
+    """Sum over ``mask``'s positions of the mean over layers of ``1 - cos(h_s, h_t)``."""
     if len(student) != len(teacher) or student[0].shape[-1] != teacher[0].shape[-1]:
         raise NeurontuneError(
             f"distill_hidden pairs the layers one to one: the student returns {len(student)} hidden states of "
@@ -71,9 +77,8 @@ def _hidden_sum(
         )
     total = mask.new_zeros((), dtype=torch.float32)
     for s, t in zip(student, teacher, strict=True):
-        s, t = s[:, :-1].float(), t[:, :-1].float()
-        err = (s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)
-        total = total + (err * mask).sum()
+        distance = 1 - F.cosine_similarity(s[:, :-1].float(), t[:, :-1].float(), dim=-1)
+        total = total + (distance * mask).sum()
     return total / len(student)
 
 

@@ -87,7 +87,7 @@ class GateOptions:
     distill_hidden: float = opt(
         0.0,
         "weight of a layer-wise term beside the KL (CoFi): every layer's hidden states pulled towards the "
-        "teacher's, relative squared error per token averaged over layers (0: logits only)",
+        "teacher's, cosine distance per token averaged over layers (0: logits only)",
         group=G,
     )
     distill_temperature: float = opt(2.0, "recover=distill: softmax temperature of the KL term", group=G)
