@@ -90,6 +90,10 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
     if args.recover_steps:  # 0: the export is the result
         run += ["recover=distill", f"recover_steps={args.recover_steps}", "recover_params=full",
                 f"recover_lr={args.recover_lr}"]  # fmt: skip
+        if args.recover_lr_scheduler:
+            run.append(f"recover_lr_scheduler={args.recover_lr_scheduler}")
+        if args.recover_warmup_steps is not None:
+            run.append(f"recover_warmup_steps={args.recover_warmup_steps}")
     if args.recover_steps or teacher is not None:  # a distillation to configure
         run += [f"distill_alpha={args.distill_alpha}", f"distill_general={args.distill_general}"]
         if args.distill_hidden:  # the default's command text stays as it was (--reuse)
@@ -417,6 +421,16 @@ def recipe_text(s: dict) -> str:
             + (f" with warmup_steps={s['warmup_steps']}" if s.get("warmup_steps") else "")
             + " over the gate phase's steps, again over the recovery's (the teacher and the reference: constant). "
         )
+    if s.get("recover_lr_scheduler") or s.get("recover_warmup_steps") is not None:
+        sched = s.get("recover_lr_scheduler") or s.get("lr_scheduler", "constant")
+        warm = (
+            s.get("warmup_steps", 0) if s.get("recover_warmup_steps") is None else s["recover_warmup_steps"]
+        )
+        text += (
+            f"The recovery's learning rate: {sched} schedule"
+            + (f" with {warm} warm-up steps" if warm else "")
+            + ". "
+        )
     text += (
         f"Unpruned reference: rows (magnitude, LoRA r=8 budget, lr 3e-4) for {total} steps (every step of the "
         "gates pipeline)."
@@ -615,6 +629,14 @@ def main() -> None:
         "first steps move every weight by about the learning rate)",
     )  # fmt: skip
     p.add_argument(
+        "--recover-lr-scheduler", default=None,
+        help="the recovery's own lr_scheduler (recover_lr_scheduler; default: --lr-scheduler)",
+    )  # fmt: skip
+    p.add_argument(
+        "--recover-warmup-steps", type=int, default=None,
+        help="the recovery's own warm-up steps (recover_warmup_steps; default: --warmup-steps)",
+    )  # fmt: skip
+    p.add_argument(
         "--distill-hidden", type=float, default=0.0,
         help="both distillations also pull every layer's hidden states towards the teacher's, at this weight "
         "(distill_hidden; 0: logits only)",
@@ -637,6 +659,17 @@ def main() -> None:
         args.curve_seeds = [int(s) for s in args.curve_seeds.split(",") if s]
     if args.general_teacher == "base" and (args.recipe != "teacher" or not args.distill_general):
         p.error("--general-teacher base: the teacher recipe's news articles (--distill-general > 0)")
+    from neurontune.choices import check_warmup
+    from neurontune.errors import NeurontuneError
+
+    try:  # before any run: transformers' constant schedule would ignore the warm-up
+        check_warmup(args.lr_scheduler, args.warmup_steps, "--lr-scheduler", "--warmup-steps")
+        check_warmup(args.recover_lr_scheduler or args.lr_scheduler,
+                     args.warmup_steps if args.recover_warmup_steps is None else args.recover_warmup_steps,
+                     "--recover-lr-scheduler" if args.recover_lr_scheduler else "--lr-scheduler",
+                     "--warmup-steps" if args.recover_warmup_steps is None else "--recover-warmup-steps")  # fmt: skip
+    except NeurontuneError as e:
+        p.error(str(e))
     if args.early_stopping and not args.recover_steps:
         p.error("--early-stopping picks the recovery's best step: it needs --recover-steps > 0")
     runs = training_runs(args)

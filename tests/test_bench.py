@@ -35,8 +35,8 @@ def test_write_results_keeps_the_old_files_when_rendering_fails(tmp_path):
 def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     """benchmarks/gates.py on the tiny model: per task a teacher, the unpruned reference with every step
     of the pipeline, and a gates run per target gating the teacher (its news articles distilled from the
-    base model: --general-teacher base; the layers' hidden states distilled too: --distill-hidden); JSON,
-    markdown, summary and curve."""
+    base model: --general-teacher base; the layers' hidden states distilled too: --distill-hidden; the
+    recovery on a schedule of its own); JSON, markdown, summary and curve."""
     import subprocess
 
     root = Path(__file__).parents[1]
@@ -44,7 +44,8 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
            "--recover-steps", "2", "--teacher-steps", "2", "--seeds", "0", "--eval-examples", "4",
            "--forgetting-examples", "2", "--speed-repeats", "1", "--distill-general", "2", "--train-examples", "16",
            "--sparsities", "0.2,0.4", "--gen-sparsities", "", "--mc-sparsities", "0.3", "--general-teacher", "base",
-           "--distill-hidden", "0.5", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+           "--distill-hidden", "0.5", "--recover-lr-scheduler", "constant_with_warmup", "--recover-warmup-steps", "1",
+           "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "gates.json").read_text())
@@ -69,12 +70,35 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
         cfg["distill_general_teacher"] == "tiny-llama"
     )  # --general-teacher base: the model before the teacher
     assert cfg["distill_hidden"] == 0.5 and cfg["recover"] == "distill" and cfg["gate_distill"]
+    assert (cfg["recover_lr_scheduler"], cfg["recover_warmup_steps"], cfg["lr_scheduler"]) == (
+        "constant_with_warmup",
+        1,
+        "constant",
+    )  # the recovery's own schedule, the gate phase's unchanged
     summary = json.loads((tmp_path / "out" / "gates_summary.json").read_text())
     assert set(summary) == {"hyperbaton"} and summary["hyperbaton"]["removed_fraction"] >= 0.3
     assert (tmp_path / "out" / "gates_curve.png").stat().st_size > 1000
     md = (tmp_path / "out" / "gates.md").read_text()
     assert "Teacher: rows" in md and "the news distilled from the base model before task tuning" in md
     assert md.count("0.5 x the layers' hidden-state error") == 2  # the gate phase and the recovery
+    assert "The recovery's learning rate: constant_with_warmup schedule with 1 warm-up steps." in md
+
+
+def test_gates_benchmark_refuses_a_warm_up_that_a_constant_schedule_would_ignore(tmp_path):
+    """Before any run (a teacher takes minutes): one argparse error naming the benchmark's own flags."""
+    import subprocess
+
+    gates = str(Path(__file__).parents[1] / "benchmarks" / "gates.py")
+    for flags, said in (
+        (["--warmup-steps", "3"], "--warmup-steps=3 does nothing with --lr-scheduler=constant"),
+        (["--lr-scheduler", "cosine", "--warmup-steps", "3", "--recover-lr-scheduler", "constant"],
+         "--warmup-steps=3 does nothing with --recover-lr-scheduler=constant"),
+        (["--recover-warmup-steps", "2"], "--recover-warmup-steps=2 does nothing with --lr-scheduler=constant"),
+    ):  # fmt: skip
+        res = subprocess.run([sys.executable, gates, *flags, "--runs", str(tmp_path / "r"), "--out", str(tmp_path)],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+        assert res.returncode == 2 and said in res.stderr, res.stderr
+        assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow  # ~1 min; in .ci/run

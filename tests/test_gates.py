@@ -471,9 +471,13 @@ def test_finetune_gate_distill_trains_on_the_kl_to_the_ungated_model(tmp_path, c
     # the news articles taught by a model of their own, in the gate phase and in the recovery
     # (and the hidden states distilled beside the logits, in both)
     news = ["gate_distill=true", "distill_general=3", "distill_general_teacher=tiny-llama", "recover=distill",
-            "recover_steps=2", "distill_hidden=0.5", f"output_dir={tmp_path / 'news'}"]  # fmt: skip
+            "recover_steps=2", "distill_hidden=0.5", "recover_lr_scheduler=constant_with_warmup",
+            "recover_warmup_steps=2", "lr=1e-3", "recover_lr=4e-4", f"output_dir={tmp_path / 'news'}"]  # fmt: skip
     assert main([*run, *news]) == 0
     printed = capsys.readouterr().out
+    # the recovery's own schedule: warmed up over its 2 steps, while the gate phase keeps the run's constant lr
+    assert [r["lr"] for r in _log(tmp_path / "news" / "recover")] == ["0.0", "0.0002"]
+    assert {r["lr"] for r in _log(tmp_path / "news")} == {"0.001"}
     assert "task loss weight 0, 3 news articles, taught by tiny-llama; hidden states weight 0.5)" in printed
     assert "recover: distilling tiny-llama into the pruned model for 2 steps" in printed
     assert ", taught by tiny-llama; hidden states weight 0.5)" in printed.split("recover: distilling", 1)[1]
@@ -500,6 +504,13 @@ def test_finetune_gate_distill_trains_on_the_kl_to_the_ungated_model(tmp_path, c
     )
 
 
+def _log(run):
+    import csv
+
+    with open(run / "train_log.csv") as f:
+        return list(csv.DictReader(f))
+
+
 def test_distill_options_need_a_distillation(tmp_path, capsys):
     from neurontune.cli import main
 
@@ -520,6 +531,27 @@ def test_distill_options_need_a_distillation(tmp_path, capsys):
     assert "distill_hidden is for recover=distill or gate_distill=true" in capsys.readouterr().err
     assert main([*run, "recover=distill", "distill_hidden=-1"]) == 2
     assert "distill_hidden >= 0" in capsys.readouterr().err
+    # transformers' constant schedule would ignore a warm-up: refused, for the run and for the recovery
+    assert main([*run, "recover_warmup_steps=3"]) == 2
+    assert "recover_warmup_steps is for recover=distill" in capsys.readouterr().err
+    assert main([*run, "recover=distill", "recover_warmup_steps=3"]) == 2
+    assert "recover_warmup_steps=3 does nothing with lr_scheduler=constant" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                *run,
+                "recover=distill",
+                "lr_scheduler=cosine",
+                "warmup_steps=2",
+                "recover_lr_scheduler=constant",
+            ]
+        )
+        == 2
+    )
+    assert "warmup_steps=2 does nothing with recover_lr_scheduler=constant" in capsys.readouterr().err
+    assert main([*run, "warmup_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "warmup_steps=2 does nothing with lr_scheduler=constant" in err and "constant_with_warmup" in err
 
 
 def test_distill_loss_weighs_a_per_token_kl_against_a_per_token_task_loss(tokenizer):

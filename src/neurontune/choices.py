@@ -22,6 +22,21 @@ SCHEDULERS = (
 )  # fmt: skip
 
 
+def check_warmup(
+    scheduler: str,
+    warmup_steps: int,
+    scheduler_option: str = "lr_scheduler",
+    warmup_option: str = "warmup_steps",
+) -> None:
+    """transformers' ``constant`` schedule ignores ``num_warmup_steps``: refuse the pair rather than warm
+    nothing up."""
+    if warmup_steps and scheduler == "constant":
+        raise NeurontuneError(
+            f"{warmup_option}={warmup_steps} does nothing with {scheduler_option}=constant (transformers' constant "
+            f"schedule has no warm-up): use {scheduler_option}=constant_with_warmup, or another schedule"
+        )
+
+
 def scorer_names() -> tuple[str, ...]:
     """The built-in scorers and, once :mod:`neurontune.scoring` is imported, any registered from Python."""
     scoring = sys.modules.get("neurontune.scoring")

@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from neurontune.choices import DTYPES, QUANTIZATIONS, SCHEDULERS, parse_budget, scorer_names
+from neurontune.choices import DTYPES, QUANTIZATIONS, SCHEDULERS, check_warmup, parse_budget, scorer_names
 from neurontune.errors import NeurontuneError
 from neurontune.fields import GIVEN, choices_of, is_set
 from neurontune.fields import opt as _opt
@@ -321,6 +321,7 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
         ):
             if getattr(self, name) < 0:
                 raise NeurontuneError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_warmup(self.lr_scheduler, self.warmup_steps)
 
     def _refuse_unused_options(self, method: Any) -> None:
         """An option the chosen method would ignore is a mistake, not something to drop in silence."""

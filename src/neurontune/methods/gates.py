@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from neurontune.choices import SCHEDULERS, check_warmup
 from neurontune.errors import NeurontuneError
 from neurontune.fields import is_set, opt
 from neurontune.methods.base import Method, register
@@ -73,6 +74,15 @@ class GateOptions:
                        ("none", "distill"), G)  # fmt: skip
     recover_steps: int = opt(100, "recover=distill: optimizer steps", group=G)
     recover_lr: float | None = opt(None, "recover=distill: learning rate (default: lr)", group=G)
+    recover_lr_scheduler: str | None = opt(
+        None, "recover=distill: learning-rate schedule of the recovery (default: lr_scheduler)", SCHEDULERS, G
+    )
+    recover_warmup_steps: int | None = opt(
+        None,
+        "recover=distill: warm-up steps of the recovery (default: warmup_steps); AdamW's first steps move "
+        "every weight by about the learning rate",
+        group=G,
+    )
     recover_params: str = opt("rows", "recover=distill: train rows of the pruned model (at --budget) or all of it",
                               ("rows", "full"), G)  # fmt: skip
     distill_teacher: str | None = opt(
@@ -155,9 +165,19 @@ class Gates(Method):
                 what = "recover=distill" + ("" if f.name.startswith("recover_") else " or gate_distill=true")
                 raise NeurontuneError(f"{f.name} is for {what}; add it or drop {f.name}")
         if cfg.recover == "distill" and (
-            cfg.recover_steps <= 0 or (cfg.recover_lr is not None and cfg.recover_lr <= 0)
+            cfg.recover_steps <= 0
+            or (cfg.recover_lr is not None and cfg.recover_lr <= 0)
+            or (cfg.recover_warmup_steps or 0) < 0
         ):
-            raise NeurontuneError("recover=distill needs recover_steps > 0 and a positive recover_lr")
+            raise NeurontuneError(
+                "recover=distill needs recover_steps > 0, a positive recover_lr and recover_warmup_steps >= 0"
+            )
+        if cfg.recover == "distill":
+            check_warmup(
+                *_recover_schedule(cfg),
+                "recover_lr_scheduler" if cfg.recover_lr_scheduler else "lr_scheduler",
+                "warmup_steps" if cfg.recover_warmup_steps is None else "recover_warmup_steps",
+            )
         if distills and (
             cfg.distill_temperature <= 0
             or not 0.0 <= cfg.distill_alpha <= 1.0
@@ -322,7 +342,10 @@ class Gates(Method):
             student = pruned.requires_grad_(True)
         say(f"recover: distilling {cfg.distill_teacher or cfg.model} into the pruned model for "
             f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f}{_teachers_note(cfg)})")  # fmt: skip
-        args = train_args(cfg, steps=cfg.recover_steps, lr=cfg.recover_lr or cfg.lr)
+        args = train_args(
+            cfg, steps=cfg.recover_steps, lr=cfg.recover_lr or cfg.lr,
+            **dict(zip(("lr_scheduler", "warmup_steps"), _recover_schedule(cfg), strict=True)),
+        )  # fmt: skip
         data = StepBatches(examples, tok, cfg.batch_size, cfg.max_length, cfg.seed)
         # early_stopping_patience: the task's validation loss (its held-out examples) before the recovery
         # and every eval_steps; the recovery ends at its best step's weights (the export's, when no step
@@ -405,6 +428,12 @@ def _loss(teacher: Callable[..., Any], cfg: Any) -> Callable[..., torch.Tensor]:
     return distill_loss(
         teacher, cfg.distill_temperature, cfg.distill_alpha, _general_teacher(cfg), cfg.distill_hidden
     )
+
+
+def _recover_schedule(cfg: Any) -> tuple[str, int]:
+    """The recovery's ``lr_scheduler`` and ``warmup_steps`` (its own, else the run's)."""
+    warmup = cfg.warmup_steps if cfg.recover_warmup_steps is None else cfg.recover_warmup_steps
+    return cfg.recover_lr_scheduler or cfg.lr_scheduler, warmup
 
 
 def _teachers_note(cfg: Any) -> str:
