@@ -4,7 +4,7 @@ CPU speed against the unpruned row-sparse run of the same training budget, in on
     python benchmarks/gates.py                      # SmolLM2-135M, Rotten Tomatoes + E2E NLG, 3 seeds
     python benchmarks/gates.py --model tiny-llama --gate-steps 3 --recover-steps 2 --seeds 0 \\
         --eval-examples 8 --forgetting-examples 2 --speed-repeats 2 --out /tmp/g     # smoke run
-    python benchmarks/gates.py --render             # rebuild the markdown from the JSON
+    python benchmarks/gates.py --render             # rebuild the markdown and the curve from the JSON
 
 Every training run is ``neurontune finetune`` in a fresh subprocess, with the same data and
 evaluation as benchmarks/quality.py. Per task and seed:
@@ -38,6 +38,7 @@ the cost). Writes ``results/gates.{json,md}`` and ``results/gates_summary.json``
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -367,9 +368,21 @@ def curve(result: dict, path: Path) -> None:
         order = sorted(range(len(xs)), key=xs.__getitem__)
         ax.plot([100 * xs[i] for i in order], [ys[i] for i in order], marker="o", label="gates + distill")
         ax.axhline(statistics.mean(ref), color="grey", linestyle="--", linewidth=1, label="unpruned")
-        ax.set(title=f"{task} (seeds {', '.join(map(str, seeds))})", xlabel="MLP+attention parameters removed (%)",
-               ylabel=metric)  # fmt: skip
-        ax.legend(fontsize=8)
+        seeds_text = ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+        ax.set(title=f"{task} ({seeds_text})", xlabel="MLP+attention parameters removed (%)", ylabel=metric)
+        handles = ax.get_legend_handles_labels()
+        # the news perplexity beside the score: the language model the pruning keeps
+        unpruned_ppl = [m["after"].get("forgetting_ppl") for m in runs
+                        if m["task"] == task and m["name"] == "rows (unpruned)" and m["seed"] in seeds]  # fmt: skip
+        ppl = [unpruned_ppl] + [[m["after"].get("forgetting_ppl") for m in ms] for ms in points.values()]
+        if all(v is not None for vs in ppl for v in vs):
+            twin = ax.twinx()
+            twin.plot([100 * xs[i] for i in order], [statistics.mean(ppl[i]) for i in order], marker="s",
+                      color="tab:red", linestyle=":", label="news perplexity")  # fmt: skip
+            twin.set_ylabel("news perplexity", color="tab:red")
+            more = twin.get_legend_handles_labels()
+            handles = (handles[0] + more[0], handles[1] + more[1])
+        ax.legend(*handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -646,10 +659,11 @@ def main() -> None:
         help="teacher recipe: train the linear modules' weights with the gates at this lr instead of "
         "low-rank terms (gate_train_weights; 0: off)",
     )  # fmt: skip
-    add_run_args(p, "runs/bench-gates", RESULTS, "gates")
+    add_run_args(p, "runs/bench-gates", RESULTS, "gates", also_rendered="gates_curve.png")
     args = p.parse_args()
     if args.render:
         render_only(args.out, "gates", render)
+        curve(json.loads((args.out / "gates.json").read_text()), args.out / "gates_curve.png")
         return
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
     args.gen_sparsities = [float(s) for s in args.gen_sparsities.split(",") if s]
@@ -687,8 +701,6 @@ def main() -> None:
     }
     result["summary"] = summary(runs, speed)
     write_results(args.out, "gates", result, render)
-    import json
-
     (args.out / "gates_summary.json").write_text(json.dumps(result["summary"], indent=2) + "\n")
     curve(result, args.out / "gates_curve.png")
 

@@ -78,6 +78,16 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "out" / "gates_summary.json").read_text())
     assert set(summary) == {"hyperbaton"} and summary["hyperbaton"]["removed_fraction"] >= 0.3
     assert (tmp_path / "out" / "gates_curve.png").stat().st_size > 1000
+    # --render rebuilds the markdown and the curve from the JSON alone
+    md_before = (tmp_path / "out" / "gates.md").read_text()
+    for f in ("gates.md", "gates_curve.png"):
+        (tmp_path / "out" / f).unlink()
+    res = subprocess.run(
+        [*cmd[:2], "--render", "--out", str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "out" / "gates.md").read_text() == md_before
+    assert (tmp_path / "out" / "gates_curve.png").stat().st_size > 1000
     md = (tmp_path / "out" / "gates.md").read_text()
     assert "Teacher: rows" in md and "the news distilled from the base model before task tuning" in md
     assert md.count("0.5 x the layers' hidden-state error") == 2  # the gate phase and the recovery

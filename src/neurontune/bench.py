@@ -122,9 +122,9 @@ def _num_eq(a: object, b: str) -> bool:
         return False
 
 
-def add_run_args(p, runs: str, out: Path, name: str) -> None:
+def add_run_args(p, runs: str, out: Path, name: str, also_rendered: str = "") -> None:
     """The options every finetune-running benchmark shares (data sizes, run and result folders,
-    --reuse, --render of ``<name>.md`` from ``<name>.json``)."""
+    --reuse, --render of ``<name>.md``, and of ``also_rendered`` files, from ``<name>.json``)."""
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--train-examples", type=int, default=2000)
     p.add_argument("--eval-examples", type=int, default=200)
@@ -134,7 +134,8 @@ def add_run_args(p, runs: str, out: Path, name: str) -> None:
     p.add_argument(
         "--reuse", action="store_true", help="keep finished runs in --runs made with the same settings"
     )
-    p.add_argument("--render", action="store_true", help=f"only rebuild {name}.md from {name}.json")
+    rebuilt = f"{name}.md" + (f" and {also_rendered}" if also_rendered else "")
+    p.add_argument("--render", action="store_true", help=f"only rebuild {rebuilt} from {name}.json")
 
 
 def command_line(script: str) -> str:
