@@ -653,7 +653,7 @@ def test_the_news_rows_may_have_a_teacher_of_their_own(tokenizer):
         assert seen["general"] == []
 
 
-def test_distill_hidden_adds_each_layers_relative_error_to_the_teachers_hidden_states(tokenizer):
+def test_distill_hidden_adds_each_layers_cosine_distance_to_the_teachers_hidden_states(tokenizer):
     """distill_loss(hidden=w) adds w x (sum over the KL's positions of the mean over layers of
     1 - cos(h_s, h_t)) / n; the news rows compare with the news teacher's layers; a teacher whose
     layers do not pair with the student's is one clear error."""
