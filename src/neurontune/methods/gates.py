@@ -173,8 +173,10 @@ class Gates(Method):
                 "recover=distill needs recover_steps > 0, a positive recover_lr and recover_warmup_steps >= 0"
             )
         if cfg.recover == "distill":
+            schedule = _recover_schedule(cfg)
             check_warmup(
-                *_recover_schedule(cfg),
+                schedule["lr_scheduler"],
+                schedule["warmup_steps"],
                 "recover_lr_scheduler" if cfg.recover_lr_scheduler else "lr_scheduler",
                 "warmup_steps" if cfg.recover_warmup_steps is None else "recover_warmup_steps",
             )
@@ -344,7 +346,7 @@ class Gates(Method):
             f"{cfg.recover_steps} steps (KL to the teacher {kl_before:.4f}{_teachers_note(cfg)})")  # fmt: skip
         args = train_args(
             cfg, steps=cfg.recover_steps, lr=cfg.recover_lr or cfg.lr,
-            **dict(zip(("lr_scheduler", "warmup_steps"), _recover_schedule(cfg), strict=True)),
+            **_recover_schedule(cfg),
         )  # fmt: skip
         data = StepBatches(examples, tok, cfg.batch_size, cfg.max_length, cfg.seed)
         # early_stopping_patience: the task's validation loss (its held-out examples) before the recovery
@@ -430,10 +432,13 @@ def _loss(teacher: Callable[..., Any], cfg: Any) -> Callable[..., torch.Tensor]:
     )
 
 
-def _recover_schedule(cfg: Any) -> tuple[str, int]:
-    """The recovery's ``lr_scheduler`` and ``warmup_steps`` (its own, else the run's)."""
-    warmup = cfg.warmup_steps if cfg.recover_warmup_steps is None else cfg.recover_warmup_steps
-    return cfg.recover_lr_scheduler or cfg.lr_scheduler, warmup
+def _recover_schedule(cfg: Any) -> dict[str, Any]:
+    """The recovery's ``lr_scheduler`` and ``warmup_steps`` (its own, else the run's), as
+    :func:`~neurontune.train.train_args` overrides."""
+    return {
+        "lr_scheduler": cfg.recover_lr_scheduler or cfg.lr_scheduler,
+        "warmup_steps": cfg.warmup_steps if cfg.recover_warmup_steps is None else cfg.recover_warmup_steps,
+    }
 
 
 def _teachers_note(cfg: Any) -> str:
