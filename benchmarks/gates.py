@@ -112,55 +112,103 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
     return [f"model={teacher}", *run, f"gate_ramp={args.gate_ramp}", "gate_distill=true", *adapt]
 
 
-def training_runs(args: argparse.Namespace) -> list[dict]:
+def planned_jobs(args: argparse.Namespace) -> list[dict]:
+    """Every training run, in report order: per seed and task the teacher, the unpruned reference and the
+    gates runs; ``after`` is the index of the teacher a run needs (its model, or for the reference its
+    early stop), ``None`` for none."""
     everything = [(t, s) for t, ss in (("rotten_tomatoes", args.sparsities), ("e2e_nlg", args.gen_sparsities),
                                         ("hyperbaton", args.mc_sparsities)) for s in ss]  # fmt: skip
-    done = []
+    jobs: list[dict] = []
     for seed in args.seeds:
         curve = args.curve_seeds is None or seed in args.curve_seeds
         plan = [(t, s) for t, s in everything if curve or s == SUMMARY_TARGET]
         for task in dict.fromkeys(t for t, _ in plan):
-            metric = TASKS[task]
             base, out = common(args, task, seed), args.runs / args.recipe / task / f"seed{seed}"
-            jobs = [("rows (unpruned)", 0.0, rows(args, total_steps(args)), "rows")]
+            here = [("rows (unpruned)", 0.0, rows(args, total_steps(args)), "rows")]
             teacher = None
             if args.recipe == "teacher":
                 teacher = out / "teacher" / "merged"
-                jobs.insert(0, ("teacher (rows)", 0.0, [*rows(args, args.teacher_steps), "save_merged=true"],
+                here.insert(0, ("teacher (rows)", 0.0, [*rows(args, args.teacher_steps), "save_merged=true"],
                                 "teacher"))  # fmt: skip
             then = " + distill" if args.recover_steps else ""
-            jobs += [
+            here += [
                 (f"gates {s:.0%}{then}", s, gates(args, s, teacher), f"gates-{s}")
                 for t, s in plan
                 if t == task
             ]
-            teacher_run = None
-            for name, sparsity, overrides, folder in jobs:
-                if folder == "rows" and (same := reference_from_teacher(teacher_run)):
-                    m = same
-                else:
-                    m = finetune_run([*base, *overrides], out / folder, reuse=args.reuse)
-                if folder == "teacher":
-                    teacher_run = m
-                m.update(name=name, target_sparsity=sparsity, seed=seed)
-                g = m.get("gates") or {}
-                got = m["after"][metric]
-                extra = (
-                    f" (gated {g['gated'][metric]:.3f}, exported {g['exported'][metric]:.3f}, "
-                    f"{g['removed_fraction_of_prunable']:.1%} removed, forced {_forced(g['shape'])})"
-                    if g else ""
-                )  # fmt: skip
-                print(f"{task} seed {seed} {name}: {metric} {got:.3f}{extra} wall {wall(m)}", flush=True)
-                m["loss_curves"] = {
-                    phase: curve
-                    for phase, log in (("train", out / folder / "train_log.csv"),
-                                       ("recover", out / folder / "recover" / "train_log.csv"))
-                    if (curve := loss_curve(log))
-                }  # fmt: skip
-                if m["method"] == "gates" and (points := gate_eval_curve(out / folder)):
-                    m["gate_eval_curve"] = points
-                done.append(m)
-    return done
+            first = len(jobs)
+            for name, sparsity, overrides, folder in here:
+                jobs.append({
+                    "task": task, "seed": seed, "name": name, "sparsity": sparsity, "folder": out / folder,
+                    "overrides": [*base, *overrides],
+                    "after": first if teacher is not None and folder != "teacher" else None,
+                })  # fmt: skip
+    return jobs
+
+
+def priority(job: dict) -> tuple:
+    """Which ready run starts first with ``--jobs`` > 1: teachers (everything waits on them), then the
+    30 % runs (the summary), then the references, then the rest of the curve."""
+    rank = 0 if job["after"] is None and job["name"].startswith("teacher") else 1
+    if job["name"] == "rows (unpruned)":
+        rank = 2
+    elif job["sparsity"] and job["sparsity"] != SUMMARY_TARGET:
+        rank = 3
+    return rank, job["seed"]
+
+
+def training_runs(args: argparse.Namespace) -> list[dict]:
+    """Every planned run, ``args.jobs`` at a time (each with CPUs/jobs threads; scores do not depend on
+    it, wall times do), a run starting once the teacher it needs has finished; results in plan order."""
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    plan = planned_jobs(args)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    done: dict[int, dict] = {}
+
+    def run(i: int) -> dict:
+        job = plan[i]
+        teacher_run = done.get(job["after"]) if job["after"] is not None else None
+        if job["name"] == "rows (unpruned)" and (same := reference_from_teacher(teacher_run)):
+            m = same
+        else:
+            m = finetune_run(job["overrides"], job["folder"], reuse=args.reuse, threads=threads)
+        m.update(name=job["name"], target_sparsity=job["sparsity"], seed=job["seed"])
+        metric, g = TASKS[job["task"]], m.get("gates") or {}
+        extra = (
+            f" (gated {g['gated'][metric]:.3f}, exported {g['exported'][metric]:.3f}, "
+            f"{g['removed_fraction_of_prunable']:.1%} removed, forced {_forced(g['shape'])})"
+            if g else ""
+        )  # fmt: skip
+        print(f"{job['task']} seed {job['seed']} {job['name']}: {metric} {m['after'][metric]:.3f}{extra} "
+              f"wall {wall(m)}", flush=True)  # fmt: skip
+        m["loss_curves"] = {
+            phase: curve
+            for phase, log in (("train", job["folder"] / "train_log.csv"),
+                               ("recover", job["folder"] / "recover" / "train_log.csv"))
+            if (curve := loss_curve(log))
+        }  # fmt: skip
+        if m["method"] == "gates" and (points := gate_eval_curve(job["folder"])):
+            m["gate_eval_curve"] = points
+        return m
+
+    waiting = sorted(range(len(plan)), key=lambda i: priority(plan[i]))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        running: dict = {}
+        while waiting or running:
+            for i in [i for i in waiting if plan[i]["after"] is None or plan[i]["after"] in done]:
+                if len(running) < args.jobs:
+                    waiting.remove(i)
+                    running[pool.submit(run, i)] = i
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                try:
+                    done[running.pop(f)] = f.result()
+                except BaseException:  # a failed run: start no other; the finished ones stay in --runs
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    return [done[i] for i in range(len(plan))]
 
 
 def reference_from_teacher(teacher: dict | None) -> dict | None:
@@ -667,6 +715,11 @@ def main() -> None:
         "--distill-hidden", type=float, default=0.0,
         help="both distillations also pull every layer's hidden states towards the teacher's, at this weight "
         "(distill_hidden; 0: logits only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--jobs", type=int, default=1,
+        help="training runs at once, each with CPUs/jobs threads (scores do not depend on it; wall times do); "
+        "the speed measurement runs alone afterwards",
     )  # fmt: skip
     p.add_argument(
         "--gate-weights-lr", type=float, default=0.0,
