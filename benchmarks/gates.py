@@ -649,7 +649,8 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before any run (the lists parsed; a bad combination exits with usage)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sparsities", default="0.3", help="targets run on rotten_tomatoes")
@@ -727,11 +728,9 @@ def main() -> None:
         "low-rank terms (gate_train_weights; 0: off)",
     )  # fmt: skip
     add_run_args(p, "runs/bench-gates", RESULTS, "gates", also_rendered="gates_curve.png")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.render:
-        render_only(args.out, "gates", render)
-        curve(json.loads((args.out / "gates.json").read_text()), args.out / "gates_curve.png")
-        return
+        return args
     args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
     args.gen_sparsities = [float(s) for s in args.gen_sparsities.split(",") if s]
     args.mc_sparsities = [float(s) for s in args.mc_sparsities.split(",") if s]
@@ -753,6 +752,17 @@ def main() -> None:
         p.error(str(e))
     if args.early_stopping and not args.recover_steps:
         p.error("--early-stopping picks the recovery's best step: it needs --recover-steps > 0")
+    if args.jobs < 1:
+        p.error("--jobs: at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.render:
+        render_only(args.out, "gates", render)
+        curve(json.loads((args.out / "gates.json").read_text()), args.out / "gates_curve.png")
+        return
     runs = training_runs(args)
     speed = speeds(speed_models(args, runs), args.speed_repeats)
     result = {

@@ -111,6 +111,63 @@ def test_gates_benchmark_refuses_a_warm_up_that_a_constant_schedule_would_ignore
         assert not (tmp_path / "r").exists()
 
 
+def test_gates_benchmark_runs_jobs_at_once_each_after_the_teacher_it_needs(monkeypatch, tmp_path):
+    """--jobs 2: two runs at a time with half the CPUs each; the teachers start first, every other run of a
+    seed only once its teacher has finished, the 30 % runs before the rest of the curve; the results come
+    back in the plan's order, and a reference the teacher's early stop stands in for never runs."""
+    import importlib.util
+    import os
+    import threading
+    import time
+
+    spec = importlib.util.spec_from_file_location(
+        "gates_bench", Path(__file__).parents[1] / "benchmarks" / "gates.py"
+    )
+    gates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gates)
+    lock, events, running, most = threading.Lock(), [], set(), [0]
+
+    def fake_run(overrides, out, reuse=False, threads=None):
+        run = (out.parent.name, out.name)  # (seedN, folder)
+        with lock:
+            events.append(("start", *run))
+            running.add(run)
+            most[0] = max(most[0], len(running))
+        time.sleep(0.2 if run == ("seed1", "teacher") else 0.05)  # seed 1's teacher is slow
+        with lock:
+            events.append(("end", *run))
+            running.discard(run)
+        return {"method": "gates" if out.name.startswith("gates") else "rows", "after": {"accuracy": 0.5},
+                "early_stopping": {"stopped": run == ("seed0", "teacher")}, "threads": threads,
+                "wall_seconds": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(gates, "finetune_run", fake_run)
+    args = gates.parse_args(["--seeds", "0,1", "--curve-seeds", "0", "--sparsities", "0.2,0.3,0.4",
+                             "--gen-sparsities", "", "--mc-sparsities", "", "--jobs", "2",
+                             "--runs", str(tmp_path)])  # fmt: skip
+    runs = gates.training_runs(args)
+    assert [(m["seed"], m["name"]) for m in runs] == [
+        (0, "teacher (rows)"), (0, "rows (unpruned)"), (0, "gates 20% + distill"), (0, "gates 30% + distill"),
+        (0, "gates 40% + distill"), (1, "teacher (rows)"), (1, "rows (unpruned)"), (1, "gates 30% + distill"),
+    ]  # fmt: skip
+    assert runs[1]["same_as"] == "teacher (rows)" and ("start", "seed0", "rows") not in events
+    assert most[0] == 2 and {m["threads"] for m in runs if "same_as" not in m} == {
+        max(1, os.cpu_count() // 2)
+    }
+    starts = [e[1:] for e in events if e[0] == "start"]
+    assert set(starts[:2]) == {("seed0", "teacher"), ("seed1", "teacher")}
+    assert starts.index(("seed0", "gates-0.3")) < starts.index(("seed0", "gates-0.2"))
+    for seed in ("seed0", "seed1"):
+        teacher_done = events.index(("end", seed, "teacher"))
+        assert all(
+            events.index(("start", s, f)) > teacher_done for s, f in starts if s == seed and f != "teacher"
+        )
+    # seed 0's runs went ahead while seed 1's teacher was still training
+    assert events.index(("start", "seed0", "gates-0.3")) < events.index(("end", "seed1", "teacher"))
+    with pytest.raises(SystemExit):
+        gates.parse_args(["--jobs", "0"])
+
+
 @pytest.mark.slow  # ~1 min; in .ci/run
 def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_recovery(tmp_path):
     """--gate-weights-lr gates with gate_train_weights instead of low-rank terms; --recover-steps 0 makes
@@ -124,12 +181,12 @@ def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_reco
            "--lr-scheduler", "cosine", "--warmup-steps", "1",
            "--curve-seeds", "0", "--eval-examples", "4", "--forgetting-examples", "2", "--speed-repeats", "1",
            "--distill-general", "2", "--train-examples", "16", "--sparsities", "0.2,0.3", "--gen-sparsities", "",
-           "--mc-sparsities", "",
+           "--mc-sparsities", "", "--jobs", "2",
            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "gates.json").read_text())
-    # --curve-seeds 0: seed 1 runs only the 30 % target
+    # --curve-seeds 0 (and --jobs 2: the results in the plan's order): seed 1 runs only the 30 % target
     assert [(m["seed"], m["name"]) for m in result["runs"]] == [
         (0, "teacher (rows)"), (0, "rows (unpruned)"), (0, "gates 20%"), (0, "gates 30%"),
         (1, "teacher (rows)"), (1, "rows (unpruned)"), (1, "gates 30%"),
