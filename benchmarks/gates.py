@@ -22,6 +22,10 @@ evaluation as benchmarks/quality.py. Per task and seed:
   model in eval mode (*gated*), the uniform export (*exported*), the export after distillation
   (*recovered*).
 
+``--jobs N`` runs N training runs at once, each with CPUs/N threads (the scores do not depend on it, the
+wall times do); the teachers start first, every other run of a seed once its teacher has finished, the
+30 % runs before the rest of the curve. The speed measurement runs alone afterwards.
+
 ``gate_force=true``: a run whose gates fall short of the target is exported anyway and the forced
 fraction is reported (the CLI default stops instead).
 
