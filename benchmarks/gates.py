@@ -195,6 +195,8 @@ def training_runs(args: argparse.Namespace) -> list[dict]:
         }  # fmt: skip
         if m["method"] == "gates" and (points := gate_eval_curve(job["folder"])):
             m["gate_eval_curve"] = points
+        if (log := job["folder"] / "recover" / "eval_log.json").is_file():  # the recovery's, from the export
+            m["recover_eval_curve"] = json.loads(log.read_text())["points"]
         return m
 
     waiting = sorted(range(len(plan)), key=lambda i: priority(plan[i]))
@@ -535,11 +537,12 @@ def _hidden_text(s: dict) -> str:
     )
 
 
-def _curve_point(p: dict, metric: str) -> str:
-    shut = "-" if p.get("gate_sparsity") is None else f"{p['gate_sparsity']:.0%}"
+def _curve_point(p: dict, metric: str, shut: bool = True) -> str:
+    """``step: shut, score, ppl`` (``shut=False``: without the share of gates shut)."""
+    gates = ("-" if p.get("gate_sparsity") is None else f"{p['gate_sparsity']:.0%}") + ", " if shut else ""
     score = f"{p[metric]:.3f}" if metric == "accuracy" else f"{p[metric]:.1f}"
     ppl = f", {p['forgetting_ppl']:.0f}" if "forgetting_ppl" in p else ""
-    return f"{p['step']}: {shut}, {score}{ppl}"
+    return f"{p['step']}: {gates}{score}{ppl}"
 
 
 def wall(m: dict) -> str:
@@ -617,6 +620,17 @@ def render(result: dict) -> str:
             lines.append(
                 f"| {m['task']} | {m['seed']} | {m['name']} | "
                 + "; ".join(_curve_point(p, metric) for p in m["gate_eval_curve"])
+                + " |"
+            )
+    recovering = [m for m in result["runs"] if m.get("recover_eval_curve")]
+    if recovering:
+        lines += ["", "The pruned model along the recovery (the export at step 0, then every `--eval-steps`; score, "
+                  "news perplexity):", "", "| task | seed | run | step: score, ppl |", "|---|---|---|---|"]  # fmt: skip
+        for m in recovering:
+            metric = TASKS[m["task"]]
+            lines.append(
+                f"| {m['task']} | {m['seed']} | {m['name']} | "
+                + "; ".join(_curve_point(p, metric, shut=False) for p in m["recover_eval_curve"])
                 + " |"
             )
     lines += ["", "Means over seeds at the 30 % target (`gates_summary.json`):", "",

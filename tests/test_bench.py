@@ -111,20 +111,44 @@ def test_gates_benchmark_refuses_a_warm_up_that_a_constant_schedule_would_ignore
         assert not (tmp_path / "r").exists()
 
 
-def test_gates_benchmark_runs_jobs_at_once_each_after_the_teacher_it_needs(monkeypatch, tmp_path):
-    """--jobs 2: two runs at a time with half the CPUs each; the teachers start first, every other run of a
-    seed only once its teacher has finished, the 30 % runs before the rest of the curve; the results come
-    back in the plan's order, and a reference the teacher's early stop stands in for never runs."""
+def _gates_benchmark():
     import importlib.util
-    import os
-    import threading
-    import time
 
     spec = importlib.util.spec_from_file_location(
         "gates_bench", Path(__file__).parents[1] / "benchmarks" / "gates.py"
     )
     gates = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gates)
+    return gates
+
+
+def test_gates_benchmark_shows_the_recovery_along_its_steps():
+    """A run with the recovery's evaluations (recover/eval_log.json) gets a row of the recovery table in
+    the markdown: each step's score and news perplexity; the committed results render unchanged without."""
+    gates = _gates_benchmark()
+    result = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "gates.json").read_text())
+    plain = gates.render(result)
+    assert "The pruned model along the recovery" not in plain
+    run = next(m for m in result["runs"] if m["method"] == "gates")
+    run["recover_eval_curve"] = [{"step": 0, "accuracy": 0.79, "forgetting_ppl": 99.9},
+                                 {"step": 25, "accuracy": 0.8125, "forgetting_ppl": 91.2}]  # fmt: skip
+    md = gates.render(result)
+    assert (
+        f"| rotten_tomatoes | {run['seed']} | {run['name']} | 0: 0.790, 100; 25: 0.812, 91 |"
+        in md.splitlines()
+    )
+    assert md.replace(md[md.index("\nThe pruned model along") : md.index("\nMeans over seeds")], "") == plain
+
+
+def test_gates_benchmark_runs_jobs_at_once_each_after_the_teacher_it_needs(monkeypatch, tmp_path):
+    """--jobs 2: two runs at a time with half the CPUs each; the teachers start first, every other run of a
+    seed only once its teacher has finished, the 30 % runs before the rest of the curve; the results come
+    back in the plan's order, and a reference the teacher's early stop stands in for never runs."""
+    import os
+    import threading
+    import time
+
+    gates = _gates_benchmark()
     lock, events, running, most = threading.Lock(), [], set(), [0]
 
     def fake_run(overrides, out, reuse=False, threads=None):
@@ -134,6 +158,11 @@ def test_gates_benchmark_runs_jobs_at_once_each_after_the_teacher_it_needs(monke
             running.add(run)
             most[0] = max(most[0], len(running))
         time.sleep(0.2 if run == ("seed1", "teacher") else 0.05)  # seed 1's teacher is slow
+        if out.name.startswith("gates"):  # the recovery's evaluations (eval_steps)
+            (out / "recover").mkdir(parents=True)
+            (out / "recover" / "eval_log.json").write_text(
+                json.dumps({"points": [{"step": 0, "accuracy": 0.4}]})
+            )
         with lock:
             events.append(("end", *run))
             running.discard(run)
@@ -151,6 +180,7 @@ def test_gates_benchmark_runs_jobs_at_once_each_after_the_teacher_it_needs(monke
         (0, "gates 40% + distill"), (1, "teacher (rows)"), (1, "rows (unpruned)"), (1, "gates 30% + distill"),
     ]  # fmt: skip
     assert runs[1]["same_as"] == "teacher (rows)" and ("start", "seed0", "rows") not in events
+    assert [m.get("recover_eval_curve") for m in runs[2:5]] == [[{"step": 0, "accuracy": 0.4}]] * 3
     assert most[0] == 2 and {m["threads"] for m in runs if "same_as" not in m} == {
         max(1, os.cpu_count() // 2)
     }

@@ -346,6 +346,11 @@ def test_early_stopping_picks_the_recoverys_best_step_and_leaves_the_gates_their
         in (capsys.readouterr().out)
     )
     assert es["val_loss"]["0"] > es["best_val_loss"]  # the export itself was measured (step 0) and beaten
+    # the recovery's own curve: the export at step 0, then every eval_steps up to the stop (the last step's
+    # weights are not the result, so no evaluation after the recovery joins it)
+    rec_curve = json.loads((out / "recover" / "eval_log.json").read_text())["points"]
+    assert [p["step"] for p in rec_curve] == list(range(len(log) + 1))
+    assert rec_curve[0]["accuracy"] == m["gates"]["exported"]["accuracy"]
     # a recovery whose every step is worse than the export: the result is the export
     rc = main([*run, "recover=distill", "recover_params=full", "recover_steps=6", "recover_lr=3.0",
                f"output_dir={tmp_path / 'worse'}"])  # fmt: skip
@@ -359,6 +364,32 @@ def test_early_stopping_picks_the_recoverys_best_step_and_leaves_the_gates_their
     pruned, rec = (AutoModelForCausalLM.from_pretrained(tmp_path / "worse" / d).state_dict()
                    for d in ("pruned", "recovered"))  # fmt: skip
     assert all(torch.equal(rec[n], t) for n, t in pruned.items())
+
+
+def test_the_recovery_is_evaluated_every_eval_steps_with_the_news_perplexity(tmp_path):
+    """eval_steps without early stopping: recover/eval_log.json holds the export (step 0), the recovering
+    model every eval_steps and the result at the last step, each with the task score and the news
+    perplexity, which moves as the recovery trains."""
+    from neurontune.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["finetune", "model=tiny-llama", "method=gates", "gate_sparsity=0.5", "steps=2", "gate_force=true",
+               "train_examples=16", "eval_examples=4", "forgetting_examples=2", "eval_before=false", "eval_steps=2",
+               "recover=distill", "recover_params=full", "recover_steps=5", "recover_lr=0.05",
+               f"output_dir={out}"])  # fmt: skip
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    curve = json.loads((out / "recover" / "eval_log.json").read_text())
+    points = curve["points"]
+    assert curve["metric"] == "accuracy" and [p["step"] for p in points] == [0, 2, 4, 5]
+    assert points[0]["forgetting_ppl"] == m["gates"]["exported"]["forgetting_ppl"]
+    assert (
+        points[-1]["forgetting_ppl"]
+        == m["gates"]["recovered"]["forgetting_ppl"]
+        == m["after"]["forgetting_ppl"]
+    )
+    assert len({p["forgetting_ppl"] for p in points}) == 4
+    assert [p["step"] for p in json.loads((out / "eval_log.json").read_text())["points"]] == [2]  # the gates'
 
 
 def test_early_stopping_keeps_the_gate_trainings_best_step_at_the_target(tmp_path, capsys, monkeypatch):

@@ -10,12 +10,14 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from neurontune.io import read_json, write_json
 from neurontune.tasks import (
     IGNORE_INDEX,
     Example,
@@ -321,6 +323,26 @@ def metric_names(results: dict[str, Any] | None) -> list[str]:
         k for k, v in (results or {}).items()
         if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_METRICS
     ]  # fmt: skip
+
+
+class EvalCurve:
+    """Evaluations during training (``eval_steps``), kept in ``eval_log.json`` as ``{"metric": ...,
+    "points": [{"step": s, <metric>: value, ...}]}``, rewritten atomically after each; a resumed run
+    keeps the points before its checkpoint and replaces later ones."""
+
+    def __init__(self, path: Path, metric: str) -> None:
+        self.path, self.metric = path, metric
+        old = read_json(path, "evaluation log") if path.is_file() else {}
+        self.points = {int(p["step"]): p for p in old.get("points", [])} if isinstance(old, dict) else {}
+
+    def add(self, step: int, results: dict[str, Any]) -> dict[str, float]:
+        numbers = {k: results[k] for k in metric_names(results)}
+        self.points = {s: p for s, p in self.points.items() if s < step}
+        self.points[step] = {"step": step, **numbers}
+        write_json(
+            self.path, {"metric": self.metric, "points": [self.points[s] for s in sorted(self.points)]}
+        )
+        return numbers
 
 
 def primary_metric(task: Task) -> str:

@@ -23,7 +23,7 @@ import torch
 from neurontune import __version__
 from neurontune.config import DataConfig, EvalConfig, FinetuneConfig, MergeConfig, SelectConfig
 from neurontune.errors import MainProcessError, NeurontuneError
-from neurontune.evaluation import evaluate, metric_names, primary_metric
+from neurontune.evaluation import EvalCurve, evaluate, metric_names, primary_metric
 from neurontune.io import (
     atomic_path,
     read_json,
@@ -339,26 +339,6 @@ def _on_all_processes(state: Any, error: str | None) -> None:
     """Raise the main process's ``error`` (or nothing) on every process (:func:`share_outcome`)."""
     if error := _share_outcome(state, error):
         raise NeurontuneError(error)
-
-
-class EvalCurve:
-    """Evaluations during training (``eval_steps``), kept in ``eval_log.json`` as ``{"metric": ...,
-    "points": [{"step": s, <metric>: value, ...}]}``, rewritten atomically after each; a resumed run
-    keeps the points before its checkpoint and replaces later ones."""
-
-    def __init__(self, path: Path, metric: str) -> None:
-        self.path, self.metric = path, metric
-        old = read_json(path, "evaluation log") if path.is_file() else {}
-        self.points = {int(p["step"]): p for p in old.get("points", [])} if isinstance(old, dict) else {}
-
-    def add(self, step: int, results: dict[str, Any]) -> dict[str, float]:
-        numbers = {k: results[k] for k in metric_names(results)}
-        self.points = {s: p for s, p in self.points.items() if s < step}
-        self.points[step] = {"step": step, **numbers}
-        write_json(
-            self.path, {"metric": self.metric, "points": [self.points[s] for s in sorted(self.points)]}
-        )
-        return numbers
 
 
 def _fmt_metrics(m: dict[str, Any]) -> str:

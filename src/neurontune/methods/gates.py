@@ -304,17 +304,27 @@ class Gates(Method):
         self.info = info
         exported = info["exported"] = evaluate(plain)
         if cfg.recover == "distill":
-            plain = self._distill(plain, tok, out)
+            plain, curve, last = self._distill(plain, tok, out, evaluate, exported)
             info["recovered"] = recovered = evaluate(plain)
+            if curve is not None and last:  # the result is the last step's weights: the curve's end
+                curve.add(last, recovered)
             self.saved = "recovered"
             return plain, recovered
         return plain, exported
 
-    def _distill(self, pruned: nn.Module, tok: Any, out: Path) -> nn.Module:
+    def _distill(
+        self, pruned: nn.Module, tok: Any, out: Path, evaluate: Callable[..., Any], exported: dict[str, Any]
+    ) -> tuple[nn.Module, Any, int | None]:
         """Recover the pruned model by logit distillation from the unpruned one (neurontune.distill);
-        writes ``output_dir/recovered`` (a plain transformers model) and records the KL before/after."""
+        writes ``output_dir/recovered`` (a plain transformers model) and records the KL before/after.
+        Returns the recovered model, the recovery's evaluation curve (below; ``None``: none here) and the
+        step whose weights it is when that is the last step (the curve's last point), else ``None``.
+        With ``eval_steps`` the recovering model is evaluated every ``eval_steps`` like the gate phase
+        (task score and news perplexity), in ``output_dir/recover/eval_log.json`` from the export (step
+        0) to the result."""
         from neurontune.distill import attended_tokens, kl_to_teacher
         from neurontune.errors import MainProcessError
+        from neurontune.evaluation import EvalCurve, primary_metric
         from neurontune.io import save_pretrained_atomic
         from neurontune.runtime import process_state, share_outcome
         from neurontune.tasks import StepBatches, fixed_batches
@@ -361,24 +371,40 @@ class Gates(Method):
 
         if stopper and main:
             stopper.start(cfg.resume)  # the export itself is a candidate (step 0)
+        curve = (
+            EvalCurve(out / "recover" / "eval_log.json", primary_metric(self.task))
+            if cfg.eval_steps and main
+            else None
+        )
+        if curve is not None and not cfg.resume:
+            curve.add(0, exported)
+
+        def on_step(row: dict[str, float]) -> dict[str, float] | None:  # the main process, after each step
+            step = int(row["step"])
+            if curve is not None and step % cfg.eval_steps == 0 and step < cfg.recover_steps:
+                curve.add(step, evaluate(student))
+                student.train()
+            return stopper.on_step(row) if stopper else None
 
         log = train(student, data, args, out / "recover", resume=cfg.resume,
                     loss_fn=_loss(teacher, cfg),
-                    count_fn=attended_tokens, on_step=stopper.on_step if stopper else None,
+                    count_fn=attended_tokens, on_step=on_step if stopper or curve else None,
                     stop_when=stopper.watch if stopper else None)  # fmt: skip
+        last_kept = True  # the curve's last point: the last step's weights, when they are the result
         if stopper:
             stopper.restore_best(log, cfg.recover_steps, state)
             if main:
-                self.info["recover_early_stopping"] = stopper.summary(log)
+                self.info["recover_early_stopping"] = summary = stopper.summary(log)
+                last_kept = summary["best_step"] in (None, len(log))
         recovered = student.merge_and_unload() if cfg.recover_params == "rows" else student
         recovered.requires_grad_(False).eval()
         if not main:
-            return recovered
+            return recovered, None, None
         kl_after = kl_to_teacher(recovered, teacher, held_out)
         self.info["distill_kl"] = [kl_before, kl_after]
         print(f"recover: KL to the teacher {kl_before:.4f} -> {kl_after:.4f}; wrote {out / 'recovered'}/")
         save_pretrained_atomic(out / "recovered", recovered, tok)
-        return recovered
+        return recovered, curve, (len(log) if last_kept else None)
 
     def _general_examples(self) -> list[Any]:
         """``distill_general`` news articles, every token of them, as prompt-less examples of at most
