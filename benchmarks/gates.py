@@ -185,8 +185,9 @@ def training_runs(args: argparse.Namespace) -> list[dict]:
             f"{g['removed_fraction_of_prunable']:.1%} removed, forced {_forced(g['shape'])})"
             if g else ""
         )  # fmt: skip
-        print(f"{job['task']} seed {job['seed']} {job['name']}: {metric} {m['after'][metric]:.3f}{extra} "
-              f"wall {wall(m)}", flush=True)  # fmt: skip
+        line = f"{job['task']} seed {job['seed']} {job['name']}: {metric} {m['after'][metric]:.3f}{extra} wall {wall(m)}"
+        # one write, so the lines of two runs that end at once do not interleave
+        print(line + "\n", end="", flush=True)
         m["loss_curves"] = {
             phase: curve
             for phase, log in (("train", job["folder"] / "train_log.csv"),
