@@ -304,24 +304,20 @@ class Gates(Method):
         self.info = info
         exported = info["exported"] = evaluate(plain)
         if cfg.recover == "distill":
-            plain, curve, last = self._distill(plain, tok, out, evaluate, exported)
-            info["recovered"] = recovered = evaluate(plain)
-            if curve is not None and last:  # the result is the last step's weights: the curve's end
-                curve.add(last, recovered)
+            plain, info["recovered"] = self._distill(plain, tok, out, evaluate, exported)
             self.saved = "recovered"
-            return plain, recovered
+            return plain, info["recovered"]
         return plain, exported
 
     def _distill(
         self, pruned: nn.Module, tok: Any, out: Path, evaluate: Callable[..., Any], exported: dict[str, Any]
-    ) -> tuple[nn.Module, Any, int | None]:
+    ) -> tuple[nn.Module, dict[str, Any]]:
         """Recover the pruned model by logit distillation from the unpruned one (neurontune.distill);
         writes ``output_dir/recovered`` (a plain transformers model) and records the KL before/after.
-        Returns the recovered model, the recovery's evaluation curve (below; ``None``: none here) and the
-        step whose weights it is when that is the last step (the curve's last point), else ``None``.
-        With ``eval_steps`` the recovering model is evaluated every ``eval_steps`` like the gate phase
-        (task score and news perplexity), in ``output_dir/recover/eval_log.json`` from the export (step
-        0) to the result."""
+        Returns the recovered model and its evaluation (``evaluate``'s, on every process). With
+        ``eval_steps`` the recovering model is evaluated every ``eval_steps`` like the gate phase (task
+        score and news perplexity), in ``output_dir/recover/eval_log.json`` from the export (step 0) to
+        the result."""
         from neurontune.distill import attended_tokens, kl_to_teacher
         from neurontune.errors import MainProcessError
         from neurontune.evaluation import EvalCurve, primary_metric
@@ -399,12 +395,15 @@ class Gates(Method):
         recovered = student.merge_and_unload() if cfg.recover_params == "rows" else student
         recovered.requires_grad_(False).eval()
         if not main:
-            return recovered, None, None
+            return recovered, evaluate(recovered)
         kl_after = kl_to_teacher(recovered, teacher, held_out)
         self.info["distill_kl"] = [kl_before, kl_after]
         print(f"recover: KL to the teacher {kl_before:.4f} -> {kl_after:.4f}; wrote {out / 'recovered'}/")
         save_pretrained_atomic(out / "recovered", recovered, tok)
-        return recovered, curve, (len(log) if last_kept else None)
+        results = evaluate(recovered)
+        if curve is not None and last_kept:  # the result is the last step's weights: the curve's end
+            curve.add(len(log), results)
+        return recovered, results
 
     def _general_examples(self) -> list[Any]:
         """``distill_general`` news articles, every token of them, as prompt-less examples of at most
