@@ -92,6 +92,8 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
         run.append(f"lr_scheduler={args.lr_scheduler}")
     if args.warmup_steps:
         run.append(f"warmup_steps={args.warmup_steps}")
+    if args.gate_lr_scheduler:
+        run.append(f"gate_lr_scheduler={args.gate_lr_scheduler}")
     if args.recover_steps:  # 0: the export is the result
         run += ["recover=distill", f"recover_steps={args.recover_steps}", "recover_params=full",
                 f"recover_lr={args.recover_lr}"]  # fmt: skip
@@ -487,7 +489,13 @@ def recipe_text(s: dict) -> str:
         text += (
             f"Learning rates of the gates runs: {s.get('lr_scheduler', 'constant')} schedule"
             + (f" with warmup_steps={s['warmup_steps']}" if s.get("warmup_steps") else "")
-            + " over the gate phase's steps, again over the recovery's (the teacher and the reference: constant). "
+            + " over the gate phase's steps, again over the recovery's (the teacher and the reference: constant)"
+            + (
+                f"; the gates keep their rate, only the {'weights' if s.get('gate_weights_lr') else 'low-rank terms'} "
+                "follow it. "
+                if s.get("gate_lr_scheduler")
+                else ". "
+            )
         )
     if s.get("recover_lr_scheduler") or s.get("recover_warmup_steps") is not None:
         sched = s.get("recover_lr_scheduler") or s.get("lr_scheduler", "constant")
@@ -722,6 +730,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup-steps", type=int, default=0,
         help="the gates runs' warmup_steps, at the start of the gate phase and again of the recovery (AdamW's "
         "first steps move every weight by about the learning rate)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gate-lr-scheduler", choices=("constant",), default=None,
+        help="constant: the gates keep their rate while --lr-scheduler and --warmup-steps schedule the low-rank "
+        "terms (gate_lr_scheduler, CoFi's); default: the gates follow the schedule too",
     )  # fmt: skip
     p.add_argument(
         "--recover-lr-scheduler", default=None,

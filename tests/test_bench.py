@@ -205,13 +205,14 @@ def test_gates_benchmark_runs_jobs_at_once_each_after_the_teacher_it_needs(monke
 def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_recovery(tmp_path):
     """--gate-weights-lr gates with gate_train_weights instead of low-rank terms; --recover-steps 0 makes
     the export the result (recover=none), and the reference counts the steps that remain; --curve-seeds
-    runs every target on some seeds only; --lr-scheduler reaches the gates runs alone."""
+    runs every target on some seeds only; --lr-scheduler reaches the gates runs alone, and with
+    --gate-lr-scheduler constant their low-rank terms or weights alone, the gates keeping their rate."""
     import subprocess
 
     root = Path(__file__).parents[1]
     cmd = [sys.executable, str(root / "benchmarks" / "gates.py"), "--model", "tiny-llama", "--gate-steps", "4",
            "--recover-steps", "0", "--teacher-steps", "2", "--gate-weights-lr", "1e-4", "--seeds", "0,1",
-           "--lr-scheduler", "cosine", "--warmup-steps", "1",
+           "--lr-scheduler", "cosine", "--warmup-steps", "1", "--gate-lr-scheduler", "constant",
            "--curve-seeds", "0", "--eval-examples", "4", "--forgetting-examples", "2", "--speed-repeats", "1",
            "--distill-general", "2", "--train-examples", "16", "--sparsities", "0.2,0.3", "--gen-sparsities", "",
            "--mc-sparsities", "", "--jobs", "2",
@@ -235,12 +236,15 @@ def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_reco
     assert cfg["gate_train_weights"] and cfg["gate_low_rank"] == 0 and cfg["lr"] == 1e-4
     assert cfg["recover"] == "none" and not (run / "recovered").exists() and (run / "pruned").is_dir()
     assert cfg["lr_scheduler"] == "cosine" and cfg["warmup_steps"] == 1  # the gates runs only
+    assert cfg["gate_lr_scheduler"] == "constant"
     teacher = json.loads((run.parent / "teacher" / "config.json").read_text())
     assert teacher["lr_scheduler"] == "constant" and teacher["warmup_steps"] == 0
+    assert teacher["gate_lr_scheduler"] is None
     assert by["gates 30%"]["after"] == by["gates 30%"]["gates"]["exported"]  # the export is the result
     md = (tmp_path / "out" / "gates.md").read_text()
     assert "trained with the gates at lr 0.0001" in md and "No recovery: the export is the result." in md
     assert "cosine schedule with warmup_steps=1 over the gate phase's steps" in md
+    assert "the gates keep their rate, only the weights follow it." in md
 
 
 def test_a_run_stands_in_for_a_new_one_only_if_it_ran_todays_library_code(tmp_path, monkeypatch):

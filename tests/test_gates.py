@@ -1,6 +1,7 @@
 """Stochastic gates: all-open is the base model, the pruned export equals the gated model, it loads
 without neurontune, and the penalty moves sparsity toward its target."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from neurontune.errors import NeurontuneError
 from neurontune.gates import GateConfig, GatedModel, count_prunable, export_pruned, fold_linear_gates
 from neurontune.models import tiny_model
 from neurontune.tasks import Example, StepBatches
@@ -152,13 +154,18 @@ def test_finetune_gates_writes_a_smaller_model_that_transformers_loads(tmp_path,
     assert "parameters after pruning" in (out / "report.md").read_text()
 
 
-def train_gated(cfg, tokenizer, out, steps, resume=False):
-    """tiny-llama gated by ``cfg``, trained ``steps`` steps at lr 1e-3 on 16 examples, a checkpoint every 3."""
+def train_gated(cfg, tokenizer, out, steps, resume=False, stop_at=None, **schedule):
+    """tiny-llama gated by ``cfg``, trained ``steps`` steps at lr 1e-3 on 16 examples, a checkpoint every 3
+    (``schedule``: TrainArgs' lr_scheduler / warmup_steps); ``stop_at``: stopped after that step, as a
+    killed run."""
     torch.manual_seed(0)
     gated = GatedModel(tiny_model("tiny-llama"), cfg)
     data = StepBatches([Example(f"p{i}", f" c{i}") for i in range(16)], tokenizer, 4, 16, seed=0)
-    args = TrainArgs(steps=steps, lr=1e-3, weight_decay=0.1, save_steps=3)
-    train(gated, data, args, out, resume=resume, progress=False, **gated.training_hooks(args.lr))
+    args = TrainArgs(steps=steps, lr=1e-3, weight_decay=0.1, save_steps=3, **schedule)
+    stop = (lambda log: len(log) >= stop_at) if stop_at else None
+    train(
+        gated, data, args, out, resume=resume, progress=False, stop_when=stop, **gated.training_hooks(args.lr)
+    )
     return gated
 
 
@@ -174,6 +181,48 @@ def test_gates_and_low_rank_train_in_two_groups_and_resume_exactly(tmp_path, tok
     assert a.keys() == b.keys() and any(k.endswith(".B") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_gates_can_keep_a_constant_rate_while_the_low_rank_terms_follow_the_schedule(tmp_path, tokenizer):
+    """``lr_scheduler="constant"`` (gate_lr_scheduler): the gates train at their full rate from the first
+    step while a cosine schedule with warm-up drives the low-rank terms (CoFi's masks have their own
+    optimizer at a constant rate); a resumed run ends exactly where an unbroken one does."""
+    from neurontune.train import make_scheduler
+
+    cfg = GateConfig(low_rank=2, lr=0.05, target_sparsity=0.3, lr_scheduler="constant")
+    gated = GatedModel(tiny_model("tiny-llama"), cfg)
+    optimizer = torch.optim.AdamW(gated.param_groups(1e-3), lr=1e-3)
+    scheduler = make_scheduler(optimizer, TrainArgs(steps=6, lr=1e-3, lr_scheduler="cosine", warmup_steps=2))
+    rates = []
+    for _ in range(6):
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert [r[0] for r in rates] == [0.05] * 6  # the gates
+    low_rank = [r[1] for r in rates]
+    # warmed up over 2 steps, then the cosine
+    assert low_rank[:2] == [0.0, 5e-4] and low_rank[2] == pytest.approx(1e-3), low_rank
+    assert low_rank[2] > low_rank[3] > low_rank[4] > low_rank[5] > 0, low_rank
+    # without it the gates follow the schedule too (warmed up from 0)
+    plain = GatedModel(tiny_model("tiny-llama"), GateConfig(low_rank=2, lr=0.05, target_sparsity=0.3))
+    optimizer = torch.optim.AdamW(plain.param_groups(1e-3), lr=1e-3)
+    make_scheduler(optimizer, TrainArgs(steps=6, lr=1e-3, lr_scheduler="cosine", warmup_steps=2))
+    assert [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]
+    # trained and resumed under the schedule
+    schedule = {"lr_scheduler": "cosine", "warmup_steps": 2}
+    full = train_gated(cfg, tokenizer, tmp_path / "full", 6, **schedule)
+    train_gated(cfg, tokenizer, tmp_path / "cut", 6, stop_at=3, **schedule)
+    resumed = train_gated(cfg, tokenizer, tmp_path / "cut", 6, resume=True, **schedule)
+    a, b = full.state_dict_gates(), resumed.state_dict_gates()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the log shows the scheduled rate (the low-rank terms'), not the gates' constant one
+    with open(tmp_path / "full" / "train_log.csv") as f:
+        logged = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert logged[:2] == [0.0, 5e-4] and logged[-1] < 1e-3, logged
+    with pytest.raises(NeurontuneError, match="gate lr_scheduler must be 'constant'"):
+        GateConfig(lr_scheduler="cosine")
 
 
 def test_trained_weights_move_with_the_gates_resume_exactly_and_export_as_gated(tmp_path, tokenizer):

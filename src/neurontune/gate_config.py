@@ -20,6 +20,9 @@ class GateConfig:
     init: float = 1.0  # initial gate value z; 1.0 = exactly open
     penalty: str = "ranked"  # ranked | mean
     lr: float | None = None  # learning rate of the gates (default: the run's); low-rank terms use the run's
+    # "constant": the gates keep their rate from the first step while the run's lr_scheduler (and warm-up)
+    # schedules the rest (CoFi's masks have an optimizer of their own at a constant rate); None: scheduled too
+    lr_scheduler: str | None = None
     prune_heads: bool = False
     low_rank: int = 0
     low_rank_alpha: float | None = None  # scale s = alpha / r (default alpha = 2r, as LoRA)
@@ -47,6 +50,8 @@ class GateConfig:
             raise NeurontuneError(f"gate penalty must be 'ranked' or 'mean', got {self.penalty!r}")
         if not 0.0 < self.init < 1.5:
             raise NeurontuneError(f"gate init must be in (0, 1.5), got {self.init}")
+        if self.lr_scheduler not in (None, "constant"):
+            raise NeurontuneError(f"gate lr_scheduler must be 'constant' or unset, got {self.lr_scheduler!r}")
         if self.lr is not None and self.lr <= 0:
             raise NeurontuneError(f"gate lr must be positive, got {self.lr}")
         if self.sigma <= 0 or self.tau <= 0 or self.lam < 0 or self.low_rank < 0:

@@ -296,12 +296,17 @@ class GatedModel(ModelWrapper):
         )
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """Gates at ``gate_config.lr`` without weight decay (decay would pull every gate to z = 0.5);
-        the low-rank terms and trained weights at ``lr`` with the run's weight decay."""
+        """Gates at ``gate_config.lr`` without weight decay (decay would pull every gate to z = 0.5), with
+        ``gate_config.lr_scheduler`` "constant" outside the run's schedule
+        (:func:`neurontune.train.make_scheduler`); the low-rank terms and trained weights at ``lr`` with
+        the run's weight decay."""
+        cfg = self.gate_config
         gates = [g.a for g in self.groups.values()]
         ids = {id(p) for p in gates}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"params": gates, "lr": self.gate_config.lr or lr, "weight_decay": 0.0}]
+        groups = [{"params": gates, "lr": cfg.lr or lr, "weight_decay": 0.0}]
+        if cfg.lr_scheduler:
+            groups[0]["lr_scheduler"] = cfg.lr_scheduler
         return groups + ([{"params": rest}] if rest else [])
 
     def training_hooks(self, lr: float) -> dict[str, Any]:

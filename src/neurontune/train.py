@@ -1118,6 +1118,31 @@ def _gather_rng_states(accelerator: Any) -> list[dict[str, torch.Tensor]]:
 
 
 # ---- the loop --------------------------------------------------------------------------------------
+def make_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs) -> torch.optim.lr_scheduler.LambdaLR:
+    """``args.lr_scheduler`` (a transformers.get_scheduler name) over ``args.steps`` after ``args.warmup_steps``,
+    for every parameter group but those marked ``"lr_scheduler": "constant"``, which keep their rate from the
+    first step (gates: CoFi trains its masks with an optimizer of their own, at a constant rate, while the
+    model's rate decays)."""
+    from transformers import get_scheduler
+
+    try:
+        scheduler = get_scheduler(
+            args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps
+        )
+    except ValueError as e:
+        raise NeurontuneError(f"lr_scheduler {args.lr_scheduler!r}: {e}") from None
+    for i, group in enumerate(optimizer.param_groups):
+        if group.get("lr_scheduler") == "constant":
+            scheduler.lr_lambdas[i] = _constant_rate
+            group["lr"] = group["initial_lr"]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return scheduler
+
+
+def _constant_rate(step: int) -> float:
+    return 1.0
+
+
 def train(
     model: torch.nn.Module,
     data: StepBatches,
@@ -1150,8 +1175,6 @@ def train(
     """
     loss_fn = loss_fn or token_loss
     count_fn = count_fn or labelled_tokens
-    from transformers import get_scheduler
-
     from neurontune.sharded import (
         keep_zero3_release,
         largest_block,
@@ -1196,12 +1219,9 @@ def train(
             named = {n: now[n] for n in named}
             groups = [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in groups]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    try:
-        scheduler = get_scheduler(
-            args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps
-        )
-    except ValueError as e:
-        raise NeurontuneError(f"lr_scheduler {args.lr_scheduler!r}: {e}") from None
+    scheduler = make_scheduler(optimizer, args)
+    # the rate logged: the first group's that follows the schedule
+    logged = next((i for i, g in enumerate(optimizer.param_groups) if g.get("lr_scheduler") != "constant"), 0)
     # the scheduler is stepped here, once per optimizer step: accelerate's wrapper would step it once
     # per process, as it assumes a dataloader it sharded itself
     hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
@@ -1310,7 +1330,7 @@ def train(
         total = _sum_over_processes(accelerator, total)
         # the norm is computed either way (max_norm=inf clips nothing), to catch a diverging run
         max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-        lr = scheduler.get_last_lr()[0]
+        lr = scheduler.get_last_lr()[logged]
         if ds:  # DeepSpeed clips (gradient_clipping) and updates in one call; its norm comes after
             if not model.is_gradient_accumulation_boundary():
                 raise RuntimeError("DeepSpeed's accumulation boundary is not the step's last micro-batch")

@@ -33,6 +33,14 @@ class GateOptions:
     gate_lr: float | None = opt(
         None, "learning rate of the gates (default: lr; low-rank terms use lr)", group=G
     )
+    gate_lr_scheduler: str | None = opt(
+        None,
+        "constant: the gates keep gate_lr from the first step while lr_scheduler and warmup_steps schedule "
+        "the low-rank terms or weights (CoFi's masks have their own optimizer at a constant rate); default: "
+        "the gates follow lr_scheduler too",
+        ("constant",),
+        G,
+    )
     gate_sigma: float = opt(0.1, "noise std in training", group=G)
     gate_tau: float = opt(0.5, "width of the open-probability surrogate in the ranked penalty", group=G)
     gate_penalty: str = opt("ranked", "ranked (shut the lowest gates) or mean (FineGates' formula)",
@@ -121,6 +129,7 @@ def gate_config(cfg: Any) -> Any:
         granularity=cfg.gate_granularity, target_sparsity=cfg.gate_sparsity, lam=cfg.gate_lambda,
         sigma=cfg.gate_sigma, tau=cfg.gate_tau, penalty=cfg.gate_penalty, prune_heads=cfg.prune_heads,
         low_rank=cfg.gate_low_rank, target_modules=cfg.target_modules_value(), lr=cfg.gate_lr,
+        lr_scheduler=cfg.gate_lr_scheduler,
         train_weights=cfg.gate_train_weights,
         width_multiple=cfg.gate_width_multiple, tolerance=cfg.gate_tolerance, force=cfg.gate_force,
         ramp_steps=round(cfg.gate_ramp * (cfg.steps or 0)),  # steps: None while only checked (set by the data)
