@@ -632,6 +632,11 @@ def test_distill_options_need_a_distillation(tmp_path, capsys):
     assert main([*run, "warmup_steps=2"]) == 2
     err = capsys.readouterr().err
     assert "warmup_steps=2 does nothing with lr_scheduler=constant" in err and "constant_with_warmup" in err
+    # the gates' own constant rate: nothing to keep them out of under a constant schedule
+    assert main([*run, "gate_lr_scheduler=constant"]) == 2
+    assert "gate_lr_scheduler=constant does nothing with lr_scheduler=constant" in capsys.readouterr().err
+    assert main([*run, "gate_lr_scheduler=cosine"]) == 2
+    assert "gate_lr_scheduler='cosine' is not one of" in capsys.readouterr().err
 
 
 def test_distill_loss_weighs_a_per_token_kl_against_a_per_token_task_loss(tokenizer):

@@ -197,6 +197,11 @@ class Gates(Method):
         ):
             raise NeurontuneError("distillation needs distill_temperature > 0, distill_alpha in [0, 1], "
                                   "distill_general >= 0 and distill_hidden >= 0")  # fmt: skip
+        if cfg.gate_lr_scheduler and cfg.lr_scheduler == "constant" and not cfg.warmup_steps:
+            raise NeurontuneError(
+                f"gate_lr_scheduler={cfg.gate_lr_scheduler} does nothing with lr_scheduler=constant and no "
+                "warmup_steps (every rate is constant already); set a schedule or drop gate_lr_scheduler"
+            )
         if cfg.distill_general_teacher and not cfg.distill_general:
             raise NeurontuneError("distill_general_teacher teaches the distill_general news articles: "
                                   "set distill_general > 0 or drop distill_general_teacher")  # fmt: skip
