@@ -16,14 +16,15 @@ evaluation as benchmarks/quality.py. Per task and seed:
 - ``gates S + distill``: ``method=gates`` at target S (MLP channels and query heads, or with
   ``--no-prune-heads`` MLP channels only; the export shape printed and trained for), ``--gate-steps``
   steps, then ``recover=distill`` (none with ``--recover-steps 0``): the pruned export (all its weights,
-  ``recover_params=full``) distilled from the unpruned base for ``--recover-steps`` steps (KL at
+  ``recover_params=full``, or with ``--recover-params rows`` its rows at the LoRA r=8 budget) distilled from the unpruned base for ``--recover-steps`` steps (KL at
   temperature 2 plus the task loss, weight ``--distill-alpha``; ``--distill-general`` news articles
   mixed into the data against forgetting). One run gives three numbers: the gated
   model in eval mode (*gated*), the uniform export (*exported*), the export after distillation
   (*recovered*).
 
-``--jobs N`` runs N training runs at once, each with CPUs/N threads (the scores do not depend on it, the
-wall times do); the teachers start first, every other run of a seed once its teacher has finished, the
+``--jobs N`` runs N training runs at once, each with CPUs/N threads (the wall times depend on it, and
+the gates runs' scores too, through the floating-point order that this gate training amplifies: up to
+3.6 points on one seed between one and two threads, README); the teachers start first, every other run of a seed once its teacher has finished, the
 30 % runs before the rest of the curve. The speed measurement runs alone afterwards.
 
 ``gate_force=true``: a run whose gates fall short of the target is exported anyway and the forced
@@ -95,7 +96,7 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
     if args.gate_lr_scheduler:
         run.append(f"gate_lr_scheduler={args.gate_lr_scheduler}")
     if args.recover_steps:  # 0: the export is the result
-        run += ["recover=distill", f"recover_steps={args.recover_steps}", "recover_params=full",
+        run += ["recover=distill", f"recover_steps={args.recover_steps}", f"recover_params={args.recover_params}",
                 f"recover_lr={args.recover_lr}"]  # fmt: skip
         if args.recover_lr_scheduler:
             run.append(f"recover_lr_scheduler={args.recover_lr_scheduler}")
@@ -164,8 +165,9 @@ def priority(job: dict) -> tuple:
 
 
 def training_runs(args: argparse.Namespace) -> list[dict]:
-    """Every planned run, ``args.jobs`` at a time (each with CPUs/jobs threads; scores do not depend on
-    it, wall times do), a run starting once the teacher it needs has finished; results in plan order."""
+    """Every planned run, ``args.jobs`` at a time (each with CPUs/jobs threads: wall times depend on it, and
+    the gates runs' scores through the floating-point order), a run starting once the teacher it needs has
+    finished; results in plan order."""
     import os
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -480,7 +482,13 @@ def recipe_text(s: dict) -> str:
         + ", export widths rounded to multiples of 64. "
     )
     text += (
-        f"Distillation: {s['recover_steps']} steps, all weights of the export, lr {s['recover_lr']:g}, KL at T=2 + "
+        f"Distillation: {s['recover_steps']} steps, "
+        + (
+            "rows of the export (magnitude, LoRA r=8 budget)"
+            if s.get("recover_params") == "rows"
+            else "all weights of the export"
+        )
+        + f", lr {s['recover_lr']:g}, KL at T=2 + "
         f"{s['distill_alpha']:g} x task loss{_hidden_text(s)}, {s['distill_general']} news articles mixed in. "
         if s["recover_steps"]
         else "No recovery: the export is the result. "
@@ -694,6 +702,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gate-lambda", type=float, default=1000.0)
     p.add_argument("--recover-steps", type=int, default=60, help="0: no recovery after the export")
     p.add_argument("--recover-lr", type=float, default=5e-5)
+    p.add_argument(
+        "--recover-params", choices=("full", "rows"), default="full",
+        help="what the recovery trains: every weight of the export, or its rows at the LoRA r=8 budget "
+        "(magnitude; recover_params)",
+    )  # fmt: skip
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-general", type=int, default=200)
     p.add_argument("--speed-repeats", type=int, default=10)
@@ -751,8 +764,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--jobs", type=int, default=1,
-        help="training runs at once, each with CPUs/jobs threads (scores do not depend on it; wall times do); "
-        "the speed measurement runs alone afterwards",
+        help="training runs at once, each with CPUs/jobs threads (wall times depend on it, and the gates runs' "
+        "scores through the floating-point order); the speed measurement runs alone afterwards",
     )  # fmt: skip
     p.add_argument(
         "--gate-weights-lr", type=float, default=0.0,

@@ -36,7 +36,8 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     """benchmarks/gates.py on the tiny model: per task a teacher, the unpruned reference with every step
     of the pipeline, and a gates run per target gating the teacher (its news articles distilled from the
     base model: --general-teacher base; the layers' hidden states distilled too: --distill-hidden; the
-    recovery on a schedule of its own); JSON, markdown, summary and curve."""
+    recovery on a schedule of its own, training the export's rows: --recover-params rows); JSON, markdown,
+    summary and curve."""
     import subprocess
 
     root = Path(__file__).parents[1]
@@ -45,7 +46,7 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
            "--forgetting-examples", "2", "--speed-repeats", "1", "--distill-general", "2", "--train-examples", "16",
            "--sparsities", "0.2,0.4", "--gen-sparsities", "", "--mc-sparsities", "0.3", "--general-teacher", "base",
            "--distill-hidden", "0.5", "--recover-lr-scheduler", "constant_with_warmup", "--recover-warmup-steps", "1",
-           "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+           "--recover-params", "rows", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "gates.json").read_text())
@@ -70,6 +71,7 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
         cfg["distill_general_teacher"] == "tiny-llama"
     )  # --general-teacher base: the model before the teacher
     assert cfg["distill_hidden"] == 0.5 and cfg["recover"] == "distill" and cfg["gate_distill"]
+    assert cfg["recover_params"] == "rows"
     assert (cfg["recover_lr_scheduler"], cfg["recover_warmup_steps"], cfg["lr_scheduler"]) == (
         "constant_with_warmup",
         1,
@@ -92,6 +94,7 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     assert "Teacher: rows" in md and "the news distilled from the base model before task tuning" in md
     assert md.count("0.5 x the layers' hidden-state error") == 2  # the gate phase and the recovery
     assert "The recovery's learning rate: constant_with_warmup schedule with 1 warm-up steps." in md
+    assert "Distillation: 2 steps, rows of the export (magnitude, LoRA r=8 budget), lr 5e-05" in md
 
 
 def test_gates_benchmark_refuses_a_warm_up_that_a_constant_schedule_would_ignore(tmp_path):
