@@ -555,9 +555,13 @@ def _hidden_text(s: dict) -> str:
 
 
 def _curve_point(p: dict, metric: str, shut: bool = True) -> str:
-    """``step: shut, score, ppl`` (``shut=False``: without the share of gates shut)."""
+    """``step: shut, score [first label's share], ppl`` (``shut=False``: without the share of gates shut;
+    the share of the examples answered with the first label word, where the evaluation counted it)."""
     gates = ("-" if p.get("gate_sparsity") is None else f"{p['gate_sparsity']:.0%}") + ", " if shut else ""
     score = f"{p[metric]:.3f}" if metric == "accuracy" else f"{p[metric]:.1f}"
+    if p.get("label_shares"):
+        word, share = next(iter(p["label_shares"].items()))
+        score += f" [{word} {share:.0%}]"
     ppl = f", {p['forgetting_ppl']:.0f}" if "forgetting_ppl" in p else ""
     return f"{p['step']}: {gates}{score}{ppl}"
 
@@ -630,7 +634,8 @@ def render(result: dict) -> str:
     along = [m for m in result["runs"] if m.get("gate_eval_curve")]
     if along:
         lines += ["", "The gated model along the gate training (evaluated every `--eval-steps`; share of the gates "
-                  "shut at that step, score, news perplexity):", "",
+                  "shut at that step, score [share of the examples answered with the first label, where counted], "
+                  "news perplexity):", "",
                   "| task | seed | run | step: shut, score, ppl |", "|---|---|---|---|"]  # fmt: skip
         for m in along:
             metric = TASKS[m["task"]]

@@ -127,7 +127,8 @@ def _gates_benchmark():
 
 def test_gates_benchmark_shows_the_recovery_along_its_steps():
     """A run with the recovery's evaluations (recover/eval_log.json) gets a row of the recovery table in
-    the markdown: each step's score and news perplexity; without any, the committed results render
+    the markdown: each step's score (with the first label's share of the answers, where counted) and news
+    perplexity; without any, the committed results render
     without the table and are otherwise the same."""
     gates = _gates_benchmark()
     result = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "gates.json").read_text())
@@ -137,10 +138,11 @@ def test_gates_benchmark_shows_the_recovery_along_its_steps():
     assert "The pruned model along the recovery" not in plain
     run = next(m for m in result["runs"] if m["method"] == "gates")
     run["recover_eval_curve"] = [{"step": 0, "accuracy": 0.79, "forgetting_ppl": 99.9},
-                                 {"step": 25, "accuracy": 0.8125, "forgetting_ppl": 91.2}]  # fmt: skip
+                                 {"step": 25, "accuracy": 0.8125, "forgetting_ppl": 91.2,
+                                  "label_shares": {"negative": 0.46, "positive": 0.54}}]  # fmt: skip
     md = gates.render(result)
     assert (
-        f"| rotten_tomatoes | {run['seed']} | {run['name']} | 0: 0.790, 100; 25: 0.812, 91 |"
+        f"| rotten_tomatoes | {run['seed']} | {run['name']} | 0: 0.790, 100; 25: 0.812 [negative 46%], 91 |"
         in md.splitlines()
     )
     assert md.replace(md[md.index("\nThe pruned model along") : md.index("\nMeans over seeds")], "") == plain

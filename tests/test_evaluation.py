@@ -170,3 +170,27 @@ def test_builtin_choice_tasks_and_the_validation_split():
     assert val.eval == task.train[-len(val.eval) :] and len(val.eval) == int(len(task.train) * 0.1)
     assert not {id(e) for e in val.train} & {id(e) for e in val.eval}  # training leaves the validation split
     assert not {id(e) for e in val.eval} & {id(e) for e in task.eval}  # and the test split is not read
+
+
+def test_classification_reports_the_share_of_examples_given_each_label(tokenizer, monkeypatch, tmp_path):
+    """``label_shares``: how the predictions split over the label words (a model drifting to one label
+    shows it there); an evaluation curve keeps it beside the metrics."""
+    import neurontune.evaluation as ev
+    from neurontune.evaluation import EvalCurve, evaluate
+    from neurontune.tasks import Task
+
+    model = tiny_model("tiny-llama", seed=1)
+    exs = [Example("Review " + "ab" * (i % 7) + f" {i}:", "", i % 2) for i in range(40)]
+    with torch.no_grad():  # label words the model likes after some prompts, so the predictions vary
+        top = [int(model(input_ids=torch.tensor([tokenizer(e.prompt)["input_ids"]])).logits[0, -1].argmax())
+               for e in exs]  # fmt: skip
+    labels = sorted(set(top))[:2]
+    monkeypatch.setattr(ev, "label_token_ids", lambda tok, words: labels)
+    words = (str(labels[0]), str(labels[1]))
+    preds = ev.classification_predictions(model, tokenizer, exs, words)
+    out = evaluate(model, tokenizer, Task("c", "classification", exs, exs, label_words=words))
+    assert out["label_shares"] == {words[0]: preds.count(0) / 40, words[1]: preds.count(1) / 40}
+    assert 0 < out["label_shares"][words[0]] < 1, out["label_shares"]
+    curve = EvalCurve(tmp_path / "eval_log.json", "accuracy")
+    assert "label_shares" not in curve.add(5, out)  # the numbers, for the trackers
+    assert curve.points[5]["label_shares"] == out["label_shares"]

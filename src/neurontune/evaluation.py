@@ -280,6 +280,9 @@ def evaluate(
     if task.kind == "classification":
         preds = classification_predictions(model, tok, task.eval, task.label_words, max_length, batch_size)
         out["accuracy"] = _accuracy(preds, task.eval)
+        # the share of the examples given each label: a model whose answers drift to one label (a shifted
+        # calibration) shows it here before its accuracy says why
+        out["label_shares"] = {w: preds.count(i) / max(1, len(preds)) for i, w in enumerate(task.label_words)}
         out["samples"] = [
             {"prompt": e.prompt, "prediction": task.label_words[p], "reference": task.label_words[e.label]}
             for e, p in zip(task.eval[:samples], preds[:samples], strict=True)
@@ -338,7 +341,8 @@ class EvalCurve:
     def add(self, step: int, results: dict[str, Any]) -> dict[str, float]:
         numbers = {k: results[k] for k in metric_names(results)}
         self.points = {s: p for s, p in self.points.items() if s < step}
-        self.points[step] = {"step": step, **numbers}
+        shares = {"label_shares": results["label_shares"]} if "label_shares" in results else {}
+        self.points[step] = {"step": step, **numbers, **shares}
         write_json(
             self.path, {"metric": self.metric, "points": [self.points[s] for s in sorted(self.points)]}
         )
