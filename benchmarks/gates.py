@@ -106,6 +106,8 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
         run += [f"distill_alpha={args.distill_alpha}", f"distill_general={args.distill_general}"]
         if args.distill_hidden:  # the default's command text stays as it was (--reuse)
             run.append(f"distill_hidden={args.distill_hidden}")
+        if args.distill_answer:
+            run.append(f"distill_answer={args.distill_answer}")
     if teacher is None:
         return [f"model={args.model}", "lr=3e-4", *run]
     # the task-tuned dense model is both the model gated and the teacher of both distillations
@@ -547,9 +549,14 @@ def _forced(shape: dict) -> str:
 
 
 def _hidden_text(s: dict) -> str:
+    """The distillation's extra terms, in words."""
     return (
         f" + {s['distill_hidden']:g} x the layers' hidden-state error (cosine distance per token)"
         if s.get("distill_hidden")
+        else ""
+    ) + (
+        f" + {s['distill_answer']:g} x the KL at the task's answers, per example"
+        if s.get("distill_answer")
         else ""
     )
 
@@ -766,6 +773,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--distill-hidden", type=float, default=0.0,
         help="both distillations also pull every layer's hidden states towards the teacher's, at this weight "
         "(distill_hidden; 0: logits only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--distill-answer", type=float, default=0.0,
+        help="both distillations also weigh the KL at the task's answers per example, at this weight "
+        "(distill_answer; 0: off)",
     )  # fmt: skip
     p.add_argument(
         "--jobs", type=int, default=1,

@@ -46,7 +46,7 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
            "--forgetting-examples", "2", "--speed-repeats", "1", "--distill-general", "2", "--train-examples", "16",
            "--sparsities", "0.2,0.4", "--gen-sparsities", "", "--mc-sparsities", "0.3", "--general-teacher", "base",
            "--distill-hidden", "0.5", "--recover-lr-scheduler", "constant_with_warmup", "--recover-warmup-steps", "1",
-           "--recover-params", "rows", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
+           "--recover-params", "rows", "--distill-answer", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "gates.json").read_text())
@@ -71,7 +71,7 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
         cfg["distill_general_teacher"] == "tiny-llama"
     )  # --general-teacher base: the model before the teacher
     assert cfg["distill_hidden"] == 0.5 and cfg["recover"] == "distill" and cfg["gate_distill"]
-    assert cfg["recover_params"] == "rows"
+    assert cfg["recover_params"] == "rows" and cfg["distill_answer"] == 2.0
     assert (cfg["recover_lr_scheduler"], cfg["recover_warmup_steps"], cfg["lr_scheduler"]) == (
         "constant_with_warmup",
         1,
@@ -93,6 +93,7 @@ def test_gates_benchmark_runs_the_teacher_recipe_end_to_end(tmp_path):
     md = (tmp_path / "out" / "gates.md").read_text()
     assert "Teacher: rows" in md and "the news distilled from the base model before task tuning" in md
     assert md.count("0.5 x the layers' hidden-state error") == 2  # the gate phase and the recovery
+    assert md.count(" + 2 x the KL at the task's answers, per example") == 2
     assert "The recovery's learning rate: constant_with_warmup schedule with 1 warm-up steps." in md
     assert "Distillation: 2 steps, rows of the export (magnitude, LoRA r=8 budget), lr 5e-05" in md
 

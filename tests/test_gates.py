@@ -551,16 +551,17 @@ def test_finetune_gate_distill_trains_on_the_kl_to_the_ungated_model(tmp_path, c
     # the news articles taught by a model of their own, in the gate phase and in the recovery
     # (and the hidden states distilled beside the logits, in both)
     news = ["gate_distill=true", "distill_general=3", "distill_general_teacher=tiny-llama", "recover=distill",
-            "recover_steps=2", "distill_hidden=0.5", "recover_lr_scheduler=constant_with_warmup",
+            "recover_steps=2", "distill_hidden=0.5", "distill_answer=1", "recover_lr_scheduler=constant_with_warmup",
             "recover_warmup_steps=2", "lr=1e-3", "recover_lr=4e-4", f"output_dir={tmp_path / 'news'}"]  # fmt: skip
     assert main([*run, *news]) == 0
     printed = capsys.readouterr().out
     # the recovery's own schedule: warmed up over its 2 steps, while the gate phase keeps the run's constant lr
     assert [r["lr"] for r in _log(tmp_path / "news" / "recover")] == ["0.0", "0.0002"]
     assert {r["lr"] for r in _log(tmp_path / "news")} == {"0.001"}
-    assert "task loss weight 0, 3 news articles, taught by tiny-llama; hidden states weight 0.5)" in printed
+    said = ", taught by tiny-llama; hidden states weight 0.5; answers weight 1)"
+    assert "task loss weight 0, 3 news articles" + said in printed
     assert "recover: distilling tiny-llama into the pruned model for 2 steps" in printed
-    assert ", taught by tiny-llama; hidden states weight 0.5)" in printed.split("recover: distilling", 1)[1]
+    assert said in printed.split("recover: distilling", 1)[1]
     # with the weights training, the ungated model would move with them: the teacher is a frozen copy
     assert main([*run, "gate_distill=true", "gate_train_weights=true", f"output_dir={tmp_path / 'w'}"]) == 0
     assert "gates: distilling tiny-llama during gate training" in capsys.readouterr().out
@@ -611,6 +612,10 @@ def test_distill_options_need_a_distillation(tmp_path, capsys):
     assert "distill_hidden is for recover=distill or gate_distill=true" in capsys.readouterr().err
     assert main([*run, "recover=distill", "distill_hidden=-1"]) == 2
     assert "distill_hidden >= 0" in capsys.readouterr().err
+    assert main([*run, "distill_answer=1"]) == 2
+    assert "distill_answer is for recover=distill or gate_distill=true" in capsys.readouterr().err
+    assert main([*run, "gate_distill=true", "distill_answer=-1"]) == 2
+    assert "distill_answer >= 0" in capsys.readouterr().err
     # transformers' constant schedule would ignore a warm-up: refused, for the run and for the recovery
     assert main([*run, "recover_warmup_steps=3"]) == 2
     assert "recover_warmup_steps is for recover=distill" in capsys.readouterr().err
@@ -680,6 +685,58 @@ def test_distill_loss_weighs_a_per_token_kl_against_a_per_token_task_loss(tokeni
         per_example = [token_loss(student, m, labelled_tokens(m)) for m in one]
         got = distill_loss(teacher, alpha=1.0)(student, mixed, attended_tokens(mixed))
         assert torch.allclose(got, (per_example[0] + per_example[1]) / 2)
+
+
+def test_the_answer_term_weighs_the_kl_at_the_task_answers_per_example(tokenizer):
+    """distill_loss(answer=w): w x the mean over the task's examples of each one's KL per answer token
+    (T^2-scaled, like the per-token KL), weighed like the task loss; the news windows' tokens, all
+    labelled, do not count as answers, and with ``alpha`` and ``hidden`` the terms add."""
+    from neurontune.distill import _kl, attended_tokens, distill_loss
+    from neurontune.tasks import IGNORE_INDEX, text_windows
+
+    student, teacher = tiny_model("tiny-llama"), tiny_model("tiny-llama")
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(3.0)
+    task = [Example(f"a prompt number {i} " * (i + 1), " x y" if i % 2 else " x") for i in range(3)]
+    news = text_windows(["an article about the weather " * 6], tokenizer, 16)
+    batch = StepBatches(task + news, tokenizer, len(task) + len(news), 32, 0)[0]
+    n = attended_tokens(batch)
+    with torch.no_grad():
+        s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+            :, :-1
+        ]
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+            :, :-1
+        ]
+        kl = _kl(s_logits, t_logits, 2.0)
+        labels = batch["labels"][:, 1:]
+        by_hand, counts, rows = [], [], []
+        for row in range(len(labels)):
+            if batch["general"][row]:
+                continue
+            at = labels[row] != IGNORE_INDEX
+            counts.append(int(at.sum()))
+            by_hand.append(kl[row][at].mean())
+            rows.append(row)
+        assert len(by_hand) == len(task) and len(set(counts)) > 1, counts  # answers of different lengths
+        expected = torch.stack(by_hand).mean()
+        base = distill_loss(teacher)(student, batch, n)
+        got = distill_loss(teacher, answer=2.0)(student, batch, n)
+        assert torch.allclose(got - base, 2.0 * expected, atol=1e-6), (got - base, expected)
+        # beside the task loss and the hidden states: the terms add
+        both = distill_loss(teacher, alpha=0.5, hidden=0.3, answer=2.0)(student, batch, n)
+        assert torch.allclose(both - distill_loss(teacher, alpha=0.5, hidden=0.3)(student, batch, n), 2.0 * expected,
+                              atol=1e-6)  # fmt: skip
+        # a micro-batch holding part of the step's positions weighs its answers by that share
+        half = {k: v[rows[:2]] for k, v in batch.items()}
+        share = attended_tokens(half) / n
+        gain = distill_loss(teacher, answer=1.0)(student, half, n) - distill_loss(teacher)(student, half, n)
+        assert share < 1 and torch.allclose(gain, share * torch.stack(by_hand[:2]).mean(), atol=1e-6)
+        # news alone: no answers, nothing added
+        only_news = {k: v[batch["general"]] for k, v in batch.items()}
+        m = attended_tokens(only_news)
+        assert torch.equal(distill_loss(teacher, answer=5.0)(student, only_news, m),
+                           distill_loss(teacher)(student, only_news, m))  # fmt: skip
 
 
 def test_the_news_rows_may_have_a_teacher_of_their_own(tokenizer):

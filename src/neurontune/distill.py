@@ -17,6 +17,17 @@ A second teacher may take the general text mixed in against forgetting (the batc
 rows, :class:`~neurontune.tasks.StepBatches`): the model before task tuning, whose distribution on
 news is the language model to keep, where the task-tuned teacher has already drifted from it.
 
+``answer`` adds the same KL at the task's answer tokens only (the labelled positions of the task's
+examples, not of the general text), as a mean per example weighed like the task loss::
+
+    loss += answer * mean_examples(sum_answer T^2 KL / answer tokens) * (micro-batch positions / n)
+
+The per-token KL gives a classification example's answer one position among some sixty, and the
+general text's tokens outnumber the answers many times over: gating SmolLM2-135M for Rotten Tomatoes with
+the KL, the task loss at ``alpha`` 0.5 and the hidden states, the share of reviews the gated model called
+negative went 42 %, 44 %, 57 %, 64 % at steps 25-100 (balanced labels; the calibration drifts). This
+term holds the teacher's decision, with its probabilities, where the hard labels hold only the answer.
+
 ``hidden`` adds CoFi's layer-wise distillation: every decoder layer's output (the hidden states
 ``output_hidden_states`` returns, less the embeddings) pulled towards the teacher's at the same layer.
 Pruning MLP channels and heads keeps the hidden size and the layer count, so the layers pair one to one
@@ -57,13 +68,17 @@ def attended_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(next_token_positions(batch).sum())
 
 
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
+    """``T^2 KL(softmax(t / T) || softmax(s / T))`` at every position."""
+    s = F.log_softmax(student_logits.float() / t, dim=-1)
+    p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(s, p, log_target=True, reduction="none").sum(-1) * t * t
+
+
 def _kl_sum(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, t: float
 ) -> torch.Tensor:
-    s = F.log_softmax(student_logits.float() / t, dim=-1)
-    p = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = F.kl_div(s, p, log_target=True, reduction="none").sum(-1)
-    return (kl * mask).sum() * t * t
+    return (_kl(student_logits, teacher_logits, t) * mask).sum()
 
 
 def _hidden_sum(
@@ -88,10 +103,14 @@ def distill_loss(
     alpha: float = 0.0,
     general_teacher: Callable[..., Any] | None = None,
     hidden: float = 0.0,
+    answer: float = 0.0,
 ) -> Callable[[nn.Module, dict[str, torch.Tensor], int], torch.Tensor]:
     """A ``loss_fn`` for :func:`neurontune.train.train` (with ``count_fn=attended_tokens``);
     ``general_teacher``: the teacher of the batch's ``general`` rows (default: ``teacher``); ``hidden``:
-    the weight of the layer-wise hidden-state term (0: logits only)."""
+    the weight of the layer-wise hidden-state term (0: logits only); ``answer``: the weight of the KL at
+    the task's answers (the labelled positions of the rows that are not ``general``), averaged per
+    example and weighed like the task loss: the teacher's decision, with its calibration, which the
+    per-token KL counts as one position among a prompt's."""
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -102,11 +121,19 @@ def distill_loss(
         out = model(**inputs)
         s_logits = out.logits[:, :-1]
         mask = next_token_positions(batch)
-        total = (1 - alpha) * _kl_sum(s_logits, t_logits, mask, temperature) / n
+        kl = _kl(s_logits, t_logits, temperature)
+        total = (1 - alpha) * (kl * mask).sum() / n
         if hidden:
             total = total + hidden * _hidden_sum(out.hidden_states[1:], t_hidden, mask) / n
         labels = batch["labels"][:, 1:]
         per_example = (labels != IGNORE_INDEX).sum(1)
+        task = per_example > 0
+        if "general" in batch:
+            task = task & ~batch["general"].to(task.device)
+        if answer and task.any():
+            at = (labels != IGNORE_INDEX).float()
+            kl_answer = ((kl * at).sum(1)[task] / per_example[task]).mean()
+            total = total + answer * kl_answer * (int(mask.sum()) / n)
         if alpha and (has := per_example > 0).any():
             ce = F.cross_entropy(s_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                  reduction="none").view(labels.shape)  # fmt: skip

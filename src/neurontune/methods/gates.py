@@ -108,6 +108,12 @@ class GateOptions:
         "teacher's, cosine distance per token averaged over layers (0: logits only)",
         group=G,
     )
+    distill_answer: float = opt(
+        0.0,
+        "weight of a KL term at the task's answer tokens, averaged per example like the task loss: the "
+        "teacher's decision and its calibration, which the per-token KL counts as one position of many (0: off)",
+        group=G,
+    )
     distill_temperature: float = opt(2.0, "recover=distill: softmax temperature of the KL term", group=G)
     distill_alpha: float = opt(0.0, "recover=distill: weight of the task loss next to the KL (0..1)", group=G)
     distill_general: int = opt(
@@ -194,9 +200,10 @@ class Gates(Method):
             or not 0.0 <= cfg.distill_alpha <= 1.0
             or cfg.distill_general < 0
             or cfg.distill_hidden < 0
+            or cfg.distill_answer < 0
         ):
             raise NeurontuneError("distillation needs distill_temperature > 0, distill_alpha in [0, 1], "
-                                  "distill_general >= 0 and distill_hidden >= 0")  # fmt: skip
+                                  "distill_general >= 0, distill_hidden >= 0 and distill_answer >= 0")  # fmt: skip
         if cfg.gate_lr_scheduler and cfg.lr_scheduler == "constant" and not cfg.warmup_steps:
             raise NeurontuneError(
                 f"gate_lr_scheduler={cfg.gate_lr_scheduler} does nothing with lr_scheduler=constant and no "
@@ -467,8 +474,9 @@ def _loss(teacher: Callable[..., Any], cfg: Any) -> Callable[..., torch.Tensor]:
     from neurontune.distill import distill_loss
 
     return distill_loss(
-        teacher, cfg.distill_temperature, cfg.distill_alpha, _general_teacher(cfg), cfg.distill_hidden
-    )
+        teacher, cfg.distill_temperature, cfg.distill_alpha, _general_teacher(cfg), cfg.distill_hidden,
+        cfg.distill_answer,
+    )  # fmt: skip
 
 
 def _recover_schedule(cfg: Any) -> dict[str, Any]:
@@ -481,8 +489,10 @@ def _recover_schedule(cfg: Any) -> dict[str, Any]:
 
 
 def _teachers_note(cfg: Any) -> str:
-    return (f", taught by {cfg.distill_general_teacher}" if cfg.distill_general_teacher else "") + (
-        f"; hidden states weight {cfg.distill_hidden:g}" if cfg.distill_hidden else ""
+    return (
+        (f", taught by {cfg.distill_general_teacher}" if cfg.distill_general_teacher else "")
+        + (f"; hidden states weight {cfg.distill_hidden:g}" if cfg.distill_hidden else "")
+        + (f"; answers weight {cfg.distill_answer:g}" if cfg.distill_answer else "")
     )
 
 
