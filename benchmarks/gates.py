@@ -16,16 +16,17 @@ evaluation as benchmarks/quality.py. Per task and seed:
 - ``gates S + distill``: ``method=gates`` at target S (MLP channels and query heads, or with
   ``--no-prune-heads`` MLP channels only; the export shape printed and trained for), ``--gate-steps``
   steps, then ``recover=distill`` (none with ``--recover-steps 0``): the pruned export (all its weights,
-  ``recover_params=full``, or with ``--recover-params rows`` its rows at the LoRA r=8 budget) distilled from the unpruned base for ``--recover-steps`` steps (KL at
-  temperature 2 plus the task loss, weight ``--distill-alpha``; ``--distill-general`` news articles
-  mixed into the data against forgetting). One run gives three numbers: the gated
-  model in eval mode (*gated*), the uniform export (*exported*), the export after distillation
-  (*recovered*).
+  ``recover_params=full``, or with ``--recover-params rows`` its rows at the LoRA r=8 budget) distilled
+  from the unpruned base for ``--recover-steps`` steps (KL at temperature 2 plus the task loss, weight
+  ``--distill-alpha``; ``--distill-general`` news articles mixed into the data against forgetting). One
+  run gives three numbers: the gated model in eval mode (*gated*), the uniform export (*exported*), the
+  export after distillation (*recovered*).
 
 ``--jobs N`` runs N training runs at once, each with CPUs/N threads (the wall times depend on it, and
 the gates runs' scores too, through the floating-point order that this gate training amplifies: up to
-3.6 points on one seed between one and two threads, README); the teachers start first, every other run of a seed once its teacher has finished, the
-30 % runs before the rest of the curve. The speed measurement runs alone afterwards.
+3.6 points on one seed between one and two threads, README); the teachers start first, every other run
+of a seed once its teacher has finished, the 30 % runs before the rest of the curve. The speed
+measurement runs alone afterwards.
 
 ``gate_force=true``: a run whose gates fall short of the target is exported anyway and the forced
 fraction is reported (the CLI default stops instead).

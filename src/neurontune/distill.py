@@ -127,15 +127,14 @@ def distill_loss(
         if hidden:
             total = total + hidden * _hidden_sum(out.hidden_states[1:], t_hidden, mask) / n
         labels = batch["labels"][:, 1:]
-        per_example = (labels != IGNORE_INDEX).sum(1)
-        task = per_example > 0
-        if "general" in batch:
-            task = task & ~batch["general"].to(task.device)
+        labelled = labels != IGNORE_INDEX
+        per_example = labelled.sum(1)
+        has = per_example > 0
+        task = has & ~batch["general"].to(has.device) if "general" in batch else has
         if answer and task.any():
-            at = (labels != IGNORE_INDEX).float()
-            kl_answer = ((kl * at).sum(1)[task] / per_example[task]).mean()
+            kl_answer = ((kl * labelled).sum(1)[task] / per_example[task]).mean()
             total = total + answer * kl_answer * (int(mask.sum()) / n)
-        if alpha and (has := per_example > 0).any():
+        if alpha and has.any():
             ce = F.cross_entropy(s_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                  reduction="none").view(labels.shape)  # fmt: skip
             ce = (ce.sum(1)[has] / per_example[has]).mean()

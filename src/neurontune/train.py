@@ -1131,12 +1131,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs) -> torch.o
         )
     except ValueError as e:
         raise NeurontuneError(f"lr_scheduler {args.lr_scheduler!r}: {e}") from None
-    for i, group in enumerate(optimizer.param_groups):
-        if group.get("lr_scheduler") == "constant":
-            scheduler.lr_lambdas[i] = _constant_rate
-            group["lr"] = group["initial_lr"]
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-    return scheduler
+    constant = [g.get("lr_scheduler") == "constant" for g in optimizer.param_groups]
+    if not any(constant):
+        return scheduler
+    # LambdaLR takes a function per group: the schedule's, or a constant rate (from each group's initial_lr,
+    # which the first scheduler recorded)
+    lambdas = [_constant_rate if c else scheduler.lr_lambdas[i] for i, c in enumerate(constant)]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def _constant_rate(step: int) -> float:
