@@ -73,7 +73,10 @@ def common(args: argparse.Namespace, task: str, seed: int) -> list[str]:
         f"forgetting_examples={args.forgetting_examples}", "eval_before=false", "save_steps=0",
         "budget=lora:8",
     ] + ([f"eval_steps={args.eval_steps}", f"early_stopping_patience={args.early_stopping}"]
-         if args.early_stopping else [])  # fmt: skip
+         if args.early_stopping else []) + (
+        # the default's command text stays as it was (--reuse)
+        [f"metric_for_best_model={args.metric_for_best_model}"] if args.metric_for_best_model != "loss" else []
+    )  # fmt: skip
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -525,7 +528,7 @@ def recipe_text(s: dict) -> str:
     if s.get("early_stopping"):
         text += (
             f" Early stopping: the teacher, the reference and the recovery end at their best step by the validation "
-            f"loss on the last 10 % of the training examples (held out of every phase), measured every "
+            f"{_best_metric_text(s)} on the last 10 % of the training examples (held out of every phase), measured every "
             f"{s['eval_steps']} steps, patience {s['early_stopping']}; the gate phase runs all its steps and ends "
             "at its best measured step among those at the target (after the ramp, what the export removes shut); "
             "the step counts above are maxima. A teacher that stopped before its cap is also the reference (the same "
@@ -580,6 +583,11 @@ def wall(m: dict) -> str:
     return "reused (--reuse)" if m.get("wall_seconds") is None else f"{m['wall_seconds']:.0f}"
 
 
+def _best_metric_text(s: dict) -> str:
+    metric = s.get("metric_for_best_model", "loss")
+    return "loss" if metric == "loss" else f"{metric} (metric_for_best_model)"
+
+
 def best_step(m: dict) -> str:
     """Early stopping's choice, ``best of last measured``: the run's, or for a gates run the gate phase's
     (its best step at the target) and the recovery's; ``-`` without it."""
@@ -587,9 +595,8 @@ def best_step(m: dict) -> str:
     def one(es: dict | None) -> str:
         if not es or es.get("best_step") is None:
             return "-"
-        return f"{es['best_step']} of {max(es['val_loss'], key=int)}" + (
-            " (stopped)" if es["stopped"] else ""
-        )
+        measured = next(v for k, v in es.items() if k.startswith("val_"))  # val_loss or val_<metric>
+        return f"{es['best_step']} of {max(measured, key=int)}" + (" (stopped)" if es["stopped"] else "")
 
     if m["method"] != "gates":
         return one(m.get("early_stopping"))
@@ -743,6 +750,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument(
+        "--metric-for-best-model", default="loss",
+        help="with --early-stopping: what every run's best step goes by (metric_for_best_model): loss, the "
+        "validation loss, or accuracy, the held-out examples' accuracy",
+    )  # fmt: skip
+    p.add_argument(
         "--general-teacher", choices=("teacher", "base"), default="teacher",
         help="teacher recipe: who teaches the news articles in both distillations: the task-tuned teacher, or the "
         "base model before task tuning (distill_general_teacher)",
@@ -815,6 +827,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     if args.early_stopping and not args.recover_steps:
         p.error("--early-stopping picks the recovery's best step: it needs --recover-steps > 0")
+    if args.metric_for_best_model != "loss" and not args.early_stopping:
+        p.error("--metric-for-best-model: what --early-stopping goes by; it needs --early-stopping")
     if args.jobs < 1:
         p.error("--jobs: at least 1")
     return args

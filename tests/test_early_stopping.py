@@ -14,7 +14,7 @@ from neurontune.cli import main
 from neurontune.config import FinetuneConfig
 from neurontune.pipeline import training_steps
 from neurontune.tasks import Example, StepBatches
-from neurontune.train import TrainArgs, early_stop, list_checkpoints, train
+from neurontune.train import TrainArgs, best_metric, early_stop, list_checkpoints, train
 from tests.test_train import deltas, rows_model
 
 RUN = ["finetune", "model=tiny-llama", "train_examples=40", "eval_examples=4", "forgetting_examples=0",
@@ -32,6 +32,26 @@ def test_early_stop_counts_measurements_without_improvement_as_transformers_does
     assert early_stop(_log(2.0, 1.5, 1.0), patience=1) == (False, 3)
     assert early_stop(_log(None, None), patience=1) == (False, None)  # nothing measured yet
     assert early_stop(_log(3.0, 4.0, 5.0), patience=0) == (False, 1)  # off: the best is still known
+
+
+def test_early_stop_on_a_metric_where_higher_is_better():
+    acc = [{"step": i + 1, "val_accuracy": v} for i, v in enumerate([0.5, 0.75, 0.75, 0.5])]
+    # a tie does not improve
+    assert early_stop(acc, patience=2, key="val_accuracy", greater=True) == (True, 2)
+    assert early_stop(acc, patience=3, key="val_accuracy", greater=True) == (False, 2)
+    assert early_stop(acc, patience=1, key="val_accuracy", greater=True, threshold=0.3) == (True, 1)
+    assert early_stop(acc, patience=0, key="val_accuracy") == (False, 1)  # greater_is_better=false
+    assert early_stop(acc, patience=1) == (False, None)  # no val_loss in this log
+
+
+def test_best_metric_follows_transformers_defaults():
+    def cfg(**kw):
+        return FinetuneConfig(early_stopping_patience=1, eval_steps=1, **kw)
+
+    assert best_metric(cfg()) == ("loss", False)
+    assert best_metric(cfg(metric_for_best_model="accuracy")) == ("accuracy", True)
+    assert best_metric(cfg(metric_for_best_model="perplexity")) == ("perplexity", False)
+    assert best_metric(cfg(metric_for_best_model="accuracy", greater_is_better=False)) == ("accuracy", False)
 
 
 def test_num_train_epochs_sets_the_steps_and_an_explicit_steps_replaces_them(capsys):
@@ -67,6 +87,11 @@ def test_num_train_epochs_on_the_command_line(tmp_path):
         (["num_train_epochs=0"], "num_train_epochs must be > 0"),
         (["early_stopping_patience=-1", "eval_steps=2"], "early_stopping_patience must be >= 0"),
         (["method=none", "early_stopping_patience=1", "eval_steps=2"], "method=none does not train"),
+        (["metric_for_best_model=accuracy"], "metric_for_best_model=accuracy needs early_stopping_patience"),
+        (
+            ["metric_for_best_model=rougeL", "early_stopping_patience=1", "eval_steps=2"],
+            "metric_for_best_model=rougeL: task rotten_tomatoes (classification) is measured by accuracy",
+        ),
     ],
 )
 def test_bad_training_length_options_are_one_clear_error(tmp_path, capsys, extra, message):
@@ -115,6 +140,59 @@ def test_early_stopping_stops_and_keeps_the_best_steps_weights(tmp_path, capsys)
     assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
     again = json.loads((longer / "metrics.json").read_text())
     assert again["early_stopping"] == stopping and again["after"]["accuracy"] == metrics["after"]["accuracy"]
+
+
+def test_early_stopping_by_the_tasks_accuracy(tmp_path, capsys):
+    """metric_for_best_model=accuracy: the held-out examples' accuracy by the task's own evaluation is what
+    is measured (val_accuracy), higher is better, and the result is the best step's weights: with a
+    threshold no accuracy can beat, step 2's, those of a run that ends there."""
+    out, short = tmp_path / "run", tmp_path / "short"
+    assert main(_stopping(out, "metric_for_best_model=accuracy", "early_stopping_threshold=1")) == 0
+    said = capsys.readouterr().out
+    assert (
+        "early stopping: stopped at step 6 of 20; the result is step 2's weights (validation accuracy" in said
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    stopping = metrics["early_stopping"]
+    assert set(stopping) == {"stopped", "best_step", "best_val_accuracy", "val_accuracy"}
+    assert (
+        stopping["stopped"]
+        and stopping["best_step"] == 2
+        and sorted(stopping["val_accuracy"]) == ["2", "4", "6"]
+    )
+    assert all(
+        4 * v == int(4 * v) for v in stopping["val_accuracy"].values()
+    )  # a share of 4 held-out examples
+    with (out / "train_log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert "val_loss" not in rows[0] and float(rows[1]["val_accuracy"]) == stopping["best_val_accuracy"]
+    assert main(_stopping(short, "steps=2")) == 0
+    a = load_file(out / "adapter" / "adapter_model.safetensors")
+    b = load_file(short / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_accuracy_measured_is_the_held_out_examples_and_training_goes_on_in_training_mode(tokenizer):
+    """EarlyStopping.measure with a metric: the task's evaluation of the held-out examples (not its eval
+    split), and the model is left in the mode it was in."""
+    from neurontune.evaluation import classification_accuracy
+    from neurontune.tasks import Task
+    from neurontune.train import EarlyStopping
+
+    held = [
+        Example(f"review {i}\nLabel:", " positive" if i % 2 else " negative", label=i % 2) for i in range(6)
+    ]
+    task = Task("t", "classification", held, [Example("other\nLabel:", " negative", label=0)],
+                label_words=["negative", "positive"])  # fmt: skip
+    model = rows_model().train()
+    cfg = FinetuneConfig(
+        metric_for_best_model="accuracy", early_stopping_patience=1, eval_steps=1, max_length=32
+    )
+    stopper = EarlyStopping(cfg, model, None, held, tokenizer, task=task)
+    got = stopper.measure()
+    assert model.training and 0 < got < 1  # 6 held-out examples, half of each label: not the eval split's one
+    assert got == classification_accuracy(model, tokenizer, held, ["negative", "positive"], 32)
+    assert stopper.on_step({"step": 1}) == {"val_accuracy": got}
 
 
 def test_a_run_that_improves_to_the_end_runs_every_step_and_keeps_the_last(tmp_path, capsys):

@@ -415,6 +415,46 @@ def test_early_stopping_picks_the_recoverys_best_step_and_leaves_the_gates_their
     assert all(torch.equal(rec[n], t) for n, t in pruned.items())
 
 
+def test_the_recoverys_early_stopping_can_go_by_a_metric_where_higher_is_better(tmp_path, monkeypatch):
+    """metric_for_best_model=accuracy: the recovery keeps the step of the highest held-out accuracy (made up
+    here so that step 2 is the best, whatever the tiny model's answers; tests/test_early_stopping.py checks
+    what is measured), stops two measurements later, and its result is that step's weights."""
+    import csv
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from neurontune import train as train_module
+    from neurontune.cli import main
+
+    made_up = iter([0.25, 0.5, 0.75, 0.5, 0.75, 1.0])  # the export (step 0), then steps 1, 2, ...
+    monkeypatch.setattr(train_module.EarlyStopping, "measure", lambda self: next(made_up))
+    out = tmp_path / "run"
+    rc = main(["finetune", "model=tiny-llama", "method=gates", "gate_sparsity=0.5", "steps=4", "gate_force=true",
+               "train_examples=40", "eval_examples=4", "forgetting_examples=0", "eval_before=false", "eval_steps=1",
+               "early_stopping_patience=2", "eval_fraction=0.2", "metric_for_best_model=accuracy",
+               "recover=distill", "recover_params=full", "recover_steps=8", "recover_lr=0.05",
+               f"output_dir={out}"])  # fmt: skip
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["early_stopping"] == {
+        "stopped": False,
+        "best_step": None,
+        "best_val_accuracy": None,
+        "val_accuracy": {},
+    }
+    es = m["gates"]["recover_early_stopping"]
+    assert es == {"stopped": True, "best_step": 2, "best_val_accuracy": 0.75,
+                  "val_accuracy": {"0": 0.25, "1": 0.5, "2": 0.75, "3": 0.5, "4": 0.75}}  # fmt: skip
+    with open(out / "recover" / "train_log.csv") as f:
+        assert [float(r["val_accuracy"]) for r in csv.DictReader(f)] == [0.5, 0.75, 0.5, 0.75]
+    best = load_file(out / "recover" / "checkpoints" / "best.safetensors")
+    rec = AutoModelForCausalLM.from_pretrained(out / "recovered").state_dict()
+    assert all(torch.equal(rec[n], t) for n, t in best.items())
+    last = load_file(out / "recover" / "checkpoints" / "step-000004" / "state.safetensors")
+    assert any(not torch.equal(last[f"param.{k}"], v) for k, v in best.items())
+
+
 def test_the_recovery_is_evaluated_every_eval_steps_with_the_news_perplexity(tmp_path):
     """eval_steps without early stopping: recover/eval_log.json holds the export (step 0), the recovering
     model every eval_steps and the result at the last step, each with the task score and the news

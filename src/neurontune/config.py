@@ -236,8 +236,18 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
         "not improved for this many measurements, and keep the weights of its best one; 0: off",
     )  # fmt: skip
     early_stopping_threshold: float = _opt(
-        0.0, "how much the validation loss must fall below its best to count as an improvement"
-    )
+        0.0, "how much the validation loss (or metric_for_best_model) must beat its best by to count as an "
+        "improvement",
+    )  # fmt: skip
+    metric_for_best_model: str = _opt(
+        "loss", "what early stopping (and a method's best step, e.g. the gates') goes by on the held-out "
+        "examples: loss, the validation loss, or a metric of the task's own evaluation of them: accuracy "
+        "(classification, multiple choice), exact_match, rougeL, bleu, chrf (generation), perplexity (text)",
+    )  # fmt: skip
+    greater_is_better: bool | None = _opt(
+        None, "whether a higher metric_for_best_model is better; default: false for loss and perplexity, "
+        "true for the others",
+    )  # fmt: skip
     batch_size: int = _opt(8, "micro-batch size")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float | None = _opt(None, "AdamW learning rate; default: the method's own (see methods below)")
@@ -309,6 +319,11 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
             )
         if self.early_stopping_patience and not method.trains:
             raise NeurontuneError(f"early_stopping_patience: method={self.method} does not train")
+        if self.metric_for_best_model != "loss" and not self.early_stopping_patience:
+            raise NeurontuneError(
+                f"metric_for_best_model={self.metric_for_best_model} needs early_stopping_patience (its "
+                "held-out examples are what it is measured on)"
+            )
         for name in (
             "early_stopping_patience",
             "early_stopping_threshold",

@@ -349,6 +349,13 @@ class EvalCurve:
         return numbers
 
 
+def task_metrics(task: Task) -> tuple[str, ...]:
+    """The metrics :func:`evaluate` measures for ``task`` (before any ``forgetting_ppl``)."""
+    kinds = {"classification": ("accuracy",), "multiple_choice": ("accuracy",), "text": ("perplexity",),
+             "exact_match": ("exact_match",)}  # fmt: skip
+    return kinds.get(task.kind, ("bleu", "chrf", "rougeL", "exact_match"))
+
+
 def primary_metric(task: Task) -> str:
     if task.metric:
         return task.metric

@@ -23,7 +23,7 @@ import torch
 from neurontune import __version__
 from neurontune.config import DataConfig, EvalConfig, FinetuneConfig, MergeConfig, SelectConfig
 from neurontune.errors import MainProcessError, NeurontuneError
-from neurontune.evaluation import EvalCurve, evaluate, metric_names, primary_metric
+from neurontune.evaluation import EvalCurve, evaluate, metric_names, primary_metric, task_metrics
 from neurontune.io import (
     atomic_path,
     read_json,
@@ -350,6 +350,11 @@ def validation_split(cfg: FinetuneConfig, task: Task) -> tuple[Task, list[Exampl
     """``(task, held out)``: for early stopping, the examples its validation loss is measured on, the last
     ``eval_fraction`` of the training examples (which training then leaves out), or with
     ``eval_split=validation`` the evaluation set, which is already that; none without early stopping."""
+    if cfg.metric_for_best_model not in ("loss", *(known := task_metrics(task))):
+        raise NeurontuneError(
+            f"metric_for_best_model={cfg.metric_for_best_model}: task {task.name} ({task.kind}) is measured by "
+            f"{', '.join(known)} (or loss, the validation loss)"
+        )
     if not cfg.early_stopping_patience:
         return task, []
     if cfg.eval_split == "validation":
@@ -537,7 +542,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
         validates = bool(held_out) and (method.stops_early or candidates is not None)
         stopper = EarlyStopping(
             cfg, model, out / "checkpoints" / "best.safetensors", held_out, tok, candidates=candidates,
-            what="early stopping" if candidates is None else f"{cfg.method}: best step",
+            what="early stopping" if candidates is None else f"{cfg.method}: best step", task=task,
         )  # fmt: skip
 
         if method.trains:

@@ -120,26 +120,41 @@ def validation_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Te
 
 
 def early_stop(
-    log: Sequence[dict[str, float]], patience: int, threshold: float = 0.0
+    log: Sequence[dict[str, float]],
+    patience: int,
+    threshold: float = 0.0,
+    key: str = "val_loss",
+    greater: bool = False,
 ) -> tuple[bool, int | None]:
     """Early stopping as a function of the log (so a resumed run decides as the run it continues did), as
-    transformers' ``EarlyStoppingCallback`` counts: a measurement of ``val_loss`` improves when it is below
-    the best so far by more than ``threshold``; ``(stop, best step)``, ``stop`` once ``patience``
-    measurements in a row have not improved."""
-    best, best_step, waited = math.inf, None, 0
+    transformers' ``EarlyStoppingCallback`` counts: a measurement of ``key`` improves when it beats the best
+    so far by more than ``threshold`` (below it, or above it with ``greater``: ``greater_is_better``);
+    ``(stop, best step)``, ``stop`` once ``patience`` measurements in a row have not improved."""
+    best, best_step, waited = math.nan, None, 0
     for row in log:
-        v = row.get("val_loss")
+        v = row.get(key)
         if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
             continue
-        if float(v) < best - threshold or best_step is None:
-            best, best_step, waited = float(v), int(row["step"]), 0
+        v = float(v)
+        if best_step is None or (v > best + threshold if greater else v < best - threshold):
+            best, best_step, waited = v, int(row["step"]), 0
         else:
             waited += 1
     return bool(patience) and waited >= patience, best_step
 
 
+def best_metric(cfg: Any) -> tuple[str, bool]:
+    """``(metric, greater is better)`` of early stopping (transformers' ``metric_for_best_model`` and
+    ``greater_is_better``): the validation loss, or a metric of the task's evaluation; unless given,
+    higher is better for every metric but a loss or a perplexity."""
+    metric = getattr(cfg, "metric_for_best_model", "loss")
+    greater = getattr(cfg, "greater_is_better", None)
+    return metric, (metric not in ("loss", "perplexity")) if greater is None else greater
+
+
 class EarlyStopping:
-    """The validation loss every ``eval_steps`` on the held-out examples; the weights of its best step in
+    """The validation loss every ``eval_steps`` on the held-out examples, or with ``metric_for_best_model``
+    a metric of the task's evaluation on them (:func:`best_metric`); the weights of its best step in
     ``path`` (trainable parameters only, rewritten atomically at each new best, so a resumed run has
     them); after training, those weights are the result (transformers' ``load_best_model_at_end``)."""
 
@@ -152,14 +167,26 @@ class EarlyStopping:
         tok: Any,
         what: str = "early stopping",
         candidates: Callable[[int], bool] | None = None,
+        task: Any = None,
     ) -> None:
-        # cfg: early_stopping_patience / _threshold, eval_batch_size, max_length (a FinetuneConfig).
-        # candidates: only the steps it allows are measured, and training is never stopped (the best of
-        # them is kept: a method that trains to a target, e.g. gates from the end of their ramp)
+        # cfg: early_stopping_patience / _threshold, metric_for_best_model, greater_is_better,
+        # eval_batch_size, max_length (a FinetuneConfig). candidates: only the steps it allows are measured,
+        # and training is never stopped (the best of them is kept: a method that trains to a target, e.g.
+        # gates from the end of their ramp). task: the Task whose evaluation a metric comes from
         self.cfg, self.model, self.path, self.what = cfg, model, path, what
         self.candidates = candidates
         self.patience = 0 if candidates else cfg.early_stopping_patience
-        self.batches = fixed_batches(examples, tok, cfg.eval_batch_size, cfg.max_length) if examples else []
+        self.metric, self.greater = best_metric(cfg)
+        self.key = "val_loss" if self.metric == "loss" else f"val_{self.metric}"  # its train_log.csv column
+        self.examples = len(examples)
+        if self.metric == "loss":
+            self.batches = (
+                fixed_batches(examples, tok, cfg.eval_batch_size, cfg.max_length) if examples else []
+            )
+        elif task is None:
+            raise ValueError(f"metric_for_best_model={self.metric}: the task to evaluate is needed")
+        else:  # the task's own evaluation, on the held-out examples
+            self.task, self.tok = dataclasses.replace(task, eval=list(examples)), tok
         self.initial: list[dict[str, float]] = []  # with start(): step 0, the weights before training
 
     def start(self, resume: bool) -> None:
@@ -172,21 +199,37 @@ class EarlyStopping:
 
             with safe_open(str(self.path), "pt") as f:
                 meta = f.metadata() or {}
-            if meta.get("step") == "0":
-                self.initial = [{"step": 0, "val_loss": float(meta["val_loss"])}]
+            if meta.get("step") == "0" and self.key in meta:
+                self.initial = [{"step": 0, self.key: float(meta[self.key])}]
             return
-        self.initial = [{"step": 0, "val_loss": self.measure()}]
+        self.initial = [{"step": 0, self.key: self.measure()}]
         self.watch([])
 
     def measure(self) -> float:
-        return validation_loss(self.model, self.batches)
+        if self.metric == "loss":
+            return validation_loss(self.model, self.batches)
+        from neurontune.evaluation import evaluate
+
+        was_training = self.model.training
+        try:
+            results = evaluate(
+                self.model, self.tok, self.task, max_length=self.cfg.max_length or 256,
+                batch_size=self.cfg.eval_batch_size,
+            )  # fmt: skip
+        finally:
+            self.model.train(was_training)
+        return float(results[self.metric])
 
     def on_step(self, row: dict[str, float]) -> dict[str, float] | None:
-        """``train``'s ``on_step`` (main process): ``{"val_loss": ...}`` every ``eval_steps``, else None."""
+        """``train``'s ``on_step`` (main process): ``{key: value}`` every ``eval_steps`` (``val_loss``, or
+        ``val_<metric>``), else None."""
         step = int(row["step"])
         if step % self.cfg.eval_steps or (self.candidates and not self.candidates(step)):
             return None
-        return {"val_loss": self.measure()}
+        return {self.key: self.measure()}
+
+    def _decide(self, log: list[dict[str, float]]) -> tuple[bool, int | None]:
+        return early_stop(log, self.patience, self.cfg.early_stopping_threshold, self.key, self.greater)
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -194,10 +237,10 @@ class EarlyStopping:
     def watch(self, log: list[dict[str, float]]) -> bool:
         """On the main process after every step: keep a new best's weights; whether to stop."""
         log = [*self.initial, *log]
-        stop, best = early_stop(log, self.patience, self.cfg.early_stopping_threshold)
-        if log and best is not None and best == log[-1]["step"] and "val_loss" in log[-1]:
+        stop, best = self._decide(log)
+        if log and best is not None and best == log[-1]["step"] and self.key in log[-1]:
             tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self._trainable().items()}
-            write_safetensors(self.path, tensors, {"step": str(best), "val_loss": repr(log[-1]["val_loss"])})
+            write_safetensors(self.path, tensors, {"step": str(best), self.key: repr(log[-1][self.key])})
         return stop
 
     @torch.no_grad()
@@ -232,19 +275,18 @@ class EarlyStopping:
             ran = f"stopped at step {len(log)} of {steps}" if s["stopped"] else f"ran all {steps} steps"
             print(
                 f"{self.what}: {ran}; the result is step {s['best_step']}'s weights "
-                f"(validation loss {s['best_val_loss']:.4f} on {sum(len(b['input_ids']) for b in self.batches)} "
-                "held-out examples)"
+                f"(validation {self.metric} {s['best_' + self.key]:.4f} on {self.examples} held-out examples)"
             )
 
     def summary(self, log: list[dict[str, float]]) -> dict[str, Any]:
         log = [*self.initial, *log]
-        stop, best = early_stop(log, self.patience, self.cfg.early_stopping_threshold)
-        losses = {int(r["step"]): float(r["val_loss"]) for r in log if r.get("val_loss") not in (None, "")}
-        return {
+        stop, best = self._decide(log)
+        values = {int(r["step"]): float(r[self.key]) for r in log if r.get(self.key) not in (None, "")}
+        return {  # best_val_loss and val_loss, or best_val_<metric> and val_<metric>
             "stopped": stop,
             "best_step": best,
-            "best_val_loss": losses.get(best) if best is not None else None,
-            "val_loss": losses,
+            f"best_{self.key}": values.get(best) if best is not None else None,
+            self.key: values,
         }
 
 

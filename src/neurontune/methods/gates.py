@@ -376,12 +376,12 @@ class Gates(Method):
             **_recover_schedule(cfg),
         )  # fmt: skip
         data = StepBatches(examples, tok, cfg.batch_size, cfg.max_length, cfg.seed)
-        # early_stopping_patience: the task's validation loss (its held-out examples) before the recovery
-        # and every eval_steps; the recovery ends at its best step's weights (the export's, when no step
-        # improves on it)
+        # early_stopping_patience: the task's validation loss (or metric_for_best_model) on its held-out
+        # examples before the recovery and every eval_steps; the recovery ends at its best step's weights
+        # (the export's, when no step improves on it)
         stopper = (
             EarlyStopping(cfg, student, out / "recover" / "checkpoints" / "best.safetensors", self.validation,
-                          tok, what="recover: early stopping")
+                          tok, what="recover: early stopping", task=self.task)
             if self.validation
             else None
         )  # fmt: skip
