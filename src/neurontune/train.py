@@ -147,8 +147,7 @@ def best_metric(cfg: Any) -> tuple[str, bool]:
     """``(metric, greater is better)`` of early stopping (transformers' ``metric_for_best_model`` and
     ``greater_is_better``): the validation loss, or a metric of the task's evaluation; unless given,
     higher is better for every metric but a loss or a perplexity."""
-    metric = getattr(cfg, "metric_for_best_model", "loss")
-    greater = getattr(cfg, "greater_is_better", None)
+    metric, greater = cfg.metric_for_best_model, cfg.greater_is_better
     return metric, (metric not in ("loss", "perplexity")) if greater is None else greater
 
 
@@ -213,7 +212,7 @@ class EarlyStopping:
         was_training = self.model.training
         try:
             results = evaluate(
-                self.model, self.tok, self.task, max_length=self.cfg.max_length or 256,
+                self.model, self.tok, self.task, max_length=self.cfg.max_length,
                 batch_size=self.cfg.eval_batch_size,
             )  # fmt: skip
         finally:
