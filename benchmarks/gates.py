@@ -91,7 +91,7 @@ def rows(args: argparse.Namespace, steps: int) -> list[str]:
 def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> list[str]:
     run = [
         "method=gates", f"gate_sparsity={sparsity}", f"prune_heads={str(args.prune_heads).lower()}",
-        "gate_lr=0.05", f"gate_lambda={args.gate_lambda}", f"steps={args.gate_steps}", "gate_force=true",
+        f"gate_lr={args.gate_lr:g}", f"gate_lambda={args.gate_lambda}", f"steps={args.gate_steps}", "gate_force=true",
     ]  # fmt: skip
     if args.lr_scheduler != "constant":  # the default's command text stays as it was (--reuse)
         run.append(f"lr_scheduler={args.lr_scheduler}")
@@ -99,6 +99,8 @@ def gates(args: argparse.Namespace, sparsity: float, teacher: Path | None) -> li
         run.append(f"warmup_steps={args.warmup_steps}")
     if args.gate_lr_scheduler:
         run.append(f"gate_lr_scheduler={args.gate_lr_scheduler}")
+    if args.ema_decay:  # the default's command text stays as it was (--reuse)
+        run.append(f"ema_decay={args.ema_decay:g}")
     if args.recover_steps:  # 0: the export is the result
         run += ["recover=distill", f"recover_steps={args.recover_steps}", f"recover_params={args.recover_params}",
                 f"recover_lr={args.recover_lr}"]  # fmt: skip
@@ -464,7 +466,7 @@ def recipe_text(s: dict) -> str:
         else ""
     )
     text += (
-        f"Gates: {s['gate_steps']} steps (gate lr 0.05, ranked penalty, lambda {s['gate_lambda']:g}"
+        f"Gates: {s['gate_steps']} steps (gate lr {s.get('gate_lr', 0.05):g}, ranked penalty, lambda {s['gate_lambda']:g}"
         + (
             f", target ramped over the first {s['gate_ramp']:.0%} of the steps, "
             + (
@@ -510,6 +512,11 @@ def recipe_text(s: dict) -> str:
                 if s.get("gate_lr_scheduler")
                 else ". "
             )
+        )
+    if s.get("ema_decay"):
+        text += (
+            f"The gates runs keep a moving average of what they train (ema_decay={s['ema_decay']:g}, Polyak): it "
+            "is what is evaluated along them, what their best step keeps and what is exported and recovered. "
         )
     if s.get("recover_lr_scheduler") or s.get("recover_warmup_steps") is not None:
         sched = s.get("recover_lr_scheduler") or s.get("lr_scheduler", "constant")
@@ -740,6 +747,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gate-ramp", type=float, default=0.5)
     p.add_argument("--gate-low-rank", type=int, default=8)
     p.add_argument("--low-rank-lr", type=float, default=1e-3)
+    p.add_argument("--gate-lr", type=float, default=0.05, help="the gates' learning rate (gate_lr)")
+    p.add_argument(
+        "--ema-decay", type=float, default=0.0,
+        help="the gates runs (gate phase and recovery) evaluate, keep and export the moving average of what "
+        "they train (ema_decay; 0: off)",
+    )  # fmt: skip
     p.add_argument("--prune-heads", action=argparse.BooleanOptionalAction, default=True,
                    help="gate and remove query heads besides MLP channels")  # fmt: skip
     p.add_argument(

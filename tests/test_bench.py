@@ -207,6 +207,20 @@ def test_gates_benchmark_runs_jobs_at_once_each_after_the_teacher_it_needs(monke
         gates.parse_args(["--jobs", "0"])
 
 
+def test_gates_benchmark_passes_the_gate_rate_and_the_moving_average_to_the_gates_runs_alone():
+    """--gate-lr and --ema-decay reach the gates runs' command (not the teacher's); their defaults leave the
+    command text as it was (--reuse finds the runs made before the options existed)."""
+    gates = _gates_benchmark()
+    default = gates.gates(gates.parse_args([]), 0.3, Path("teacher"))
+    assert "gate_lr=0.05" in default and not any(a.startswith("ema_decay=") for a in default)
+    args = gates.parse_args(["--gate-lr", "0.02", "--ema-decay", "0.9"])
+    run = gates.gates(args, 0.3, Path("teacher"))
+    assert "gate_lr=0.02" in run and "ema_decay=0.9" in run
+    assert not any(a.startswith(("ema_decay=", "gate_lr=")) for a in gates.rows(args, 10))
+    text = gates.recipe_text(vars(args) | {"recipe": "teacher"})
+    assert "gate lr 0.02" in text and "ema_decay=0.9" in text
+
+
 @pytest.mark.slow  # ~1 min; in .ci/run
 def test_gates_benchmark_trains_the_weights_with_the_gates_and_may_skip_the_recovery(tmp_path):
     """--gate-weights-lr gates with gate_train_weights instead of low-rank terms; --recover-steps 0 makes

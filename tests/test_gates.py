@@ -903,3 +903,26 @@ def test_the_mean_penalty_aims_at_the_share_the_export_removes():
                 lo, hi = ((lo + hi) / 2, hi) if g.open_prob().mean().item() < target else (lo, (lo + hi) / 2)
             assert abs(g.open_prob().mean().item() - target) < 1e-4
         assert gated.regularization().item() < 1e-3
+
+
+def test_with_ema_decay_the_export_is_made_from_the_moving_average_of_the_gates(tmp_path):
+    """ema_decay: the gates and low-rank terms the export is made from (gates.safetensors) are the moving
+    average the last checkpoint holds, not the last step's parameters."""
+    from safetensors.torch import load_file
+
+    from neurontune.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["finetune", "model=tiny-llama", "method=gates", "gate_sparsity=0.5", "steps=12", "gate_ramp=0.25",
+               "gate_lr=0.5", "gate_low_rank=4", "lr=1e-2", "train_examples=40", "eval_examples=4",
+               "forgetting_examples=0", "eval_before=false", "ema_decay=0.8", "gate_force=true",
+               f"output_dir={out}"])  # fmt: skip
+    assert rc == 0
+    gates = load_file(out / "gates.safetensors")
+    last = load_file(out / "checkpoints" / "step-000012" / "state.safetensors")
+    assert all(torch.equal(last[f"ema.{k}"], v) for k, v in gates.items())
+    assert any(not torch.equal(last[f"param.{k}"], v) for k, v in gates.items())
+    m = json.loads((out / "metrics.json").read_text())
+    g = m["gates"]
+    # the average reached the target too: the export cuts nothing open, so it is the averaged gated model
+    assert g["shape"]["forced_fraction"] == 0.0 and g["exported"]["accuracy"] == g["gated"]["accuracy"]

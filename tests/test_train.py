@@ -271,3 +271,62 @@ def test_precision_auto_follows_the_accelerate_config(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(NeurontuneError, match="fp16 needs a CUDA GPU"):
             mixed_precision("auto")
+
+
+def _ema_run(tokenizer, steps, ema_decay, out=None, resume=False, stop_at=None, seen=None):
+    model = rows_model()
+    data = StepBatches([Example(f"p{i}", f" c{i} d{i}") for i in range(32)], tokenizer, 4, 16, seed=0)
+    args = TrainArgs(steps=steps, lr=3e-2, ema_decay=ema_decay, save_steps=2)
+
+    def on_step(row):  # what an evaluation along the training sees
+        if seen is not None:
+            seen.append(deltas(model))
+
+    def stop_when(log):  # what early stopping keeps; stop_at: a run interrupted after that step
+        if seen is not None:
+            seen.append(deltas(model))
+        return stop_at is not None and len(log) >= stop_at
+
+    train(model, data, args, out, resume=resume, progress=False, on_step=on_step, stop_when=stop_when)
+    return deltas(model)
+
+
+def test_ema_decay_evaluates_keeps_and_returns_the_moving_average(tokenizer):
+    raw = []  # without the average: each step's parameters, twice (on_step, stop_when)
+    final = _ema_run(tokenizer, 8, 0.0, seen=raw)
+    seen = []
+    averaged = _ema_run(tokenizer, 8, 0.8, seen=seen)
+    expected = {n: torch.zeros_like(t) for n, t in final.items()}  # the deltas start at zero
+    for t, params in enumerate(raw[::2], start=1):
+        d = min(0.8, (1 + t) / (10 + t))
+        expected = {n: d * expected[n] + (1 - d) * params[n] for n in params}
+        for got in seen[2 * (t - 1) : 2 * t]:  # the evaluation and early stopping see the average
+            for n in got:
+                torch.testing.assert_close(got[n], expected[n], rtol=0, atol=1e-6)
+    for n in final:
+        torch.testing.assert_close(averaged[n], expected[n], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(averaged[n], final[n], atol=1e-4) for n in final)  # not the last step's
+
+
+def test_ema_decay_resumes_to_the_same_average(tmp_path, tokenizer):
+    whole = _ema_run(tokenizer, 8, 0.8)
+    _ema_run(
+        tokenizer, 8, 0.8, tmp_path, stop_at=4
+    )  # stopped after step 4 (its checkpoint holds the average)
+    resumed = _ema_run(tokenizer, 8, 0.8, tmp_path, resume=True)
+    for n in whole:
+        torch.testing.assert_close(resumed[n], whole[n], rtol=0, atol=1e-6)
+
+
+def test_ema_decay_cannot_resume_a_run_written_without_it(tmp_path, tokenizer):
+    from neurontune.errors import NeurontuneError
+
+    _ema_run(tokenizer, 8, 0.0, tmp_path, stop_at=2)
+    with pytest.raises(NeurontuneError, match="no moving average"):
+        _ema_run(tokenizer, 8, 0.8, tmp_path, resume=True)
+
+
+def test_ema_decay_out_of_range_is_one_error_line(tmp_path, capsys):
+    assert main(["finetune", "model=tiny-llama", "ema_decay=1.0", f"output_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["neurontune: error: ema_decay must be in [0, 1) (0: off), got 1.0"]

@@ -255,6 +255,11 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
     lr_scheduler: str = _opt("constant", "learning-rate schedule (transformers.get_scheduler)", SCHEDULERS)
     warmup_steps: int = _opt(0, "learning-rate warm-up steps")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables")
+    ema_decay: float = _opt(
+        0.0, "keep an exponential moving average of the trainable parameters (Polyak averaging, e.g. 0.9): "
+        "it is what is evaluated along the training, what early stopping keeps and the result (0: off; not "
+        "under FSDP or DeepSpeed)",
+    )  # fmt: skip
     precision: str = _opt(
         "auto", "auto: bf16 autocast on a GPU that supports it, else fp32", ("auto", "fp32", "bf16", "fp16")
     )
@@ -337,6 +342,8 @@ class FinetuneConfig(SelectConfig, *reversed(option_classes())):  # method optio
             if getattr(self, name) < 0:
                 raise NeurontuneError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_warmup(self.lr_scheduler, self.warmup_steps)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise NeurontuneError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
 
     def _refuse_unused_options(self, method: Any) -> None:
         """An option the chosen method would ignore is a mistake, not something to drop in silence."""

@@ -28,7 +28,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     torch_compile: bool = False  # accelerate compiles the model (TorchDynamoPlugin)
     torch_compile_backend: str = "inductor"
+    ema_decay: float = 0.0  # 0: off; else the trainable parameters' exponential moving average (ParamEMA)
 
 
 def mixed_precision(precision: str) -> str:
@@ -322,10 +323,12 @@ def save_checkpoint(
     num_processes: int = 1,
     write: bool = True,
     layout: Layout | None = None,
+    ema: ParamEMA | None = None,
 ) -> None:
     """Write a checkpoint (atomically). ``rng_states``: every process's RNG state, in rank order
     (default: this process's). Under FSDP or DeepSpeed (``layout``) every process calls this (the
-    shards are gathered whole, a collective) and one of them has ``write``."""
+    shards are gathered whole, a collective) and one of them has ``write``. ``ema``: its average too
+    (``ema.<name>``; unsharded runs only)."""
     layout = layout or Layout()
     index = {id(p): i for i, p in enumerate(named.values())}
     if layout.sharded:
@@ -342,6 +345,8 @@ def save_checkpoint(
     for rank, rng in enumerate(rng_states or [rng_state()]):
         for k, v in rng.items():
             tensors[f"rng.{k}" if rank == 0 else f"rng.{k}.{rank}"] = v
+    if ema is not None:
+        tensors.update(ema.tensors(list(named)))
     groups = layout.groups(optimizer, index)
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -465,6 +470,7 @@ def load_checkpoint(
     rank: int = 0,
     num_processes: int = 1,
     layout: Layout | None = None,
+    ema: ParamEMA | None = None,
 ) -> tuple[int, list[dict[str, float]]]:
     layout = layout or Layout()
     state = read_json(path / "state.json", "checkpoint state")
@@ -513,6 +519,8 @@ def load_checkpoint(
     load = layout.load_local if sharded else layout.load
     load(named, {n: tensors[f"param.{n}"] for n in named}, optimizer, opt_state, state["param_groups"])
     scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.load(tensors, list(named), path)
     suffix = "" if rank == 0 or sharded else f".{rank}"
     torch.set_rng_state(tensors[f"rng.cpu{suffix}"])
     if f"rng.cuda{suffix}" in tensors and torch.cuda.is_available():
@@ -1126,6 +1134,69 @@ class DeepSpeedLayout(Layout):
         self._set_steps(opt_state, groups)
 
 
+class ParamEMA:
+    """An exponential moving average of the trainable parameters (Polyak averaging; what timm's ModelEmaV3
+    and TensorFlow's ``ExponentialMovingAverage`` keep): after each optimizer step ``t`` (from 1) the
+    average moves towards the parameters by ``1 - d``, ``d = min(decay, (1 + t) / (10 + t))`` (the warm-up of
+    both: an average of the first steps does not stay near the start). :meth:`applied` swaps it into the
+    parameters (evaluation, early stopping's best weights); :meth:`copy_to` makes it the result."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for p, s in zip(self.params, self.shadow, strict=True):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for p, s in zip(self.params, self.shadow, strict=True):
+            p.copy_(s)
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out = {
+            f"ema.{n}": s.detach().to("cpu", copy=True).contiguous()
+            for n, s in zip(names, self.shadow, strict=True)
+        }
+        return out | {"ema_updates": torch.tensor(self.updates)}
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor], names: list[str], where: Path) -> None:
+        missing = [n for n in names if f"ema.{n}" not in tensors]
+        if missing or "ema_updates" not in tensors:
+            raise NeurontuneError(
+                f"{where}: the checkpoint holds no moving average (ema_decay) of {missing[:1] or 'the steps'}; "
+                "resume with the ema_decay it was written with"
+            )
+        for n, s in zip(names, self.shadow, strict=True):
+            t = tensors[f"ema.{n}"]
+            if t.shape != s.shape:
+                raise NeurontuneError(
+                    f"{where}: the average of {n} has shape {tuple(t.shape)}, not {tuple(s.shape)}"
+                )
+            s.copy_(t.to(s.device, s.dtype))
+        self.updates = int(tensors["ema_updates"])
+
+
 class TrainingDiverged(NeurontuneError):
     """The loss or the gradients stopped being finite."""
 
@@ -1231,6 +1302,11 @@ def train(
         mixed_precision(args.precision), args.torch_compile_backend if args.torch_compile else None
     )
     fsdp, ds = _is_fsdp(accelerator), _is_deepspeed(accelerator)
+    if args.ema_decay and (fsdp or ds):
+        raise NeurontuneError(
+            "ema_decay: not under FSDP or DeepSpeed (the average would have to be sharded like the "
+            "parameters); train without it, or on one process or DDP"
+        )
     sharded_before = fsdp and is_fsdp_sharded(model)  # by shard_model: the caller keeps it sharded
     # built without its weights (neurontune.sharded): ZeRO-3 partitions it, each process fills its own
     # partitions, and it stays partitioned after training (its caller evaluates and saves it so)
@@ -1327,8 +1403,11 @@ def train(
     if out is not None and main:
         remove_partial_checkpoints(out)
     accelerator.wait_for_everyone()
+    ema = ParamEMA(list(named.values()), args.ema_decay) if args.ema_decay else None
     if resume and out is not None and (ckpts := list_checkpoints(out)):
-        start, log = load_checkpoint(ckpts[-1], named, optimizer.optimizer, scheduler, rank, world, layout)
+        start, log = load_checkpoint(
+            ckpts[-1], named, optimizer.optimizer, scheduler, rank, world, layout, ema
+        )
         if main:
             print(f"resumed from {ckpts[-1]} (step {start}/{args.steps})")
 
@@ -1337,8 +1416,14 @@ def train(
             return False
         return _sum_over_processes(accelerator, float(main and stop_when(log))) > 0
 
+    # with ema_decay the moving average is what is measured and kept: on_step's evaluations, early
+    # stopping's best weights (stop_when) and, after the last step, the result
+    averaged = ema.applied if ema is not None else contextlib.nullcontext
+
     model.train()
-    todo = range(0) if start and stopping() else range(start, args.steps)  # continued: had it stopped early?
+    with averaged():
+        resumed_done = bool(start) and stopping()
+    todo = range(0) if resumed_done else range(start, args.steps)  # continued: had it stopped early?
     bar = tqdm(todo, desc="train", disable=not (progress and main), initial=start, total=args.steps)
     for step in bar:
         t0 = time.perf_counter()
@@ -1388,19 +1473,22 @@ def train(
             ):
                 _diverged(step + 1, total, grad_norm, lr, out)
             optimizer.step()
+        if ema is not None:
+            ema.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
         if regularization is not None:
             row["penalty"] = reg
-        if step_stats is not None:
-            row.update(step_stats())
-        log.append({**row, "seconds": time.perf_counter() - t0})
-        if on_step is not None and main:
-            log[-1].update(on_step(log[-1]) or {})
+        with averaged():
+            if step_stats is not None:
+                row.update(step_stats())
+            log.append({**row, "seconds": time.perf_counter() - t0})
+            if on_step is not None and main:
+                log[-1].update(on_step(log[-1]) or {})
+            stop = stopping()
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1
-        stop = stopping()
         if out is not None and (
             (args.save_steps and done % args.save_steps == 0) or done == args.steps or stop
         ):
@@ -1408,7 +1496,7 @@ def train(
             if main or layout.collective:  # sharded: every process takes part in gathering
                 save_checkpoint(
                     out / "checkpoints" / f"step-{done:06d}", named, optimizer.optimizer, scheduler, done, log,
-                    rngs, world, write=main, layout=layout,
+                    rngs, world, write=main, layout=layout, ema=ema,
                 )  # fmt: skip
             if main:
                 for old in list_checkpoints(out)[: -max(1, args.save_total_limit)]:
@@ -1419,6 +1507,8 @@ def train(
             break
     if out is not None and main:
         write_log_csv(out / "train_log.csv", log)
+    if ema is not None:
+        ema.copy_to()
     if fsdp and not sharded_before:
         _unshard_for_good(accelerator.unwrap_model(model))
     if ds and not empty:
