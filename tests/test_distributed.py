@@ -413,6 +413,22 @@ run(sys.argv[1:])
 
 
 @pytest.mark.slow  # ~30 s; in .ci/run
+def test_ema_decay_on_two_processes_returns_the_one_process_average(tmp_path):
+    """ema_decay under DDP: every process keeps the same average of the same replica, so the result equals
+    one process's with grad_accum=2."""
+    one = finetune(1, tmp_path / "one", "method=rows", "steps=4", "grad_accum=2", "ema_decay=0.8")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = finetune(2, tmp_path / "two", "method=rows", "steps=4", "grad_accum=1", "ema_decay=0.8")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_close(adapter(tmp_path / "two"), adapter(tmp_path / "one"))
+    plain = finetune(1, tmp_path / "plain", "method=rows", "steps=4", "grad_accum=2")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(adapter(tmp_path / "one").values(), adapter(tmp_path / "plain").values(), strict=True)
+    )
+
+
 def test_early_stopping_on_two_processes_stops_and_restores_as_one_process(tmp_path):
     """The main process measures the validation loss and decides; every process stops at the same step
     and takes the best step's weights (sent by the main process: the other never reads its files, as on
