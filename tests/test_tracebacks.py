@@ -109,6 +109,21 @@ def test_fsdp_version_1_is_refused_with_the_setting_to_change(monkeypatch, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_ema_decay_under_fsdp_or_deepspeed_is_refused_before_the_model_loads(
+    monkeypatch, tmp_path, capsys, kind
+):
+    import neurontune.pipeline
+
+    monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    loaded = []
+    monkeypatch.setattr(neurontune.pipeline, "_load", lambda *a, **k: loaded.append(a) or 1 / 0)
+    assert run(tmp_path / "run", "ema_decay=0.9") == 2
+    one_error_line(capsys.readouterr().err, "ema_decay: not under FSDP or DeepSpeed")
+    assert not loaded and not (tmp_path / "run").exists()
+
+
 def test_metrics_record_the_process_count_and_quantization(runs):
     m = json.loads((runs["rows"] / "metrics.json").read_text())
     assert m["num_processes"] == 1 and m["quantization"] == "none"

@@ -46,6 +46,7 @@ from neurontune.tasks import (
     model_length_limit,
 )
 from neurontune.train import (
+    EMA_SHARDED,
     EarlyStopping,
     asked_processes_not_started,
     launched_min_num_params,
@@ -416,6 +417,8 @@ def _finetune(cfg: FinetuneConfig, out: Path, state: Any) -> dict[str, Any]:
             f"accelerate's config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; neurontune shards "
             "with FSDP2 (fully_shard) only: set fsdp_version: 2 (examples/accelerate/fsdp2.yaml)"
         )
+    if cfg.ema_decay and (launched_with("FSDP") or launched_with("DEEPSPEED")):  # before the model loads
+        raise NeurontuneError(EMA_SHARDED)
     fingerprint = data_fingerprint(cfg)  # hashed once: the resume check and config.json share it
     listed = _check_output_dir(cfg, out, fingerprint)
     # the names this run claims in its manifest (a resumed run keeps those of the run it continues)

@@ -1134,6 +1134,12 @@ class DeepSpeedLayout(Layout):
         self._set_steps(opt_state, groups)
 
 
+EMA_SHARDED = (
+    "ema_decay: not under FSDP or DeepSpeed (the average would have to be sharded like the parameters); "
+    "train without it, or on one process or DDP"
+)
+
+
 class ParamEMA:
     """An exponential moving average of the trainable parameters (Polyak averaging; what timm's ModelEmaV3
     and TensorFlow's ``ExponentialMovingAverage`` keep): after each optimizer step ``t`` (from 1) the
@@ -1303,10 +1309,7 @@ def train(
     )
     fsdp, ds = _is_fsdp(accelerator), _is_deepspeed(accelerator)
     if args.ema_decay and (fsdp or ds):
-        raise NeurontuneError(
-            "ema_decay: not under FSDP or DeepSpeed (the average would have to be sharded like the "
-            "parameters); train without it, or on one process or DDP"
-        )
+        raise NeurontuneError(EMA_SHARDED)
     sharded_before = fsdp and is_fsdp_sharded(model)  # by shard_model: the caller keeps it sharded
     # built without its weights (neurontune.sharded): ZeRO-3 partitions it, each process fills its own
     # partitions, and it stays partitioned after training (its caller evaluates and saves it so)
