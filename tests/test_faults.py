@@ -374,8 +374,10 @@ def test_save_steps_zero_still_writes_the_final_checkpoint(tmp_path):
 
 CMD = ["finetune", *TINY, "steps=24", "save_steps=2", "lr=3e-3", "lr_scheduler=cosine", "eval_before=false"]
 # the killed run's steps are compared bit for bit with steps run in this process: the same thread count,
-# since CPU kernels split their reductions by thread (1 against 2 threads differ by ~1e-8 on tiny-llama)
-ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TQDM_DISABLE": "1"}
+# since CPU kernels split their reductions by thread (1 against 2 threads differ by ~1e-8 on tiny-llama);
+# MKL's too (an MKL_NUM_THREADS=1 in the caller's environment made the child's matmuls differ)
+THREADS = str(torch.get_num_threads())
+ENV = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "TQDM_DISABLE": "1"}
 # a run that kills itself (SIGKILL) inside the k-th checkpoint write, after the tensors are written and
 # before the directory is renamed into place: what a power cut at that moment leaves
 KILL_IN_CHECKPOINT = """

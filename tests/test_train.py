@@ -131,7 +131,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, method):
 
     LoRA runs with dropout, so this also checks that the RNG state travels with the checkpoint.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TQDM_DISABLE": "1"}
+    threads = str(torch.get_num_threads())  # this process's, MKL's too: the compare is bit for bit
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "neurontune.cli", *_cmd(killed, method)],
