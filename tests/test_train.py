@@ -1,6 +1,7 @@
 """The training loop: accumulation, checkpoint contents, resume after a real kill, and run-dir safety."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,6 @@ from neurontune.scoring import score_model
 from neurontune.selection import select
 from neurontune.tasks import Example, StepBatches, collate, encode
 from neurontune.train import TrainArgs, list_checkpoints, train
-from tests.test_faults import ENV
 
 
 def rows_model(seed=0):
@@ -131,10 +131,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, method):
 
     LoRA runs with dropout, so this also checks that the RNG state travels with the checkpoint.
     """
+    threads = str(torch.get_num_threads())  # this process's, MKL's too: the compare is bit for bit
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "neurontune.cli", *_cmd(killed, method)],
-        env=ENV,  # this process's thread counts (OpenMP's and MKL's): the compare is bit for bit
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
